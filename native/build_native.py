@@ -1,0 +1,160 @@
+"""cffi build script for ``fse._native``: libfse's C core plus the libllama binding.
+
+API mode: the cdef below declares only what the project calls, and every struct
+ends in ``...;`` so cffi takes the real layout from llama.h at build time. A field
+that a future llama.h renames or drops fails this build, not a run.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from cffi import FFI
+
+NATIVE = Path(__file__).resolve().parent
+ROOT = NATIVE.parent
+sys.path.insert(0, str(NATIVE))
+import libllama  # noqa: E402  (sibling module, not a package)
+
+# The shared libraries are copied next to the extension, which finds them through
+# its RUNPATH ($ORIGIN/_libs): no LD_LIBRARY_PATH, and the cache can be removed.
+PACKAGE_LIBS = ROOT / "daemon" / "fse" / "_libs"
+
+CDEF = r"""
+typedef int32_t llama_token;
+typedef int32_t llama_pos;
+typedef int32_t llama_seq_id;
+typedef struct llama_memory_i * llama_memory_t;
+
+struct llama_model;
+struct llama_context;
+struct llama_vocab;
+struct llama_sampler;
+
+struct llama_model_params {
+    int32_t n_gpu_layers;
+    bool    vocab_only;
+    ...;
+};
+
+struct llama_context_params {
+    uint32_t n_ctx;
+    uint32_t n_batch;
+    uint32_t n_ubatch;
+    uint32_t n_seq_max;
+    int32_t  n_threads;
+    int32_t  n_threads_batch;
+    bool     no_perf;
+    bool     kv_unified;
+    ...;
+};
+
+typedef struct llama_batch {
+    int32_t n_tokens;
+    llama_token  *  token;
+    float        *  embd;
+    llama_pos    *  pos;
+    int32_t      *  n_seq_id;
+    llama_seq_id ** seq_id;
+    int8_t       *  logits;
+    ...;
+} llama_batch;
+
+typedef struct llama_sampler_chain_params {
+    bool no_perf;
+    ...;
+} llama_sampler_chain_params;
+
+typedef struct llama_chat_message {
+    const char * role;
+    const char * content;
+    ...;
+} llama_chat_message;
+
+void llama_backend_init(void);
+const char * llama_print_system_info(void);
+
+struct llama_model_params   llama_model_default_params(void);
+struct llama_context_params llama_context_default_params(void);
+struct llama_sampler_chain_params llama_sampler_chain_default_params(void);
+
+struct llama_model * llama_model_load_from_file(const char * path_model, struct llama_model_params params);
+void llama_model_free(struct llama_model * model);
+const struct llama_vocab * llama_model_get_vocab(const struct llama_model * model);
+int32_t llama_model_n_ctx_train(const struct llama_model * model);
+int32_t llama_model_desc(const struct llama_model * model, char * buf, size_t buf_size);
+uint64_t llama_model_size(const struct llama_model * model);
+int32_t llama_model_meta_val_str(const struct llama_model * model, const char * key, char * buf, size_t buf_size);
+const char * llama_model_chat_template(const struct llama_model * model, const char * name);
+
+struct llama_context * llama_init_from_model(struct llama_model * model, struct llama_context_params params);
+void llama_free(struct llama_context * ctx);
+uint32_t llama_n_ctx(const struct llama_context * ctx);
+uint32_t llama_n_batch(const struct llama_context * ctx);
+llama_memory_t llama_get_memory(const struct llama_context * ctx);
+bool llama_memory_seq_rm(llama_memory_t mem, llama_seq_id seq_id, llama_pos p0, llama_pos p1);
+
+int32_t llama_vocab_n_tokens(const struct llama_vocab * vocab);
+bool llama_vocab_is_eog(const struct llama_vocab * vocab, llama_token token);
+int32_t llama_tokenize(const struct llama_vocab * vocab, const char * text, int32_t text_len,
+                       llama_token * tokens, int32_t n_tokens_max, bool add_special, bool parse_special);
+int32_t llama_token_to_piece(const struct llama_vocab * vocab, llama_token token, char * buf,
+                             int32_t length, int32_t lstrip, bool special);
+int32_t llama_chat_apply_template(const char * tmpl, const struct llama_chat_message * chat, size_t n_msg,
+                                  bool add_ass, char * buf, int32_t length);
+
+struct llama_batch llama_batch_init(int32_t n_tokens, int32_t embd, int32_t n_seq_max);
+void llama_batch_free(struct llama_batch batch);
+int32_t llama_decode(struct llama_context * ctx, struct llama_batch batch);
+float * llama_get_logits_ith(struct llama_context * ctx, int32_t i);
+
+struct llama_sampler * llama_sampler_chain_init(struct llama_sampler_chain_params params);
+void llama_sampler_chain_add(struct llama_sampler * chain, struct llama_sampler * smpl);
+struct llama_sampler * llama_sampler_init_greedy(void);
+struct llama_sampler * llama_sampler_init_dist(uint32_t seed);
+struct llama_sampler * llama_sampler_init_top_k(int32_t k);
+struct llama_sampler * llama_sampler_init_top_p(float p, size_t min_keep);
+struct llama_sampler * llama_sampler_init_min_p(float p, size_t min_keep);
+struct llama_sampler * llama_sampler_init_temp(float t);
+llama_token llama_sampler_sample(struct llama_sampler * smpl, struct llama_context * ctx, int32_t idx);
+void llama_sampler_free(struct llama_sampler * smpl);
+"""
+
+FSE_H = (NATIVE / "fse.h").read_text()
+# fse.h is plain C; cffi's cdef does not take preprocessor lines or comments-with-#.
+CDEF += "\n".join(line for line in FSE_H.splitlines() if not line.startswith("#"))
+
+SOURCES = ["fse_stats.c", "fse_loop.c", "fse_log.c"]
+
+
+def _copy_shared_libraries(lib: libllama.LlamaLib) -> None:
+    shutil.rmtree(PACKAGE_LIBS, ignore_errors=True)
+    PACKAGE_LIBS.mkdir(parents=True)
+    for path in lib.shared_libraries():
+        shutil.copy2(path, PACKAGE_LIBS, follow_symlinks=False)
+
+
+LLAMA = libllama.locate()
+libllama.log(f"using {LLAMA.origin}")
+_copy_shared_libraries(LLAMA)
+
+ffibuilder = FFI()
+ffibuilder.cdef(CDEF)
+ffibuilder.set_source(
+    "fse._native",
+    '#include "llama.h"\n#include "fse.h"\n',
+    # setuptools insists on paths relative to setup.py.
+    sources=[os.path.relpath(NATIVE / s) for s in SOURCES],
+    include_dirs=[str(NATIVE), *map(str, LLAMA.include_dirs)],
+    library_dirs=[str(PACKAGE_LIBS)],
+    libraries=["llama"],
+    # No -ffast-math: it would let the compiler assume away the NaN/Inf checks.
+    extra_compile_args=["-O3", "-std=gnu11", "-Wall", "-Wextra"],
+    extra_link_args=["-Wl,-rpath,$ORIGIN/_libs"],
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(tmpdir=os.environ.get("FSE_BUILD_DIR", str(ROOT / "build")), verbose=True)

@@ -1,0 +1,35 @@
+// fse.h: the C core of libfse. Plain structs, no allocation on the per-token path.
+#pragma once
+
+#include <stdint.h>
+
+// Statistics of one step's logits, computed in one fused pass over the vocabulary.
+// NaN and +-Inf logits are counted and left out of every other field, so the
+// finite statistics stay meaningful while the non_finite guard halts the stream.
+typedef struct fse_logit_stats {
+    float   max_logit;   // largest finite logit
+    int32_t argmax;      // index of the first largest finite logit; -1 if none is finite
+    double  logsumexp;   // log(sum(exp(logit))) over finite logits
+    double  mean;        // mean of the finite logits
+    double  variance;    // population variance of the finite logits
+    double  l2_norm;     // sqrt(sum(logit^2)) over the finite logits
+    int32_t n_nonfinite; // how many logits are NaN or +-Inf (found from the exponent bits)
+} fse_logit_stats;
+
+// Read n logits in place and fill *out. Never reads past logits[n-1].
+void fse_logit_stats_compute(const float * logits, int32_t n, fse_logit_stats * out);
+
+// Detects a cycle in the tail of a token stream: the last `span` tokens repeat
+// with period p (1 <= p <= max_period), at least min_repeats times and over at
+// least min_span tokens. Each push costs O(max_period) integer compares, no allocation.
+typedef struct fse_loop fse_loop;
+
+fse_loop * fse_loop_new(int32_t max_period, int32_t min_repeats, int32_t min_span); // NULL on bad args or OOM
+void       fse_loop_free(fse_loop * loop);
+// Append a token; returns the smallest period that now forms a loop (0 if none) and its span.
+int32_t    fse_loop_push(fse_loop * loop, int32_t token, int32_t * span);
+
+// Route llama.cpp's log through libfse: kept quiet unless verbose, and the last
+// error line is kept so a failed load can be reported in one clear sentence.
+void         fse_log_install(int verbose);
+const char * fse_log_last_error(void);

@@ -1,0 +1,247 @@
+"""Find libllama, or build it once from the pinned llama.cpp source, and cache the build.
+
+Order of preference:
+  1. ``LLAMA_CPP_DIR``: an install prefix or a llama.cpp build tree the user points at;
+  2. ``pkg-config llama``: a system-wide llama.cpp;
+  3. the llama.cpp source that the PyPI sdist ``llama-cpp-python==0.3.36`` vendors,
+     downloaded with pip, checked against its sha256, and built (target ``llama`` only)
+     into ``$FSE_CACHE_DIR/llama.cpp-<sha>/``, so every clone on this machine reuses it.
+
+Run as a script to print what was found (``--tools`` also builds llama-bench and
+llama-batched-bench for the benchmarks and prints their directory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+SDIST = "llama-cpp-python==0.3.36"
+SDIST_FILE = "llama_cpp_python-0.3.36.tar.gz"
+SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
+VENDOR_DIR = "llama_cpp_python-0.3.36/vendor/llama.cpp"
+
+# Only the shared library: no curl (we never download models through llama.cpp), no tools,
+# no tests. GGML_NATIVE tunes ggml for this CPU, as a local build of llama.cpp does by default.
+CMAKE_OPTIONS = [
+    "-DCMAKE_BUILD_TYPE=Release",
+    "-DBUILD_SHARED_LIBS=ON",
+    "-DGGML_NATIVE=ON",
+    "-DGGML_CCACHE=OFF",
+    "-DLLAMA_OPENSSL=OFF",
+    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF",
+    "-DLLAMA_BUILD_SERVER=OFF",
+    "-DLLAMA_BUILD_APP=OFF",
+    # Tools are configured (the benchmarks build llama-bench from this same tree) but only
+    # the targets asked for are ever compiled.
+    "-DLLAMA_BUILD_TOOLS=ON",
+    "-DLLAMA_BUILD_COMMON=ON",
+    # The libraries find each other next to themselves wherever they are copied.
+    "-DCMAKE_BUILD_WITH_INSTALL_RPATH=ON",
+    "-DCMAKE_INSTALL_RPATH=$ORIGIN",
+]
+TOOLS = ("llama-bench", "llama-batched-bench")
+
+
+class LlamaNotFound(RuntimeError):
+    """libllama could not be found or built; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class LlamaLib:
+    include_dirs: list[Path]  # llama.h and the ggml headers it includes
+    lib_dir: Path  # libllama.so and its libggml*.so siblings
+    origin: str  # human-readable: where it came from
+
+    def shared_libraries(self) -> list[Path]:
+        """libllama and the ggml libraries it needs, real files and soname links."""
+        names = ("libllama.so", "libggml.so", "libggml-base.so", "libggml-cpu.so")
+        return sorted(p for p in self.lib_dir.iterdir() if p.name.startswith(names))
+
+
+def log(message: str) -> None:
+    print(f"[libllama] {message}", file=sys.stderr, flush=True)
+
+
+def cache_root() -> Path:
+    """$FSE_CACHE_DIR, else $XDG_CACHE_HOME/fse, else ~/.cache/fse."""
+    if env := os.environ.get("FSE_CACHE_DIR"):
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg).expanduser() / "fse"
+
+
+def build_root() -> Path:
+    return cache_root() / f"llama.cpp-{SDIST_SHA256[:16]}"
+
+
+def from_llama_cpp_dir(root: Path) -> LlamaLib:
+    """An install prefix (include/, lib/) or a source tree built in build/."""
+    header_dirs = [root / "include", root / "ggml" / "include"]
+    include_dirs = [d for d in header_dirs if d.is_dir()]
+    if not any((d / "llama.h").is_file() for d in include_dirs):
+        raise LlamaNotFound(f"LLAMA_CPP_DIR={root}: no include/llama.h under it")
+    for candidate in ("lib", "lib64", "build/bin", "build/src"):
+        lib_dir = root / candidate
+        if (lib_dir / "libllama.so").exists():
+            return LlamaLib(include_dirs, lib_dir, f"LLAMA_CPP_DIR={root}")
+    raise LlamaNotFound(
+        f"LLAMA_CPP_DIR={root}: no libllama.so in lib/, lib64/, build/bin/ or build/src/"
+    )
+
+
+def from_pkg_config() -> LlamaLib | None:
+    if shutil.which("pkg-config") is None:
+        return None
+    probe = subprocess.run(["pkg-config", "--exists", "llama"], check=False)
+    if probe.returncode != 0:
+        return None
+
+    def variable(name: str) -> str:
+        return subprocess.run(
+            ["pkg-config", f"--variable={name}", "llama"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+
+    version = subprocess.run(
+        ["pkg-config", "--modversion", "llama"], check=True, capture_output=True, text=True
+    ).stdout.strip()
+    return LlamaLib(
+        [Path(variable("includedir"))], Path(variable("libdir")), f"pkg-config llama {version}"
+    )
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fetch_source(root: Path) -> Path:
+    """Download the sdist with pip, check its sha256, unpack llama.cpp into root/src."""
+    source = root / "src"
+    if (source / "CMakeLists.txt").is_file():
+        return source
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        log(f"downloading {SDIST} (sdist) with pip")
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+             "--no-binary", ":all:", "--dest", tmp, SDIST],
+            check=True,
+        )
+        sdist = Path(tmp) / SDIST_FILE
+        actual = sha256_of(sdist)
+        if actual != SDIST_SHA256:
+            raise LlamaNotFound(
+                f"{SDIST_FILE}: sha256 {actual} does not match the pinned {SDIST_SHA256}; "
+                "refusing to build unverified source"
+            )
+        with tarfile.open(sdist) as tar:
+            members = [m for m in tar.getmembers() if m.name.startswith(VENDOR_DIR + "/")]
+            tar.extractall(tmp, members=members, filter="data")
+        Path(tmp, VENDOR_DIR).rename(source)
+    return source
+
+
+def cmake_build(root: Path, targets: list[str]) -> Path:
+    source = fetch_source(root)
+    build = root / "build"
+    if not (build / "CMakeCache.txt").is_file():
+        generator = ["-G", "Ninja"] if shutil.which("ninja") else []
+        subprocess.run(
+            ["cmake", "-S", str(source), "-B", str(build), *generator, *CMAKE_OPTIONS],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+    jobs = str(os.cpu_count() or 2)
+    log(f"building {' '.join(targets)} with cmake (-j{jobs}); this takes a few minutes once")
+    subprocess.run(
+        ["cmake", "--build", str(build), "--target", *targets, "-j", jobs],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    return build / "bin"
+
+
+def from_cache_or_build() -> LlamaLib:
+    root = build_root()
+    prefix = root / "prefix"
+    if (prefix / "lib" / "libllama.so").exists() and (prefix / "include" / "llama.h").exists():
+        return LlamaLib([prefix / "include"], prefix / "lib", f"cached build in {prefix}")
+    if shutil.which("cmake") is None:
+        raise LlamaNotFound(
+            "libllama not found (set LLAMA_CPP_DIR or install llama.cpp with pkg-config), "
+            "and cmake is missing to build it"
+        )
+    bin_dir = cmake_build(root, ["llama"])
+    # Install into a staging prefix, then rename: a half-copied prefix is never mistaken
+    # for a finished one.
+    staging = root / "prefix.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    (staging / "include").mkdir(parents=True)
+    (staging / "lib").mkdir()
+    source = root / "src"
+    for header in [source / "include" / "llama.h", *(source / "ggml" / "include").glob("*.h")]:
+        shutil.copy2(header, staging / "include")
+    for lib in bin_dir.iterdir():
+        if lib.name.startswith(("libllama.so", "libggml")):
+            shutil.copy2(lib, staging / "lib", follow_symlinks=False)
+    shutil.rmtree(prefix, ignore_errors=True)
+    staging.rename(prefix)
+    return LlamaLib([prefix / "include"], prefix / "lib", f"built from {SDIST} into {prefix}")
+
+
+def locate() -> LlamaLib:
+    if env := os.environ.get("LLAMA_CPP_DIR"):
+        return from_llama_cpp_dir(Path(env).expanduser().resolve())
+    return from_pkg_config() or from_cache_or_build()
+
+
+def tools_dir() -> Path:
+    """Directory holding llama-bench and llama-batched-bench (built on first use)."""
+    if all(shutil.which(t) for t in TOOLS) and os.environ.get("LLAMA_CPP_DIR") is None:
+        return Path(shutil.which(TOOLS[0]) or "").parent
+    if env := os.environ.get("LLAMA_CPP_DIR"):
+        for candidate in ("bin", "build/bin"):
+            directory = Path(env) / candidate
+            if all((directory / t).exists() for t in TOOLS):
+                return directory
+    root = build_root()
+    bin_dir = root / "build" / "bin"
+    if all((bin_dir / t).exists() for t in TOOLS):
+        return bin_dir
+    return cmake_build(root, list(TOOLS))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tools", action="store_true", help="print the llama.cpp tools dir")
+    args = parser.parse_args()
+    try:
+        if args.tools:
+            print(tools_dir())
+        else:
+            lib = locate()
+            print(f"libllama: {lib.origin}")
+    except (LlamaNotFound, subprocess.CalledProcessError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

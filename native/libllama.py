@@ -139,8 +139,19 @@ def fetch_source(root: Path) -> Path:
     with tempfile.TemporaryDirectory(dir=root) as tmp:
         log(f"downloading {SDIST} (sdist) with pip")
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-             "--no-binary", ":all:", "--dest", tmp, SDIST],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                "--dest",
+                tmp,
+                SDIST,
+            ],
             check=True,
         )
         sdist = Path(tmp) / SDIST_FILE

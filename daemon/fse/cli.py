@@ -1,0 +1,256 @@
+"""The `fse` command line: generate, policy, model (and, in later modules, serve).
+
+Exit codes: 0 completed, 3 halted, 4 cancelled, 1 error, 2 bad usage.
+Every bad input ends in one line naming the flag or field and what it accepts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from fse import __version__
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed as one line, exit code 2."""
+
+
+def _flag_message(message: str) -> str:
+    """'top_p: ...' (a field name, as the domain reports it) -> '--top-p: ...'."""
+    field, sep, rest = message.partition(":")
+    if sep and field.isidentifier():
+        return f"--{field.replace('_', '-')}:{rest}"
+    return message
+
+
+def add_generation_flags(p: argparse.ArgumentParser) -> None:
+    """Flags shared by `generate` and the commands that run generations."""
+    p.add_argument(
+        "--policy",
+        default="default",
+        metavar="NAME|FILE",
+        help="built-in policy (default, pro), a name in --policies-dir, or a TOML file",
+    )
+    p.add_argument("--policies-dir", type=Path, help="directory of extra NAME.toml policies")
+    p.add_argument("--max-tokens", type=int, default=256, help="tokens to generate at most (256)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (0.8)")
+    p.add_argument("--top-k", type=int, default=40, help="0 = off (40)")
+    p.add_argument("--top-p", type=float, default=0.95, help="1 = off (0.95)")
+    p.add_argument("--min-p", type=float, default=0.05, help="0 = off (0.05)")
+    p.add_argument("--seed", type=int, help="sampling seed (random if not given)")
+
+
+def add_local_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=Path, help="GGUF file (default: the embedded Gemma 3 270M)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=os.cpu_count() or 2,
+        help="CPU threads for llama.cpp (all cores)",
+    )
+    p.add_argument("--verbose", action="store_true", help="show llama.cpp's own log on stderr")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fse", description="libfse: guarded LLM token streams.")
+    parser.add_argument("--version", action="version", version=f"fse {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    gen = commands.add_parser("generate", help="generate guarded text for a prompt")
+    gen.add_argument("prompt", help="the prompt text")
+    where = gen.add_mutually_exclusive_group(required=True)
+    where.add_argument("--local", action="store_true", help="run the model in this process")
+    where.add_argument("--addr", help="daemon address: unix:PATH or HOST:PORT")
+    add_generation_flags(gen)
+    add_local_flags(gen)
+    gen.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="stop sequence (repeatable); not included in the output",
+    )
+    gen.add_argument("--timeout", type=float, help="deadline in seconds (guard 'deadline')")
+    gen.add_argument(
+        "--json", action="store_true", help="JSON lines: one per token, then a verdict"
+    )
+    gen.add_argument(
+        "--debug-fault",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="debug only: inject a fault (nan@K, inf@K, scale@K:F, guard-error@K)",
+    )
+    gen.set_defaults(func=cmd_generate)
+
+    pol = commands.add_parser("policy", help="check or show guard policies")
+    pol_commands = pol.add_subparsers(dest="policy_command", required=True, metavar="ACTION")
+    check = pol_commands.add_parser("check", help="validate a policy file")
+    check.add_argument("file", type=Path)
+    check.set_defaults(func=cmd_policy_check)
+    show = pol_commands.add_parser("show", help="print a policy in canonical TOML")
+    show.add_argument("name", metavar="NAME|FILE")
+    show.add_argument("--policies-dir", type=Path)
+    show.set_defaults(func=cmd_policy_show)
+
+    model = commands.add_parser("model", help="the embedded default model")
+    model_commands = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
+    path = model_commands.add_parser("path", help="assemble (once) and print its path")
+    path.set_defaults(func=cmd_model_path)
+    return parser
+
+
+def sampling_from_args(args: argparse.Namespace) -> Any:
+    from fse.engine import Sampling
+
+    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.min_p, args.seed)
+    try:
+        sampling.validate()
+    except ValueError as exc:
+        raise UsageError(_flag_message(str(exc))) from None
+    return sampling
+
+
+def request_from_args(args: argparse.Namespace) -> Any:
+    from fse.service import Request
+
+    if not args.prompt:
+        raise UsageError("prompt: must not be empty")
+    if args.max_tokens < 1:
+        raise UsageError(f"--max-tokens: {args.max_tokens} is invalid; accepted: >= 1")
+    if args.timeout is not None and not args.timeout > 0:
+        raise UsageError(f"--timeout: {args.timeout} is invalid; accepted: seconds > 0")
+    return Request(
+        prompt=args.prompt,
+        max_tokens=args.max_tokens,
+        sampling=sampling_from_args(args),
+        policy=args.policy,
+        stop=tuple(args.stop),
+        timeout=args.timeout,
+    )
+
+
+def resolve_policy(name: str, policies_dir: Path | None) -> Any:
+    from fse.policy import PolicyError, resolve_policy
+
+    try:
+        return resolve_policy(name, policies_dir)
+    except PolicyError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def load_model(path: Path | None, verbose: bool) -> Any:
+    from fse.engine import Model
+    from fse.models import ModelError, default_model_path
+
+    try:
+        return Model(path if path is not None else default_model_path(), verbose=verbose)
+    except ModelError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def local_events(args: argparse.Namespace, request: Any, cancel: threading.Event) -> Iterator[Any]:
+    from fse.engine import Context, Faults
+    from fse.service import prompt_tokens, run_local
+
+    try:
+        faults = Faults.parse(args.debug_fault)
+    except ValueError as exc:
+        raise UsageError(f"--debug-fault: {exc}") from None
+    if args.threads < 1:
+        raise UsageError(f"--threads: {args.threads} is invalid; accepted: >= 1")
+    policy = resolve_policy(request.policy, args.policies_dir)
+    with load_model(args.model, args.verbose) as model:
+        needed = len(prompt_tokens(model, request)) + request.max_tokens
+        if needed > model.n_ctx_train:
+            raise UsageError(
+                f"--max-tokens: prompt plus {request.max_tokens} tokens exceed the model's "
+                f"context of {model.n_ctx_train} tokens"
+            )
+        n_ctx = min(model.n_ctx_train, max(512, -(-needed // 256) * 256))
+        with Context(model, n_ctx=n_ctx, n_threads=args.threads) as ctx:
+            yield from run_local(model, ctx, request, policy, faults=faults, cancel=cancel)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from fse.render import HumanRenderer, JsonRenderer
+    from fse.service import TokenEvent
+
+    request = request_from_args(args)
+    renderer = JsonRenderer(sys.stdout) if args.json else HumanRenderer(sys.stdout, sys.stderr)
+    cancel = threading.Event()
+
+    def on_interrupt(signum: int, frame: object) -> None:
+        # First Ctrl-C cancels cleanly (verdict `cancelled`, exit 4); a second one kills.
+        cancel.set()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    signal.signal(signal.SIGINT, on_interrupt)
+    if args.addr:
+        from fse.client import remote_events
+
+        events = remote_events(args.addr, request, cancel)
+    else:
+        events = local_events(args, request, cancel)
+    for event in events:
+        if isinstance(event, TokenEvent):
+            renderer.token(event)
+        else:
+            renderer.verdict(event)
+            return int(event.exit_code)
+    raise RuntimeError("the stream ended without a verdict")
+
+
+def cmd_policy_check(args: argparse.Namespace) -> int:
+    from fse.policy import PolicyError, load_policy_file
+
+    try:
+        policy = load_policy_file(args.file)
+    except PolicyError as exc:
+        raise UsageError(str(exc)) from None
+    print(f"{args.file}: ok: policy {policy.name} sha256 {policy.sha256}")
+    return 0
+
+
+def cmd_policy_show(args: argparse.Namespace) -> int:
+    policy = resolve_policy(args.name, args.policies_dir)
+    sys.stdout.write(f"# sha256 {policy.sha256}\n{policy.to_toml()}")
+    return 0
+
+
+def cmd_model_path(args: argparse.Namespace) -> int:
+    from fse.models import ModelError, default_model_path
+
+    try:
+        print(default_model_path())
+    except ModelError as exc:
+        print(f"fse: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except UsageError as exc:
+        print(f"fse {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except BrokenPipeError:
+        # Reader went away (e.g. `| head`): not an error of ours.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,560 @@
+"""Guard policies: TOML files that say which guards run, with what thresholds.
+
+A policy file looks like this (every table and key other than ``name`` is optional)::
+
+    name = "pro"                  # [A-Za-z0-9_.-]{1,64}
+    description = "free text"     # optional; not part of the sha256 (see below)
+    [health]                      # perplexity bands shown to users
+    green_below = 200.0
+    red_above = 400.0
+    [guards.perplexity]
+    threshold = 400.0
+    window = 16                   # 0 = cumulative
+    min_tokens = 4
+    action = "halt"               # or "warn"; every guard table accepts it
+    [guards.l2_norm]
+    threshold = 1e4
+    [guards.logit_variance]
+    threshold = 0.1
+    [guards.max_prob]
+    threshold = 0.99
+    consecutive = 8
+    [guards.loop]
+    max_period = 1024
+    min_repeats = 3
+    min_span = 12
+
+Decisions the rest of the code relies on:
+
+- A guard whose table is absent is off. A guard table that is present but omits a
+  key takes the default shown above (the thresholds of the original status report),
+  so ``[guards.loop]`` alone turns the loop guard on with 1024/3/12.
+- ``non_finite`` is always on, halts, and is not configurable. An empty
+  ``[guards.non_finite]`` table is accepted (it documents intent); any key in it is
+  rejected with a message saying so.
+- Validation is strict: an unknown key at any level, a wrong type (a bool is not a
+  number; an int is accepted where a float is expected, a float is not accepted
+  for an integer field), a non-finite or out-of-range value all raise
+  :class:`PolicyError`, whose message names the dotted key and what is accepted.
+  The dataclasses validate themselves, so a policy built in code (``fse calibrate``)
+  is checked by the same rules as one read from a file.
+- ``sha256`` is the hex digest of :meth:`Policy.canonical`: compact JSON with sorted
+  keys, every default filled in and every float normalised (``1e4`` and
+  ``10000.0`` hash alike). It covers the name and everything that changes a
+  decision; ``description`` is documentation and is left out, so rewording it does
+  not change the identity reported in verdicts and the audit log.
+- :func:`resolve_policy` looks a name up among the built-ins, then in the policies
+  directory as ``<name>.toml``; anything containing a path separator or ending in
+  ``.toml`` is a file path. A file in the policies directory may not shadow a
+  built-in name, and its ``name`` must match its file stem (the name is the lookup key).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, TypeAlias
+
+__all__ = [
+    "ACTIONS",
+    "DEFAULT_PPL_WINDOW",
+    "Action",
+    "HealthBands",
+    "L2NormGuard",
+    "LogitVarianceGuard",
+    "LoopGuard",
+    "MaxProbGuard",
+    "PerplexityGuard",
+    "Policy",
+    "PolicyError",
+    "builtin_names",
+    "builtin_policy",
+    "load_policies",
+    "load_policy_file",
+    "parse_policy",
+    "resolve_policy",
+]
+
+Action: TypeAlias = Literal["halt", "warn"]
+Health: TypeAlias = Literal["green", "yellow", "red"]
+ACTIONS: tuple[Action, ...] = ("halt", "warn")
+# Window of the perplexity reported to clients when the perplexity guard is off.
+DEFAULT_PPL_WINDOW = 16
+
+_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_DESCRIPTION_MAX = 4096
+
+
+class PolicyError(ValueError):
+    """An invalid policy. ``key`` is the dotted key at fault, when there is one."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+# ---------------------------------------------------------------------------
+# Field validation (shared by file parsing and by code that builds policies)
+
+
+def _describe(value: object) -> str:
+    kind = {bool: "a boolean", str: "a string", int: "an integer", float: "a float"}.get(
+        type(value), f"a {type(value).__name__}"
+    )
+    if isinstance(value, dict):
+        kind = "a table"
+    elif isinstance(value, list):
+        kind = "an array"
+    shown = json.dumps(value) if isinstance(value, str | bool) else repr(value)
+    return f"{kind} ({_short(shown)})"
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _float(key: str, value: object, ok: Callable[[float], bool], accepted: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise PolicyError(
+            f"{key}: expected a number, got {_describe(value)}; accepted: {accepted}", key
+        )
+    try:
+        number = float(value) + 0.0  # + 0.0 turns -0.0 into 0.0 so both hash alike
+    except OverflowError:  # an integer too large for a float
+        number = math.inf
+    # Every range below also demands a finite value; NaN fails every comparison.
+    if not (math.isfinite(number) and ok(number)):
+        raise PolicyError(
+            f"{key}: {_short(repr(value))} is out of range; accepted: {accepted}", key
+        )
+    return number
+
+
+def _int(key: str, value: object, low: int, high: int, note: str = "") -> int:
+    accepted = f"integer {low} <= value <= {high}{note}"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise PolicyError(
+            f"{key}: expected an integer, got {_describe(value)}; accepted: {accepted}", key
+        )
+    if not low <= value <= high:
+        raise PolicyError(
+            f"{key}: {_short(repr(value))} is out of range; accepted: {accepted}", key
+        )
+    return value
+
+
+def _action(key: str, value: object) -> Action:
+    if value == "halt" or value == "warn":
+        return "halt" if value == "halt" else "warn"
+    shown = _describe(value) if not isinstance(value, str) else json.dumps(value)
+    raise PolicyError(f'{key}: {shown} is not accepted; accepted: "halt", "warn"', key)
+
+
+def _set(obj: object, name: str, value: object) -> None:
+    # Frozen dataclasses normalise their own fields (int -> float) in __post_init__.
+    object.__setattr__(obj, name, value)
+
+
+# ---------------------------------------------------------------------------
+# The policy model
+
+
+@dataclass(frozen=True, slots=True)
+class HealthBands:
+    """Perplexity bands shown to users: below green_below green, above red_above red."""
+
+    green_below: float = 200.0
+    red_above: float = 400.0
+
+    def __post_init__(self) -> None:
+        positive = "value > 0, finite"
+        _set(self, "green_below", _float("health.green_below", self.green_below, _pos, positive))
+        _set(self, "red_above", _float("health.red_above", self.red_above, _pos, positive))
+        if self.green_below > self.red_above:
+            raise PolicyError(
+                f"health.green_below: {self.green_below!r} is above health.red_above "
+                f"({self.red_above!r}); accepted: 0 < green_below <= red_above, finite",
+                "health.green_below",
+            )
+
+    def classify(self, ppl: float) -> Health:
+        """Band of a perplexity value; NaN is red (fail closed)."""
+        if ppl < self.green_below:
+            return "green"
+        if ppl <= self.red_above:
+            return "yellow"
+        return "red"  # above red_above, or NaN (every comparison above was False)
+
+
+def _pos(x: float) -> bool:
+    return x > 0
+
+
+@dataclass(frozen=True, slots=True)
+class PerplexityGuard:
+    """Halt when the windowed perplexity exceeds threshold, once min_tokens are generated."""
+
+    threshold: float = 400.0
+    window: int = 16  # 0 = cumulative
+    min_tokens: int = 4
+    action: Action = "halt"
+
+    def __post_init__(self) -> None:
+        k = "guards.perplexity."
+        _set(
+            self,
+            "threshold",
+            _float(k + "threshold", self.threshold, lambda x: x > 1, "value > 1, finite"),
+        )
+        _int(k + "window", self.window, 0, 4096, " (0 = cumulative)")
+        _int(k + "min_tokens", self.min_tokens, 1, 4096)
+        _action(k + "action", self.action)
+
+
+@dataclass(frozen=True, slots=True)
+class L2NormGuard:
+    """Halt when the L2 norm of the logits exceeds threshold (numerical instability)."""
+
+    threshold: float = 1e4
+    action: Action = "halt"
+
+    def __post_init__(self) -> None:
+        k = "guards.l2_norm."
+        _set(self, "threshold", _float(k + "threshold", self.threshold, _pos, "value > 0, finite"))
+        _action(k + "action", self.action)
+
+
+@dataclass(frozen=True, slots=True)
+class LogitVarianceGuard:
+    """Halt when the variance of the logits falls below threshold (model collapse)."""
+
+    threshold: float = 0.1
+    action: Action = "halt"
+
+    def __post_init__(self) -> None:
+        k = "guards.logit_variance."
+        _set(
+            self,
+            "threshold",
+            _float(k + "threshold", self.threshold, lambda x: x >= 0, "value >= 0, finite"),
+        )
+        _action(k + "action", self.action)
+
+
+@dataclass(frozen=True, slots=True)
+class MaxProbGuard:
+    """Halt when the top probability exceeds threshold for `consecutive` steps in a row."""
+
+    threshold: float = 0.99
+    consecutive: int = 8
+    action: Action = "halt"
+
+    def __post_init__(self) -> None:
+        k = "guards.max_prob."
+        _set(
+            self,
+            "threshold",
+            _float(k + "threshold", self.threshold, lambda x: 0 < x <= 1, "0 < value <= 1"),
+        )
+        _int(k + "consecutive", self.consecutive, 1, 4096)
+        _action(k + "action", self.action)
+
+
+@dataclass(frozen=True, slots=True)
+class LoopGuard:
+    """Halt when the tail of the output is a cycle (see fse.h, ``fse_loop``)."""
+
+    max_period: int = 1024
+    min_repeats: int = 3
+    min_span: int = 12
+    action: Action = "halt"
+
+    def __post_init__(self) -> None:
+        k = "guards.loop."
+        _int(k + "max_period", self.max_period, 1, 4096)
+        _int(k + "min_repeats", self.min_repeats, 2, 1000)
+        _int(k + "min_span", self.min_span, 2, 65536)
+        _action(k + "action", self.action)
+
+
+GuardConfig: TypeAlias = (
+    PerplexityGuard | L2NormGuard | LogitVarianceGuard | MaxProbGuard | LoopGuard
+)
+
+# Table name -> config type, in the order guards are rendered and documented.
+_GUARD_TYPES: dict[str, type[GuardConfig]] = {
+    "perplexity": PerplexityGuard,
+    "l2_norm": L2NormGuard,
+    "logit_variance": LogitVarianceGuard,
+    "max_prob": MaxProbGuard,
+    "loop": LoopGuard,
+}
+_ALWAYS_ON = "non_finite"
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """A validated policy. Absent guards are None; ``non_finite`` is implicit and always on."""
+
+    name: str
+    health: HealthBands = field(default_factory=HealthBands)
+    perplexity: PerplexityGuard | None = None
+    l2_norm: L2NormGuard | None = None
+    logit_variance: LogitVarianceGuard | None = None
+    max_prob: MaxProbGuard | None = None
+    loop: LoopGuard | None = None
+    description: str = ""
+    sha256: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not _NAME_RE.fullmatch(self.name):
+            shown = json.dumps(self.name) if isinstance(self.name, str) else _describe(self.name)
+            raise PolicyError(
+                f"name: {shown} is not accepted; accepted: 1 to 64 characters of A-Z a-z 0-9 _ . -",
+                "name",
+            )
+        if not isinstance(self.description, str) or len(self.description) > _DESCRIPTION_MAX:
+            raise PolicyError(
+                f"description: expected a string of at most {_DESCRIPTION_MAX} characters, "
+                f"got {_describe(self.description)}",
+                "description",
+            )
+        _set(self, "sha256", hashlib.sha256(self.canonical().encode()).hexdigest())
+
+    def guards(self) -> dict[str, GuardConfig]:
+        """The configurable guards that are on, by table name, in canonical order."""
+        out: dict[str, GuardConfig] = {}
+        for name in _GUARD_TYPES:
+            cfg: GuardConfig | None = getattr(self, name)
+            if cfg is not None:
+                out[name] = cfg
+        return out
+
+    @property
+    def ppl_window(self) -> int:
+        """Window of the reported perplexity: the guard's window, or 16 when it is off."""
+        return self.perplexity.window if self.perplexity is not None else DEFAULT_PPL_WINDOW
+
+    def canonical(self) -> str:
+        """Deterministic JSON of the name and every setting that affects a decision."""
+        doc = {
+            "name": self.name,
+            "health": dataclasses.asdict(self.health),
+            "guards": {n: dataclasses.asdict(c) for n, c in self.guards().items()},
+        }
+        return json.dumps(doc, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+    def to_toml(self) -> str:
+        """A policy file that parses back to an equal policy (same sha256)."""
+        # No sha256 comment: it would go stale when someone edits the file.
+        lines = [f"name = {_toml_str(self.name)}"]
+        if self.description:
+            lines.append(f"description = {_toml_str(self.description)}")
+        lines += ["", "[health]", *_toml_fields(dataclasses.asdict(self.health))]
+        for name, cfg in self.guards().items():
+            lines += ["", f"[guards.{name}]", *_toml_fields(dataclasses.asdict(cfg))]
+        lines += ["", f"# guards.{_ALWAYS_ON}: always on, not configurable"]
+        return "\n".join(lines) + "\n"
+
+
+def _toml_fields(values: Mapping[str, object]) -> list[str]:
+    out = []
+    for key, value in values.items():
+        if isinstance(value, str):
+            out.append(f"{key} = {_toml_str(value)}")
+        else:  # int, or a finite float whose repr ("1e-05", "10000.0") is valid TOML
+            out.append(f"{key} = {value!r}")
+    return out
+
+
+def _toml_str(text: str) -> str:
+    """A TOML basic string. Escapes what TOML forbids raw (controls, DEL, quote, backslash)."""
+    special = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+    out = []
+    for ch in text:
+        if ch in special:
+            out.append(special[ch])
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
+# ---------------------------------------------------------------------------
+# Parsing
+
+
+def _table(key: str, value: object) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise PolicyError(f"{key}: expected a table, got {_describe(value)}", key)
+    return value
+
+
+def _reject_unknown(prefix: str, table: Mapping[str, object], accepted: list[str]) -> None:
+    for key in table:
+        if key not in accepted:
+            dotted = f"{prefix}.{key}" if prefix else key
+            raise PolicyError(
+                f"{dotted}: unknown key; accepted: {', '.join(sorted(accepted))}", dotted
+            )
+
+
+def _init_fields(cls: type[Any]) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls) if f.init]
+
+
+def _from_document(doc: dict[str, Any]) -> Policy:
+    _reject_unknown("", doc, ["description", "guards", "health", "name"])
+    if "name" not in doc:
+        raise PolicyError('name: missing; every policy needs a name, e.g. name = "strict"', "name")
+    health = _table("health", doc.get("health", {}))
+    _reject_unknown("health", health, _init_fields(HealthBands))
+    guards = _table("guards", doc.get("guards", {}))
+    _reject_unknown("guards", guards, [*_GUARD_TYPES, _ALWAYS_ON])
+
+    configs: dict[str, GuardConfig] = {}
+    for name, raw in guards.items():
+        key = f"guards.{name}"
+        table = _table(key, raw)
+        if name == _ALWAYS_ON:
+            if table:
+                first = next(iter(table))
+                raise PolicyError(
+                    f"{key}.{first}: the non_finite guard is always on and halts; it is not "
+                    f"configurable (remove the key; an empty [{key}] table is allowed)",
+                    f"{key}.{first}",
+                )
+            continue
+        cls = _GUARD_TYPES[name]
+        _reject_unknown(key, table, _init_fields(cls))
+        configs[name] = cls(**table)
+
+    return Policy(
+        name=doc["name"],
+        health=HealthBands(**health),
+        description=doc.get("description", ""),
+        **configs,  # type: ignore[arg-type]  # keys are guard names, checked above
+    )
+
+
+def parse_policy(text: str, source: str = "<policy>") -> Policy:
+    """Parse and validate policy TOML. Errors are prefixed with ``source`` (a file name)."""
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise PolicyError(f"{source}: invalid TOML: {exc}") from None
+    try:
+        return _from_document(doc)
+    except PolicyError as exc:
+        raise PolicyError(f"{source}: {exc}", exc.key) from None
+
+
+def load_policy_file(path: str | os.PathLike[str]) -> Policy:
+    """Read and validate one policy file; an unreadable file is a PolicyError naming it."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise PolicyError(f"{path}: cannot read policy file: {exc.strerror or exc}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PolicyError(f"{path}: not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    return parse_policy(text, str(path))
+
+
+@cache
+def builtin_names() -> tuple[str, ...]:
+    """Names of the built-in policies shipped in the package (``default``, ``pro``)."""
+    folder = resources.files("fse") / "policies"
+    return tuple(
+        sorted(p.name[: -len(".toml")] for p in folder.iterdir() if p.name.endswith(".toml"))
+    )
+
+
+@cache
+def builtin_policy(name: str) -> Policy:
+    """A built-in policy by name; unknown names raise PolicyError listing the built-ins."""
+    if name not in builtin_names():
+        raise PolicyError(
+            f"unknown built-in policy {name!r}; built-ins: {', '.join(builtin_names())}"
+        )
+    resource = resources.files("fse") / "policies" / f"{name}.toml"
+    policy = parse_policy(resource.read_text(encoding="utf-8"), f"<built-in {name}.toml>")
+    if policy.name != name:  # a packaging mistake, not a user error
+        raise PolicyError(f"built-in {name}.toml declares name {policy.name!r}")
+    return policy
+
+
+def _dir_policy(path: Path) -> Policy:
+    policy = load_policy_file(path)
+    if policy.name != path.stem:
+        raise PolicyError(
+            f"{path}: name {policy.name!r} does not match the file name; "
+            f"a file in the policies directory must be <name>.toml",
+            "name",
+        )
+    if path.stem in builtin_names():
+        raise PolicyError(
+            f"{path}: {path.stem!r} is a built-in policy name; choose another name",
+            "name",
+        )
+    return policy
+
+
+def load_policies(policies_dir: Path | None = None) -> dict[str, Policy]:
+    """Every policy a daemon serves: the built-ins plus each ``*.toml`` in policies_dir.
+
+    Any invalid file fails the whole load (the caller keeps its last good set).
+    """
+    out = {name: builtin_policy(name) for name in builtin_names()}
+    if policies_dir is not None:
+        try:
+            files = sorted(Path(policies_dir).glob("*.toml"))
+        except OSError as exc:
+            raise PolicyError(f"{policies_dir}: cannot list policies: {exc}") from None
+        for path in files:
+            out[path.stem] = _dir_policy(path)
+    return out
+
+
+def _known_names(policies_dir: Path | None) -> list[str]:
+    names = list(builtin_names())
+    if policies_dir is not None:
+        with contextlib.suppress(OSError):  # the error message must not fail in turn
+            names += sorted(p.stem for p in Path(policies_dir).glob("*.toml"))
+    return names
+
+
+def resolve_policy(name_or_path: str, policies_dir: Path | None = None) -> Policy:
+    """A built-in name, a ``<policies_dir>/<name>.toml``, or a path to a ``.toml`` file."""
+    looks_like_path = (
+        "/" in name_or_path or os.sep in name_or_path or name_or_path.endswith(".toml")
+    )
+    if not looks_like_path:
+        in_dir = Path(policies_dir) / f"{name_or_path}.toml" if policies_dir else None
+        if name_or_path in builtin_names():
+            if in_dir is not None and in_dir.exists():
+                _dir_policy(in_dir)  # raises: a directory file may not shadow a built-in
+            return builtin_policy(name_or_path)
+        if in_dir is not None and _NAME_RE.fullmatch(name_or_path) and in_dir.is_file():
+            return _dir_policy(in_dir)
+    elif Path(name_or_path).is_file():
+        return load_policy_file(name_or_path)
+    what = "no policy file" if looks_like_path else "unknown policy"
+    raise PolicyError(
+        f"{what} {name_or_path!r}; known policies: {', '.join(_known_names(policies_dir))} "
+        f"(or give a path to a .toml file)"
+    )

@@ -1,0 +1,113 @@
+"""How events look to a person (coloured text) or a program (JSON lines)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import IO, Any
+
+from fse.service import HALTED, TokenEvent, Verdict
+
+COLOURS = {"green": "\x1b[32m", "yellow": "\x1b[33m", "red": "\x1b[31m"}
+RESET = "\x1b[0m"
+
+
+def _num(x: float | None) -> float | None:
+    """Six significant digits are plenty for a metric; NaN/Inf become null (valid JSON)."""
+    if x is None or not math.isfinite(x):
+        return None
+    return float(f"{x:.6g}")
+
+
+def token_json(event: TokenEvent) -> dict[str, Any]:
+    m = event.metrics
+    doc: dict[str, Any] = {
+        "type": "token",
+        "index": event.index,
+        "id": event.token,
+        "text": event.text,
+        "nll": _num(m.nll),
+        "ppl": _num(m.ppl),
+        "variance": _num(m.variance),
+        "max_prob": _num(m.max_prob),
+        "l2_norm": _num(m.l2_norm),
+        "health": event.health,
+    }
+    if event.warnings:
+        doc["warnings"] = [
+            {"guard": t.guard, "value": _num(t.value), "threshold": _num(t.threshold)}
+            for t in event.warnings
+        ]
+    return doc
+
+
+def verdict_json(verdict: Verdict) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "type": "verdict",
+        "status": verdict.status,
+        "guard": verdict.guard,
+        "value": _num(verdict.value),
+        "threshold": _num(verdict.threshold),
+        "token_index": verdict.token_index,
+        "tokens": verdict.tokens,
+        "text": verdict.text,
+        "policy": verdict.policy,
+        "policy_sha256": verdict.policy_sha256,
+    }
+    if verdict.message:
+        doc["message"] = verdict.message
+    return doc
+
+
+def use_colour(stream: IO[str]) -> bool:
+    return stream.isatty() and "NO_COLOR" not in os.environ
+
+
+class JsonRenderer:
+    def __init__(self, out: IO[str]) -> None:
+        self.out = out
+
+    def token(self, event: TokenEvent) -> None:
+        self.out.write(json.dumps(token_json(event), ensure_ascii=False) + "\n")
+        self.out.flush()
+
+    def verdict(self, verdict: Verdict) -> None:
+        self.out.write(json.dumps(verdict_json(verdict), ensure_ascii=False) + "\n")
+        self.out.flush()
+
+
+class HumanRenderer:
+    """Text as it is released, coloured by health; the verdict goes to `err`."""
+
+    def __init__(self, out: IO[str], err: IO[str]) -> None:
+        self.out, self.err = out, err
+        self.colour = use_colour(out)
+
+    def token(self, event: TokenEvent) -> None:
+        if self.colour:
+            self.out.write(f"{COLOURS[event.health]}{event.text}{RESET}")
+        else:
+            self.out.write(event.text)
+        self.out.flush()
+
+    def verdict(self, verdict: Verdict) -> None:
+        self.out.write("\n")
+        self.out.flush()
+        self.err.write(verdict_line(verdict) + "\n")
+        self.err.flush()
+
+
+def verdict_line(verdict: Verdict) -> str:
+    policy = f"policy {verdict.policy} ({verdict.policy_sha256[:12]})"
+    if verdict.status == HALTED:
+        value = "n/a" if verdict.value is None else f"{verdict.value:.6g}"
+        threshold = "n/a" if verdict.threshold is None else f"{verdict.threshold:.6g}"
+        what = (
+            f"halted by {verdict.guard}: value {value}, threshold {threshold}, "
+            f"at token {verdict.token_index}"
+        )
+    else:
+        what = verdict.status
+    detail = f": {verdict.message}" if verdict.message else ""
+    return f"[{what}{detail}] {verdict.tokens} tokens released · {policy}"

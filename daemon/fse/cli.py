@@ -93,6 +93,49 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.set_defaults(func=cmd_generate)
 
+    srv = commands.add_parser("serve", help="run the guard daemon (gRPC)")
+    srv.add_argument(
+        "--listen",
+        action="append",
+        metavar="unix:PATH|HOST:PORT",
+        help="address to serve on (repeatable; default unix:./fse.sock)",
+    )
+    add_local_flags(srv)
+    srv.add_argument("--policies-dir", type=Path, help="directory of extra NAME.toml policies")
+    srv.add_argument(
+        "--max-streams", type=int, default=8, help="streams decoded together in one batch (8)"
+    )
+    srv.add_argument(
+        "--max-queue",
+        type=int,
+        default=16,
+        help="streams waiting for a slot before RESOURCE_EXHAUSTED (16)",
+    )
+    srv.add_argument(
+        "--ctx-per-stream",
+        type=int,
+        default=2048,
+        help="context tokens per stream, prompt included (2048)",
+    )
+    srv.add_argument(
+        "--max-tokens-limit",
+        type=int,
+        default=None,
+        help="largest max_tokens a request may ask (default: the context per stream)",
+    )
+    srv.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=30.0,
+        help="on SIGTERM, let running streams finish this long (30)",
+    )
+    srv.add_argument(
+        "--allow-debug-faults",
+        action="store_true",
+        help="debug only: honour fault injection requested in call metadata",
+    )
+    srv.set_defaults(func=cmd_serve)
+
     pol = commands.add_parser("policy", help="check or show guard policies")
     pol_commands = pol.add_subparsers(dest="policy_command", required=True, metavar="ACTION")
     check = pol_commands.add_parser("check", help="validate a policy file")
@@ -122,7 +165,7 @@ def sampling_from_args(args: argparse.Namespace) -> Any:
 
 
 def request_from_args(args: argparse.Namespace) -> Any:
-    from fse.service import Request
+    from fse.stream import Request
 
     if not args.prompt:
         raise UsageError("prompt: must not be empty")
@@ -161,7 +204,7 @@ def load_model(path: Path | None, verbose: bool) -> Any:
 
 def local_events(args: argparse.Namespace, request: Any, cancel: threading.Event) -> Iterator[Any]:
     from fse.engine import Context, Faults
-    from fse.service import prompt_tokens, run_local
+    from fse.service import InvalidRequest, prompt_tokens, run_local
 
     try:
         faults = Faults.parse(args.debug_fault)
@@ -171,7 +214,10 @@ def local_events(args: argparse.Namespace, request: Any, cancel: threading.Event
         raise UsageError(f"--threads: {args.threads} is invalid; accepted: >= 1")
     policy = resolve_policy(request.policy, args.policies_dir)
     with load_model(args.model, args.verbose) as model:
-        needed = len(prompt_tokens(model, request)) + request.max_tokens
+        try:
+            needed = len(prompt_tokens(model, request)) + request.max_tokens
+        except InvalidRequest as exc:
+            raise UsageError(str(exc)) from None
         if needed > model.n_ctx_train:
             raise UsageError(
                 f"--max-tokens: prompt plus {request.max_tokens} tokens exceed the model's "
@@ -184,7 +230,6 @@ def local_events(args: argparse.Namespace, request: Any, cancel: threading.Event
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from fse.render import HumanRenderer, JsonRenderer
-    from fse.service import TokenEvent
 
     request = request_from_args(args)
     renderer = JsonRenderer(sys.stdout) if args.json else HumanRenderer(sys.stdout, sys.stderr)
@@ -197,11 +242,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, on_interrupt)
     if args.addr:
-        from fse.client import remote_events
+        from fse.client import ClientError, remote_events
 
-        events = remote_events(args.addr, request, cancel)
-    else:
-        events = local_events(args, request, cancel)
+        events = remote_events(args.addr, request, cancel, args.debug_fault)
+        try:
+            return render(events, renderer)
+        except ClientError as exc:
+            if exc.code is not None and exc.code.name == "INVALID_ARGUMENT":
+                raise UsageError(str(exc).removeprefix("INVALID_ARGUMENT: ")) from None
+            print(f"fse generate: error: {exc}", file=sys.stderr)
+            return EXIT_ERROR
+    return render(local_events(args, request, cancel), renderer)
+
+
+def render(events: Iterator[Any], renderer: Any) -> int:
+    from fse.stream import TokenEvent
+
     for event in events:
         if isinstance(event, TokenEvent):
             renderer.token(event)
@@ -209,6 +265,40 @@ def cmd_generate(args: argparse.Namespace) -> int:
             renderer.verdict(event)
             return int(event.exit_code)
     raise RuntimeError("the stream ended without a verdict")
+
+
+def _positive(flag: str, value: int, high: int | None = None) -> int:
+    if value < 1 or (high is not None and value > high):
+        accepted = f"1..{high}" if high is not None else ">= 1"
+        raise UsageError(f"{flag}: {value} is invalid; accepted: {accepted}")
+    return value
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from fse.scheduler import Limits
+    from fse.server import ServeConfig, run
+
+    max_streams = _positive("--max-streams", args.max_streams, 256)
+    ctx = _positive("--ctx-per-stream", args.ctx_per_stream, 1 << 20)
+    if args.max_queue < 0:
+        raise UsageError(f"--max-queue: {args.max_queue} is invalid; accepted: >= 0")
+    max_tokens = ctx - 1 if args.max_tokens_limit is None else args.max_tokens_limit
+    _positive("--max-tokens-limit", max_tokens, ctx - 1)
+    _positive("--threads", args.threads)
+    if not args.drain_seconds >= 0:
+        raise UsageError(f"--drain-seconds: {args.drain_seconds} is invalid; accepted: >= 0")
+    limits = Limits(max_streams, args.max_queue, ctx, max_tokens)
+    config = ServeConfig(
+        listen=tuple(args.listen or ["unix:fse.sock"]),
+        model=args.model,
+        threads=args.threads,
+        limits=limits,
+        policies_dir=args.policies_dir,
+        allow_debug_faults=args.allow_debug_faults,
+        drain_seconds=args.drain_seconds,
+        verbose=args.verbose,
+    )
+    return run(config)
 
 
 def cmd_policy_check(args: argparse.Namespace) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -63,3 +65,27 @@ def check_gguf(path: Path) -> Path:
     if len(header) < GGUF_HEADER_SIZE:
         raise ModelError(f"model: {path}: truncated GGUF header ({len(header)} bytes)")
     return path
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a model file, remembered per (path, size, mtime) so restarts skip it."""
+    stat = path.stat()
+    key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    memo = cache_dir() / "model-sha256.json"
+    try:
+        known: dict[str, str] = json.loads(memo.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key in known:
+        return known[key]
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    known[key] = digest.hexdigest()
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        memo.write_text(json.dumps(known, indent=1))
+    except OSError:
+        pass  # a read-only cache only costs a re-hash next time
+    return known[key]

@@ -1,228 +1,174 @@
-"""Guarded generation, independent of any transport.
+"""The guard service: validated requests in, guarded event streams out.
 
-A GuardedStream judges each sampled token with the stream's guard chain before
-the token may leave the process, holds back text that could still turn into a
-stop sequence, and ends with exactly one Verdict. `run_local` drives one stream
-in-process; the daemon's scheduler drives many through the same class, so both
-paths release the same tokens and end with the same verdicts.
+`GuardService` is what the daemon serves: it checks a request against the
+limits (naming the offending field), resolves its policy, tokenizes its prompt
+and hands it to the scheduler. `run_local` is the same judgement for a single
+stream in this process (`fse generate --local`). Neither knows about gRPC.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
 
-from fse.engine import NO_FAULTS, Context, EngineError, Faults, Model, Sampling, Step, generate
-from fse.guards import INTERNAL, GuardChain, Trip
-from fse.metrics import StepMetrics
+from fse import __version__
+from fse.engine import NO_FAULTS, Context, EngineError, Faults, Model, generate
+from fse.guards import DEADLINE, INTERNAL
 from fse.policy import Policy
+from fse.scheduler import Handle, Limits, Scheduler
+from fse.stream import CANCELLED, COMPLETED, ERROR, HALTED, Event, GuardedStream, Request
 
-COMPLETED = "completed"
-HALTED = "halted"
-CANCELLED = "cancelled"
-ERROR = "error"
-
-DEADLINE = "deadline"
-SHUTDOWN = "shutdown"
-
-
-@dataclass(frozen=True, slots=True)
-class Request:
-    """One generation: a raw prompt or chat messages, and how to sample it."""
-
-    prompt: str = ""
-    messages: tuple[tuple[str, str], ...] = ()  # (role, content), rendered by the model's template
-    max_tokens: int = 256
-    sampling: Sampling = field(default_factory=Sampling)
-    policy: str = "default"
-    stop: tuple[str, ...] = ()
-    request_id: str = ""
-    timeout: float | None = None  # seconds from admission; None = no deadline
+MAX_STOP_SEQUENCES = 16
+MAX_STOP_BYTES = 256
+MAX_REQUEST_ID_BYTES = 128
+MAX_PROMPT_BYTES = 1 << 20
 
 
-@dataclass(slots=True)
-class TokenEvent:
-    """A token that passed every halting guard and is released to the client."""
-
-    index: int
-    token: int
-    piece: bytes  # raw bytes of the token (may end inside a UTF-8 character)
-    text: str  # complete characters only; the rest is carried to the next token
-    metrics: StepMetrics
-    health: str  # green | yellow | red, from the windowed perplexity
-    warnings: tuple[Trip, ...] = ()  # guards with action "warn" that tripped on this token
-
-
-@dataclass(slots=True)
-class Verdict:
-    """How a stream ended. guard/value/threshold/token_index are set only for halts."""
-
-    status: str  # completed | halted | cancelled | error
-    tokens: int  # tokens released
-    text: str  # the released text
-    policy: str
-    policy_sha256: str
-    guard: str | None = None
-    value: float | None = None
-    threshold: float | None = None
-    token_index: int | None = None
-    message: str = ""  # human detail for errors
-
-    @property
-    def exit_code(self) -> int:
-        return {COMPLETED: 0, HALTED: 3, CANCELLED: 4}.get(self.status, 1)
-
-
-Event = TokenEvent | Verdict
-
-
-class GuardedStream:
-    """Per-stream judgement: guard chain, stop sequences, released text, verdict."""
-
-    def __init__(
-        self, policy: Policy, stop: Sequence[str] = (), faults: Faults = NO_FAULTS
-    ) -> None:
-        self.policy = policy
-        self.chain = GuardChain(policy, fault_at=faults.guard_error_at)
-        self.stop = tuple(s for s in stop if s)
-        self._released: list[str] = []
-        self._held: list[TokenEvent] = []  # passed, but might be the start of a stop sequence
-        self.verdict: Verdict | None = None
-
-    @property
-    def tokens(self) -> int:
-        return len(self._released)
-
-    def judge(self, step: Step) -> list[TokenEvent]:
-        """Judge one sampled token; returns the events it releases. Sets self.verdict
-        when the stream is over (a halt, end of generation, or a stop sequence)."""
-        m = step.metrics
-        try:
-            trips = self.chain.check(m)
-        except Exception:  # the chain promises not to raise; fail closed if it does
-            trips = (Trip(INTERNAL, None, None, m.index, "halt"),)
-        if trips and trips[0].action == "halt":
-            released = self._release_held()
-            halt = trips[0]
-            self._end(HALTED, halt.guard, halt.value, halt.threshold, halt.token_index)
-            return released
-        if step.end_of_generation:
-            released = self._release_held()
-            self._end(COMPLETED)
-            return released
-        event = TokenEvent(
-            m.index, m.token, step.piece, step.text, m, self.policy.health.classify(m.ppl), trips
-        )
-        if not self.stop:
-            self._released.append(event.text)
-            return [event]
-        return self._hold_for_stop(event)
-
-    def finish(
-        self,
-        status: str = COMPLETED,
-        guard: str | None = None,
-        value: float | None = None,
-        threshold: float | None = None,
-        token_index: int | None = None,
-        message: str = "",
-    ) -> list[TokenEvent]:
-        """End the stream from outside (max_tokens, cancel, deadline, shutdown, error).
-        Held-back tokens passed their guards, so a clean ending releases them."""
-        released = self._release_held() if status in (COMPLETED, HALTED) else []
-        self._end(status, guard, value, threshold, token_index, message)
-        return released
-
-    def _end(
-        self,
-        status: str,
-        guard: str | None = None,
-        value: float | None = None,
-        threshold: float | None = None,
-        token_index: int | None = None,
-        message: str = "",
-    ) -> None:
-        if value is not None and not math.isfinite(value):
-            value = None  # JSON has no NaN; a non-finite value says nothing more than the guard
-        self.verdict = Verdict(
-            status,
-            self.tokens,
-            "".join(self._released),
-            self.policy.name,
-            self.policy.sha256,
-            guard,
-            value,
-            threshold,
-            token_index,
-            message,
-        )
-
-    def _release_held(self) -> list[TokenEvent]:
-        held, self._held = self._held, []
-        self._released.extend(e.text for e in held)
-        return held
-
-    def _hold_for_stop(self, event: TokenEvent) -> list[TokenEvent]:
-        self._held.append(event)
-        pending = "".join(e.text for e in self._held)
-        cut = min((i for s in self.stop if (i := pending.find(s)) >= 0), default=-1)
-        if cut >= 0:
-            released = self._release_until(cut)
-            self._end(COMPLETED)
-            return released
-        # Keep back the longest tail of pending that is still a prefix of some stop string.
-        keep = max(
-            (
-                n
-                for s in self.stop
-                for n in range(min(len(s) - 1, len(pending)), 0, -1)
-                if s.startswith(pending[-n:])
-            ),
-            default=0,
-        )
-        return self._release_until(len(pending) - keep, partial=False)
-
-    def _release_until(self, cut: int, partial: bool = True) -> list[TokenEvent]:
-        """Release held tokens whose text ends at or before `cut` characters; with
-        partial, the token that straddles `cut` is released trimmed to it."""
-        released: list[TokenEvent] = []
-        offset = 0
-        while self._held:
-            event = self._held[0]
-            end = offset + len(event.text)
-            if end > cut:
-                if partial and offset < cut:
-                    text = event.text[: cut - offset]
-                    event.text, event.piece = text, text.encode("utf-8")
-                    released.append(event)
-                    self._released.append(text)
-                    self._held.pop(0)
-                break
-            released.append(event)
-            self._released.append(event.text)
-            self._held.pop(0)
-            offset = end
-        if partial:
-            self._held.clear()
-        return released
+class InvalidRequest(ValueError):
+    """A request field is out of its accepted range; the message names the field."""
 
 
 def prompt_tokens(model: Model, request: Request) -> list[int]:
     """Tokenize the request's prompt, or its messages through the chat template."""
+    if request.messages and request.prompt:
+        raise InvalidRequest("prompt: set either prompt or messages, not both")
     if request.messages:
-        text = model.apply_chat_template(request.messages)
-        # The rendered template already starts with BOS where the model wants one.
+        for i, (role, _) in enumerate(request.messages):
+            if not role:
+                raise InvalidRequest(f"messages[{i}].role: must not be empty")
+        try:
+            text = model.apply_chat_template(request.messages)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
+        # The rendered template starts with BOS itself where the model wants one.
         tokens = model.tokenize(text, add_special=False, parse_special=True)
     else:
         if not request.prompt:
-            raise ValueError("prompt: must not be empty (or send messages)")
+            raise InvalidRequest("prompt: must not be empty (or send messages)")
         tokens = model.tokenize(request.prompt, add_special=True, parse_special=False)
     if not tokens:
-        raise ValueError("prompt: no tokens after tokenization")
+        raise InvalidRequest("prompt: no tokens after tokenization")
     return tokens
+
+
+def check_request(request: Request, limits: Limits) -> None:
+    """Everything that can be checked without the model."""
+    try:
+        request.sampling.validate()
+    except ValueError as exc:
+        raise InvalidRequest(f"sampling.{exc}") from None
+    if not 1 <= request.max_tokens <= limits.max_tokens:
+        raise InvalidRequest(
+            f"max_tokens: {request.max_tokens} is out of range; accepted: 1..{limits.max_tokens}"
+        )
+    if len(request.prompt.encode()) > MAX_PROMPT_BYTES:
+        raise InvalidRequest(f"prompt: longer than {MAX_PROMPT_BYTES} bytes")
+    if len(request.stop) > MAX_STOP_SEQUENCES:
+        raise InvalidRequest(f"stop: {len(request.stop)} sequences; accepted: at most 16")
+    for i, stop in enumerate(request.stop):
+        if not 1 <= len(stop.encode()) <= MAX_STOP_BYTES:
+            raise InvalidRequest(f"stop[{i}]: accepted: 1..{MAX_STOP_BYTES} bytes")
+    if len(request.request_id.encode()) > MAX_REQUEST_ID_BYTES:
+        raise InvalidRequest(f"request_id: accepted: at most {MAX_REQUEST_ID_BYTES} bytes")
+    if request.timeout is not None and not (math.isfinite(request.timeout) and request.timeout > 0):
+        raise InvalidRequest(f"timeout: {request.timeout} is invalid; accepted: seconds > 0")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    name: str
+    path: Path
+    description: str
+    vocab_size: int
+    context_size: int
+    train_context_size: int
+    size_bytes: int
+    chat_template: bool
+
+
+class GuardService:
+    """Guarded generation for many concurrent clients over one model."""
+
+    def __init__(
+        self,
+        model: Model,
+        policies: Mapping[str, Policy],
+        limits: Limits,
+        *,
+        n_threads: int,
+        allow_faults: bool = False,
+    ) -> None:
+        if "default" not in policies:
+            raise ValueError("policies: the built-in 'default' policy is missing")
+        self.model = model
+        self.policies = dict(policies)
+        self.limits = limits
+        self.allow_faults = allow_faults
+        self.scheduler = Scheduler(model, limits, n_threads)
+        self.version = __version__
+
+    def start(self) -> None:
+        self.scheduler.start()
+
+    @property
+    def model_info(self) -> ModelInfo:
+        m = self.model
+        return ModelInfo(
+            m.name,
+            m.path,
+            m.description,
+            m.n_vocab,
+            self.limits.ctx_per_stream,
+            m.n_ctx_train,
+            m.size_bytes,
+            m.chat_template is not None,
+        )
+
+    def replace_policies(self, policies: Mapping[str, Policy]) -> None:
+        """Swap the policy set (reload). Running streams keep the policy they started with."""
+        if "default" not in policies:
+            raise ValueError("policies: the built-in 'default' policy is missing")
+        self.policies = dict(policies)
+
+    def open_stream(
+        self,
+        request: Request,
+        faults: Faults = NO_FAULTS,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> Handle:
+        """Validate and admit a stream, or raise InvalidRequest / Overloaded / NotAccepting."""
+        check_request(request, self.limits)
+        if faults != NO_FAULTS and not self.allow_faults:
+            raise InvalidRequest(
+                "debug faults: this daemon was not started with --allow-debug-faults"
+            )
+        policy = self.policies.get(request.policy or "default")
+        if policy is None:
+            known = ", ".join(sorted(self.policies))
+            raise InvalidRequest(f"policy: unknown policy {request.policy!r}; accepted: {known}")
+        tokens = prompt_tokens(self.model, request)
+        room = self.limits.ctx_per_stream - len(tokens)
+        if room < 1:
+            raise InvalidRequest(
+                f"prompt: {len(tokens)} tokens do not fit the context of "
+                f"{self.limits.ctx_per_stream} tokens per stream"
+            )
+        if request.max_tokens > room:
+            raise InvalidRequest(
+                f"max_tokens: {request.max_tokens} does not fit after the {len(tokens)}-token "
+                f"prompt; accepted: 1..{room}"
+            )
+        handle = Handle(request, policy, tokens, faults, loop or asyncio.get_running_loop())
+        self.scheduler.submit(handle)
+        return handle
+
+    def shutdown(self) -> None:
+        self.scheduler.shutdown()
 
 
 def run_local(

@@ -1,0 +1,308 @@
+"""Continuous batching: one thread owns the llama.cpp context and steps every stream.
+
+Each loop iteration builds one batch holding the next token of every decoding
+stream plus prompt chunks of newly admitted ones, calls llama_decode once (the
+GIL is released meanwhile), then samples, measures and judges each stream's
+token and hands the released events to the asyncio side in a single
+thread-safe callback. Streams are llama.cpp sequence ids; a finished stream
+frees its sequence (KV cache cleared) for the next one.
+
+Knows nothing of gRPC: the server translates requests into `Request`s and
+`Handle.events` into wire messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import structlog
+
+from fse.engine import NO_FAULTS, Context, EngineError, Faults, Model, Slot
+from fse.guards import DEADLINE, INTERNAL, SHUTDOWN
+from fse.policy import Policy
+from fse.stream import (
+    CANCELLED,
+    COMPLETED,
+    ERROR,
+    HALTED,
+    Event,
+    GuardedStream,
+    Request,
+    TokenEvent,
+    Verdict,
+)
+
+log = structlog.get_logger("fse.scheduler")
+
+
+class Overloaded(Exception):
+    """Every slot is busy and the waiting queue is full."""
+
+
+class NotAccepting(Exception):
+    """The scheduler is draining for shutdown or has stopped."""
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_streams: int = 8  # sequences decoded together
+    max_queue: int = 16  # admitted streams waiting for a free sequence
+    ctx_per_stream: int = 2048  # prompt + generated tokens per stream
+    max_tokens: int = 2048  # upper bound of Request.max_tokens
+    n_batch: int = 512  # tokens per llama_decode call (prompt chunks share it)
+
+
+@dataclass(eq=False)
+class Handle:
+    """One stream as the asyncio side sees it: its events and a way to cancel it."""
+
+    request: Request
+    policy: Policy
+    prompt: list[int]
+    faults: Faults
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
+    seed: int = 0  # the sampling seed in use, known once admitted
+    admitted_at: float = field(default_factory=time.monotonic)
+    deadline: float | None = None  # time.monotonic() when the deadline guard fires
+    cancelled: bool = False  # set from the asyncio side; read by the scheduler each step
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+@dataclass(eq=False)
+class _Active:
+    handle: Handle
+    slot: Slot
+    stream: GuardedStream
+    next_token: int = -1  # released token to feed at the next decode; -1 while prefilling
+    produced: int = 0
+
+
+Deliver = list[tuple[Handle, list[Event]]]
+
+
+class Scheduler:
+    """Owns Model + Context on its own thread. `submit` is called from the event loop."""
+
+    def __init__(self, model: Model, limits: Limits, n_threads: int) -> None:
+        self.model = model
+        self.limits = limits
+        self.ctx = Context(
+            model,
+            n_ctx=limits.ctx_per_stream * limits.max_streams,
+            n_seq_max=limits.max_streams,
+            n_threads=n_threads,
+            n_batch=limits.n_batch,
+        )
+        self._waiting: collections.deque[Handle] = collections.deque()
+        self._active: list[_Active] = []
+        self._free_seqs = list(range(limits.max_streams - 1, -1, -1))
+        self._wake = threading.Condition()
+        self._accepting = True
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="fse-scheduler", daemon=True)
+        self.on_stream_end: Callable[[Handle, Verdict], None] | None = None
+
+    # -- event-loop side ------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def load(self) -> tuple[int, int]:
+        """(active, waiting) streams."""
+        with self._wake:
+            return len(self._active), len(self._waiting)
+
+    def submit(self, handle: Handle) -> None:
+        """Queue a validated stream, or raise Overloaded / NotAccepting at once."""
+        with self._wake:
+            if not self._accepting:
+                raise NotAccepting("the daemon is shutting down")
+            busy = len(self._active) + len(self._waiting)
+            if busy >= self.limits.max_streams + self.limits.max_queue:
+                raise Overloaded(
+                    f"{len(self._active)} streams running and {len(self._waiting)} waiting "
+                    f"(max_streams {self.limits.max_streams}, max_queue {self.limits.max_queue})"
+                )
+            if handle.request.timeout is not None:
+                handle.deadline = handle.admitted_at + handle.request.timeout
+            self._waiting.append(handle)
+            self._wake.notify()
+
+    def stop_accepting(self) -> None:
+        with self._wake:
+            self._accepting = False
+
+    def shutdown(self) -> None:
+        """End every stream still running or waiting with guard `shutdown`, then stop."""
+        with self._wake:
+            self._accepting = False
+            self._stopping = True
+            self._wake.notify()
+        self._thread.join()
+        self.ctx.close()
+
+    # -- scheduler thread -----------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            deliver: Deliver = []
+            with self._wake:
+                while not self._active and not self._waiting and not self._stopping:
+                    self._wake.wait()
+                if self._stopping:
+                    self._end_all(deliver)
+                    self._post(deliver)
+                    return
+                self._admit(deliver)
+            self._sweep(deliver)
+            if self._active:
+                try:
+                    self._step(deliver)
+                except EngineError as exc:
+                    log.error("decode.failed", error=str(exc))
+                    for a in list(self._active):
+                        self._finish(a, deliver, ERROR, INTERNAL, message=str(exc))
+            self._post(deliver)
+
+    def _admit(self, deliver: Deliver) -> None:
+        while self._waiting and self._free_seqs:
+            handle = self._waiting.popleft()
+            if handle.cancelled:
+                self._end_unstarted(handle, deliver, CANCELLED)
+                continue
+            seq = self._free_seqs.pop()
+            try:
+                slot = Slot(
+                    self.ctx,
+                    seq,
+                    handle.request.sampling,
+                    ppl_window=handle.policy.ppl_window,
+                    faults=handle.faults,
+                )
+                stream = GuardedStream(handle.policy, handle.request.stop, handle.faults)
+                slot.start(handle.prompt)
+            except (EngineError, MemoryError, ValueError) as exc:
+                self._free_seqs.append(seq)
+                self._end_unstarted(handle, deliver, ERROR, str(exc))
+                continue
+            handle.seed = slot.seed
+            self._active.append(_Active(handle, slot, stream))
+
+    def _sweep(self, deliver: Deliver) -> None:
+        """Cancelled and overdue streams end before the next decode (within one step)."""
+        now = time.monotonic()
+        for a in list(self._active):
+            h = a.handle
+            if h.cancelled:
+                self._finish(a, deliver, CANCELLED)
+            elif h.deadline is not None and now > h.deadline:
+                timeout = h.request.timeout
+                self._finish(a, deliver, HALTED, DEADLINE, now - h.admitted_at, timeout, a.produced)
+
+    def _step(self, deliver: Deliver) -> None:
+        ctx = self.ctx
+        for a in self._active:
+            if a.next_token >= 0:
+                a.slot.queue_token(a.next_token)
+        budget = ctx.n_batch - ctx.n_in_batch
+        for a in self._active:
+            if a.slot.prefilling and budget > 0:
+                budget -= a.slot.queue_prompt(budget)
+        ctx.decode()
+        for a in list(self._active):
+            if a.slot.prefilling:
+                continue  # more prompt chunks to go; no logits yet
+            step = a.slot.sample()
+            released = a.stream.judge(step)
+            a.produced += 1
+            if released:
+                deliver.append((a.handle, list(released)))
+            if a.stream.verdict is not None:
+                self._close(a, deliver)
+            elif a.produced >= a.handle.request.max_tokens:
+                self._finish(a, deliver, COMPLETED)
+            else:
+                a.next_token = step.metrics.token
+
+    def _finish(
+        self,
+        a: _Active,
+        deliver: Deliver,
+        status: str,
+        guard: str | None = None,
+        value: float | None = None,
+        threshold: float | None = None,
+        token_index: int | None = None,
+        message: str = "",
+    ) -> None:
+        released = a.stream.finish(status, guard, value, threshold, token_index, message)
+        if released:
+            deliver.append((a.handle, list(released)))
+        self._close(a, deliver)
+
+    def _close(self, a: _Active, deliver: Deliver) -> None:
+        verdict = a.stream.verdict
+        assert verdict is not None
+        a.slot.close()  # frees the sampler and clears the sequence's KV cache
+        self._active.remove(a)
+        self._free_seqs.append(a.slot.seq)
+        deliver.append((a.handle, [verdict]))
+        if self.on_stream_end is not None:
+            self.on_stream_end(a.handle, verdict)
+
+    def _end_unstarted(
+        self, handle: Handle, deliver: Deliver, status: str, message: str = ""
+    ) -> None:
+        stream = GuardedStream(handle.policy)
+        if status == HALTED:
+            stream.finish(HALTED, SHUTDOWN)
+        else:
+            stream.finish(status, INTERNAL if status == ERROR else None, message=message)
+        assert stream.verdict is not None
+        deliver.append((handle, [stream.verdict]))
+        if self.on_stream_end is not None:
+            self.on_stream_end(handle, stream.verdict)
+
+    def _end_all(self, deliver: Deliver) -> None:
+        for a in list(self._active):
+            self._finish(a, deliver, HALTED, SHUTDOWN, token_index=a.produced)
+        while self._waiting:
+            self._end_unstarted(self._waiting.popleft(), deliver, HALTED)
+
+    def _post(self, deliver: Deliver) -> None:
+        """One thread-safe callback per step carries every stream's events."""
+        if not deliver:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, Deliver] = {}
+        for handle, events in deliver:
+            by_loop.setdefault(handle.loop, []).append((handle, events))
+        for loop, items in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody listens any more
+                loop.call_soon_threadsafe(_put_all, items)
+
+
+def _put_all(items: Deliver) -> None:
+    for handle, events in items:
+        for event in events:
+            handle.events.put_nowait(event)
+
+
+__all__ = [
+    "NO_FAULTS",
+    "Handle",
+    "Limits",
+    "NotAccepting",
+    "Overloaded",
+    "Scheduler",
+    "TokenEvent",
+]

@@ -1,0 +1,205 @@
+"""One guarded stream: what it asks for, what it releases, how it ends.
+
+A GuardedStream judges each sampled token with the stream's guard chain before
+the token may leave the process, holds back text that could still turn into a
+stop sequence, and ends with exactly one Verdict. The in-process runner and the
+daemon's scheduler both drive streams through this class, so both paths release
+the same tokens and end with the same verdicts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from fse.engine import NO_FAULTS, Faults, Sampling, Step
+from fse.guards import INTERNAL, GuardChain, Trip
+from fse.metrics import StepMetrics
+from fse.policy import Policy
+
+COMPLETED = "completed"
+HALTED = "halted"
+CANCELLED = "cancelled"
+ERROR = "error"
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One generation: a raw prompt or chat messages, and how to sample it."""
+
+    prompt: str = ""
+    messages: tuple[tuple[str, str], ...] = ()  # (role, content), rendered by the model's template
+    max_tokens: int = 256
+    sampling: Sampling = field(default_factory=Sampling)
+    policy: str = "default"
+    stop: tuple[str, ...] = ()
+    request_id: str = ""
+    timeout: float | None = None  # seconds from admission; None = no deadline
+
+
+@dataclass(slots=True)
+class TokenEvent:
+    """A token that passed every halting guard and is released to the client."""
+
+    index: int
+    token: int
+    piece: bytes  # raw bytes of the token (may end inside a UTF-8 character)
+    text: str  # complete characters only; the rest is carried to the next token
+    metrics: StepMetrics
+    health: str  # green | yellow | red, from the windowed perplexity
+    warnings: tuple[Trip, ...] = ()  # guards with action "warn" that tripped on this token
+
+
+@dataclass(slots=True)
+class Verdict:
+    """How a stream ended. guard/value/threshold/token_index are set only for halts."""
+
+    status: str  # completed | halted | cancelled | error
+    tokens: int  # tokens released
+    text: str  # the released text
+    policy: str
+    policy_sha256: str
+    guard: str | None = None
+    value: float | None = None
+    threshold: float | None = None
+    token_index: int | None = None
+    message: str = ""  # human detail for errors
+
+    @property
+    def exit_code(self) -> int:
+        return {COMPLETED: 0, HALTED: 3, CANCELLED: 4}.get(self.status, 1)
+
+
+Event = TokenEvent | Verdict
+
+
+class GuardedStream:
+    """Per-stream judgement: guard chain, stop sequences, released text, verdict."""
+
+    def __init__(
+        self, policy: Policy, stop: Sequence[str] = (), faults: Faults = NO_FAULTS
+    ) -> None:
+        self.policy = policy
+        self.chain = GuardChain(policy, fault_at=faults.guard_error_at)
+        self.stop = tuple(s for s in stop if s)
+        self._released: list[str] = []
+        self._held: list[TokenEvent] = []  # passed, but might be the start of a stop sequence
+        self.verdict: Verdict | None = None
+
+    @property
+    def tokens(self) -> int:
+        return len(self._released)
+
+    def judge(self, step: Step) -> list[TokenEvent]:
+        """Judge one sampled token; returns the events it releases. Sets self.verdict
+        when the stream is over (a halt, end of generation, or a stop sequence)."""
+        m = step.metrics
+        try:
+            trips = self.chain.check(m)
+        except Exception:  # the chain promises not to raise; fail closed if it does
+            trips = (Trip(INTERNAL, None, None, m.index, "halt"),)
+        if trips and trips[0].action == "halt":
+            released = self._release_held()
+            halt = trips[0]
+            self._end(HALTED, halt.guard, halt.value, halt.threshold, halt.token_index)
+            return released
+        if step.end_of_generation:
+            released = self._release_held()
+            self._end(COMPLETED)
+            return released
+        event = TokenEvent(
+            m.index, m.token, step.piece, step.text, m, self.policy.health.classify(m.ppl), trips
+        )
+        if not self.stop:
+            self._released.append(event.text)
+            return [event]
+        return self._hold_for_stop(event)
+
+    def finish(
+        self,
+        status: str = COMPLETED,
+        guard: str | None = None,
+        value: float | None = None,
+        threshold: float | None = None,
+        token_index: int | None = None,
+        message: str = "",
+    ) -> list[TokenEvent]:
+        """End the stream from outside (max_tokens, cancel, deadline, shutdown, error).
+        Held-back tokens passed their guards, so a clean ending releases them."""
+        released = self._release_held() if status in (COMPLETED, HALTED) else []
+        self._end(status, guard, value, threshold, token_index, message)
+        return released
+
+    def _end(
+        self,
+        status: str,
+        guard: str | None = None,
+        value: float | None = None,
+        threshold: float | None = None,
+        token_index: int | None = None,
+        message: str = "",
+    ) -> None:
+        if value is not None and not math.isfinite(value):
+            value = None  # JSON has no NaN; a non-finite value says nothing more than the guard
+        self.verdict = Verdict(
+            status,
+            self.tokens,
+            "".join(self._released),
+            self.policy.name,
+            self.policy.sha256,
+            guard,
+            value,
+            threshold,
+            token_index,
+            message,
+        )
+
+    def _release_held(self) -> list[TokenEvent]:
+        held, self._held = self._held, []
+        self._released.extend(e.text for e in held)
+        return held
+
+    def _hold_for_stop(self, event: TokenEvent) -> list[TokenEvent]:
+        self._held.append(event)
+        pending = "".join(e.text for e in self._held)
+        cut = min((i for s in self.stop if (i := pending.find(s)) >= 0), default=-1)
+        if cut >= 0:
+            released = self._release_until(cut)
+            self._end(COMPLETED)
+            return released
+        # Keep back the longest tail of pending that is still a prefix of some stop string.
+        keep = max(
+            (
+                n
+                for s in self.stop
+                for n in range(min(len(s) - 1, len(pending)), 0, -1)
+                if s.startswith(pending[-n:])
+            ),
+            default=0,
+        )
+        return self._release_until(len(pending) - keep, partial=False)
+
+    def _release_until(self, cut: int, partial: bool = True) -> list[TokenEvent]:
+        """Release held tokens whose text ends at or before `cut` characters; with
+        partial, the token that straddles `cut` is released trimmed to it."""
+        released: list[TokenEvent] = []
+        offset = 0
+        while self._held:
+            event = self._held[0]
+            end = offset + len(event.text)
+            if end > cut:
+                if partial and offset < cut:
+                    text = event.text[: cut - offset]
+                    event.text, event.piece = text, text.encode("utf-8")
+                    released.append(event)
+                    self._released.append(text)
+                    self._held.pop(0)
+                break
+            released.append(event)
+            self._released.append(event.text)
+            self._held.pop(0)
+            offset = end
+        if partial:
+            self._held.clear()
+        return released

@@ -17,8 +17,12 @@ static void log_callback(enum ggml_log_level level, const char * text, void * us
     }
     const int continues = level == GGML_LOG_LEVEL_CONT && log_in_error;
     if (level == GGML_LOG_LEVEL_ERROR || continues) {
-        if (!continues) {
+        // Consecutive errors form one report: llama.cpp says why first ("tensor
+        // data is not within the file bounds") and only then "failed to load".
+        if (!log_in_error) {
             log_error[0] = '\0';
+        } else if (!continues) {
+            strncat(log_error, "; ", sizeof(log_error) - strlen(log_error) - 1);
         }
         strncat(log_error, text, sizeof(log_error) - strlen(log_error) - 1);
         size_t len = strlen(log_error);

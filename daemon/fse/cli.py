@@ -19,6 +19,8 @@ from fse import __version__
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+# ggml's GGML_MAX_N_THREADS; far more threads make llama.cpp abort (std::bad_alloc).
+MAX_THREADS = 512
 
 
 class UsageError(Exception):
@@ -55,7 +57,7 @@ def add_local_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--threads",
         type=int,
-        default=os.cpu_count() or 2,
+        default=min(os.cpu_count() or 2, MAX_THREADS),
         help="CPU threads for llama.cpp (all cores)",
     )
     p.add_argument("--verbose", action="store_true", help="show llama.cpp's own log on stderr")
@@ -150,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     model_commands = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
     path = model_commands.add_parser("path", help="assemble (once) and print its path")
     path.set_defaults(func=cmd_model_path)
+
+
     return parser
 
 
@@ -169,6 +173,12 @@ def request_from_args(args: argparse.Namespace) -> Any:
 
     if not args.prompt:
         raise UsageError("prompt: must not be empty")
+    # argv that is not UTF-8 arrives as lone surrogates, which cannot be tokenized.
+    for what, text in [("prompt", args.prompt), *(("--stop", s) for s in args.stop)]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UsageError(f"{what}: not valid UTF-8; accepted: UTF-8 text") from None
     if args.max_tokens < 1:
         raise UsageError(f"--max-tokens: {args.max_tokens} is invalid; accepted: >= 1")
     if args.timeout is not None and not args.timeout > 0:
@@ -183,13 +193,13 @@ def request_from_args(args: argparse.Namespace) -> Any:
     )
 
 
-def resolve_policy(name: str, policies_dir: Path | None) -> Any:
+def resolve_policy(name: str, policies_dir: Path | None, flag: str = "") -> Any:
     from fse.policy import PolicyError, resolve_policy
 
     try:
         return resolve_policy(name, policies_dir)
     except PolicyError as exc:
-        raise UsageError(str(exc)) from None
+        raise UsageError(f"{flag}: {exc}" if flag else str(exc)) from None
 
 
 def load_model(path: Path | None, verbose: bool) -> Any:
@@ -199,7 +209,8 @@ def load_model(path: Path | None, verbose: bool) -> Any:
     try:
         return Model(path if path is not None else default_model_path(), verbose=verbose)
     except ModelError as exc:
-        raise UsageError(str(exc)) from None
+        # "model: PATH: why" names the flag the user gave: "--model: PATH: why".
+        raise UsageError(_flag_message(str(exc)) if path is not None else str(exc)) from None
 
 
 def local_events(args: argparse.Namespace, request: Any, cancel: threading.Event) -> Iterator[Any]:
@@ -210,9 +221,8 @@ def local_events(args: argparse.Namespace, request: Any, cancel: threading.Event
         faults = Faults.parse(args.debug_fault)
     except ValueError as exc:
         raise UsageError(f"--debug-fault: {exc}") from None
-    if args.threads < 1:
-        raise UsageError(f"--threads: {args.threads} is invalid; accepted: >= 1")
-    policy = resolve_policy(request.policy, args.policies_dir)
+    _positive("--threads", args.threads, MAX_THREADS)
+    policy = resolve_policy(request.policy, args.policies_dir, "--policy")
     with load_model(args.model, args.verbose) as model:
         try:
             needed = len(prompt_tokens(model, request)) + request.max_tokens
@@ -284,7 +294,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError(f"--max-queue: {args.max_queue} is invalid; accepted: >= 0")
     max_tokens = ctx - 1 if args.max_tokens_limit is None else args.max_tokens_limit
     _positive("--max-tokens-limit", max_tokens, ctx - 1)
-    _positive("--threads", args.threads)
+    _positive("--threads", args.threads, MAX_THREADS)
     if not args.drain_seconds >= 0:
         raise UsageError(f"--drain-seconds: {args.drain_seconds} is invalid; accepted: >= 0")
     limits = Limits(max_streams, args.max_queue, ctx, max_tokens)

@@ -11,6 +11,7 @@ from collections.abc import Iterator, Sequence
 
 import grpc
 
+from fse.guards import Trip
 from fse.metrics import StepMetrics
 from fse.stream import CANCELLED, COMPLETED, ERROR, HALTED, Event, Request, TokenEvent, Verdict
 from fse.v1 import fse_pb2, fse_pb2_grpc
@@ -68,7 +69,17 @@ def token_from_wire(t: fse_pb2.Token) -> TokenEvent:
         l2_norm=t.l2_norm,
         non_finite=0,
     )
-    return TokenEvent(t.index, t.id, t.piece, t.text, metrics, HEALTH_FROM_WIRE[t.health])
+    warnings = tuple(
+        Trip(
+            w.guard,
+            w.value if w.HasField("value") else None,
+            w.threshold if w.HasField("threshold") else None,
+            t.index,
+            "warn",
+        )
+        for w in t.warnings
+    )
+    return TokenEvent(t.index, t.id, t.piece, t.text, metrics, HEALTH_FROM_WIRE[t.health], warnings)
 
 
 def verdict_from_wire(v: fse_pb2.Verdict) -> Verdict:

@@ -22,6 +22,9 @@ from fse._native import ffi, lib
 from fse.metrics import PerplexityWindow, StepMetrics
 from fse.models import ModelError, check_gguf
 
+# ggml's GGML_MAX_N_THREADS.
+MAX_THREADS = 512
+
 _backend_lock = threading.Lock()
 _backend_ready = False
 
@@ -112,8 +115,8 @@ class Faults:
                 key = "guard_error_at"
             if key is None:
                 raise ValueError(
-                    f"debug fault {spec!r}: unknown kind {kind!r}; accepted: nan, inf, "
-                    "scale, guard-error"
+                    f"debug fault {spec!r}: unknown kind {kind!r}; accepted: nan@K, inf@K, "
+                    "scale@K:FACTOR, guard-error@K with K a token index >= 0"
                 )
             fields[key] = step
         return cls(**fields)
@@ -139,8 +142,8 @@ class Model:
             reason = _last_llama_error("llama.cpp could not load it")
             raise ModelError(f"model: {self.path}: {reason}")
         self._handle = handle
-        self.vocab = lib.llama_model_get_vocab(handle)
-        self.n_vocab: int = lib.llama_vocab_n_tokens(self.vocab)
+        self._vocab = lib.llama_model_get_vocab(handle)
+        self.n_vocab: int = lib.llama_vocab_n_tokens(self._vocab)
         self.n_ctx_train: int = lib.llama_model_n_ctx_train(handle)
         self.name = self._meta("general.name") or self.path.stem
         buf = ffi.new("char[]", 256)
@@ -155,7 +158,7 @@ class Model:
 
     def _meta(self, key: str) -> str | None:
         buf = ffi.new("char[]", 512)
-        n = lib.llama_model_meta_val_str(self._handle, key.encode(), buf, 512)
+        n = lib.llama_model_meta_val_str(self.handle, key.encode(), buf, 512)
         return ffi.string(buf).decode("utf-8", "replace") if n >= 0 else None
 
     @property
@@ -163,6 +166,13 @@ class Model:
         if self._handle is None:
             raise EngineError("model is closed")
         return self._handle
+
+    @property
+    def vocab(self) -> Any:
+        """The model's vocabulary; freed with the model, so closed raises EngineError."""
+        if self._handle is None:
+            raise EngineError("model is closed")
+        return self._vocab
 
     def tokenize(
         self, text: str, *, add_special: bool = True, parse_special: bool = True
@@ -264,6 +274,8 @@ class Context:
         n_threads: int = 2,
         n_batch: int = 512,
     ) -> None:
+        if not 1 <= n_threads <= MAX_THREADS:  # llama.cpp aborts on absurd counts
+            raise ValueError(f"n_threads: {n_threads} is invalid; accepted: 1..{MAX_THREADS}")
         self.model = model
         params = lib.llama_context_default_params()
         params.n_ctx = n_ctx
@@ -293,6 +305,8 @@ class Context:
 
     def add(self, token: int, pos: int, seq: int, logits: bool) -> int:
         """Queue one token for the next decode; returns its index in the batch."""
+        if self._handle is None:  # the batch is freed with the context
+            raise EngineError("context is closed")
         i = self.n_in_batch
         if i >= self.n_batch:
             raise EngineError(f"batch is full ({self.n_batch} tokens)")
@@ -325,6 +339,8 @@ class Context:
         return ptr
 
     def clear_sequence(self, seq: int) -> None:
+        if self._handle is None:  # the memory is freed with the context
+            raise EngineError("context is closed")
         lib.llama_memory_seq_rm(self._memory, seq, -1, -1)
 
     def close(self) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import codecs
+import io
 import json
 import math
 import os
@@ -64,16 +66,24 @@ def use_colour(stream: IO[str]) -> bool:
     return stream.isatty() and "NO_COLOR" not in os.environ
 
 
+def _utf8(stream: IO[str]) -> bool:
+    encoding = getattr(stream, "encoding", None) or "utf-8"
+    return codecs.lookup(encoding).name == "utf-8"
+
+
 class JsonRenderer:
     def __init__(self, out: IO[str]) -> None:
         self.out = out
+        # Raw UTF-8 where the stream takes it; \u escapes (still the same JSON) where it
+        # does not, so model text never fails to encode and the verdict always gets out.
+        self.ensure_ascii = not _utf8(out)
 
     def token(self, event: TokenEvent) -> None:
-        self.out.write(json.dumps(token_json(event), ensure_ascii=False) + "\n")
+        self.out.write(json.dumps(token_json(event), ensure_ascii=self.ensure_ascii) + "\n")
         self.out.flush()
 
     def verdict(self, verdict: Verdict) -> None:
-        self.out.write(json.dumps(verdict_json(verdict), ensure_ascii=False) + "\n")
+        self.out.write(json.dumps(verdict_json(verdict), ensure_ascii=self.ensure_ascii) + "\n")
         self.out.flush()
 
 
@@ -83,6 +93,9 @@ class HumanRenderer:
     def __init__(self, out: IO[str], err: IO[str]) -> None:
         self.out, self.err = out, err
         self.colour = use_colour(out)
+        for stream in (out, err):  # text the terminal cannot encode shows as "?"
+            if not _utf8(stream) and isinstance(stream, io.TextIOWrapper):
+                stream.reconfigure(errors="replace")
 
     def token(self, event: TokenEvent) -> None:
         if self.colour:

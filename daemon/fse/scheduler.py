@@ -165,6 +165,8 @@ class Scheduler:
                     return
                 self._admit(deliver)
             self._sweep(deliver)
+            self._post(deliver)  # cancel/deadline verdicts go out now, not after the decode
+            deliver = []
             if self._active:
                 try:
                     self._step(deliver)
@@ -199,8 +201,23 @@ class Scheduler:
             self._active.append(_Active(handle, slot, stream))
 
     def _sweep(self, deliver: Deliver) -> None:
-        """Cancelled and overdue streams end before the next decode (within one step)."""
+        """Cancelled and overdue streams end before the next decode (within one step),
+        waiting ones too: a queued stream must not outlive its deadline or its client."""
         now = time.monotonic()
+        with self._wake:
+            gone = [
+                h
+                for h in self._waiting
+                if h.cancelled or (h.deadline is not None and now > h.deadline)
+            ]
+            for h in gone:
+                self._waiting.remove(h)
+        for h in gone:
+            if h.cancelled:
+                self._end_unstarted(h, deliver, CANCELLED)
+            else:
+                elapsed = now - h.admitted_at
+                self._end_unstarted(h, deliver, HALTED, "", DEADLINE, elapsed, h.request.timeout)
         for a in list(self._active):
             h = a.handle
             if h.cancelled:
@@ -261,11 +278,18 @@ class Scheduler:
             self.on_stream_end(a.handle, verdict)
 
     def _end_unstarted(
-        self, handle: Handle, deliver: Deliver, status: str, message: str = ""
+        self,
+        handle: Handle,
+        deliver: Deliver,
+        status: str,
+        message: str = "",
+        guard: str = SHUTDOWN,
+        value: float | None = None,
+        threshold: float | None = None,
     ) -> None:
         stream = GuardedStream(handle.policy)
         if status == HALTED:
-            stream.finish(HALTED, SHUTDOWN)
+            stream.finish(HALTED, guard, value, threshold, token_index=0)
         else:
             stream.finish(status, INTERNAL if status == ERROR else None, message=message)
         assert stream.verdict is not None

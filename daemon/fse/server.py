@@ -13,6 +13,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -73,7 +74,7 @@ def request_from_wire(msg: fse_pb2.GenerateRequest, time_remaining: float | None
     if time_remaining is not None:
         # Halt with a `deadline` verdict just before the RPC's own deadline would
         # cut the stream off without one.
-        budget = max(time_remaining - min(DEADLINE_MARGIN, time_remaining / 10), 0.001)
+        budget = max(time_remaining - min(DEADLINE_MARGIN, time_remaining / 4), 0.001)
         timeout = budget if timeout is None else min(timeout, budget)
     return Request(
         prompt=msg.prompt,
@@ -236,7 +237,7 @@ class GuardServicer(fse_pb2_grpc.GuardServicer):
 
 
 def _seed_of(handle: Handle) -> int:
-    # The scheduler picks the seed at admission; a given seed is known now.
+    # open_stream drew a seed for a sampled request that gave none; Slot uses the same.
     seed = handle.request.sampling.seed
     return seed if seed is not None else handle.seed
 
@@ -302,6 +303,24 @@ def listen_target(addr: str) -> str:
     return addr
 
 
+def remove_stale_socket(path: Path) -> None:
+    """Remove a socket left by a dead daemon; never a live daemon's socket (that would
+    silently take over its address) and never a file that is not a socket."""
+    if not path.exists():
+        return
+    if not path.is_socket():
+        raise StartupError(f"--listen unix:{path}: exists and is not a socket")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            path.unlink(missing_ok=True)  # nobody listens: stale
+            return
+        except OSError as exc:
+            raise StartupError(f"--listen unix:{path}: cannot check the socket: {exc}") from None
+    raise StartupError(f"--listen unix:{path}: address in use by a running process")
+
+
 def load_policy_set(policies_dir: Path | None) -> dict[str, Policy]:
     try:
         return load_policies(policies_dir)
@@ -339,8 +358,7 @@ async def serve(config: ServeConfig, on_ready: Callable[[list[str]], None] | Non
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     for target in targets:
         if target.startswith("unix:"):
-            with contextlib.suppress(FileNotFoundError):
-                Path(target.removeprefix("unix:")).unlink()  # a stale socket from a dead daemon
+            remove_stale_socket(Path(target.removeprefix("unix:")))
         try:
             server.add_insecure_port(target)
         except RuntimeError as exc:

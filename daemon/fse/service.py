@@ -9,7 +9,9 @@ stream in this process (`fse generate --local`). Neither knows about gRPC.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
+import random
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -67,7 +69,10 @@ def check_request(request: Request, limits: Limits) -> None:
             f"max_tokens: {request.max_tokens} is out of range; accepted: 1..{limits.max_tokens}"
         )
     if len(request.prompt.encode()) > MAX_PROMPT_BYTES:
-        raise InvalidRequest(f"prompt: longer than {MAX_PROMPT_BYTES} bytes")
+        raise InvalidRequest(
+            f"prompt: {len(request.prompt.encode())} bytes is too long; "
+            f"accepted: at most {MAX_PROMPT_BYTES} bytes"
+        )
     if len(request.stop) > MAX_STOP_SEQUENCES:
         raise InvalidRequest(f"stop: {len(request.stop)} sequences; accepted: at most 16")
     for i, stop in enumerate(request.stop):
@@ -156,13 +161,19 @@ class GuardService:
         if room < 1:
             raise InvalidRequest(
                 f"prompt: {len(tokens)} tokens do not fit the context of "
-                f"{self.limits.ctx_per_stream} tokens per stream"
+                f"{self.limits.ctx_per_stream} tokens per stream; accepted: at most "
+                f"{self.limits.ctx_per_stream - 1} tokens"
             )
         if request.max_tokens > room:
             raise InvalidRequest(
                 f"max_tokens: {request.max_tokens} does not fit after the {len(tokens)}-token "
                 f"prompt; accepted: 1..{room}"
             )
+        if request.sampling.seed is None and not request.sampling.greedy:
+            # Draw the random seed now, not at admission on the scheduler thread, so that
+            # Started can report the seed in use (and the client can replay the stream).
+            sampling = dataclasses.replace(request.sampling, seed=random.randrange(2**32))
+            request = dataclasses.replace(request, sampling=sampling)
         handle = Handle(request, policy, tokens, faults, loop or asyncio.get_running_loop())
         self.scheduler.submit(handle)
         return handle

@@ -3,236 +3,123 @@
 // The kernel runs once per stream per decode step over n_vocab float32 logits
 // (1 MiB for a 262k vocabulary), so it must cost far less than the ~10 ms step.
 //
-// Algorithm (one pass over memory, two sweeps over each L1-sized block):
-//   The input is cut into blocks of FSE_BLOCK floats (8 KiB, well inside L1d).
-//   Sweep 1 over a block reads the logits once from memory and
-//     - flags NaN/Inf from the exponent bits and counts them per lane,
-//     - keeps a per-lane max of the finite values (non-finite lanes become -Inf),
-//     - adds (x - shift) and (x - shift)^2 into per-lane double accumulators,
-//       shift being the first finite logit, so 1e6 + N(0,1) keeps its variance,
-//     - writes the sanitized block (-Inf in non-finite lanes) to an L1 scratch.
-//   The block max then updates the running max M with the online logsumexp
-//   rule: if the block raises M, the running sum is rescaled once by
-//   exp(M_old - M_new) (one scalar exp per block, and only when M grows).
-//   Sweep 2 reads the scratch back from L1 and adds exp(x - M) with a vector
-//   polynomial exp into per-lane float sums, folded into a double per block.
-//   argmax is recovered at the end: the running max remembers the first block
-//   where it appeared (strict >, so ties keep the earlier block), and a scan of
-//   that one block finds the first index equal to the max.
-//   Tails shorter than a vector go through the same code in a NaN-padded copy;
-//   the padding is subtracted from the non-finite count. The kernel never
-//   reads past logits[n-1].
+// Algorithm: one pass over memory, two sweeps over each L1-resident block.
+//   The logits are cut into blocks of FSE_BLOCK floats (8 KiB; L1d is 32 KiB).
+//   Sweep 1 reads a block from memory: per-lane max, and the moments
+//   sum(x - shift) and sum((x - shift)^2) in double, shift being the first
+//   finite logit so that 1e6 + N(0,1) keeps its variance. A NaN or Inf in
+//   the block makes those double sums non-finite (a free test); the block is
+//   then redone by a careful sweep that counts them from their exponent bits,
+//   leaves them out of the max and the moments, and writes a copy of the
+//   block with -Inf in their place to an L1 scratch for sweep 2.
+//   The block max then updates the running max M (online logsumexp): if it
+//   raises M, the running sum is rescaled once by exp(M_old - M_new).
+//   Sweep 2 re-reads the block from L1 and adds exp(x - M), computed with a
+//   polynomial, into float lanes that are folded into a double once per block.
+//   argmax: the running max remembers the first block where it appeared
+//   (strict >, so ties keep the earlier block); one scan of that block at the
+//   end finds the first index equal to the max, as llama.cpp's greedy sampler
+//   would. A tail shorter than a vector goes through the same code as a
+//   NaN-padded copy whose padding is taken off the count: no read past n.
 //
-// Why this shape: a two-pass kernel (max pass, then exp pass) reads 1 MiB
-// twice; the blocked one-pass version reads it once and re-reads only L1.
-// libm expf does not vectorize without -ffast-math, and -ffast-math (or
-// -ffinite-math-only) must never be used here because it lets the compiler
-// delete the NaN/Inf checks the fail-closed non_finite guard depends on. So exp
-// is an explicit Cephes-style polynomial (2^k * p(r), |r| <= ln2/2) on
-// arguments clamped to [-87, 0], which is exact enough (~1 ulp) for a sum.
-// Vectors are GCC vector extensions; target_clones builds AVX-512, AVX2+FMA
-// and baseline versions of the kernel and picks one at load time.
+// Why this shape:
+// - A max pass then an exp pass reads the 1 MiB twice, the second time from L2
+//   instead of L1: 90 us against 83 us here (AMD EPYC, AVX-512) for 262,144
+//   logits. FSE_BLOCK=262144 turns this file into that two-pass kernel.
+// - libm expf does not vectorize without -ffast-math, and -ffast-math or
+//   -ffinite-math-only must never be used here: they let the compiler delete
+//   the NaN/Inf checks the fail-closed non_finite guard depends on. So
+//   exp(t), t <= 0, is 2^k * p(f) with k = round(t*log2(e)), f = t*log2(e) - k
+//   in one fma (so f keeps its low bits), p a degree-5 minimax polynomial for
+//   2^f on [-1/2, 1/2] (relative error < 2e-7), and t clamped to -87 so 2^k is
+//   a normal float. k is added straight into the exponent bits.
+// - Vectors are GCC vector extensions, and the kernel below is compiled once
+//   per vector width, each for its own instruction set: 16 floats for
+//   AVX-512, 8 for AVX2+FMA, 4 for baseline x86-64 (SSE2) and other CPUs. The
+//   width must match the registers: GCC keeps wider vectors in memory (16
+//   floats on AVX2: 6x slower), and 8 floats take 19% longer than 16 on this
+//   AVX-512 CPU. The choice is made at run time from the CPU's features.
+//
+// Layout: this file includes itself. The first part (FSE_W undefined) holds
+// what does not depend on the width and the entry point; the second part is
+// the vector kernel, instantiated once per width with its names suffixed.
+
+#ifndef FSE_W
 
 #include "fse.h"
 
 #include <math.h>
 #include <string.h>
 
-#define FSE_LANES 16   // floats per vector
+#ifndef FSE_BLOCK
 #define FSE_BLOCK 2048 // floats per block: 8 KiB, stays in L1 between the sweeps
+#endif
 
-typedef float    v16f __attribute__((vector_size(64)));
-typedef int32_t  v16i __attribute__((vector_size(64)));
-typedef float    v8f  __attribute__((vector_size(32)));
-typedef double   v8d  __attribute__((vector_size(64)));
-
-// Per-call running state, shared by the blocks.
+// Running statistics, folded in once per block.
 typedef struct stats_state {
-    v8d     sum_d;     // per-lane sum of (x - shift) over finite x
-    v8d     sum_d2;    // per-lane sum of (x - shift)^2 over finite x
-    v16i    nonfinite; // per-lane count of NaN/Inf, negated (masks are -1)
-    double  sumexp;    // sum of exp(x - max) over the blocks seen so far
-    float   max;       // running max of the finite values
-    int32_t max_start; // first block that reached max: its start and length
-    int32_t max_len;
+    double  sum_d;     // sum of (x - shift) over the finite logits so far
+    double  sum_d2;    // sum of (x - shift)^2
+    double  sumexp;    // sum of exp(x - max)
+    float   max;       // running max of the finite logits
+    int32_t max_start; // start of the first block that reached max
+    int32_t nonfinite; // NaN/Inf seen so far
 } stats_state;
 
 #define FSE_INLINE static inline __attribute__((always_inline))
 
-// Helpers return vectors but take scalars or pointers: a 64-byte vector passed
-// by value makes GCC print an ABI note for the baseline target, even though
-// these are always inlined and never cross an ABI boundary. The return-value
-// form of that diagnostic is a real -Wpsabi warning, silenced here for the
-// same reason.
+// Vector helpers return vectors but take scalars or pointers: a vector wider
+// than the baseline's registers passed by value makes GCC print an ABI note,
+// although the helpers are always inlined and never cross an ABI boundary.
+// The return-value form of that diagnostic is -Wpsabi, silenced for the same
+// reason.
+#if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wpsabi"
+#endif
 
+// Generic over the width: vf/vi are the current instantiation's types.
 // Lanes of m are 0 or -1: picks a where m is set, b elsewhere.
-#define SELECT16(m, a, b) ((v16f) (((m) & (v16i) (a)) | (~(m) & (v16i) (b))))
-// Lane-wise max; inputs never hold NaN here (non-finite lanes are replaced first).
-#define MAX16(a, b)       SELECT16((a) > (b), a, b)
+#define SELECT(m, a, b) ((vf) (((m) & (vi) (a)) | (~(m) & (vi) (b))))
+// Lane-wise max; a NaN in a is ignored (the compare is false).
+#define MAX(a, b)       SELECT((a) > (b), a, b)
 // NaN or +-Inf: all exponent bits set. A bit test, so no compiler flag can drop it.
-#define NONFINITE16(v)    (((v16i) (v) & EXPO16) == EXPO16)
-#define EXPO16            ((v16i) {} + 0x7f800000)
+#define NONFINITE(v)    (((vi) (v) & ((vi) {0} + 0x7f800000)) == ((vi) {0} + 0x7f800000))
 
-FSE_INLINE v16f load16(const float * p) {
-    v16f v;
-    memcpy(&v, p, sizeof(v)); // unaligned load
-    return v;
-}
-
-FSE_INLINE v16f splat16(float x) {
-    return (v16f) {} + x;
-}
-
-// exp(p[0..15] - max) for p <= max, ~1 ulp. The argument is clamped to -87 so
-// 2^k stays a normal float; such terms add at most n * 1.7e-38 to a sum >= 1.
-FSE_INLINE v16f exp16_below(const float * p, float max) {
-    const v16f magic = splat16(0x1.8p23f); // adding it rounds to an integer
-    v16f t = load16(p) - splat16(max);
-    t = MAX16(t, splat16(-87.0f));
-    const v16f z = t * splat16(0x1.715476p+0f) + magic; // t * log2(e)
-    const v16f k = z - magic;
-    // r = t - k*ln2 with ln2 in two parts, so r keeps its low bits.
-    const v16f r = (t - k * splat16(0.693359375f)) - k * splat16(-2.12194440e-4f);
-    v16f e = splat16(1.9875691500e-4f);
-    e = e * r + splat16(1.3981999507e-3f);
-    e = e * r + splat16(8.3334519073e-3f);
-    e = e * r + splat16(4.1665795894e-2f);
-    e = e * r + splat16(1.6666665459e-1f);
-    e = e * r + splat16(5.0000001201e-1f);
-    e = e * (r * r) + r + splat16(1.0f);
-    // Scale by 2^k: z's low mantissa bits hold k; add it to the exponent field.
-    const v16i ki = (v16i) z - (v16i) magic;
-    return (v16f) ((v16i) e + (ki << 23));
-}
-
-FSE_INLINE float hmax16(const v16f * x) {
-    float m = (*x)[0];
-    for (int i = 1; i < FSE_LANES; i++) {
-        m = (*x)[i] > m ? (*x)[i] : m;
-    }
-    return m;
-}
-
-FSE_INLINE double hsum16(const v16f * x) {
-    double s = 0.0;
-    for (int i = 0; i < FSE_LANES; i++) {
-        s += (*x)[i];
-    }
-    return s;
-}
-
-FSE_INLINE double hsum8d(const v8d * x) {
-    double s = 0.0;
-    for (int i = 0; i < 8; i++) {
-        s += (*x)[i];
-    }
-    return s;
-}
-
-// Both sweeps over one block of nvec full vectors. x may be a padded copy;
-// start/len locate the block in the caller's logits for the argmax scan.
-FSE_INLINE void block_update(stats_state * st, const float * x, int32_t nvec, float shift,
-                             int32_t start, int32_t len) {
-    float clean[FSE_BLOCK] __attribute__((aligned(64)));
-    const v16f ninf    = splat16(-INFINITY);
-    const v16f shift16 = splat16(shift);
-    const v8d  shift8  = (v8d) {} + (double) shift;
-
-    v16f vmax = ninf;
-    for (int32_t i = 0; i < nvec; i++) {
-        const v16f v  = load16(x + i * FSE_LANES);
-        const v16i bad = NONFINITE16(v);
-        st->nonfinite += bad;
-        const v16f vm = SELECT16(bad, ninf, v);
-        vmax = MAX16(vmax, vm);
-        memcpy(clean + i * FSE_LANES, &vm, sizeof(vm));
-        // Bad lanes become shift, so they add 0 to both moment sums.
-        const v16f vs = SELECT16(bad, shift16, v);
-        const v8f  lo = __builtin_shufflevector(vs, vs, 0, 1, 2, 3, 4, 5, 6, 7);
-        const v8f  hi = __builtin_shufflevector(vs, vs, 8, 9, 10, 11, 12, 13, 14, 15);
-        const v8d  dlo = __builtin_convertvector(lo, v8d) - shift8;
-        const v8d  dhi = __builtin_convertvector(hi, v8d) - shift8;
-        st->sum_d  += dlo + dhi;
-        st->sum_d2 += dlo * dlo + dhi * dhi;
-    }
-
-    const float bmax = hmax16(&vmax);
-    if (!(bmax > st->max)) {
-        if (bmax == -INFINITY) {
-            return; // nothing finite here: it adds nothing to the sum
-        }
-    } else {
-        // Online logsumexp: rescale the old sum to the new max (once per raise).
+// A block with max bmax, starting at logits[start], has been summed into st
+// from here on: move the old exp sum to the new max, once per raise.
+FSE_INLINE void raise_max(stats_state * st, float bmax, int32_t start) {
+    if (bmax > st->max) {
         if (st->max != -INFINITY) {
             st->sumexp *= exp((double) st->max - (double) bmax);
         }
         st->max       = bmax;
         st->max_start = start;
-        st->max_len   = len;
     }
-
-    v16f acc0 = {}, acc1 = {};
-    int32_t i = 0;
-    for (; i + 2 <= nvec; i += 2) { // two chains: shorter float sums
-        acc0 += exp16_below(clean + i * FSE_LANES, st->max);
-        acc1 += exp16_below(clean + (i + 1) * FSE_LANES, st->max);
-    }
-    if (i < nvec) {
-        acc0 += exp16_below(clean + i * FSE_LANES, st->max);
-    }
-    st->sumexp += hsum16(&acc0) + hsum16(&acc1);
 }
 
-__attribute__((target_clones("avx512f", "avx2,fma", "default")))
-static void stats_kernel(const float * logits, int32_t n, float shift, fse_logit_stats * out) {
-    stats_state st = {
-        .sumexp = 0.0, .max = -INFINITY, .max_start = 0, .max_len = 0,
-    };
-    const int32_t nfull = n - n % FSE_LANES;
-    for (int32_t b = 0; b < nfull; b += FSE_BLOCK) {
-        const int32_t len = nfull - b < FSE_BLOCK ? nfull - b : FSE_BLOCK;
-        block_update(&st, logits + b, len / FSE_LANES, shift, b, len);
-    }
-    int32_t pad = 0;
-    if (nfull < n) {
-        // Tail: a NaN-padded copy, so the vector code never reads past n.
-        float tail[FSE_LANES] __attribute__((aligned(64)));
-        for (int i = 0; i < FSE_LANES; i++) {
-            tail[i] = NAN;
-        }
-        memcpy(tail, logits + nfull, (size_t) (n - nfull) * sizeof(float));
-        pad = FSE_LANES - (n - nfull);
-        block_update(&st, tail, 1, shift, nfull, n - nfull);
-    }
+#define FSE_CAT_(a, b) a##_##b
+#define FSE_CAT(a, b)  FSE_CAT_(a, b)
 
-    int32_t nonfinite = -pad;
-    for (int i = 0; i < FSE_LANES; i++) {
-        nonfinite -= st.nonfinite[i];
-    }
-    int32_t argmax = st.max_start;
-    while (logits[argmax] != st.max) { // the first index of the max, in its block
-        argmax++;
-    }
+#if defined(__x86_64__) || defined(__i386__)
+#define FSE_X86 1
 
-    const double m      = (double) (n - nonfinite);
-    const double s      = shift;
-    const double sum_d  = hsum8d(&st.sum_d);
-    const double sum_d2 = hsum8d(&st.sum_d2);
-    const double mean_d = sum_d / m;
-    const double var    = sum_d2 / m - mean_d * mean_d;
-    // sum(x^2) = sum((s + d)^2); every term is <= 4 m max(x^2), so cancellation
-    // costs at most a few m ulps, far below the 1e-5 budget.
-    const double sumsq = m * s * s + 2.0 * s * sum_d + sum_d2;
+#define FSE_W      16
+#define FSE_TARGET __attribute__((target("avx512f")))
+#include "fse_stats.c" // stats_blocks_16
+#undef FSE_TARGET
+#undef FSE_W
 
-    out->max_logit   = st.max;
-    out->argmax      = argmax;
-    out->logsumexp   = (double) st.max + log(st.sumexp);
-    out->mean        = s + mean_d;
-    out->variance    = var > 0.0 ? var : 0.0;
-    out->l2_norm     = sqrt(sumsq > 0.0 ? sumsq : 0.0);
-    out->n_nonfinite = nonfinite;
-}
+#define FSE_W      8
+#define FSE_TARGET __attribute__((target("avx2,fma")))
+#include "fse_stats.c" // stats_blocks_8
+#undef FSE_TARGET
+#undef FSE_W
+#endif
+
+#define FSE_W      4
+#define FSE_TARGET
+#include "fse_stats.c" // stats_blocks_4: SSE2 on any x86-64, NEON on arm64
+#undef FSE_TARGET
+#undef FSE_W
 
 static int is_finite_bits(float x) {
     uint32_t bits;
@@ -240,21 +127,316 @@ static int is_finite_bits(float x) {
     return (bits & 0x7f800000u) != 0x7f800000u;
 }
 
+static void set_no_finite(int32_t n, fse_logit_stats * out) {
+    out->max_logit   = -INFINITY;
+    out->argmax      = -1;
+    out->logsumexp   = NAN;
+    out->mean        = NAN;
+    out->variance    = NAN;
+    out->l2_norm     = NAN;
+    out->n_nonfinite = n > 0 ? n : 0;
+}
+
 void fse_logit_stats_compute(const float * logits, int32_t n, fse_logit_stats * out) {
-    // The shift for mean/variance is the first finite logit; none means no stats.
+    // The shift for the moments is the first finite logit; none means no stats.
     int32_t first = 0;
     while (first < n && !is_finite_bits(logits[first])) {
         first++;
     }
     if (first >= n) {
-        out->max_logit   = -INFINITY;
-        out->argmax      = -1;
-        out->logsumexp   = NAN;
-        out->mean        = NAN;
-        out->variance    = NAN;
-        out->l2_norm     = NAN;
-        out->n_nonfinite = n > 0 ? n : 0;
+        set_no_finite(n, out);
         return;
     }
-    stats_kernel(logits, n, logits[first], out);
+    const float shift = logits[first];
+
+    stats_state st = { .max = -INFINITY };
+#ifdef FSE_X86
+    if (__builtin_cpu_supports("avx512f")) {
+        stats_blocks_16(logits, n, shift, &st);
+    } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+        stats_blocks_8(logits, n, shift, &st);
+    } else
+#endif
+    {
+        stats_blocks_4(logits, n, shift, &st);
+    }
+
+    // The max is finite and sits in the block that starts at max_start.
+    int32_t argmax = st.max_start;
+    while (logits[argmax] != st.max) {
+        argmax++;
+    }
+
+    const double m      = (double) (n - st.nonfinite);
+    const double s      = shift;
+    const double mean_d = st.sum_d / m;
+    const double var    = st.sum_d2 / m - mean_d * mean_d;
+    // sum(x^2) = sum((s + d)^2). Every term is <= 4 m max(x^2) and the result is
+    // >= max(x^2), so the cancellation costs a few m ulps: far below 1e-5.
+    const double sumsq = m * s * s + 2.0 * s * st.sum_d + st.sum_d2;
+
+    out->max_logit   = st.max;
+    out->argmax      = argmax;
+    out->logsumexp   = (double) st.max + log(st.sumexp);
+    out->mean        = s + mean_d;
+    out->variance    = var > 0.0 ? var : 0.0;
+    out->l2_norm     = sqrt(sumsq > 0.0 ? sumsq : 0.0);
+    out->n_nonfinite = st.nonfinite;
 }
+
+#else // FSE_W: the vector kernel for FSE_W float lanes, included from above.
+
+// Each instantiation gets its own names.
+#define vf               FSE_CAT(vf, FSE_W)
+#define vi               FSE_CAT(vi, FSE_W)
+#define vd               FSE_CAT(vd, FSE_W)
+#define vl               FSE_CAT(vl, FSE_W)
+#define moments          FSE_CAT(moments, FSE_W)
+#define load_vf          FSE_CAT(load_vf, FSE_W)
+#define splat_vf         FSE_CAT(splat_vf, FSE_W)
+#define load_half_double FSE_CAT(load_half_double, FSE_W)
+#define exp_below        FSE_CAT(exp_below, FSE_W)
+#define hmax_vf          FSE_CAT(hmax_vf, FSE_W)
+#define hsum_vf          FSE_CAT(hsum_vf, FSE_W)
+#define hsum_vd          FSE_CAT(hsum_vd, FSE_W)
+#define any_nonfinite_vd FSE_CAT(any_nonfinite_vd, FSE_W)
+#define add_moments      FSE_CAT(add_moments, FSE_W)
+#define fold_moments     FSE_CAT(fold_moments, FSE_W)
+#define sweep1_fast      FSE_CAT(sweep1_fast, FSE_W)
+#define sweep1_careful   FSE_CAT(sweep1_careful, FSE_W)
+#define sweep2_sumexp    FSE_CAT(sweep2_sumexp, FSE_W)
+#define block_update     FSE_CAT(block_update, FSE_W)
+#define stats_blocks     FSE_CAT(stats_blocks, FSE_W)
+
+typedef float   vf __attribute__((vector_size(4 * FSE_W)));
+typedef int32_t vi __attribute__((vector_size(4 * FSE_W)));
+typedef double  vd __attribute__((vector_size(4 * FSE_W))); // half a vf's lanes
+typedef int64_t vl __attribute__((vector_size(4 * FSE_W)));
+
+// Per-lane moments of a block around the shift; lo/hi: the two halves of vf.
+typedef struct moments {
+    vd d_lo, d_hi;   // sum of (x - shift)
+    vd d2_lo, d2_hi; // sum of (x - shift)^2
+} moments;
+
+FSE_INLINE vf load_vf(const float * p) {
+    vf v;
+    memcpy(&v, p, sizeof(v)); // unaligned load
+    return v;
+}
+
+FSE_INLINE vf splat_vf(float x) {
+    return (vf) {0} + x;
+}
+
+// Half a vector of floats at p, widened. Written lane by lane: GCC turns this
+// into one vcvtps2pd from memory, and __builtin_convertvector into up to four.
+FSE_INLINE vd load_half_double(const float * p) {
+#if FSE_W == 16
+    return (vd) { p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7] };
+#elif FSE_W == 8
+    return (vd) { p[0], p[1], p[2], p[3] };
+#else
+    return (vd) { p[0], p[1] };
+#endif
+}
+
+// exp(p[i] - max) for p[i] <= max. The argument is clamped to -87 so 2^k stays
+// a normal float; such terms add at most n * 1.7e-38 to a sum that is >= 1.
+FSE_INLINE vf exp_below(const float * p, float max) {
+    const vf magic = splat_vf(0x1.8p23f); // adding it rounds to an integer
+    vf t = load_vf(p) - splat_vf(max);
+    t = MAX(t, splat_vf(-87.0f));
+    const vf z = t * splat_vf(0x1.715476p+0f) + magic; // round(t * log2(e)) + magic
+    const vf k = z - magic;
+    const vf f = t * splat_vf(0x1.715476p+0f) - k; // gnu11 contracts it to an fma
+    vf e = splat_vf(0x1.5ce202p-10f);              // 2^f, f in [-1/2, 1/2]
+    e = e * f + splat_vf(0x1.3cea90p-7f);
+    e = e * f + splat_vf(0x1.c6b426p-5f);
+    e = e * f + splat_vf(0x1.ebf9bcp-3f);
+    e = e * f + splat_vf(0x1.62e42cp-1f);
+    e = e * f + splat_vf(1.0f); // exactly 1 at f = 0, so exp(0) = 1
+    // Scale by 2^k: z's low mantissa bits hold k, and magic's low 9 bits are 0,
+    // so z << 23 is k << 23: add it to the exponent field.
+    return (vf) ((vi) e + ((vi) z << 23));
+}
+
+FSE_INLINE float hmax_vf(const vf * x) {
+    float m = (*x)[0];
+    for (int i = 1; i < FSE_W; i++) {
+        m = (*x)[i] > m ? (*x)[i] : m;
+    }
+    return m;
+}
+
+FSE_INLINE double hsum_vf(const vf * x) {
+    double s = 0.0;
+    for (int i = 0; i < FSE_W; i++) {
+        s += (*x)[i];
+    }
+    return s;
+}
+
+FSE_INLINE double hsum_vd(const vd * x) {
+    double s = 0.0;
+    for (int i = 0; i < FSE_W / 2; i++) {
+        s += (*x)[i];
+    }
+    return s;
+}
+
+FSE_INLINE int any_nonfinite_vd(const vd * x) {
+    const vl expo = (vl) {0} + 0x7ff0000000000000;
+    const vl bad  = ((vl) *x & expo) == expo;
+    int64_t  any  = 0;
+    for (int i = 0; i < FSE_W / 2; i++) {
+        any |= bad[i];
+    }
+    return any != 0;
+}
+
+// Adds the FSE_W floats at p to the moments, in double: (x - shift) is exact.
+FSE_INLINE void add_moments(moments * mo, const float * p, const vd * shift) {
+    const vd d_lo = load_half_double(p) - *shift;
+    const vd d_hi = load_half_double(p + FSE_W / 2) - *shift;
+    mo->d_lo += d_lo;
+    mo->d_hi += d_hi;
+    mo->d2_lo += d_lo * d_lo;
+    mo->d2_hi += d_hi * d_hi;
+}
+
+// Folds a block's moments into the running sums.
+FSE_INLINE void fold_moments(stats_state * st, const moments * mo) {
+    const vd d  = mo->d_lo + mo->d_hi;
+    const vd d2 = mo->d2_lo + mo->d2_hi;
+    st->sum_d += hsum_vd(&d);
+    st->sum_d2 += hsum_vd(&d2);
+}
+
+// Sweep 1, common case: max and moments of the nvec vectors at x. Returns 0 if
+// the block holds a NaN or Inf; *mo and *max are then garbage and the caller
+// redoes the block with sweep1_careful. The test costs nothing per element:
+// x - shift is finite in double for every finite float x, so a lane of
+// sum(x - shift) is finite exactly when every x added to it was (an Inf or
+// NaN term makes the sum Inf or NaN for good).
+FSE_INLINE int sweep1_fast(const float * x, int32_t nvec, float shift, moments * mo, float * max) {
+    const vd shift_d = (vd) {0} + (double) shift;
+    vf       vmax    = splat_vf(-INFINITY);
+    for (int32_t i = 0; i < nvec; i++) {
+        const float * p = x + i * FSE_W;
+        const vf      v = load_vf(p);
+        vmax = MAX(v, vmax);
+        add_moments(mo, p, &shift_d);
+    }
+    if (any_nonfinite_vd(&mo->d_lo) || any_nonfinite_vd(&mo->d_hi)) {
+        return 0;
+    }
+    *max = hmax_vf(&vmax);
+    return 1;
+}
+
+// Sweep 1 for a block with NaN/Inf: counts them, keeps them out of the max and
+// the moments, and writes the block to clean with -Inf in their place.
+FSE_INLINE float sweep1_careful(const float * x, int32_t nvec, float shift, moments * mo,
+                                int32_t * nonfinite, float * clean) {
+    const vf ninf    = splat_vf(-INFINITY);
+    const vf shift_f = splat_vf(shift);
+    const vd shift_d = (vd) {0} + (double) shift;
+    vf       vmax    = ninf;
+    vi       count   = {0}; // negated: true masks are -1
+    for (int32_t i = 0; i < nvec; i++) {
+        const vf v   = load_vf(x + i * FSE_W);
+        const vi bad = NONFINITE(v);
+        count += bad;
+        const vf vm = SELECT(bad, ninf, v);
+        vmax = MAX(vm, vmax);
+        memcpy(clean + i * FSE_W, &vm, sizeof(vm));
+        // Bad lanes become shift, so they add 0 to the moments.
+        const vf vs = SELECT(bad, shift_f, v);
+        float    s[FSE_W];
+        memcpy(s, &vs, sizeof(vs));
+        add_moments(mo, s, &shift_d);
+    }
+    for (int i = 0; i < FSE_W; i++) {
+        *nonfinite -= count[i];
+    }
+    return hmax_vf(&vmax);
+}
+
+// Sweep 2: sum of exp(x - max) over the nvec vectors at x (all <= max or -Inf).
+FSE_INLINE double sweep2_sumexp(const float * x, int32_t nvec, float max) {
+    // Four chains: more in flight, and a quarter of the terms per float sum.
+    vf      acc[4] = {{0}};
+    int32_t i      = 0;
+    for (; i + 4 <= nvec; i += 4) {
+        for (int j = 0; j < 4; j++) {
+            acc[j] += exp_below(x + (i + j) * FSE_W, max);
+        }
+    }
+    for (; i < nvec; i++) {
+        acc[0] += exp_below(x + i * FSE_W, max);
+    }
+    const vf sum = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+    return hsum_vf(&sum);
+}
+
+// One block of nvec full vectors at x, which is logits + start or a padded copy.
+FSE_INLINE void block_update(stats_state * st, const float * x, int32_t nvec, float shift,
+                             int32_t start) {
+    float   clean[FSE_BLOCK] __attribute__((aligned(64)));
+    moments mo = {0};
+    float   bmax;
+    if (!sweep1_fast(x, nvec, shift, &mo, &bmax)) {
+        mo   = (moments) {0};
+        bmax = sweep1_careful(x, nvec, shift, &mo, &st->nonfinite, clean);
+        x    = clean;
+    }
+    fold_moments(st, &mo);
+    if (bmax == -INFINITY) {
+        return; // nothing finite: adds nothing to the sum
+    }
+    raise_max(st, bmax, start);
+    st->sumexp += sweep2_sumexp(x, nvec, st->max);
+}
+
+// All of the n logits: full blocks, then the tail.
+FSE_TARGET static void stats_blocks(const float * logits, int32_t n, float shift, stats_state * st) {
+    const int32_t nfull = n - n % FSE_W;
+    for (int32_t b = 0; b < nfull; b += FSE_BLOCK) {
+        const int32_t len = nfull - b < FSE_BLOCK ? nfull - b : FSE_BLOCK;
+        block_update(st, logits + b, len / FSE_W, shift, b);
+    }
+    if (nfull < n) {
+        // The tail as a NaN-padded copy, so the vector code never reads past n.
+        float tail[FSE_W];
+        for (int i = 0; i < FSE_W; i++) {
+            tail[i] = NAN;
+        }
+        memcpy(tail, logits + nfull, (size_t) (n - nfull) * sizeof(float));
+        block_update(st, tail, 1, shift, nfull);
+        st->nonfinite -= FSE_W - (n - nfull);
+    }
+}
+
+#undef vf
+#undef vi
+#undef vd
+#undef vl
+#undef moments
+#undef load_vf
+#undef splat_vf
+#undef load_half_double
+#undef exp_below
+#undef hmax_vf
+#undef hsum_vf
+#undef hsum_vd
+#undef any_nonfinite_vd
+#undef add_moments
+#undef fold_moments
+#undef sweep1_fast
+#undef sweep1_careful
+#undef sweep2_sumexp
+#undef block_update
+#undef stats_blocks
+
+#endif // FSE_W

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from fse.engine import Context, Model
 from fse.models import default_model_path
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 FSE = [sys.executable, "-m", "fse.cli"]
 
@@ -38,10 +37,15 @@ def ctx(model: Model) -> Iterator[Context]:
         yield c
 
 
-def run_fse(*args: str, timeout: float = 120, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run_fse(
+    *args: str, timeout: float = 120, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run the real `fse` CLI in a subprocess."""
     return subprocess.run(
-        [*FSE, *args], capture_output=True, text=True, timeout=timeout,
+        [*FSE, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
         env={**os.environ, **(env or {})},
     )
 
@@ -103,7 +107,10 @@ def start_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[
         log_path = workdir / "daemon.log"
         process = subprocess.Popen(
             [*FSE, "serve", *listen, "--threads", "2", *args],
-            stdout=log_path.open("w"), stderr=subprocess.STDOUT, text=True, cwd=workdir,
+            stdout=log_path.open("w"),
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=workdir,
         )
         daemon = Daemon(process, addrs[0], addrs, log_path)
         started.append(daemon)
@@ -141,7 +148,10 @@ def start_module_daemon(
         log_path = workdir / "daemon.log"
         process = subprocess.Popen(
             [*FSE, "serve", *listen, "--threads", "2", *args],
-            stdout=log_path.open("w"), stderr=subprocess.STDOUT, text=True, cwd=workdir,
+            stdout=log_path.open("w"),
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=workdir,
         )
         daemon = Daemon(process, addrs[0], addrs, log_path)
         started.append(daemon)

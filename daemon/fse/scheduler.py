@@ -195,7 +195,7 @@ class Scheduler:
                 slot.start(handle.prompt)
             except (EngineError, MemoryError, ValueError) as exc:
                 self._free_seqs.append(seq)
-                self._end_unstarted(handle, deliver, ERROR, str(exc))
+                self._end_unstarted(handle, deliver, ERROR, INTERNAL, message=str(exc))
                 continue
             handle.seed = slot.seed
             self._active.append(_Active(handle, slot, stream))
@@ -217,7 +217,7 @@ class Scheduler:
                 self._end_unstarted(h, deliver, CANCELLED)
             else:
                 elapsed = now - h.admitted_at
-                self._end_unstarted(h, deliver, HALTED, "", DEADLINE, elapsed, h.request.timeout)
+                self._end_unstarted(h, deliver, HALTED, DEADLINE, elapsed, h.request.timeout)
         for a in list(self._active):
             h = a.handle
             if h.cancelled:
@@ -282,16 +282,15 @@ class Scheduler:
         handle: Handle,
         deliver: Deliver,
         status: str,
-        message: str = "",
-        guard: str = SHUTDOWN,
+        guard: str | None = None,
         value: float | None = None,
         threshold: float | None = None,
+        message: str = "",
     ) -> None:
+        """Verdict for a stream that never got a sequence (nothing was generated)."""
         stream = GuardedStream(handle.policy)
-        if status == HALTED:
-            stream.finish(HALTED, guard, value, threshold, token_index=0)
-        else:
-            stream.finish(status, INTERNAL if status == ERROR else None, message=message)
+        token_index = 0 if status == HALTED else None
+        stream.finish(status, guard, value, threshold, token_index, message)
         assert stream.verdict is not None
         deliver.append((handle, [stream.verdict]))
         if self.on_stream_end is not None:
@@ -301,7 +300,7 @@ class Scheduler:
         for a in list(self._active):
             self._finish(a, deliver, HALTED, SHUTDOWN, token_index=a.produced)
         while self._waiting:
-            self._end_unstarted(self._waiting.popleft(), deliver, HALTED)
+            self._end_unstarted(self._waiting.popleft(), deliver, HALTED, SHUTDOWN)
 
     def _post(self, deliver: Deliver) -> None:
         """One thread-safe callback per step carries every stream's events."""

@@ -329,7 +329,12 @@ def load_policy_set(policies_dir: Path | None) -> dict[str, Policy]:
 
 
 def _executable() -> str:
-    return "fse" if shutil.which("fse") == sys.argv[0] else os.path.abspath(sys.argv[0])
+    """How the operator can run `fse` again: the command on PATH, or what started us."""
+    if shutil.which("fse") == sys.argv[0]:
+        return "fse"
+    if sys.argv[0].endswith(".py"):  # python -m fse.cli
+        return f"{sys.executable} -m fse.cli"
+    return os.path.abspath(sys.argv[0])
 
 
 async def serve(config: ServeConfig, on_ready: Callable[[list[str]], None] | None = None) -> int:

@@ -130,7 +130,7 @@ class GuardService:
             m.n_vocab,
             self.limits.ctx_per_stream,
             m.n_ctx_train,
-            m.size_bytes,
+            m.path.stat().st_size,
             m.chat_template is not None,
         )
 

@@ -1,0 +1,62 @@
+"""Shared helpers for the benchmarks: llama.cpp's own tools, medians, RSS."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def llama_tools_dir() -> Path:
+    """llama-bench and llama-batched-bench, built once from the same pinned source."""
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "native" / "libllama.py"), "--tools"],
+        check=True, capture_output=True, text=True,
+    )
+    return Path(out.stdout.strip())
+
+
+def llama_bench_tg(model: Path, threads: int, n_gen: int = 64, reps: int = 1) -> list[float]:
+    """tokens/s of llama-bench's tg test (decode one token at a time, no sampling)."""
+    out = subprocess.run(
+        [str(llama_tools_dir() / "llama-bench"), "-m", str(model), "-t", str(threads),
+         "-p", "0", "-n", str(n_gen), "-r", str(reps), "-o", "json"],
+        check=True, capture_output=True, text=True,
+    )
+    rows = json.loads(out.stdout)
+    return [float(x) for row in rows for x in row["samples_ts"]]
+
+
+def llama_batched_bench(
+    model: Path, threads: int, parallel: list[int], n_prompt: int = 32, n_gen: int = 64
+) -> dict[int, float]:
+    """Aggregate generation tokens/s (S_TG) of llama-batched-bench per parallelism."""
+    n_ctx = max(parallel) * (n_prompt + n_gen) + 64
+    out = subprocess.run(
+        [str(llama_tools_dir() / "llama-batched-bench"), "-m", str(model), "-t", str(threads),
+         "-c", str(n_ctx), "-b", "512", "-ub", "512", "-npp", str(n_prompt), "-ntg", str(n_gen),
+         "-npl", ",".join(map(str, parallel)), "--output-format", "jsonl"],
+        check=True, capture_output=True, text=True,
+    )
+    result: dict[int, float] = {}
+    for line in out.stdout.splitlines():
+        if line.startswith("{"):
+            row = json.loads(line)
+            result[int(row["pl"])] = float(row["speed_tg"])
+    return result
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def rss_mib(pid: int) -> float:
+    """Resident set size of a process, from /proc (VmRSS)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")

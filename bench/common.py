@@ -15,7 +15,9 @@ def llama_tools_dir() -> Path:
     """llama-bench and llama-batched-bench, built once from the same pinned source."""
     out = subprocess.run(
         [sys.executable, str(ROOT / "native" / "libllama.py"), "--tools"],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     )
     return Path(out.stdout.strip())
 
@@ -23,9 +25,24 @@ def llama_tools_dir() -> Path:
 def llama_bench_tg(model: Path, threads: int, n_gen: int = 64, reps: int = 1) -> list[float]:
     """tokens/s of llama-bench's tg test (decode one token at a time, no sampling)."""
     out = subprocess.run(
-        [str(llama_tools_dir() / "llama-bench"), "-m", str(model), "-t", str(threads),
-         "-p", "0", "-n", str(n_gen), "-r", str(reps), "-o", "json"],
-        check=True, capture_output=True, text=True,
+        [
+            str(llama_tools_dir() / "llama-bench"),
+            "-m",
+            str(model),
+            "-t",
+            str(threads),
+            "-p",
+            "0",
+            "-n",
+            str(n_gen),
+            "-r",
+            str(reps),
+            "-o",
+            "json",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
     )
     rows = json.loads(out.stdout)
     return [float(x) for row in rows for x in row["samples_ts"]]
@@ -37,10 +54,30 @@ def llama_batched_bench(
     """Aggregate generation tokens/s (S_TG) of llama-batched-bench per parallelism."""
     n_ctx = max(parallel) * (n_prompt + n_gen) + 64
     out = subprocess.run(
-        [str(llama_tools_dir() / "llama-batched-bench"), "-m", str(model), "-t", str(threads),
-         "-c", str(n_ctx), "-b", "512", "-ub", "512", "-npp", str(n_prompt), "-ntg", str(n_gen),
-         "-npl", ",".join(map(str, parallel)), "--output-format", "jsonl"],
-        check=True, capture_output=True, text=True,
+        [
+            str(llama_tools_dir() / "llama-batched-bench"),
+            "-m",
+            str(model),
+            "-t",
+            str(threads),
+            "-c",
+            str(n_ctx),
+            "-b",
+            "512",
+            "-ub",
+            "512",
+            "-npp",
+            str(n_prompt),
+            "-ntg",
+            str(n_gen),
+            "-npl",
+            ",".join(map(str, parallel)),
+            "--output-format",
+            "jsonl",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
     )
     result: dict[int, float] = {}
     for line in out.stdout.splitlines():

@@ -153,7 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     path = model_commands.add_parser("path", help="assemble (once) and print its path")
     path.set_defaults(func=cmd_model_path)
 
+    from fse import calibrate, experiment
 
+    calibrate.add_parser(commands)
+    experiment.add_parser(commands)
     return parser
 
 

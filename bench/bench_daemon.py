@@ -1,0 +1,243 @@
+"""The daemon against the in-process engine and against llama.cpp's batched ceiling.
+
+One run measures, interleaved over rounds and reported as medians:
+  - single-stream tokens/s through gRPC (unix socket) vs the in-process engine;
+  - added latency per token: p50/p99 of the gap between consecutive tokens as the
+    client sees them, daemon vs in-process;
+  - aggregate tokens/s with 1, 2, 4, 8 concurrent streams vs llama-batched-bench
+    at the same parallelism (prompt 32, 64 generated tokens per stream);
+  - time from process start to health SERVING, and the daemon's peak RSS.
+Greedy decoding everywhere, as the llama.cpp tools do not sample.
+
+    .venv/bin/python bench/bench_daemon.py [--rounds 3] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import itertools
+
+from common import llama_batched_bench, median
+from fse.engine import Context, Model, Sampling
+from fse.models import default_model_path
+from fse.policy import builtin_policy
+from fse.service import run_local
+from fse.stream import Request, TokenEvent
+from fse.v1 import fse_pb2, fse_pb2_grpc
+
+PARALLEL = [1, 2, 4, 8]
+SINGLE_PROMPT = "Write a detailed history of the city of Lyon, from the Romans to today."
+# Distinct ~32-token prompts so every stream has its own prefix (no shared prompt).
+TOPICS = ["Lyon", "Kyoto", "Lagos", "Quito", "Oslo", "Perth", "Cusco", "Hanoi"]
+
+
+def batch_prompt(i: int) -> str:
+    return (
+        f"Stream {i}. Write a long, detailed and careful history of the city of "
+        f"{TOPICS[i % len(TOPICS)]}, covering its founding, its trade, its people and "
+        "its buildings, from the earliest records to today."
+    )
+
+
+def percentile(xs: list[float], q: float) -> float:
+    return statistics.quantiles(xs, n=100, method="inclusive")[int(q) - 1]
+
+
+def in_process_gaps(model: Model, ctx: Context, n_tokens: int) -> list[float]:
+    request = Request(prompt=SINGLE_PROMPT, max_tokens=n_tokens, sampling=Sampling(temperature=0))
+    stamps = [
+        time.perf_counter()
+        for e in run_local(model, ctx, request, builtin_policy("default"))
+        if isinstance(e, TokenEvent)
+    ]
+    return [b - a for a, b in itertools.pairwise(stamps)]
+
+
+async def stream_stamps(stub: fse_pb2_grpc.GuardStub, prompt: str, n_tokens: int) -> list[float]:
+    start = fse_pb2.GenerateRequest(
+        prompt=prompt, max_tokens=n_tokens, sampling=fse_pb2.Sampling(temperature=0)
+    )
+    stamps: list[float] = []
+    call = stub.Generate(iter([fse_pb2.GenerateClientMessage(start=start)]))
+    async for msg in call:
+        if msg.WhichOneof("kind") == "token":
+            stamps.append(time.perf_counter())
+    return stamps
+
+
+async def daemon_single_gaps(addr: str, n_tokens: int) -> list[float]:
+    async with grpc.aio.insecure_channel(addr) as channel:
+        stamps = await stream_stamps(fse_pb2_grpc.GuardStub(channel), SINGLE_PROMPT, n_tokens)
+    return [b - a for a, b in itertools.pairwise(stamps)]
+
+
+async def daemon_aggregate(addr: str, parallel: int, n_tokens: int) -> float:
+    """Generated tokens/s across all streams, prompt processing excluded (like S_TG)."""
+    async with grpc.aio.insecure_channel(addr) as channel:
+        stub = fse_pb2_grpc.GuardStub(channel)
+        runs = await asyncio.gather(
+            *(stream_stamps(stub, batch_prompt(i), n_tokens) for i in range(parallel))
+        )
+    first = max(r[0] for r in runs)  # every stream is past its prompt
+    last = max(r[-1] for r in runs)
+    tokens = sum(sum(1 for t in r if t > first) for r in runs)
+    return tokens / (last - first)
+
+
+def start_daemon(workdir: Path, threads: int) -> tuple[subprocess.Popen[bytes], str, float]:
+    addr = f"unix:{workdir / 'bench.sock'}"
+    began = time.perf_counter()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fse.cli",
+            "serve",
+            "--listen",
+            addr,
+            "--threads",
+            str(threads),
+            "--max-streams",
+            str(max(PARALLEL)),
+            "--ctx-per-stream",
+            "512",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=(workdir / "daemon.log").open("w"),
+    )
+    with grpc.insecure_channel(addr) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    break
+            except grpc.RpcError:
+                if process.poll() is not None:
+                    raise RuntimeError("daemon exited; see its log") from None
+            time.sleep(0.01)
+    return process, addr, time.perf_counter() - began
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def measure(rounds: int = 3, n_tokens: int = 128, threads: int = 2) -> dict[str, object]:
+    path = default_model_path()
+    local_gaps: list[float] = []
+    daemon_gaps: list[float] = []
+    single_ratio: list[float] = []
+    local_tps: list[float] = []
+    daemon_tps: list[float] = []
+    aggregate: dict[int, list[float]] = {p: [] for p in PARALLEL}
+    ceiling: dict[int, list[float]] = {p: [] for p in PARALLEL}
+    serving: list[float] = []
+    rss: list[float] = []
+    for _ in range(rounds):
+        with Model(path) as model, Context(model, n_ctx=1024, n_threads=threads) as ctx:
+            in_process_gaps(model, ctx, 16)  # warm-up
+            gaps = in_process_gaps(model, ctx, n_tokens)
+        local_gaps += gaps
+        local = len(gaps) / sum(gaps)
+        with tempfile.TemporaryDirectory() as tmp:
+            process, addr, seconds = start_daemon(Path(tmp), threads)
+            try:
+                serving.append(seconds)
+                asyncio.run(daemon_single_gaps(addr, 16))  # warm-up
+                gaps = asyncio.run(daemon_single_gaps(addr, n_tokens))
+                daemon_gaps += gaps
+                remote = len(gaps) / sum(gaps)
+                for p in PARALLEL:
+                    aggregate[p].append(asyncio.run(daemon_aggregate(addr, p, 64)))
+                rss.append(peak_rss_mib(process.pid))
+            finally:
+                process.terminate()
+                process.wait()
+        local_tps.append(local)
+        daemon_tps.append(remote)
+        single_ratio.append(remote / local)
+        for p, tps in llama_batched_bench(path, threads, PARALLEL).items():
+            ceiling[p].append(tps)
+    model_mib = path.stat().st_size / 2**20
+    return {
+        "threads": threads,
+        "rounds": rounds,
+        "single_in_process_tps": median(local_tps),
+        "single_daemon_tps": median(daemon_tps),
+        "single_ratio": median(single_ratio),
+        "gap_ms_in_process": {
+            "p50": 1e3 * percentile(local_gaps, 50),
+            "p99": 1e3 * percentile(local_gaps, 99),
+        },
+        "gap_ms_daemon": {
+            "p50": 1e3 * percentile(daemon_gaps, 50),
+            "p99": 1e3 * percentile(daemon_gaps, 99),
+        },
+        "aggregate_tps": {p: median(v) for p, v in aggregate.items()},
+        "batched_bench_tps": {p: median(v) for p, v in ceiling.items()},
+        "aggregate_ratio": {p: median(aggregate[p]) / median(ceiling[p]) for p in PARALLEL},
+        "seconds_to_serving": median(serving),
+        "peak_rss_mib": median(rss),
+        "model_file_mib": model_mib,
+        "rss_over_model_mib": median(rss) - model_mib,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=min(os.cpu_count() or 2, 8))
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    r = measure(args.rounds, args.tokens, args.threads)
+    if args.json:
+        print(json.dumps(r))
+        return 0
+    print(f"daemon, {r['threads']} threads, greedy, median of {r['rounds']} rounds")
+    print(
+        f"  single stream: daemon {r['single_daemon_tps']:.1f} tok/s, in-process "
+        f"{r['single_in_process_tps']:.1f} tok/s, ratio {r['single_ratio']:.3f} (target >= 0.97)"
+    )
+    gi, gd = r["gap_ms_in_process"], r["gap_ms_daemon"]
+    assert isinstance(gi, dict) and isinstance(gd, dict)
+    print(
+        f"  token gap p50/p99: in-process {gi['p50']:.2f}/{gi['p99']:.2f} ms, daemon "
+        f"{gd['p50']:.2f}/{gd['p99']:.2f} ms, added {gd['p50'] - gi['p50']:+.2f}/"
+        f"{gd['p99'] - gi['p99']:+.2f} ms"
+    )
+    agg, ceil, ratio = r["aggregate_tps"], r["batched_bench_tps"], r["aggregate_ratio"]
+    assert isinstance(agg, dict) and isinstance(ceil, dict) and isinstance(ratio, dict)
+    for p in PARALLEL:
+        print(
+            f"  {p} streams: daemon {agg[p]:6.1f} tok/s, llama-batched-bench {ceil[p]:6.1f}, "
+            f"ratio {ratio[p]:.3f} (target >= 0.9)"
+        )
+    print(
+        f"  start to SERVING {r['seconds_to_serving']:.2f} s; peak RSS {r['peak_rss_mib']:.0f} MiB "
+        f"= model file {r['model_file_mib']:.0f} MiB + {r['rss_over_model_mib']:.0f} MiB "
+        "(target <= +250)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -149,6 +149,7 @@ def measure(rounds: int = 3, n_tokens: int = 128, threads: int = 2) -> dict[str,
     daemon_tps: list[float] = []
     aggregate: dict[int, list[float]] = {p: [] for p in PARALLEL}
     ceiling: dict[int, list[float]] = {p: [] for p in PARALLEL}
+    ceiling_split: dict[int, list[float]] = {p: [] for p in PARALLEL}
     serving: list[float] = []
     rss: list[float] = []
     for _ in range(rounds):
@@ -176,6 +177,8 @@ def measure(rounds: int = 3, n_tokens: int = 128, threads: int = 2) -> dict[str,
         single_ratio.append(remote / local)
         for p, tps in llama_batched_bench(path, threads, PARALLEL).items():
             ceiling[p].append(tps)
+        for p, tps in llama_batched_bench(path, threads, PARALLEL, unified_kv=False).items():
+            ceiling_split[p].append(tps)
     model_mib = path.stat().st_size / 2**20
     return {
         "threads": threads,
@@ -193,6 +196,7 @@ def measure(rounds: int = 3, n_tokens: int = 128, threads: int = 2) -> dict[str,
         },
         "aggregate_tps": {p: median(v) for p, v in aggregate.items()},
         "batched_bench_tps": {p: median(v) for p, v in ceiling.items()},
+        "batched_bench_split_kv_tps": {p: median(v) for p, v in ceiling_split.items()},
         "aggregate_ratio": {p: median(aggregate[p]) / median(ceiling[p]) for p in PARALLEL},
         "seconds_to_serving": median(serving),
         "peak_rss_mib": median(rss),
@@ -225,11 +229,13 @@ def main() -> int:
         f"{gd['p99'] - gi['p99']:+.2f} ms"
     )
     agg, ceil, ratio = r["aggregate_tps"], r["batched_bench_tps"], r["aggregate_ratio"]
+    split = r["batched_bench_split_kv_tps"]
     assert isinstance(agg, dict) and isinstance(ceil, dict) and isinstance(ratio, dict)
+    assert isinstance(split, dict)
     for p in PARALLEL:
         print(
-            f"  {p} streams: daemon {agg[p]:6.1f} tok/s, llama-batched-bench {ceil[p]:6.1f}, "
-            f"ratio {ratio[p]:.3f} (target >= 0.9)"
+            f"  {p} streams: daemon {agg[p]:6.1f} tok/s, llama-batched-bench -kvu {ceil[p]:6.1f} "
+            f"(per-sequence KV {split[p]:6.1f}), ratio {ratio[p]:.3f} (target >= 0.9)"
         )
     print(
         f"  start to SERVING {r['seconds_to_serving']:.2f} s; peak RSS {r['peak_rss_mib']:.0f} MiB "

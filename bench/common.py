@@ -49,9 +49,17 @@ def llama_bench_tg(model: Path, threads: int, n_gen: int = 64, reps: int = 1) ->
 
 
 def llama_batched_bench(
-    model: Path, threads: int, parallel: list[int], n_prompt: int = 32, n_gen: int = 64
+    model: Path,
+    threads: int,
+    parallel: list[int],
+    n_prompt: int = 32,
+    n_gen: int = 64,
+    unified_kv: bool = True,
 ) -> dict[int, float]:
-    """Aggregate generation tokens/s (S_TG) of llama-batched-bench per parallelism."""
+    """Aggregate generation tokens/s (S_TG) of llama-batched-bench per parallelism.
+
+    unified_kv matches the daemon's context (-kvu); without it llama.cpp keeps one
+    KV buffer per sequence, its own default."""
     n_ctx = max(parallel) * (n_prompt + n_gen) + 64
     out = subprocess.run(
         [

@@ -285,6 +285,12 @@ class Context:
         params.n_threads = n_threads
         params.n_threads_batch = n_threads
         params.no_perf = True
+        # One KV buffer for all sequences (llama-server's choice for parallel slots):
+        # with separate buffers llama.cpp only co-batches runs of consecutive
+        # sequence ids, so a finished stream in the middle splits every later
+        # step in two and halves throughput. The cost is attention over every
+        # stream's cells, small next to a 262k-token output projection.
+        params.kv_unified = n_seq_max > 1
         handle = lib.llama_init_from_model(model.handle, params)
         if handle == ffi.NULL:
             raise EngineError(_last_llama_error("llama.cpp could not create a context"))

@@ -164,7 +164,11 @@ def fetch_source(root: Path) -> Path:
         with tarfile.open(sdist) as tar:
             members = [m for m in tar.getmembers() if m.name.startswith(VENDOR_DIR + "/")]
             tar.extractall(tmp, members=members, filter="data")
-        Path(tmp, VENDOR_DIR).rename(source)
+        vendored = Path(tmp, VENDOR_DIR)
+        # The sdist keeps llama.cpp's submodule gitfile, pointing at a .git that is not
+        # shipped; cmake would ask git about it and warn. This is plain source now.
+        (vendored / ".git").unlink(missing_ok=True)
+        vendored.rename(source)
     return source
 
 

@@ -727,6 +727,29 @@ def test_invalid_policy_file_at_start_serves_nothing(
     assert not Path(daemon.addr.removeprefix("unix:")).exists()
 
 
+def test_invalid_policy_on_reload_keeps_the_last_good_set(
+    start_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "strict.toml").write_text(
+        'name = "strict"\n[guards.perplexity]\nthreshold = 50.0\n'
+    )
+    daemon = start_daemon(*THREADS, "--policies-dir", str(policies))
+    (policies / "strict.toml").write_text('name = "strict"\n[guards.perplexity]\nthreshold = -1\n')
+    daemon.process.send_signal(signal.SIGHUP)
+    wait_for(lambda: bool(log_events(daemon, "policy.reload_rejected")), what="reload rejected")
+    (rejected,) = log_events(daemon, "policy.reload_rejected")
+    assert "guards.perplexity.threshold" in rejected["error"]
+    with daemon.channel() as channel:
+        info = fse_pb2_grpc.GuardStub(channel).GetInfo(fse_pb2.GetInfoRequest(), timeout=10)
+        assert "strict" in {p.name for p in info.policies}
+        verdict = assert_well_formed(generate(channel, [start(max_tokens=4, policy="strict")]))
+    assert verdict.status == fse_pb2.STATUS_COMPLETED
+    assert verdict.policy == "strict"
+    assert daemon.process.poll() is None
+
+
 def test_second_daemon_never_takes_a_live_socket(
     start_daemon: Callable[..., Daemon], single: Daemon, tmp_path: Path
 ) -> None:

@@ -18,12 +18,12 @@ import collections
 import contextlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import structlog
 
-from fse.engine import NO_FAULTS, Context, EngineError, Faults, Model, Slot
+from fse.engine import Context, EngineError, Faults, Model, Slot
 from fse.guards import DEADLINE, INTERNAL, SHUTDOWN
 from fse.policy import Policy
 from fse.stream import (
@@ -34,7 +34,6 @@ from fse.stream import (
     Event,
     GuardedStream,
     Request,
-    TokenEvent,
     Verdict,
 )
 
@@ -68,7 +67,6 @@ class Handle:
     faults: Faults
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
-    seed: int = 0  # the sampling seed in use, known once admitted
     admitted_at: float = field(default_factory=time.monotonic)
     deadline: float | None = None  # time.monotonic() when the deadline guard fires
     cancelled: bool = False  # set from the asyncio side; read by the scheduler each step
@@ -86,7 +84,7 @@ class _Active:
     produced: int = 0
 
 
-Deliver = list[tuple[Handle, list[Event]]]
+Deliver = list[tuple[Handle, Sequence[Event]]]
 
 
 class Scheduler:
@@ -197,7 +195,6 @@ class Scheduler:
                 self._free_seqs.append(seq)
                 self._end_unstarted(handle, deliver, ERROR, INTERNAL, message=str(exc))
                 continue
-            handle.seed = slot.seed
             self._active.append(_Active(handle, slot, stream))
 
     def _sweep(self, deliver: Deliver) -> None:
@@ -243,7 +240,7 @@ class Scheduler:
             released = a.stream.judge(step)
             a.produced += 1
             if released:
-                deliver.append((a.handle, list(released)))
+                deliver.append((a.handle, released))
             if a.stream.verdict is not None:
                 self._close(a, deliver)
             elif a.produced >= a.handle.request.max_tokens:
@@ -264,7 +261,7 @@ class Scheduler:
     ) -> None:
         released = a.stream.finish(status, guard, value, threshold, token_index, message)
         if released:
-            deliver.append((a.handle, list(released)))
+            deliver.append((a.handle, released))
         self._close(a, deliver)
 
     def _close(self, a: _Active, deliver: Deliver) -> None:
@@ -318,14 +315,3 @@ def _put_all(items: Deliver) -> None:
     for handle, events in items:
         for event in events:
             handle.events.put_nowait(event)
-
-
-__all__ = [
-    "NO_FAULTS",
-    "Handle",
-    "Limits",
-    "NotAccepting",
-    "Overloaded",
-    "Scheduler",
-    "TokenEvent",
-]

@@ -175,7 +175,7 @@ class GuardServicer(fse_pb2_grpc.GuardServicer):
                 policy=handle.policy.name,
                 policy_sha256=handle.policy.sha256,
                 prompt_tokens=len(handle.prompt),
-                seed=0 if request.sampling.greedy else _seed_of(handle),
+                seed=handle.request.sampling.seed or 0,  # open_stream drew one if needed
                 model=service.model.name,
             )
         )
@@ -234,12 +234,6 @@ class GuardServicer(fse_pb2_grpc.GuardServicer):
                 max_message_bytes=MAX_MESSAGE_BYTES,
             ),
         )
-
-
-def _seed_of(handle: Handle) -> int:
-    # open_stream drew a seed for a sampled request that gave none; Slot uses the same.
-    seed = handle.request.sampling.seed
-    return seed if seed is not None else handle.seed
 
 
 async def _watch_client(

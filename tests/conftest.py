@@ -93,9 +93,8 @@ def wait_serving(addr: str, process: subprocess.Popen[str], timeout: float = 60)
     raise TimeoutError(f"daemon at {addr} not SERVING after {timeout}s")
 
 
-@pytest.fixture()
-def start_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Daemon]]:
-    """Factory: start_daemon('--max-streams', '4', tcp=True) -> a SERVING Daemon."""
+def _daemons(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Daemon]]:
+    """Start real daemons on demand; kill what is still running at the end."""
     started: list[Daemon] = []
 
     def start(*args: str, tcp: bool = False, wait: bool = True) -> Daemon:
@@ -121,6 +120,21 @@ def start_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[
     yield start
     for daemon in started:
         daemon.stop(signal.SIGKILL if daemon.process.poll() is None else signal.SIGTERM, timeout=10)
+
+
+@pytest.fixture()
+def start_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Daemon]]:
+    """Factory: start_daemon('--max-streams', '4', tcp=True) -> a SERVING Daemon."""
+    yield from _daemons(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def start_module_daemon(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Callable[..., Daemon]]:
+    """Like `start_daemon`, but the daemons live for the whole test module (one start
+    shared by many tests)."""
+    yield from _daemons(tmp_path_factory)
 
 
 def _free_port() -> int:
@@ -129,36 +143,3 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def start_module_daemon(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[Callable[..., Daemon]]:
-    """Like `start_daemon`, but the daemons live for the whole test module (one start
-    shared by many tests). Same arguments: start_module_daemon('--max-streams', '4')."""
-    started: list[Daemon] = []
-
-    def start(*args: str, tcp: bool = False, wait: bool = True) -> Daemon:
-        workdir = tmp_path_factory.mktemp("daemon")
-        addrs = [f"unix:{workdir / 'fse.sock'}"]
-        if tcp:
-            addrs.append(f"127.0.0.1:{_free_port()}")
-        listen = [x for a in addrs for x in ("--listen", a)]
-        log_path = workdir / "daemon.log"
-        process = subprocess.Popen(
-            [*FSE, "serve", *listen, "--threads", "2", *args],
-            stdout=log_path.open("w"),
-            stderr=subprocess.STDOUT,
-            text=True,
-            cwd=workdir,
-        )
-        daemon = Daemon(process, addrs[0], addrs, log_path)
-        started.append(daemon)
-        if wait:
-            wait_serving(daemon.addr, process)
-        return daemon
-
-    yield start
-    for daemon in started:
-        daemon.stop(signal.SIGKILL if daemon.process.poll() is None else signal.SIGTERM, timeout=10)

@@ -129,7 +129,25 @@ class Faults:
 NO_FAULTS = Faults()
 
 
-class Model:
+class _Closing:
+    """`with` frees the llama.cpp object deterministically: close() on exit."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class Model(_Closing):
     """A GGUF model loaded by llama.cpp, with its vocabulary. Use as a context manager."""
 
     def __init__(self, path: Path | str, *, verbose: bool = False) -> None:
@@ -246,19 +264,8 @@ class Model:
             lib.llama_model_free(self._handle)
             self._handle = None
 
-    def __enter__(self) -> Self:
-        return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-
-class Context:
+class Context(_Closing):
     """A llama.cpp context holding up to n_seq_max sequences, and one reusable batch.
 
     Each sequence gets n_ctx // n_seq_max positions. Not thread-safe: one thread
@@ -355,17 +362,6 @@ class Context:
             lib.llama_free(self._handle)
             self._handle = None
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
 
 @dataclass(slots=True)
 class Step:
@@ -377,7 +373,7 @@ class Step:
     end_of_generation: bool
 
 
-class Slot:
+class Slot(_Closing):
     """One sequence of a Context: its sampler chain, position and metric state.
 
     The per-token path lives here (sample): it reads the logits in place, makes
@@ -500,17 +496,6 @@ class Slot:
             self._sampler = None
         if self.ctx._handle is not None:
             self.ctx.clear_sequence(self.seq)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def _sampler_chain(sampling: Sampling, seed: int) -> Any:

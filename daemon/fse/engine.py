@@ -80,6 +80,14 @@ class Sampling:
         return self.temperature == 0
 
 
+_FAULT_FIELDS = {
+    "nan": "nan_at",
+    "inf": "inf_at",
+    "scale": "scale_at",
+    "guard-error": "guard_error_at",
+}
+
+
 @dataclass(frozen=True, slots=True)
 class Faults:
     """Debug-only fault injection, to prove the fail-closed paths. Off by default."""
@@ -110,9 +118,7 @@ class Faults:
                     f"debug fault {spec!r} is invalid; accepted: nan@K, inf@K, "
                     "scale@K:FACTOR, guard-error@K with K a token index >= 0"
                 ) from None
-            key = {"nan": "nan_at", "inf": "inf_at", "scale": "scale_at"}.get(kind)
-            if kind == "guard-error":
-                key = "guard_error_at"
+            key = _FAULT_FIELDS.get(kind)
             if key is None:
                 raise ValueError(
                     f"debug fault {spec!r}: unknown kind {kind!r}; accepted: nan@K, inf@K, "

@@ -158,7 +158,8 @@ class GuardServicer(fse_pb2_grpc.GuardServicer):
         try:
             request = request_from_wire(first.start, context.time_remaining())
             faults = faults_from_metadata(context.invocation_metadata())
-            handle = service.open_stream(request, faults)
+            prepared = await asyncio.to_thread(service.prepare, request, faults)
+            handle = service.admit(prepared)
         except (InvalidRequest, ValueError) as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             return
@@ -175,7 +176,7 @@ class GuardServicer(fse_pb2_grpc.GuardServicer):
                 policy=handle.policy.name,
                 policy_sha256=handle.policy.sha256,
                 prompt_tokens=len(handle.prompt),
-                seed=handle.request.sampling.seed or 0,  # open_stream drew one if needed
+                seed=handle.request.sampling.seed or 0,  # prepare drew one if needed
                 model=service.model.name,
             )
         )
@@ -184,11 +185,11 @@ class GuardServicer(fse_pb2_grpc.GuardServicer):
         try:
             while True:
                 event = await handle.events.get()
+                if violation:  # nothing more goes out after a protocol error
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, violation[0])
                 if isinstance(event, TokenEvent):
                     yield token_to_wire(event)
                     continue
-                if violation:
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, violation[0])
                 yield verdict_to_wire(event)
                 if event.status == ERROR:
                     await context.abort(grpc.StatusCode.INTERNAL, event.message or "internal error")

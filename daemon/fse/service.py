@@ -35,6 +35,16 @@ class InvalidRequest(ValueError):
     """A request field is out of its accepted range; the message names the field."""
 
 
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A validated request with its policy and prompt tokens, ready to queue."""
+
+    request: Request
+    policy: Policy
+    prompt: list[int]
+    faults: Faults
+
+
 def prompt_tokens(model: Model, request: Request) -> list[int]:
     """Tokenize the request's prompt, or its messages through the chat template."""
     if request.messages and request.prompt:
@@ -140,13 +150,12 @@ class GuardService:
             raise ValueError("policies: the built-in 'default' policy is missing")
         self.policies = dict(policies)
 
-    def open_stream(
-        self,
-        request: Request,
-        faults: Faults = NO_FAULTS,
-        loop: asyncio.AbstractEventLoop | None = None,
-    ) -> Handle:
-        """Validate and admit a stream, or raise InvalidRequest / Overloaded / NotAccepting."""
+    def prepare(self, request: Request, faults: Faults = NO_FAULTS) -> Prepared:
+        """Validate a request and tokenize its prompt, or raise InvalidRequest.
+
+        Touches nothing shared, so the daemon runs it off the event loop: a 1 MiB
+        prompt takes a while to tokenize, and other streams must keep flowing.
+        """
         check_request(request, self.limits)
         if faults != NO_FAULTS and not self.allow_faults:
             raise InvalidRequest(
@@ -174,9 +183,28 @@ class GuardService:
             # Started can report the seed in use (and the client can replay the stream).
             sampling = dataclasses.replace(request.sampling, seed=random.randrange(2**32))
             request = dataclasses.replace(request, sampling=sampling)
-        handle = Handle(request, policy, tokens, faults, loop or asyncio.get_running_loop())
+        return Prepared(request, policy, tokens, faults)
+
+    def admit(self, prepared: Prepared, loop: asyncio.AbstractEventLoop | None = None) -> Handle:
+        """Queue a prepared stream, or raise Overloaded / NotAccepting at once."""
+        handle = Handle(
+            prepared.request,
+            prepared.policy,
+            prepared.prompt,
+            prepared.faults,
+            loop or asyncio.get_running_loop(),
+        )
         self.scheduler.submit(handle)
         return handle
+
+    def open_stream(
+        self,
+        request: Request,
+        faults: Faults = NO_FAULTS,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> Handle:
+        """prepare + admit, for callers already off the event loop or with short prompts."""
+        return self.admit(self.prepare(request, faults), loop)
 
     def shutdown(self) -> None:
         self.scheduler.shutdown()

@@ -1,7 +1,10 @@
 """The daemon against the in-process engine and against llama.cpp's batched ceiling.
 
 One run measures, interleaved over rounds and reported as medians:
-  - single-stream tokens/s through gRPC (unix socket) vs the in-process engine;
+  - single-stream tokens/s through gRPC (unix socket) vs the in-process engine,
+    in pairs run back to back in random order (the shared host drifts by 10% over
+    minutes), with the CPU that the daemon's event loop and this client spend per
+    token (on 2 cores it comes out of the decode's share);
   - added latency per token: p50/p99 of the gap between consecutive tokens as the
     client sees them, daemon vs in-process;
   - aggregate tokens/s with 1, 2, 4, 8 concurrent streams vs llama-batched-bench
@@ -9,20 +12,24 @@ One run measures, interleaved over rounds and reported as medians:
   - time from process start to health SERVING, and the daemon's peak RSS.
 Greedy decoding everywhere, as the llama.cpp tools do not sample.
 
-    .venv/bin/python bench/bench_daemon.py [--rounds 3] [--json]
+    .venv/bin/python bench/bench_daemon.py [--rounds 3] [--pairs 5] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import random
+import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -86,15 +93,19 @@ async def daemon_single_gaps(addr: str, n_tokens: int) -> list[float]:
 
 
 async def daemon_aggregate(addr: str, parallel: int, n_tokens: int) -> float:
-    """Generated tokens/s across all streams, prompt processing excluded (like S_TG)."""
+    """Generated tokens/s across streams while all of them generate (like S_TG).
+
+    The window opens when the last stream has its first token (every prompt is in)
+    and closes when the first stream ends: streams admitted a step apart would
+    otherwise add a tail with fewer than `parallel` streams."""
     async with grpc.aio.insecure_channel(addr) as channel:
         stub = fse_pb2_grpc.GuardStub(channel)
         runs = await asyncio.gather(
             *(stream_stamps(stub, batch_prompt(i), n_tokens) for i in range(parallel))
         )
-    first = max(r[0] for r in runs)  # every stream is past its prompt
-    last = max(r[-1] for r in runs)
-    tokens = sum(sum(1 for t in r if t > first) for r in runs)
+    first = max(r[0] for r in runs)
+    last = min(r[-1] for r in runs)
+    tokens = sum(sum(1 for t in r if first < t <= last) for r in runs)
     return tokens / (last - first)
 
 
@@ -140,41 +151,86 @@ def peak_rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def measure(rounds: int = 3, n_tokens: int = 128, threads: int = 2) -> dict[str, object]:
+def thread_cpu_seconds(pid: int) -> dict[int, float]:
+    """CPU time (user + system) of each live thread of a process, from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[int, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # a thread that just ended
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            out[int(task.name)] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+@dataclass
+class SingleStream:
+    """Interleaved single-stream runs: in-process engine vs the daemon through gRPC."""
+
+    local_gaps: list[float] = field(default_factory=list)
+    daemon_gaps: list[float] = field(default_factory=list)
+    local_tps: list[float] = field(default_factory=list)
+    daemon_tps: list[float] = field(default_factory=list)
+    ratios: list[float] = field(default_factory=list)  # one per pair, from the same minute
+    loop_ms: list[float] = field(default_factory=list)  # daemon event-loop thread CPU per token
+    client_ms: list[float] = field(default_factory=list)  # this process's CPU per token
+
+    def pair(
+        self, model: Model, ctx: Context, process: subprocess.Popen[bytes], addr: str, n_tokens: int
+    ) -> None:
+        """One in-process run and one daemon run, in random order (the host drifts)."""
+        order = ["local", "daemon"]
+        random.shuffle(order)
+        tps: dict[str, float] = {}
+        for which in order:
+            if which == "local":
+                gaps = in_process_gaps(model, ctx, n_tokens)
+                self.local_gaps += gaps
+            else:
+                before, own = thread_cpu_seconds(process.pid), own_cpu_seconds()
+                gaps = asyncio.run(daemon_single_gaps(addr, n_tokens))
+                after, own = thread_cpu_seconds(process.pid), own_cpu_seconds() - own
+                self.daemon_gaps += gaps
+                # The main thread runs the asyncio loop: gRPC, protobuf, the handoff.
+                loop = after[process.pid] - before.get(process.pid, 0.0)
+                self.loop_ms.append(1e3 * loop / n_tokens)
+                self.client_ms.append(1e3 * own / n_tokens)
+            tps[which] = len(gaps) / sum(gaps)
+        self.local_tps.append(tps["local"])
+        self.daemon_tps.append(tps["daemon"])
+        self.ratios.append(tps["daemon"] / tps["local"])
+
+
+def measure(
+    rounds: int = 3, n_tokens: int = 128, threads: int = 2, pairs: int = 5
+) -> dict[str, object]:
     path = default_model_path()
-    local_gaps: list[float] = []
-    daemon_gaps: list[float] = []
-    single_ratio: list[float] = []
-    local_tps: list[float] = []
-    daemon_tps: list[float] = []
+    single = SingleStream()
     aggregate: dict[int, list[float]] = {p: [] for p in PARALLEL}
     ceiling: dict[int, list[float]] = {p: [] for p in PARALLEL}
     ceiling_split: dict[int, list[float]] = {p: [] for p in PARALLEL}
     serving: list[float] = []
     rss: list[float] = []
     for _ in range(rounds):
-        with Model(path) as model, Context(model, n_ctx=1024, n_threads=threads) as ctx:
-            in_process_gaps(model, ctx, 16)  # warm-up
-            gaps = in_process_gaps(model, ctx, n_tokens)
-        local_gaps += gaps
-        local = len(gaps) / sum(gaps)
         with tempfile.TemporaryDirectory() as tmp:
             process, addr, seconds = start_daemon(Path(tmp), threads)
             try:
                 serving.append(seconds)
-                asyncio.run(daemon_single_gaps(addr, 16))  # warm-up
-                gaps = asyncio.run(daemon_single_gaps(addr, n_tokens))
-                daemon_gaps += gaps
-                remote = len(gaps) / sum(gaps)
+                with Model(path) as model, Context(model, n_ctx=1024, n_threads=threads) as ctx:
+                    in_process_gaps(model, ctx, 16)  # warm-up
+                    asyncio.run(daemon_single_gaps(addr, 16))
+                    for _ in range(pairs):
+                        single.pair(model, ctx, process, addr, n_tokens)
                 for p in PARALLEL:
                     aggregate[p].append(asyncio.run(daemon_aggregate(addr, p, 64)))
                 rss.append(peak_rss_mib(process.pid))
             finally:
                 process.terminate()
                 process.wait()
-        local_tps.append(local)
-        daemon_tps.append(remote)
-        single_ratio.append(remote / local)
         for p, tps in llama_batched_bench(path, threads, PARALLEL).items():
             ceiling[p].append(tps)
         for p, tps in llama_batched_bench(path, threads, PARALLEL, unified_kv=False).items():
@@ -183,16 +239,20 @@ def measure(rounds: int = 3, n_tokens: int = 128, threads: int = 2) -> dict[str,
     return {
         "threads": threads,
         "rounds": rounds,
-        "single_in_process_tps": median(local_tps),
-        "single_daemon_tps": median(daemon_tps),
-        "single_ratio": median(single_ratio),
+        "pairs": len(single.ratios),
+        "single_in_process_tps": median(single.local_tps),
+        "single_daemon_tps": median(single.daemon_tps),
+        "single_ratio": median(single.ratios),
+        "single_ratio_quartiles": statistics.quantiles(single.ratios, n=4),
+        "daemon_loop_cpu_ms_per_token": median(single.loop_ms),
+        "client_cpu_ms_per_token": median(single.client_ms),
         "gap_ms_in_process": {
-            "p50": 1e3 * percentile(local_gaps, 50),
-            "p99": 1e3 * percentile(local_gaps, 99),
+            "p50": 1e3 * percentile(single.local_gaps, 50),
+            "p99": 1e3 * percentile(single.local_gaps, 99),
         },
         "gap_ms_daemon": {
-            "p50": 1e3 * percentile(daemon_gaps, 50),
-            "p99": 1e3 * percentile(daemon_gaps, 99),
+            "p50": 1e3 * percentile(single.daemon_gaps, 50),
+            "p99": 1e3 * percentile(single.daemon_gaps, 99),
         },
         "aggregate_tps": {p: median(v) for p, v in aggregate.items()},
         "batched_bench_tps": {p: median(v) for p, v in ceiling.items()},
@@ -209,17 +269,27 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--pairs", type=int, default=5, help="single-stream pairs per round")
     parser.add_argument("--threads", type=int, default=min(os.cpu_count() or 2, 8))
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    r = measure(args.rounds, args.tokens, args.threads)
+    r = measure(args.rounds, args.tokens, args.threads, args.pairs)
     if args.json:
         print(json.dumps(r))
         return 0
     print(f"daemon, {r['threads']} threads, greedy, median of {r['rounds']} rounds")
+    q = r["single_ratio_quartiles"]
+    assert isinstance(q, list)
     print(
         f"  single stream: daemon {r['single_daemon_tps']:.1f} tok/s, in-process "
-        f"{r['single_in_process_tps']:.1f} tok/s, ratio {r['single_ratio']:.3f} (target >= 0.97)"
+        f"{r['single_in_process_tps']:.1f} tok/s, ratio {r['single_ratio']:.3f} "
+        f"(median of {r['pairs']} interleaved pairs, quartiles {q[0]:.3f}..{q[2]:.3f}; "
+        "target >= 0.97)"
+    )
+    print(
+        f"  CPU per token beside the decode: daemon event loop "
+        f"{r['daemon_loop_cpu_ms_per_token']:.2f} ms, Python gRPC client "
+        f"{r['client_cpu_ms_per_token']:.2f} ms"
     )
     gi, gd = r["gap_ms_in_process"], r["gap_ms_daemon"]
     assert isinstance(gi, dict) and isinstance(gd, dict)

@@ -35,7 +35,10 @@ def main() -> int:
     print("## Daemon\n")
     print(
         f"single stream through gRPC: {d['single_daemon_tps']:.1f} tok/s, in-process "
-        f"{d['single_in_process_tps']:.1f}, ratio {d['single_ratio']:.3f}\n"
+        f"{d['single_in_process_tps']:.1f}, ratio {d['single_ratio']:.3f} (median of "
+        f"{d['pairs']} pairs); CPU per token: daemon event loop "
+        f"{d['daemon_loop_cpu_ms_per_token']:.2f} ms, "
+        f"client {d['client_cpu_ms_per_token']:.2f} ms\n"
     )
     agg, ceil, split = d["aggregate_tps"], d["batched_bench_tps"], d["batched_bench_split_kv_tps"]
     ratio = d["aggregate_ratio"]

@@ -1,0 +1,69 @@
+"""GuardService in this process: prepare has no side effects, admit queues.
+
+The daemon prepares large requests in a worker thread, so a request whose RPC is
+cancelled meanwhile must leave nothing behind in the scheduler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+
+import pytest
+from fse.engine import Model, Sampling
+from fse.policy import load_policies
+from fse.scheduler import Limits
+from fse.service import GuardService, InvalidRequest
+from fse.stream import COMPLETED, Request, TokenEvent, Verdict
+
+
+@pytest.fixture(scope="module")
+def service(model: Model) -> Iterator[GuardService]:
+    svc = GuardService(
+        model, load_policies(), Limits(max_streams=2, ctx_per_stream=256), n_threads=1
+    )
+    svc.start()
+    yield svc
+    svc.shutdown()
+
+
+def test_prepare_queues_nothing(service: GuardService) -> None:
+    request = Request(prompt="The capital of France is", max_tokens=4)
+    prepared = service.prepare(request)
+    assert prepared.prompt[:1] == [service.model.tokenize("x")[0]]  # BOS first
+    assert len(prepared.prompt) > 3
+    assert prepared.policy.name == "default"
+    assert prepared.request.sampling.seed is not None  # drawn now, reported in Started
+    assert service.scheduler.load == (0, 0)
+
+
+def test_prepare_names_the_field(service: GuardService) -> None:
+    with pytest.raises(InvalidRequest, match=r"^policy: unknown policy 'nope'; accepted: "):
+        service.prepare(Request(prompt="hi", max_tokens=4, policy="nope"))
+    with pytest.raises(InvalidRequest, match=r"^prompt: \d+ tokens do not fit the context"):
+        service.prepare(Request(prompt="word " * 400, max_tokens=4))
+    assert service.scheduler.load == (0, 0)
+
+
+def test_prepare_in_a_thread_then_admit_on_the_loop(service: GuardService) -> None:
+    """The daemon's path for large requests: prepare off the loop, admit on it."""
+    request = Request(
+        prompt="The capital of France is", max_tokens=6, sampling=Sampling(temperature=0)
+    )
+
+    async def run() -> list[TokenEvent | Verdict]:
+        prepared = await asyncio.to_thread(service.prepare, request)
+        assert threading.current_thread() is threading.main_thread()
+        handle = service.admit(prepared)
+        events: list[TokenEvent | Verdict] = []
+        while not events or not isinstance(events[-1], Verdict):
+            events.append(await handle.events.get())
+        return events
+
+    events = asyncio.run(run())
+    verdict = events[-1]
+    assert isinstance(verdict, Verdict)
+    assert (verdict.status, verdict.tokens) == (COMPLETED, 6)
+    assert [e.index for e in events[:-1] if isinstance(e, TokenEvent)] == list(range(6))
+    assert service.scheduler.load == (0, 0)

@@ -197,15 +197,6 @@ class GuardService:
         self.scheduler.submit(handle)
         return handle
 
-    def open_stream(
-        self,
-        request: Request,
-        faults: Faults = NO_FAULTS,
-        loop: asyncio.AbstractEventLoop | None = None,
-    ) -> Handle:
-        """prepare + admit, for callers already off the event loop or with short prompts."""
-        return self.admit(self.prepare(request, faults), loop)
-
     def shutdown(self) -> None:
         self.scheduler.shutdown()
 

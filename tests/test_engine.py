@@ -25,6 +25,7 @@ from fse.engine import (
     Sampling,
     Slot,
     Step,
+    TooManyTokens,
     generate,
 )
 from fse.models import GGUF_MAGIC, ModelError
@@ -118,6 +119,17 @@ def test_tokenize_adds_bos_per_model_rule(model: Model) -> None:
     assert with_special[1:] == without
     assert bos not in without
     assert model.piece(bos) == b""  # a control token renders as nothing
+
+
+def test_tokenize_with_a_limit(model: Model) -> None:
+    text = "word " * 300
+    full = model.tokenize(text)
+    assert model.tokenize(text, max_tokens=len(full)) == full  # exactly at the limit
+    with pytest.raises(TooManyTokens) as caught:
+        model.tokenize(text, max_tokens=len(full) - 1)
+    assert (caught.value.n_tokens, caught.value.limit) == (len(full), len(full) - 1)
+    # Far below the limit, the buffer is sized by the text, not by the limit.
+    assert model.tokenize("Hi", max_tokens=100_000) == model.tokenize("Hi")
 
 
 def test_pieces_concatenate_to_the_text(model: Model) -> None:

@@ -41,7 +41,13 @@ def test_prepare_queues_nothing(service: GuardService) -> None:
 def test_prepare_names_the_field(service: GuardService) -> None:
     with pytest.raises(InvalidRequest, match=r"^policy: unknown policy 'nope'; accepted: "):
         service.prepare(Request(prompt="hi", max_tokens=4, policy="nope"))
-    with pytest.raises(InvalidRequest, match=r"^prompt: \d+ tokens do not fit the context"):
+    # The count is the prompt's whole length, found without listing its tokens.
+    n_tokens = len(service.model.tokenize("word " * 400))
+    with pytest.raises(
+        InvalidRequest,
+        match=rf"^prompt: {n_tokens} tokens do not fit the context of 256 tokens per stream; "
+        "accepted: at most 255 tokens$",
+    ):
         service.prepare(Request(prompt="word " * 400, max_tokens=4))
     assert service.scheduler.load == (0, 0)
 

@@ -37,6 +37,15 @@ class ContextOverflow(EngineError):
     """A sequence would outgrow its share of the context window."""
 
 
+class TooManyTokens(ValueError):
+    """A text needs more tokens than the caller allows (n_tokens says how many)."""
+
+    def __init__(self, n_tokens: int, limit: int) -> None:
+        super().__init__(f"{n_tokens} tokens; at most {limit} allowed")
+        self.n_tokens = n_tokens
+        self.limit = limit
+
+
 def init_backend(verbose: bool = False) -> None:
     """Route llama.cpp's log (quiet unless verbose) and initialise its backend once."""
     global _backend_ready
@@ -199,17 +208,29 @@ class Model(_Closing):
         return self._vocab
 
     def tokenize(
-        self, text: str, *, add_special: bool = True, parse_special: bool = True
+        self,
+        text: str,
+        *,
+        add_special: bool = True,
+        parse_special: bool = True,
+        max_tokens: int | None = None,
     ) -> list[int]:
         """Tokens for text, with the model's own BOS rule; special tokens like
-        <start_of_turn> in a rendered chat template are parsed as such."""
+        <start_of_turn> in a rendered chat template are parsed as such.
+
+        With max_tokens, a longer text raises TooManyTokens without building the
+        token list: a 1 MiB prompt would otherwise cost ~20 MiB of Python ints."""
         data = text.encode("utf-8")
-        capacity = len(data) + 8
+        capacity = len(data) + 8  # a token covers at least one byte, bar BOS/EOS
+        if max_tokens is not None:
+            capacity = min(capacity, max_tokens)
         tokens = ffi.new("llama_token[]", capacity)
         n = lib.llama_tokenize(
             self.vocab, data, len(data), tokens, capacity, add_special, parse_special
         )
         if n < 0:  # buffer too small: -n is the size needed
+            if max_tokens is not None and -n > max_tokens:
+                raise TooManyTokens(-n, max_tokens)
             capacity = -n
             tokens = ffi.new("llama_token[]", capacity)
             n = lib.llama_tokenize(

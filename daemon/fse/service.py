@@ -19,7 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fse import __version__
-from fse.engine import NO_FAULTS, Context, EngineError, Faults, Model, generate
+from fse.engine import (
+    NO_FAULTS,
+    Context,
+    EngineError,
+    Faults,
+    Model,
+    TooManyTokens,
+    generate,
+)
 from fse.guards import DEADLINE, INTERNAL
 from fse.policy import Policy
 from fse.scheduler import Handle, Limits, Scheduler
@@ -45,8 +53,10 @@ class Prepared:
     faults: Faults
 
 
-def prompt_tokens(model: Model, request: Request) -> list[int]:
-    """Tokenize the request's prompt, or its messages through the chat template."""
+def prompt_tokens(model: Model, request: Request, max_tokens: int | None = None) -> list[int]:
+    """Tokenize the request's prompt, or its messages through the chat template.
+
+    With max_tokens, a longer prompt raises TooManyTokens (and is never listed)."""
     if request.messages and request.prompt:
         raise InvalidRequest("prompt: set either prompt or messages, not both")
     if request.messages:
@@ -58,11 +68,13 @@ def prompt_tokens(model: Model, request: Request) -> list[int]:
         except ValueError as exc:
             raise InvalidRequest(str(exc)) from None
         # The rendered template starts with BOS itself where the model wants one.
-        tokens = model.tokenize(text, add_special=False, parse_special=True)
+        tokens = model.tokenize(text, add_special=False, parse_special=True, max_tokens=max_tokens)
     else:
         if not request.prompt:
             raise InvalidRequest("prompt: must not be empty (or send messages)")
-        tokens = model.tokenize(request.prompt, add_special=True, parse_special=False)
+        tokens = model.tokenize(
+            request.prompt, add_special=True, parse_special=False, max_tokens=max_tokens
+        )
     if not tokens:
         raise InvalidRequest("prompt: no tokens after tokenization")
     return tokens
@@ -165,14 +177,15 @@ class GuardService:
         if policy is None:
             known = ", ".join(sorted(self.policies))
             raise InvalidRequest(f"policy: unknown policy {request.policy!r}; accepted: {known}")
-        tokens = prompt_tokens(self.model, request)
-        room = self.limits.ctx_per_stream - len(tokens)
-        if room < 1:
+        context = self.limits.ctx_per_stream
+        try:
+            tokens = prompt_tokens(self.model, request, max_tokens=context - 1)
+        except TooManyTokens as exc:
             raise InvalidRequest(
-                f"prompt: {len(tokens)} tokens do not fit the context of "
-                f"{self.limits.ctx_per_stream} tokens per stream; accepted: at most "
-                f"{self.limits.ctx_per_stream - 1} tokens"
-            )
+                f"prompt: {exc.n_tokens} tokens do not fit the context of {context} tokens "
+                f"per stream; accepted: at most {context - 1} tokens"
+            ) from None
+        room = context - len(tokens)
         if request.max_tokens > room:
             raise InvalidRequest(
                 f"max_tokens: {request.max_tokens} does not fit after the {len(tokens)}-token "

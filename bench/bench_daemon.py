@@ -9,6 +9,7 @@ One run measures, interleaved over rounds and reported as medians:
     client sees them, daemon vs in-process;
   - aggregate tokens/s with 1, 2, 4, 8 concurrent streams vs llama-batched-bench
     at the same parallelism (prompt 32, 64 generated tokens per stream);
+  - the largest token gap of a running stream while a 1 MiB prompt is refused;
   - time from process start to health SERVING, and the daemon's peak RSS.
 Greedy decoding everywhere, as the llama.cpp tools do not sample.
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import random
@@ -29,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,8 +39,6 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import itertools
-
 from common import llama_batched_bench, median
 from fse.engine import Context, Model, Sampling
 from fse.models import default_model_path
@@ -74,7 +75,12 @@ def in_process_gaps(model: Model, ctx: Context, n_tokens: int) -> list[float]:
     return [b - a for a, b in itertools.pairwise(stamps)]
 
 
-async def stream_stamps(stub: fse_pb2_grpc.GuardStub, prompt: str, n_tokens: int) -> list[float]:
+async def stream_stamps(
+    stub: fse_pb2_grpc.GuardStub,
+    prompt: str,
+    n_tokens: int,
+    on_token: Callable[[int], None] | None = None,
+) -> list[float]:
     start = fse_pb2.GenerateRequest(
         prompt=prompt, max_tokens=n_tokens, sampling=fse_pb2.Sampling(temperature=0)
     )
@@ -83,7 +89,39 @@ async def stream_stamps(stub: fse_pb2_grpc.GuardStub, prompt: str, n_tokens: int
     async for msg in call:
         if msg.WhichOneof("kind") == "token":
             stamps.append(time.perf_counter())
+            if on_token is not None:
+                on_token(len(stamps))
     return stamps
+
+
+async def bystander_gaps(addr: str, n_tokens: int = 150, at_token: int = 20) -> list[float]:
+    """Token gaps of a running stream while the daemon refuses a 1 MiB prompt
+    (too many tokens for the context, found only by tokenizing all of it)."""
+    big = fse_pb2.GenerateClientMessage(
+        start=fse_pb2.GenerateRequest(prompt="a " * (512 << 10), max_tokens=8)
+    )
+    refused: list[grpc.StatusCode] = []
+
+    async def send_big(stub: fse_pb2_grpc.GuardStub) -> None:
+        try:
+            async for _ in stub.Generate(iter([big])):
+                pass
+        except grpc.aio.AioRpcError as exc:
+            refused.append(exc.code())
+
+    async with grpc.aio.insecure_channel(addr) as channel:
+        stub = fse_pb2_grpc.GuardStub(channel)
+        tasks: list[asyncio.Task[None]] = []
+
+        def fire(count: int) -> None:
+            if count == at_token:
+                tasks.append(asyncio.create_task(send_big(stub)))
+
+        stamps = await stream_stamps(stub, SINGLE_PROMPT, n_tokens, fire)
+        await asyncio.gather(*tasks)
+    if refused != [grpc.StatusCode.INVALID_ARGUMENT]:
+        raise RuntimeError(f"the 1 MiB prompt was not refused as expected: {refused}")
+    return [b - a for a, b in itertools.pairwise(stamps)]
 
 
 async def daemon_single_gaps(addr: str, n_tokens: int) -> list[float]:
@@ -215,6 +253,8 @@ def measure(
     ceiling_split: dict[int, list[float]] = {p: [] for p in PARALLEL}
     serving: list[float] = []
     rss: list[float] = []
+    bystander: list[float] = []
+    rss_refusal: list[float] = []
     for _ in range(rounds):
         with tempfile.TemporaryDirectory() as tmp:
             process, addr, seconds = start_daemon(Path(tmp), threads)
@@ -227,7 +267,11 @@ def measure(
                         single.pair(model, ctx, process, addr, n_tokens)
                 for p in PARALLEL:
                     aggregate[p].append(asyncio.run(daemon_aggregate(addr, p, 64)))
+                # Peak RSS of serving, taken before the 1 MiB refusal below,
+                # whose transient buffers are reported on their own.
                 rss.append(peak_rss_mib(process.pid))
+                bystander.append(max(asyncio.run(bystander_gaps(addr))))
+                rss_refusal.append(peak_rss_mib(process.pid) - rss[-1])
             finally:
                 process.terminate()
                 process.wait()
@@ -259,9 +303,11 @@ def measure(
         "batched_bench_split_kv_tps": {p: median(v) for p, v in ceiling_split.items()},
         "aggregate_ratio": {p: median(aggregate[p]) / median(ceiling[p]) for p in PARALLEL},
         "seconds_to_serving": median(serving),
+        "bystander_max_gap_ms": 1e3 * median(bystander),
         "peak_rss_mib": median(rss),
         "model_file_mib": model_mib,
         "rss_over_model_mib": median(rss) - model_mib,
+        "peak_rss_added_by_1mib_refusal_mib": median(rss_refusal),
     }
 
 
@@ -307,6 +353,11 @@ def main() -> int:
             f"  {p} streams: daemon {agg[p]:6.1f} tok/s, llama-batched-bench -kvu {ceil[p]:6.1f} "
             f"(per-sequence KV {split[p]:6.1f}), ratio {ratio[p]:.3f} (target >= 0.9)"
         )
+    print(
+        "  largest token gap of a running stream while a 1 MiB prompt is refused: "
+        f"{r['bystander_max_gap_ms']:.0f} ms "
+        f"(peak RSS +{r['peak_rss_added_by_1mib_refusal_mib']:.0f} MiB)"
+    )
     print(
         f"  start to SERVING {r['seconds_to_serving']:.2f} s; peak RSS {r['peak_rss_mib']:.0f} MiB "
         f"= model file {r['model_file_mib']:.0f} MiB + {r['rss_over_model_mib']:.0f} MiB "

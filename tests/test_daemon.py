@@ -775,7 +775,7 @@ def test_second_daemon_never_takes_a_live_socket(
 LONG_TEXT = "The quick brown fox jumps over the lazy dog. " * 40  # ~400 tokens
 
 
-def _sampling(**kw: float) -> fse_pb2.Sampling:
+def _sampling(**kw: Any) -> fse_pb2.Sampling:
     return fse_pb2.Sampling(**kw)
 
 

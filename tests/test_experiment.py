@@ -142,7 +142,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, args: list[str], fragm
 def _check_report(out: Path, policies: list[str]) -> dict[str, Any]:
     for name in ("report.md", "report.json", "ppl.png", "metrics.png"):
         assert (out / name).is_file(), name
-    doc = json.loads((out / "report.json").read_text())
+    doc: dict[str, Any] = json.loads((out / "report.json").read_text())
     markdown = (out / "report.md").read_text()
 
     # The table's rows are report.json's rows, cell for cell.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -10,6 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -58,9 +60,17 @@ class Daemon:
     addr: str  # first listen address (unix:/...)
     addrs: list[str]
     log_path: Path
+    audit_path: Path  # the default ./fse-audit.jsonl in the daemon's working directory
 
     def log(self) -> str:
         return self.log_path.read_text()
+
+    def audit(self) -> list[dict[str, Any]]:
+        """The audit log's records so far (complete lines only)."""
+        if not self.audit_path.exists():
+            return []
+        text = self.audit_path.read_text()
+        return [json.loads(line) for line in text.splitlines(keepends=True) if line.endswith("\n")]
 
     def channel(self) -> grpc.Channel:
         return grpc.insecure_channel(self.addr)
@@ -111,7 +121,7 @@ def _daemons(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[...,
             text=True,
             cwd=workdir,
         )
-        daemon = Daemon(process, addrs[0], addrs, log_path)
+        daemon = Daemon(process, addrs[0], addrs, log_path, workdir / "fse-audit.jsonl")
         started.append(daemon)
         if wait:
             wait_serving(daemon.addr, process)

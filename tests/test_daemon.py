@@ -15,10 +15,12 @@ Tests that kill or stop a daemon, or watch one start, get their own.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import queue
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -34,6 +36,7 @@ import grpc
 import pytest
 from conftest import FSE, Daemon, run_fse
 from fse import __version__
+from fse.audit import AuditLog, verify
 from fse.policy import load_policies
 from fse.v1 import fse_pb2, fse_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -252,9 +255,14 @@ def health_status(channel: grpc.Channel, service: str = "") -> int:
 
 
 def log_events(daemon: Daemon, event: str) -> list[dict[str, Any]]:
-    """The daemon's structured log lines of one event."""
+    """The daemon's structured log lines (stderr) of one event."""
     lines = [line for line in daemon.log().splitlines() if line.startswith("{")]
     return [doc for doc in map(json.loads, lines) if doc.get("event") == event]
+
+
+def audit_events(daemon: Daemon, event: str) -> list[dict[str, Any]]:
+    """The daemon's audit records of one event."""
+    return [doc for doc in daemon.audit() if doc["event"] == event]
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = LIVE, what: str = "") -> None:
@@ -480,7 +488,7 @@ def test_sixteen_concurrent_streams(main: Daemon, main_channel: grpc.Channel) ->
             assert verdict.status == fse_pb2.STATUS_HALTED, (i, verdict)
             assert verdict.token_index == verdict.tokens
             assert verdict.guard in ("perplexity", "loop", "max_prob", "logit_variance")
-    ends = [e for e in log_events(main, "stream.verdict") if e["request_id"].startswith("c")]
+    ends = [e for e in audit_events(main, "stream.verdict") if e["request_id"].startswith("c")]
     assert sorted(e["request_id"] for e in ends) == sorted(f"c{i}" for i in range(16))
     assert health_status(main_channel) == health_pb2.HealthCheckResponse.SERVING
 
@@ -503,7 +511,8 @@ def test_cancel_mid_stream_frees_the_slot(single: Daemon, single_channel: grpc.C
     # --max-streams 1 --max-queue 0: the next stream is served only if the slot was freed.
     after = generate(single_channel, [start(max_tokens=8)])
     assert assert_well_formed(after, 8).status == fse_pb2.STATUS_COMPLETED
-    (logged,) = [e for e in log_events(single, "stream.verdict") if e["request_id"] == "cancel-me"]
+    verdicts = audit_events(single, "stream.verdict")
+    (logged,) = [e for e in verdicts if e["request_id"] == "cancel-me"]
     assert logged["status"] == "cancelled"
 
 
@@ -524,10 +533,10 @@ def test_client_disconnect_frees_the_slot(single: Daemon, single_channel: grpc.C
         assert live.call.code() == Code.CANCELLED
 
     def ended() -> bool:
-        return any(e["request_id"] == "hang-up" for e in log_events(single, "stream.verdict"))
+        return any(e["request_id"] == "hang-up" for e in audit_events(single, "stream.verdict"))
 
     wait_for(ended, what="a stream.verdict for the disconnected client")
-    (logged,) = [e for e in log_events(single, "stream.verdict") if e["request_id"] == "hang-up"]
+    (logged,) = [e for e in audit_events(single, "stream.verdict") if e["request_id"] == "hang-up"]
     assert logged["status"] == "cancelled"
     assert logged["tokens"] < 1000
     assert single.process.poll() is None
@@ -689,8 +698,8 @@ def test_sigterm_drains_in_flight_stream(start_daemon: Callable[..., Daemon]) ->
     assert verdict.status == fse_pb2.STATUS_COMPLETED
     assert verdict.tokens == 200
     assert daemon.process.wait(LIVE) == 0
-    assert log_events(daemon, "server.stopping")
-    (logged,) = [e for e in log_events(daemon, "stream.verdict") if e["request_id"] == "drained"]
+    assert audit_events(daemon, "server.stopping")
+    (logged,) = [e for e in audit_events(daemon, "stream.verdict") if e["request_id"] == "drained"]
     assert logged["status"] == "completed"
 
 
@@ -705,7 +714,7 @@ def test_sigterm_without_drain_halts_with_shutdown(start_daemon: Callable[..., D
     assert verdict.guard == "shutdown"
     assert verdict.token_index == verdict.tokens < 1000
     assert daemon.process.wait(LIVE) == 0
-    (logged,) = log_events(daemon, "stream.verdict")
+    (logged,) = audit_events(daemon, "stream.verdict")
     assert (logged["status"], logged["guard"]) == ("halted", "shutdown")
 
 
@@ -739,8 +748,8 @@ def test_invalid_policy_on_reload_keeps_the_last_good_set(
     daemon = start_daemon(*THREADS, "--policies-dir", str(policies))
     (policies / "strict.toml").write_text('name = "strict"\n[guards.perplexity]\nthreshold = -1\n')
     daemon.process.send_signal(signal.SIGHUP)
-    wait_for(lambda: bool(log_events(daemon, "policy.reload_rejected")), what="reload rejected")
-    (rejected,) = log_events(daemon, "policy.reload_rejected")
+    wait_for(lambda: bool(audit_events(daemon, "policy.reload_rejected")), what="reload rejected")
+    (rejected,) = audit_events(daemon, "policy.reload_rejected")
     assert "guards.perplexity.threshold" in rejected["error"]
     with daemon.channel() as channel:
         info = fse_pb2_grpc.GuardStub(channel).GetInfo(fse_pb2.GetInfoRequest(), timeout=10)
@@ -768,6 +777,143 @@ def test_second_daemon_never_takes_a_live_socket(
     assert other.process.wait(LIVE) == 1
     assert "exists and is not a socket" in other.log()
     assert notes.read_text() == "keep me"
+
+
+# -- 5b. the audit log ---------------------------------------------------------------
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def test_audit_log_records_every_decision(start_daemon: Callable[..., Daemon]) -> None:
+    """One stream.started and exactly one stream.verdict per stream, in a chain that
+    `fse audit verify` accepts and whose head the daemon logs as it stops."""
+    daemon = start_daemon(*THREADS, "--max-streams", "2", "--allow-debug-faults")
+    with daemon.channel() as channel:
+        done = generate(channel, [start(max_tokens=6, request_id="done")])
+        halted = generate(
+            channel,
+            [start(max_tokens=6, request_id="nan")],
+            metadata=[("fse-debug-fault", "nan@2")],
+        )
+        cancelled = generate(channel, [start(LONG_PROMPT, LONG, request_id="stop"), CANCEL])
+        bad = generate(channel, [start(max_tokens=0, request_id="bad")])
+    assert bad.code == Code.INVALID_ARGUMENT
+    assert daemon.stop() == 0
+    docs = daemon.audit()
+    events = [d["event"] for d in docs]
+    assert events[:2] == ["policy.loaded", "server.started"]
+    assert events[-1] == "server.stopping"
+    started = {d["request_id"]: d for d in docs if d["event"] == "stream.started"}
+    verdicts = [d for d in docs if d["event"] == "stream.verdict"]
+    assert sorted(started) == sorted(d["request_id"] for d in verdicts) == ["done", "nan", "stop"]
+    for outcome in (done, halted, cancelled):
+        verdict = assert_well_formed(outcome)
+        (logged,) = [d for d in verdicts if d["request_id"] == outcome.started.request_id]
+        assert logged["stream"] == started[logged["request_id"]]["stream"]
+        assert (
+            logged["status"] == fse_pb2.Status.Name(verdict.status).removeprefix("STATUS_").lower()
+        )
+        assert logged["tokens"] == verdict.tokens
+        assert logged["output_sha256"] == sha256_text(verdict.text)
+        assert "output" not in logged
+    assert started["done"]["prompt_sha256"] == sha256_text(PROMPT)
+    assert started["done"]["prompt_tokens"] == done.started.prompt_tokens
+    (nan,) = [d for d in verdicts if d["request_id"] == "nan"]
+    assert (nan["guard"], nan["token_index"]) == ("non_finite", 2)
+    assert nan["value"] == halted.verdict.value and nan["threshold"] == halted.verdict.threshold
+    (rejected,) = [d for d in docs if d["event"] == "input.rejected"]
+    assert rejected["request_id"] == "bad" and rejected["reason"] == "invalid_argument"
+    assert rejected["error"].startswith("max_tokens: 0 is out of range")
+    check = run_fse("audit", "verify", str(daemon.audit_path))
+    assert check.returncode == 0, check.stdout
+    (head,) = log_events(daemon, "audit.head")
+    assert check.stdout.strip().endswith(f"last seq {head['seq']} sha256 {head['sha256']}")
+    assert head["seq"] == len(docs)
+
+
+def test_audit_text_records_prompts_and_outputs(start_daemon: Callable[..., Daemon]) -> None:
+    daemon = start_daemon(*THREADS, "--max-streams", "1", "--audit-text")
+    with daemon.channel() as channel:
+        verdict = assert_well_formed(generate(channel, [start(max_tokens=4)]))
+    (started,) = audit_events(daemon, "stream.started")
+    (logged,) = audit_events(daemon, "stream.verdict")
+    assert started["prompt"] == PROMPT and logged["output"] == verdict.text
+
+
+def test_audit_log_that_cannot_be_written_refuses_new_streams(
+    start_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    """The fail-closed row: new streams UNAVAILABLE and health NOT_SERVING while the
+    audit log cannot be written, nothing lost, and serving again once it can. The
+    failure is real: a file size limit (EFBIG) set on the running daemon."""
+    audit = tmp_path / "audit.jsonl"
+    history = AuditLog(audit)  # some history, so that only the audit log hits the limit
+    for i in range(2000):
+        history.write("stream.verdict", stream=i, status="completed")
+    history.close()
+    daemon = start_daemon(*THREADS, "--max-streams", "2", "--audit-log", str(audit))
+    pid = daemon.process.pid
+    unlimited = (resource.RLIM_INFINITY, resource.RLIM_INFINITY)
+    with daemon.channel() as channel:
+        before = generate(channel, [start(max_tokens=4, request_id="before")])
+        assert assert_well_formed(before, 4).status == fse_pb2.STATUS_COMPLETED
+        size = audit.stat().st_size
+        assert size > daemon.log_path.stat().st_size + (64 << 10)  # stderr stays writable
+        resource.prlimit(pid, resource.RLIMIT_FSIZE, (size, resource.RLIM_INFINITY))
+
+        refused = generate(channel, [start(max_tokens=4, request_id="unaudited")])
+        assert refused.code == Code.UNAVAILABLE, (refused.code, refused.details)
+        assert refused.details.startswith("audit log: cannot write ")
+        assert "File too large" in refused.details
+        assert refused.tokens == [] and refused.verdicts == []
+        wait_for(
+            lambda: health_status(channel) == health_pb2.HealthCheckResponse.NOT_SERVING,
+            what="NOT_SERVING while the audit log fails",
+        )
+        again = generate(channel, [start(max_tokens=4)])
+        assert again.code == Code.UNAVAILABLE and again.messages == []
+        assert audit.stat().st_size == size  # no partial line
+
+        resource.prlimit(pid, resource.RLIMIT_FSIZE, unlimited)
+        wait_for(
+            lambda: health_status(channel) == health_pb2.HealthCheckResponse.SERVING,
+            what="SERVING once the audit log can be written",
+        )
+        after = generate(channel, [start(max_tokens=4, request_id="after")])
+        assert assert_well_formed(after, 4).status == fse_pb2.STATUS_COMPLETED
+    assert log_events(daemon, "audit.write_failed") and log_events(daemon, "audit.recovered")
+    new = [d for d in daemon_audit(audit) if d["seq"] > 2000]
+    ids = [(d["event"], d.get("request_id")) for d in new if d["event"].startswith("stream.")]
+    assert ids == [
+        ("stream.started", "before"),
+        ("stream.verdict", "before"),
+        ("stream.started", "unaudited"),  # kept while the log failed, written after
+        ("stream.verdict", "unaudited"),
+        ("stream.started", "after"),
+        ("stream.verdict", "after"),
+    ]
+    (unaudited,) = [
+        d for d in new if d["event"] == "stream.verdict" and d["request_id"] == "unaudited"
+    ]
+    assert unaudited["status"] == "cancelled"
+    assert verify(audit).ok
+
+
+def daemon_audit(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_unusable_audit_log_at_start_serves_nothing(
+    start_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    daemon = start_daemon(*THREADS, "--audit-log", str(tmp_path), wait=False)
+    assert daemon.process.wait(LIVE) == 1
+    output = daemon.log()
+    assert f"fse serve: error: --audit-log {tmp_path}: cannot open: Is a directory" in output
+    assert "Traceback" not in output
+    assert not log_events(daemon, "server.listening")
 
 
 # -- 6. bad input -----------------------------------------------------------------

@@ -136,7 +136,26 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="debug only: honour fault injection requested in call metadata",
     )
+    srv.add_argument(
+        "--audit-log",
+        type=Path,
+        default=Path("fse-audit.jsonl"),
+        help="append-only, hash-chained audit log (./fse-audit.jsonl)",
+    )
+    srv.add_argument(
+        "--audit-text",
+        action="store_true",
+        help="record prompts and outputs as text in the audit log (default: sha256 only)",
+    )
     srv.set_defaults(func=cmd_serve)
+
+    aud = commands.add_parser("audit", help="check an audit log")
+    aud_commands = aud.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
+    verify = aud_commands.add_parser(
+        "verify", help="check the hash chain; names the first line that breaks it"
+    )
+    verify.add_argument("file", type=Path)
+    verify.set_defaults(func=cmd_audit_verify)
 
     pol = commands.add_parser("policy", help="check or show guard policies")
     pol_commands = pol.add_subparsers(dest="policy_command", required=True, metavar="ACTION")
@@ -310,8 +329,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
         allow_debug_faults=args.allow_debug_faults,
         drain_seconds=args.drain_seconds,
         verbose=args.verbose,
+        audit_log=args.audit_log,
+        audit_text=args.audit_text,
     )
     return run(config)
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from fse.audit import verify
+
+    try:
+        result = verify(args.file)
+    except OSError as exc:
+        raise UsageError(f"{args.file}: cannot read: {exc.strerror or exc}") from None
+    if not result.ok:
+        print(f"{args.file}: BROKEN: {result.problem}; lines 1..{result.lines} are intact")
+        return EXIT_ERROR
+    head = result.head
+    print(f"{args.file}: ok: {result.lines} lines, last seq {head.seq} sha256 {head.hash}")
+    return 0
 
 
 def cmd_policy_check(args: argparse.Namespace) -> int:

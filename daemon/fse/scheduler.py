@@ -70,6 +70,7 @@ class Handle:
     admitted_at: float = field(default_factory=time.monotonic)
     deadline: float | None = None  # time.monotonic() when the deadline guard fires
     cancelled: bool = False  # set from the asyncio side; read by the scheduler each step
+    stream_id: int = 0  # the daemon's own number for the stream (audit log)
 
     def cancel(self) -> None:
         self.cancelled = True

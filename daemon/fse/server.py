@@ -26,15 +26,19 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from fse.audit import AuditError, AuditLog
 from fse.engine import Faults, Model, Sampling
 from fse.models import ModelError, check_gguf, default_model_path
 from fse.policy import Policy, PolicyError, load_policies
 from fse.scheduler import Handle, Limits, NotAccepting, Overloaded
-from fse.service import GuardService, InvalidRequest
+from fse.service import AuditUnavailable, GuardService, InvalidRequest
 from fse.stream import CANCELLED, COMPLETED, ERROR, HALTED, Request, TokenEvent, Verdict
 from fse.v1 import fse_pb2, fse_pb2_grpc
 
 log = structlog.get_logger("fse.server")
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 SERVICE_NAME = fse_pb2.DESCRIPTOR.services_by_name["Guard"].full_name
 # Debug faults travel in metadata, never in the public message, and only a daemon
@@ -131,6 +135,10 @@ def verdict_to_wire(verdict: Verdict) -> fse_pb2.GenerateServerMessage:
     return fse_pb2.GenerateServerMessage(verdict=wire)
 
 
+def audit_refusal(exc: AuditUnavailable) -> str:
+    return f"audit log: {exc}; new streams are refused until it can be written again"
+
+
 def faults_from_metadata(metadata: Any) -> Faults:
     specs = [value for key, value in (metadata or ()) if key == FAULT_METADATA]
     return Faults.parse(specs) if specs else Faults()
@@ -152,13 +160,18 @@ class GuardServicer(fse_pb2_grpc.GuardServicer):
         if service is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
             return
+        try:
+            service.check_audit()  # refused before reading: nothing to record while it fails
+        except AuditUnavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, audit_refusal(exc))
+            return
         first = await anext(aiter(request_iterator), None)
         if first is None or first.WhichOneof("kind") != "start":
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                "start: the first message of a Generate stream must be `start`",
-            )
+            message = "start: the first message of a Generate stream must be `start`"
+            service.record_rejection("", "invalid_argument", message)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
             return
+        code, message = grpc.StatusCode.OK, ""
         try:
             request = request_from_wire(first.start, context.time_remaining())
             faults = faults_from_metadata(context.invocation_metadata())
@@ -168,13 +181,17 @@ class GuardServicer(fse_pb2_grpc.GuardServicer):
                 prepared = service.prepare(request, faults)
             handle = service.admit(prepared)
         except (InvalidRequest, ValueError) as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-            return
+            code, message = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
         except Overloaded as exc:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"overloaded: {exc}")
-            return
+            code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, f"overloaded: {exc}"
         except NotAccepting as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            code, message = grpc.StatusCode.UNAVAILABLE, str(exc)
+        except AuditUnavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, audit_refusal(exc))
+            return
+        if code != grpc.StatusCode.OK:
+            service.record_rejection(first.start.request_id, code.name.lower(), message)
+            await context.abort(code, message)
             return
 
         yield fse_pb2.GenerateServerMessage(
@@ -193,6 +210,7 @@ class GuardServicer(fse_pb2_grpc.GuardServicer):
             while True:
                 event = await handle.events.get()
                 if violation:  # nothing more goes out after a protocol error
+                    service.record_rejection(request.request_id, "invalid_argument", violation[0])
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, violation[0])
                 if isinstance(event, TokenEvent):
                     yield token_to_wire(event)
@@ -272,6 +290,8 @@ class ServeConfig:
     allow_debug_faults: bool = False
     drain_seconds: float = 30.0
     verbose: bool = False
+    audit_log: Path = Path("fse-audit.jsonl")
+    audit_text: bool = False  # record prompts and outputs as text, not sha256
 
 
 class StartupError(Exception):
@@ -346,6 +366,28 @@ async def serve(config: ServeConfig, on_ready: Callable[[list[str]], None] | Non
     policies = load_policy_set(config.policies_dir)  # invalid at start: serve nothing
     model_path = config.model if config.model is not None else default_model_path()
     check_gguf(model_path)
+    loop = asyncio.get_running_loop()
+    health_servicer = health.aio.HealthServicer()
+    serving = False  # what health reports while the audit log can be written
+
+    async def report(status: int) -> None:
+        for name in ("", SERVICE_NAME):
+            await health_servicer.set(name, status)
+
+    def audit_health(writable: bool, error: str) -> None:  # any thread
+        if writable:
+            log.info("audit.recovered", path=str(config.audit_log))
+        else:
+            log.error("audit.write_failed", path=str(config.audit_log), error=error)
+        loop.call_soon_threadsafe(lambda: loop.create_task(report_audit_health()))
+
+    async def report_audit_health() -> None:  # decided on the loop, in order with stopping
+        await report(SERVING if serving and audit.healthy else NOT_SERVING)
+
+    try:
+        audit = AuditLog(config.audit_log, text=config.audit_text, on_health=audit_health)
+    except AuditError as exc:
+        raise StartupError(str(exc)) from None
 
     server = grpc.aio.server(
         options=[
@@ -356,13 +398,11 @@ async def serve(config: ServeConfig, on_ready: Callable[[list[str]], None] | Non
     )
     servicer = GuardServicer()
     fse_pb2_grpc.add_GuardServicer_to_server(servicer, server)
-    health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await report(NOT_SERVING)
     for target in targets:
         if target.startswith("unix:"):
             remove_stale_socket(Path(target.removeprefix("unix:")))
@@ -380,28 +420,30 @@ async def serve(config: ServeConfig, on_ready: Callable[[list[str]], None] | Non
         config.limits,
         n_threads=config.threads,
         allow_faults=config.allow_debug_faults,
-    )
-    service.scheduler.on_stream_end = lambda h, v: log.info(
-        "stream.verdict",
-        request_id=h.request.request_id,
-        status=v.status,
-        guard=v.guard,
-        value=v.value,
-        threshold=v.threshold,
-        token_index=v.token_index,
-        tokens=v.tokens,
-        policy=v.policy,
+        audit=audit,
     )
     service.start()
     servicer.service = service
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    audit.write("policy.loaded", policies={p.name: p.sha256 for p in policies.values()})
+    audit.write(
+        "server.started",
+        version=service.version,
+        listen=targets,
+        model=str(model_path),
+        pid=os.getpid(),
+        max_streams=config.limits.max_streams,
+    )
+    serving = True
+    if audit.healthy:
+        await report(SERVING)
+    retrying = loop.create_task(_retry_audit(audit))
     log.info(
         "server.started",
         listen=targets,
         model=str(model_path),
         policies=sorted(policies),
         max_streams=config.limits.max_streams,
+        audit_log=str(config.audit_log),
         seconds_to_serving=round(time.monotonic() - began, 3),
     )
     print(
@@ -415,15 +457,17 @@ async def serve(config: ServeConfig, on_ready: Callable[[list[str]], None] | Non
     asyncio.get_running_loop().run_in_executor(None, _hash_model, servicer, model_path)
 
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: _reload_policies(service, config.policies_dir))
+    loop.add_signal_handler(
+        signal.SIGHUP, lambda: _reload_policies(service, audit, config.policies_dir)
+    )
     await stop.wait()
 
     log.info("server.stopping", drain_seconds=config.drain_seconds)
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    audit.write("server.stopping", drain_seconds=config.drain_seconds)
+    serving = False
+    await report(NOT_SERVING)
     service.scheduler.stop_accepting()
     drain_until = time.monotonic() + config.drain_seconds
     while service.scheduler.load != (0, 0) and time.monotonic() < drain_until:
@@ -431,8 +475,24 @@ async def serve(config: ServeConfig, on_ready: Callable[[list[str]], None] | Non
     await asyncio.to_thread(service.shutdown)  # what is left halts with guard `shutdown`
     await server.stop(grace=2.0)
     model.close()
+    retrying.cancel()
+    written = audit.retry()  # a last try for lines kept while the log failed
+    audit.close()
+    # The chain's head, for checking later that no line was cut off the end.
+    log.info("audit.head", path=str(config.audit_log), seq=audit.head.seq, sha256=audit.head.hash)
+    if not written:
+        log.error("audit.lost", path=str(config.audit_log), error=audit.error)
+        return 1
     log.info("server.stopped")
     return 0
+
+
+async def _retry_audit(audit: AuditLog, every: float = 0.5) -> None:
+    """While the audit log fails, keep trying; it reports SERVING again itself."""
+    while True:
+        await asyncio.sleep(every)
+        if not audit.healthy:
+            audit.retry()
 
 
 def _hash_model(servicer: GuardServicer, path: Path) -> None:
@@ -441,14 +501,17 @@ def _hash_model(servicer: GuardServicer, path: Path) -> None:
     servicer.model_sha256 = file_sha256(path)
 
 
-def _reload_policies(service: GuardService, policies_dir: Path | None) -> None:
+def _reload_policies(service: GuardService, audit: AuditLog, policies_dir: Path | None) -> None:
     try:
         policies = load_policies(policies_dir)
     except PolicyError as exc:
         log.warning("policy.reload_rejected", error=str(exc))
+        audit.write("policy.reload_rejected", error=str(exc))
         return
     service.replace_policies(policies)
-    log.info("policy.loaded", policies={p.name: p.sha256 for p in policies.values()})
+    hashes = {p.name: p.sha256 for p in policies.values()}
+    log.info("policy.loaded", policies=hashes)
+    audit.write("policy.loaded", policies=hashes)
 
 
 def run(config: ServeConfig) -> int:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
+import json
 import math
 import random
 import threading
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fse import __version__
+from fse.audit import AuditLog
 from fse.engine import (
     NO_FAULTS,
     Context,
@@ -31,7 +34,16 @@ from fse.engine import (
 from fse.guards import DEADLINE, INTERNAL
 from fse.policy import Policy
 from fse.scheduler import Handle, Limits, Scheduler
-from fse.stream import CANCELLED, COMPLETED, ERROR, HALTED, Event, GuardedStream, Request
+from fse.stream import (
+    CANCELLED,
+    COMPLETED,
+    ERROR,
+    HALTED,
+    Event,
+    GuardedStream,
+    Request,
+    Verdict,
+)
 
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_BYTES = 256
@@ -41,6 +53,10 @@ MAX_PROMPT_BYTES = 1 << 20
 
 class InvalidRequest(ValueError):
     """A request field is out of its accepted range; the message names the field."""
+
+
+class AuditUnavailable(Exception):
+    """The audit log cannot be written: no new stream may start (fail closed)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +145,7 @@ class GuardService:
         *,
         n_threads: int,
         allow_faults: bool = False,
+        audit: AuditLog | None = None,
     ) -> None:
         if "default" not in policies:
             raise ValueError("policies: the built-in 'default' policy is missing")
@@ -136,8 +153,11 @@ class GuardService:
         self.policies = dict(policies)
         self.limits = limits
         self.allow_faults = allow_faults
+        self.audit = audit
         self.scheduler = Scheduler(model, limits, n_threads)
+        self.scheduler.on_stream_end = self._record_verdict
         self.version = __version__
+        self._stream_ids = itertools.count(1)
 
     def start(self) -> None:
         self.scheduler.start()
@@ -198,17 +218,72 @@ class GuardService:
             request = dataclasses.replace(request, sampling=sampling)
         return Prepared(request, policy, tokens, faults)
 
+    def check_audit(self) -> None:
+        """Raise AuditUnavailable while the audit log cannot be written."""
+        if self.audit is not None and not self.audit.healthy:
+            raise AuditUnavailable(self.audit.error)
+
     def admit(self, prepared: Prepared, loop: asyncio.AbstractEventLoop | None = None) -> Handle:
-        """Queue a prepared stream, or raise Overloaded / NotAccepting at once."""
+        """Queue a prepared stream, or raise Overloaded / NotAccepting / AuditUnavailable
+        at once. No stream runs unless its start is in the audit log."""
+        self.check_audit()
         handle = Handle(
             prepared.request,
             prepared.policy,
             prepared.prompt,
             prepared.faults,
             loop or asyncio.get_running_loop(),
+            stream_id=next(self._stream_ids),
         )
         self.scheduler.submit(handle)
+        if not self._record_start(handle):
+            # Queued but not recorded: stop it before anything is sent. Both lines are
+            # kept by the audit log and written, in order, once it can write again.
+            handle.cancel()
+            raise AuditUnavailable(self.audit.error if self.audit else "")
         return handle
+
+    def record_rejection(self, request_id: str, reason: str, message: str) -> None:
+        """Audit a request refused before it started (bad input, overload...)."""
+        if self.audit is not None:
+            self.audit.write("input.rejected", request_id=request_id, reason=reason, error=message)
+
+    def _record_start(self, handle: Handle) -> bool:
+        if self.audit is None:
+            return True
+        r = handle.request
+        return self.audit.write(
+            "stream.started",
+            stream=handle.stream_id,
+            request_id=r.request_id,
+            policy=handle.policy.name,
+            policy_sha256=handle.policy.sha256,
+            prompt=r.prompt or json.dumps(r.messages, ensure_ascii=False),
+            prompt_tokens=len(handle.prompt),
+            max_tokens=r.max_tokens,
+            temperature=r.sampling.temperature,
+            seed=r.sampling.seed,
+        )
+
+    def _record_verdict(self, handle: Handle, verdict: Verdict) -> None:
+        """Called on the decode thread once per stream, as it ends."""
+        if self.audit is None:
+            return
+        self.audit.write(
+            "stream.verdict",
+            stream=handle.stream_id,
+            request_id=handle.request.request_id,
+            status=verdict.status,
+            guard=verdict.guard,
+            value=verdict.value,
+            threshold=verdict.threshold,
+            token_index=verdict.token_index,
+            tokens=verdict.tokens,
+            policy=verdict.policy,
+            policy_sha256=verdict.policy_sha256,
+            output=verdict.text,
+            message=verdict.message or None,
+        )
 
     def shutdown(self) -> None:
         self.scheduler.shutdown()

@@ -1,0 +1,197 @@
+"""The audit log on its own: the chain, resuming it, finding tampering, failing closed.
+
+The daemon's use of it (which events, refusing streams while it cannot be
+written) is tested through the real server in test_daemon.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import run_fse
+from fse.audit import GENESIS, AuditError, AuditLog, verify
+
+
+def records(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def write_log(path: Path, n: int, **options: Any) -> None:
+    log = AuditLog(path, **options)
+    for i in range(n):
+        assert log.write("stream.verdict", stream=i, status="completed", output=f"text {i}")
+    log.close()
+
+
+def test_each_line_chains_to_the_one_before(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    write_log(path, 3)
+    lines = path.read_bytes().splitlines()
+    docs = records(path)
+    assert [d["seq"] for d in docs] == [1, 2, 3]
+    assert docs[0]["prev"] == GENESIS
+    for before, doc in zip(lines, docs[1:], strict=False):
+        assert doc["prev"] == hashlib.sha256(before).hexdigest()
+    assert list(docs[0])[:3] == ["ts", "seq", "event"] and list(docs[0])[-1] == "prev"
+    assert docs[0]["ts"].endswith("Z")
+    result = verify(path)
+    assert result.ok and result.lines == 3
+    assert result.head.hash == hashlib.sha256(lines[-1]).hexdigest()
+
+
+def test_reopening_continues_the_chain(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    write_log(path, 2)
+    write_log(path, 2)
+    assert [d["seq"] for d in records(path)] == [1, 2, 3, 4]
+    assert verify(path).ok
+
+
+def test_content_is_hashed_unless_text_is_asked(tmp_path: Path) -> None:
+    hashed, text = tmp_path / "hashed.jsonl", tmp_path / "text.jsonl"
+    write_log(hashed, 1)
+    write_log(text, 1, text=True)
+    (doc,) = records(hashed)
+    assert "output" not in doc
+    assert doc["output_sha256"] == hashlib.sha256(b"text 0").hexdigest()
+    (doc,) = records(text)
+    assert doc["output"] == "text 0" and "output_sha256" not in doc
+
+
+def test_non_finite_values_and_unset_fields(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path)
+    log.write("stream.verdict", guard="non_finite", value=float("nan"), threshold=None)
+    log.close()
+    (doc,) = records(path)
+    assert doc["value"] == "nan" and "threshold" not in doc
+
+
+def _edit_first(lines: list[bytes]) -> list[bytes]:
+    doc = json.loads(lines[0])
+    doc["status"] = "halted"
+    return [json.dumps(doc, separators=(",", ":")).encode(), *lines[1:]]
+
+
+# How each change shows: an edited line breaks the prev of the line after it.
+TAMPERING = {
+    "edited": (_edit_first, "line 2: prev"),
+    "deleted": (lambda lines: [lines[0], *lines[2:]], "line 2: seq is 3, expected 2"),
+    "reordered": (lambda lines: [lines[0], lines[2], lines[1], lines[3]], "line 2: seq is 3"),
+    "inserted": (lambda lines: [lines[0], lines[0], *lines[1:]], "line 2: seq is 1"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TAMPERING))
+def test_verify_names_the_tampered_line(tmp_path: Path, case: str) -> None:
+    path = tmp_path / "audit.jsonl"
+    write_log(path, 4)
+    change, problem = TAMPERING[case]
+    path.write_bytes(b"\n".join(change(path.read_bytes().splitlines())) + b"\n")
+    result = verify(path)
+    assert not result.ok
+    assert result.problem.startswith(problem), result.problem
+    # Lines before the break are intact; an edit also puts the edited line in doubt.
+    assert result.lines == (0 if case == "edited" else 1)
+
+
+def test_verify_cli(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    write_log(path, 3)
+    ok = run_fse("audit", "verify", str(path))
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.startswith(f"{path}: ok: 3 lines, last seq 3 sha256 ")
+    path.write_bytes(path.read_bytes().replace(b"text 1", b"text 9", 1) + b'{"seq":4')
+    broken = run_fse("audit", "verify", str(path))
+    assert broken.returncode == 1
+    assert broken.stdout.strip() == (
+        f"{path}: BROKEN: line 4: incomplete (no newline at the end of the file); "
+        "lines 1..3 are intact"
+    )
+    missing = run_fse("audit", "verify", str(tmp_path / "nope.jsonl"))
+    assert missing.returncode == 2
+    assert missing.stderr.strip() == (
+        f"fse audit: error: {tmp_path / 'nope.jsonl'}: cannot read: No such file or directory"
+    )
+
+
+def test_a_log_that_does_not_end_in_a_record_is_not_resumed(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    write_log(path, 2)
+    with path.open("ab") as f:
+        f.write(b'{"ts":"x","seq":3')
+    with pytest.raises(AuditError, match="the last line is incomplete"):
+        AuditLog(path)
+    path.write_bytes(b"not json\n")
+    with pytest.raises(AuditError, match="not an audit record"):
+        AuditLog(path)
+    with pytest.raises(AuditError, match="cannot open: Is a directory"):
+        AuditLog(tmp_path)
+
+
+# A process whose file size limit makes the audit writes fail (EFBIG) for real, then
+# lifts the limit again: nothing is lost and no partial line stays behind.
+FAILING_DISK = textwrap.dedent(
+    """
+    import json, resource, sys
+    from pathlib import Path
+    from fse.audit import AuditLog, verify
+
+    path = Path(sys.argv[1])
+    changes = []
+    log = AuditLog(path, on_health=lambda ok, error: changes.append([ok, error]))
+    log.write("server.started")
+    size = path.stat().st_size
+    _, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size + 10, hard))  # room for a partial line
+    first = log.write("stream.started", stream=1, prompt="p" * 100)
+    second = log.write("stream.verdict", stream=1, status="cancelled")
+    failing = dict(healthy=log.healthy, retry=log.retry(), size=path.stat().st_size,
+                   verify=verify(path).ok, lines=verify(path).lines)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))
+    recovered = log.retry()
+    print(json.dumps(dict(first=first, second=second, failing=failing, size=size,
+                          recovered=recovered, healthy=log.healthy, changes=changes)))
+    """
+)
+
+
+def test_write_failure_keeps_lines_and_reports_unhealthy_until_it_can_write(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "audit.jsonl"
+    run = subprocess.run(
+        [sys.executable, "-c", FAILING_DISK, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    assert result["first"] is False and result["second"] is False
+    failing = result["failing"]
+    assert failing == {
+        "healthy": False,
+        "retry": False,
+        "size": result["size"],  # the partial line was cut off again
+        "verify": True,
+        "lines": 1,
+    }
+    assert result["recovered"] is True and result["healthy"] is True
+    (down, up) = result["changes"]
+    assert down[0] is False and "audit.jsonl" in down[1]
+    assert up == [True, ""]
+    docs = records(path)
+    assert [(d["seq"], d["event"]) for d in docs] == [
+        (1, "server.started"),
+        (2, "stream.started"),
+        (3, "stream.verdict"),
+    ]
+    assert verify(path).ok

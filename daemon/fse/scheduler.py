@@ -121,8 +121,11 @@ class Scheduler:
         with self._wake:
             return len(self._active), len(self._waiting)
 
-    def submit(self, handle: Handle) -> None:
-        """Queue a validated stream, or raise Overloaded / NotAccepting at once."""
+    def submit(self, handle: Handle, on_queue: Callable[[], None] | None = None) -> None:
+        """Queue a validated stream, or raise Overloaded / NotAccepting at once.
+
+        `on_queue` runs once the stream is sure to be queued, before the decode thread
+        can see it (the audit log's stream.started comes before anything it does)."""
         with self._wake:
             if not self._accepting:
                 raise NotAccepting("the daemon is shutting down")
@@ -134,6 +137,8 @@ class Scheduler:
                 )
             if handle.request.timeout is not None:
                 handle.deadline = handle.admitted_at + handle.request.timeout
+            if on_queue is not None:
+                on_queue()
             self._waiting.append(handle)
             self._wake.notify()
 

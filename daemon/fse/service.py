@@ -235,11 +235,19 @@ class GuardService:
             loop or asyncio.get_running_loop(),
             stream_id=next(self._stream_ids),
         )
-        self.scheduler.submit(handle)
-        if not self._record_start(handle):
-            # Queued but not recorded: stop it before anything is sent. Both lines are
-            # kept by the audit log and written, in order, once it can write again.
-            handle.cancel()
+        recorded = True
+
+        def record_start() -> None:
+            nonlocal recorded
+            recorded = self._record_start(handle)
+            if not recorded:
+                # Not recorded: queue it cancelled, so it ends before any decode with
+                # a `cancelled` verdict. The audit log keeps both lines and writes
+                # them, in order, once it can write again.
+                handle.cancel()
+
+        self.scheduler.submit(handle, on_queue=record_start)
+        if not recorded:
             raise AuditUnavailable(self.audit.error if self.audit else "")
         return handle
 

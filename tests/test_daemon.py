@@ -21,6 +21,7 @@ import math
 import queue
 import re
 import resource
+import shlex
 import signal
 import subprocess
 import sys
@@ -390,6 +391,22 @@ def test_seed_is_echoed_and_reported(main_channel: grpc.Channel) -> None:
     assert_well_formed(drawn, 8)
     replay = generate(main_channel, [start(max_tokens=8, temperature=0.8, seed=drawn.started.seed)])
     assert replay.ids == drawn.ids
+
+
+def test_start_banner_gives_a_command_that_works(single: Daemon) -> None:
+    """What `make run` prints: where it serves, where it audits, and a ready-to-paste
+    `fse generate --addr` command, which works as printed (with the CLI's default
+    max_tokens, which `single`'s default context allows)."""
+    lines = [line for line in single.log().splitlines() if not line.startswith("{")]
+    serving = next(line for line in lines if line.startswith("fse: serving "))
+    assert f" on {', '.join(single.addrs)}; audit log {single.audit_path}" in serving
+    command = next(line for line in lines if line.startswith("try: ")).removeprefix("try: ")
+    argv = shlex.split(command)
+    assert argv[-3:] == ["--addr", single.addr, PROMPT]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=LIVE)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
+    assert "[completed]" in result.stderr
 
 
 # -- 2. daemon == --local ---------------------------------------------------------

@@ -366,6 +366,7 @@ async def serve(config: ServeConfig, on_ready: Callable[[list[str]], None] | Non
     policies = load_policy_set(config.policies_dir)  # invalid at start: serve nothing
     model_path = config.model if config.model is not None else default_model_path()
     check_gguf(model_path)
+    audit_path = str(config.audit_log.expanduser().absolute())  # as logged and printed
     loop = asyncio.get_running_loop()
     health_servicer = health.aio.HealthServicer()
     serving = False  # what health reports while the audit log can be written
@@ -376,16 +377,16 @@ async def serve(config: ServeConfig, on_ready: Callable[[list[str]], None] | Non
 
     def audit_health(writable: bool, error: str) -> None:  # any thread
         if writable:
-            log.info("audit.recovered", path=str(config.audit_log))
+            log.info("audit.recovered", path=audit_path)
         else:
-            log.error("audit.write_failed", path=str(config.audit_log), error=error)
+            log.error("audit.write_failed", path=audit_path, error=error)
         loop.call_soon_threadsafe(lambda: loop.create_task(report_audit_health()))
 
     async def report_audit_health() -> None:  # decided on the loop, in order with stopping
         await report(SERVING if serving and audit.healthy else NOT_SERVING)
 
     try:
-        audit = AuditLog(config.audit_log, text=config.audit_text, on_health=audit_health)
+        audit = AuditLog(Path(audit_path), text=config.audit_text, on_health=audit_health)
     except AuditError as exc:
         raise StartupError(str(exc)) from None
 
@@ -443,11 +444,11 @@ async def serve(config: ServeConfig, on_ready: Callable[[list[str]], None] | Non
         model=str(model_path),
         policies=sorted(policies),
         max_streams=config.limits.max_streams,
-        audit_log=str(config.audit_log),
+        audit_log=audit_path,
         seconds_to_serving=round(time.monotonic() - began, 3),
     )
     print(
-        f"fse: serving {model.name} on {', '.join(targets)}\n"
+        f"fse: serving {model.name} on {', '.join(targets)}; audit log {audit_path}\n"
         f'try: {_executable()} generate --addr {targets[0]} "The capital of France is"',
         file=sys.stderr,
         flush=True,
@@ -479,9 +480,9 @@ async def serve(config: ServeConfig, on_ready: Callable[[list[str]], None] | Non
     written = audit.retry()  # a last try for lines kept while the log failed
     audit.close()
     # The chain's head, for checking later that no line was cut off the end.
-    log.info("audit.head", path=str(config.audit_log), seq=audit.head.seq, sha256=audit.head.hash)
+    log.info("audit.head", path=audit_path, seq=audit.head.seq, sha256=audit.head.hash)
     if not written:
-        log.error("audit.lost", path=str(config.audit_log), error=audit.error)
+        log.error("audit.lost", path=audit_path, error=audit.error)
         return 1
     log.info("server.stopped")
     return 0

@@ -66,11 +66,8 @@ class Daemon:
         return self.log_path.read_text()
 
     def audit(self) -> list[dict[str, Any]]:
-        """The audit log's records so far (complete lines only)."""
-        if not self.audit_path.exists():
-            return []
-        text = self.audit_path.read_text()
-        return [json.loads(line) for line in text.splitlines(keepends=True) if line.endswith("\n")]
+        """The audit log's records so far."""
+        return audit_records(self.audit_path)
 
     def channel(self) -> grpc.Channel:
         return grpc.insecure_channel(self.addr)
@@ -84,6 +81,14 @@ class Daemon:
                 self.process.kill()
                 self.process.wait()
         return self.process.returncode
+
+
+def audit_records(path: Path) -> list[dict[str, Any]]:
+    """An audit log's records (complete lines only; none if there is no file yet)."""
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines(keepends=True)
+    return [json.loads(line) for line in lines if line.endswith("\n")]
 
 
 def wait_serving(addr: str, process: subprocess.Popen[str], timeout: float = 60) -> None:

@@ -11,16 +11,13 @@ import json
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import run_fse
+from conftest import audit_records, run_fse
 from fse.audit import GENESIS, AuditError, AuditLog, verify
-
-
-def records(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def write_log(path: Path, n: int, **options: Any) -> None:
@@ -34,7 +31,7 @@ def test_each_line_chains_to_the_one_before(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
     write_log(path, 3)
     lines = path.read_bytes().splitlines()
-    docs = records(path)
+    docs = audit_records(path)
     assert [d["seq"] for d in docs] == [1, 2, 3]
     assert docs[0]["prev"] == GENESIS
     for before, doc in zip(lines, docs[1:], strict=False):
@@ -50,7 +47,7 @@ def test_reopening_continues_the_chain(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
     write_log(path, 2)
     write_log(path, 2)
-    assert [d["seq"] for d in records(path)] == [1, 2, 3, 4]
+    assert [d["seq"] for d in audit_records(path)] == [1, 2, 3, 4]
     assert verify(path).ok
 
 
@@ -58,10 +55,10 @@ def test_content_is_hashed_unless_text_is_asked(tmp_path: Path) -> None:
     hashed, text = tmp_path / "hashed.jsonl", tmp_path / "text.jsonl"
     write_log(hashed, 1)
     write_log(text, 1, text=True)
-    (doc,) = records(hashed)
+    (doc,) = audit_records(hashed)
     assert "output" not in doc
     assert doc["output_sha256"] == hashlib.sha256(b"text 0").hexdigest()
-    (doc,) = records(text)
+    (doc,) = audit_records(text)
     assert doc["output"] == "text 0" and "output_sha256" not in doc
 
 
@@ -70,7 +67,7 @@ def test_non_finite_values_and_unset_fields(tmp_path: Path) -> None:
     log = AuditLog(path)
     log.write("stream.verdict", guard="non_finite", value=float("nan"), threshold=None)
     log.close()
-    (doc,) = records(path)
+    (doc,) = audit_records(path)
     assert doc["value"] == "nan" and "threshold" not in doc
 
 
@@ -100,6 +97,28 @@ def test_verify_names_the_tampered_line(tmp_path: Path, case: str) -> None:
     assert result.problem.startswith(problem), result.problem
     # Lines before the break are intact; an edit also puts the edited line in doubt.
     assert result.lines == (0 if case == "edited" else 1)
+
+
+def test_healthy_while_another_thread_writes(tmp_path: Path) -> None:
+    """A record waits in memory during every write (os.write releases the GIL); a
+    reader on another thread must not take that for a failing log."""
+    log = AuditLog(tmp_path / "audit.jsonl")
+    done = threading.Event()
+
+    def writer() -> None:
+        for i in range(3000):
+            log.write("stream.verdict", stream=i)
+        done.set()
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    seen_unhealthy = 0
+    while not done.is_set():
+        seen_unhealthy += not log.healthy
+    thread.join()
+    log.close()
+    assert seen_unhealthy == 0
+    assert verify(tmp_path / "audit.jsonl").lines == 3000
 
 
 def test_verify_cli(tmp_path: Path) -> None:
@@ -188,7 +207,7 @@ def test_write_failure_keeps_lines_and_reports_unhealthy_until_it_can_write(
     (down, up) = result["changes"]
     assert down[0] is False and "audit.jsonl" in down[1]
     assert up == [True, ""]
-    docs = records(path)
+    docs = audit_records(path)
     assert [(d["seq"], d["event"]) for d in docs] == [
         (1, "server.started"),
         (2, "stream.started"),

@@ -35,7 +35,7 @@ from typing import Any
 
 import grpc
 import pytest
-from conftest import FSE, Daemon, run_fse
+from conftest import FSE, Daemon, audit_records, run_fse
 from fse import __version__
 from fse.audit import AuditLog, verify
 from fse.policy import load_policies
@@ -901,7 +901,7 @@ def test_audit_log_that_cannot_be_written_refuses_new_streams(
         after = generate(channel, [start(max_tokens=4, request_id="after")])
         assert assert_well_formed(after, 4).status == fse_pb2.STATUS_COMPLETED
     assert log_events(daemon, "audit.write_failed") and log_events(daemon, "audit.recovered")
-    new = [d for d in daemon_audit(audit) if d["seq"] > 2000]
+    new = [d for d in audit_records(audit) if d["seq"] > 2000]
     ids = [(d["event"], d.get("request_id")) for d in new if d["event"].startswith("stream.")]
     assert ids == [
         ("stream.started", "before"),
@@ -916,10 +916,6 @@ def test_audit_log_that_cannot_be_written_refuses_new_streams(
     ]
     assert unaudited["status"] == "cancelled"
     assert verify(audit).ok
-
-
-def daemon_audit(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def test_unusable_audit_log_at_start_serves_nothing(

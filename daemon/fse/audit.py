@@ -116,8 +116,8 @@ class AuditLog:
         if not text:
             self._steps.insert(0, hash_content)
         self._lock = threading.Lock()
-        self._pending: deque[Record] = deque()
-        self.error = ""  # why the last write failed; "" while healthy
+        self._pending: deque[Record] = deque()  # records not yet written, oldest first
+        self.error = ""  # why writing fails; "" once everything kept is written
         try:
             self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
         except OSError as exc:
@@ -126,7 +126,9 @@ class AuditLog:
 
     @property
     def healthy(self) -> bool:
-        return not self._pending
+        # From `error`, not from `_pending`: a record sits in `_pending` during every
+        # write (and os.write releases the GIL), which must not read as a failure.
+        return self.error == ""
 
     def write(self, event: str, **fields: Any) -> bool:
         """Record an event. False if it (or an earlier one) could not be written yet:
@@ -150,7 +152,7 @@ class AuditLog:
                 self._fd = -1
 
     def _flush(self) -> bool:
-        was_healthy = self.error == ""
+        was_healthy = self.healthy
         while self._pending:
             record = self._pending[0]
             line = render(dict(record), self.head.seq + 1, self.head.hash)
@@ -190,10 +192,9 @@ def _resume(path: Path) -> Head:
         size = f.seek(0, os.SEEK_END)
         f.seek(max(0, size - TAIL_BYTES))
         tail = f.read()
-    lines = tail.rstrip(b"\n").split(b"\n")
-    if not lines or lines[-1] == b"":
+    last = tail.rstrip(b"\n").rsplit(b"\n", 1)[-1]
+    if not last:
         return Head(0, GENESIS)
-    last = lines[-1]
     if not tail.endswith(b"\n"):
         raise AuditError(
             f"--audit-log {path}: the last line is incomplete; check it with "

@@ -1,0 +1,120 @@
+package io.libfse.client;
+
+import fse.v1.Fse;
+import fse.v1.GuardGrpc;
+import io.grpc.ChannelCredentials;
+import io.grpc.ClientInterceptor;
+import io.grpc.ClientInterceptors;
+import io.grpc.Grpc;
+import io.grpc.InsecureChannelCredentials;
+import io.grpc.ManagedChannel;
+import io.grpc.Metadata;
+import io.grpc.StatusRuntimeException;
+import io.grpc.TlsChannelCredentials;
+import io.grpc.stub.MetadataUtils;
+import java.io.IOException;
+import java.nio.file.Path;
+import java.util.concurrent.TimeUnit;
+
+/**
+ * A connection to the libfse daemon (service {@code fse.v1.Guard}). Thread-safe; one client can
+ * run many generations at once. Calls fail fast: an unreachable daemon is an immediate
+ * {@link GuardException} with code UNAVAILABLE.
+ *
+ * <pre>{@code
+ * try (GuardClient client = GuardClient.connect("unix:/run/fse.sock")) {
+ *     Verdict verdict = client.stream(Request.prompt("Hello")).verdict();
+ * }
+ * }</pre>
+ */
+public final class GuardClient implements AutoCloseable {
+    private static final Metadata.Key<String> AUTHORIZATION =
+            Metadata.Key.of("authorization", Metadata.ASCII_STRING_MARSHALLER);
+
+    private final String addr;
+    private final ManagedChannel channel;
+    private final GuardGrpc.GuardStub async;
+    private final GuardGrpc.GuardBlockingStub blocking;
+
+    private GuardClient(String addr, ManagedChannel channel, String token) {
+        this.addr = addr;
+        this.channel = channel;
+        var target = token == null
+                ? channel
+                : ClientInterceptors.intercept(channel, bearer(token));
+        this.async = GuardGrpc.newStub(target);
+        this.blocking = GuardGrpc.newBlockingStub(target);
+    }
+
+    /** Connects over plain TCP or a unix socket: {@code unix:/abs/path} or {@code HOST:PORT}. */
+    public static GuardClient connect(String addr) {
+        return connect(addr, null, null);
+    }
+
+    /**
+     * Connects with optional TLS and a bearer token.
+     *
+     * @param addr {@code unix:/abs/path} or {@code HOST:PORT}
+     * @param tlsCa a PEM file of the CA that signed the daemon's certificate; null for plain
+     *     text. The host of {@code addr} is the name checked against the certificate.
+     * @param token sent as {@code authorization: Bearer TOKEN} on every call; null for none
+     * @throws IllegalArgumentException if the CA file cannot be read
+     */
+    public static GuardClient connect(String addr, Path tlsCa, String token) {
+        ChannelCredentials credentials = InsecureChannelCredentials.create();
+        if (tlsCa != null) {
+            try {
+                credentials = TlsChannelCredentials.newBuilder().trustManager(tlsCa.toFile()).build();
+            } catch (IOException e) {
+                throw new IllegalArgumentException("cannot read the CA " + tlsCa + ": " + e.getMessage(), e);
+            }
+        }
+        // grpc-java resolves "unix:/path" itself (epoll domain sockets of grpc-netty-shaded) and
+        // "HOST:PORT" through DNS. Calls are fail-fast by default (no wait-for-ready).
+        ManagedChannel channel = Grpc.newChannelBuilder(addr, credentials).build();
+        return new GuardClient(addr, channel, token);
+    }
+
+    private static ClientInterceptor bearer(String token) {
+        Metadata headers = new Metadata();
+        headers.put(AUTHORIZATION, "Bearer " + token);
+        return MetadataUtils.newAttachHeadersInterceptor(headers);
+    }
+
+    /** The address this client connects to. */
+    public String addr() {
+        return addr;
+    }
+
+    /** The served model, the policies a request may name, and the limits. */
+    public Fse.Info info() {
+        try {
+            return blocking.getInfo(Fse.GetInfoRequest.getDefaultInstance());
+        } catch (StatusRuntimeException e) {
+            throw GuardException.from(e, addr);
+        }
+    }
+
+    /** Starts a generation and returns its events as a blocking iterator. */
+    public GenerationStream stream(Request request) {
+        GenerationStream stream = new GenerationStream(addr);
+        stream.call().start(async, request.toWire());
+        return stream;
+    }
+
+    /** Starts a generation whose events go to {@code observer} on a gRPC thread. */
+    public GenerationCall generate(Request request, GenerationObserver observer) {
+        return new GenerationCall(addr, observer).start(async, request.toWire());
+    }
+
+    /** Closes the connection; running calls are cancelled. */
+    @Override
+    public void close() {
+        channel.shutdownNow();
+        try {
+            channel.awaitTermination(5, TimeUnit.SECONDS);
+        } catch (InterruptedException e) {
+            Thread.currentThread().interrupt();
+        }
+    }
+}

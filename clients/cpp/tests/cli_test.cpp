@@ -1,0 +1,340 @@
+// Unit tests of guarded-generate's pure parts: no daemon needed.
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "cli.hpp"
+
+namespace {
+
+using Args = std::vector<std::string>;
+
+std::string usage_error(const Args& args) {
+  try {
+    cli::parse_args(args);
+  } catch (const cli::UsageError& e) {
+    return cli::usage_line(e);
+  }
+  return "(no error)";
+}
+
+// ---- arguments ------------------------------------------------------------------------
+
+TEST(ParseArgs, DefaultsCarryAllFourSamplingValues) {
+  const cli::Options o = cli::parse_args({"--addr", "unix:/tmp/x.sock", "hello"});
+  EXPECT_EQ(o.addr, "unix:/tmp/x.sock");
+  EXPECT_EQ(o.request.prompt, "hello");
+  EXPECT_EQ(o.request.max_tokens, 256u);
+  EXPECT_EQ(o.request.sampling.temperature, 0.8);
+  EXPECT_EQ(o.request.sampling.top_k, 40);
+  EXPECT_EQ(o.request.sampling.top_p, 0.95);
+  EXPECT_EQ(o.request.sampling.min_p, 0.05);
+  EXPECT_FALSE(o.request.sampling.seed.has_value());
+  EXPECT_EQ(o.request.policy, "");
+  EXPECT_FALSE(o.request.timeout.has_value());
+  EXPECT_FALSE(o.cancel_after.has_value());
+  EXPECT_FALSE(o.json);
+}
+
+TEST(ParseArgs, EveryFlagBothSpellings) {
+  const cli::Options o = cli::parse_args({"--addr=127.0.0.1:1", "--json", "--policy", "test", "--max-tokens=8",
+                                          "--temperature", "0", "--top-k", "-1", "--top-p=1", "--min-p", "0",
+                                          "--seed", "4294967295", "--stop", "\n", "--stop=.", "--timeout", "1.5",
+                                          "--cancel-after", "3", "--tls-ca", "ca.pem", "--token-file=t",
+                                          "The capital of France is"});
+  EXPECT_EQ(o.addr, "127.0.0.1:1");
+  EXPECT_TRUE(o.json);
+  EXPECT_EQ(o.request.policy, "test");
+  EXPECT_EQ(o.request.max_tokens, 8u);
+  EXPECT_EQ(o.request.sampling.temperature, 0.0);
+  EXPECT_EQ(o.request.sampling.top_k, -1);  // the daemon judges ranges
+  EXPECT_EQ(o.request.sampling.top_p, 1.0);
+  EXPECT_EQ(o.request.sampling.seed, 4294967295u);
+  EXPECT_EQ(o.request.stop, (std::vector<std::string>{"\n", "."}));
+  EXPECT_EQ(o.request.timeout->count(), 1500);
+  EXPECT_EQ(o.cancel_after, 3u);
+  EXPECT_EQ(o.tls_ca_file, "ca.pem");
+  EXPECT_EQ(o.token_file, "t");
+  EXPECT_EQ(o.request.prompt, "The capital of France is");
+}
+
+TEST(ParseArgs, PromptAfterDoubleDashAndDashText) {
+  EXPECT_EQ(cli::parse_args({"--addr", "a:1", "--", "--json"}).request.prompt, "--json");
+  EXPECT_EQ(cli::parse_args({"--addr", "a:1", "- a list"}).request.prompt, "- a list");
+}
+
+TEST(ParseArgs, InfoNeedsNoPrompt) {
+  const cli::Options o = cli::parse_args({"--addr", "unix:/x", "--info"});
+  EXPECT_TRUE(o.info);
+}
+
+TEST(ParseArgs, BadUsageNamesTheFlagAndWhatItAccepts) {
+  EXPECT_EQ(usage_error({"--addr", "a:1", "--max-tokens", "0", "p"}),
+            "guarded-generate: error: --max-tokens: 0 is invalid; accepted: >= 1");
+  EXPECT_EQ(usage_error({"--addr", "a:1", "--max-tokens", "abc", "p"}),
+            "guarded-generate: error: --max-tokens: abc is invalid; accepted: an integer >= 1");
+  EXPECT_EQ(usage_error({"--addr", "a:1", "--max-tokens", "4294967296", "p"}),
+            "guarded-generate: error: --max-tokens: 4294967296 is invalid; accepted: 1..4294967295");
+  EXPECT_EQ(usage_error({"--addr", "a:1", "--temperature", "hot", "p"}),
+            "guarded-generate: error: --temperature: hot is invalid; accepted: a number");
+  EXPECT_EQ(usage_error({"--addr", "a:1", "--seed", "-1", "p"}),
+            "guarded-generate: error: --seed: -1 is invalid; accepted: 0..4294967295");
+  EXPECT_EQ(usage_error({"--addr", "a:1", "--timeout", "0", "p"}),
+            "guarded-generate: error: --timeout: 0 is invalid; accepted: seconds > 0");
+  EXPECT_EQ(usage_error({"--addr", "a:1", "--timeout", "nan", "p"}),
+            "guarded-generate: error: --timeout: nan is invalid; accepted: seconds > 0");
+  EXPECT_EQ(usage_error({"--addr", "a:1", "--cancel-after", "0", "p"}),
+            "guarded-generate: error: --cancel-after: 0 is invalid; accepted: >= 1");
+  EXPECT_EQ(usage_error({"--addr", "a:1", "--top-k", "1.5", "p"}),
+            "guarded-generate: error: --top-k: 1.5 is invalid; accepted: an integer");
+  EXPECT_EQ(usage_error({"p"}), "guarded-generate: error: --addr: required; accepted: unix:PATH or HOST:PORT");
+  EXPECT_EQ(usage_error({"--addr", "a:1"}),
+            "guarded-generate: error: prompt: required; accepted: non-empty text, the last argument");
+  EXPECT_EQ(usage_error({"--addr", "a:1", ""}),
+            "guarded-generate: error: prompt: must not be empty; accepted: non-empty text");
+  EXPECT_EQ(usage_error({"--addr", "a:1", "\xff"}),
+            "guarded-generate: error: prompt: not valid UTF-8; accepted: UTF-8 text");
+  EXPECT_EQ(usage_error({"--addr", "a:1", "p", "--seed"}),
+            "guarded-generate: error: --seed: expects a value; accepted: 0..4294967295");
+  EXPECT_EQ(usage_error({"--addr", "a:1", "--json=1", "p"}),
+            "guarded-generate: error: --json: takes no value; accepted: --json");
+  EXPECT_NE(usage_error({"--addr", "a:1", "--bogus", "p"}).find("--bogus: unknown flag; accepted: --addr"),
+            std::string::npos);
+  EXPECT_NE(usage_error({"--addr", "a:1", "p", "q"}).find("prompt: one PROMPT only"), std::string::npos);
+}
+
+TEST(TimeoutMs, RoundsHalfToEvenWithAFloorOfOne) {
+  EXPECT_EQ(cli::timeout_ms(1.5), 1500u);
+  EXPECT_EQ(cli::timeout_ms(0.0001), 1u);
+  EXPECT_EQ(cli::timeout_ms(0.0005), 1u);   // round(0.5) = 0, then max(1, 0)
+  EXPECT_EQ(cli::timeout_ms(0.0025), 2u);   // 2.5 -> 2, as Python's round()
+  EXPECT_EQ(cli::timeout_ms(0.0035), 4u);   // 3.5 -> 4
+  EXPECT_EQ(cli::timeout_ms(4294967.295), 4294967295u);
+}
+
+class TempFile {
+ public:
+  explicit TempFile(const std::string& content) {
+    char name[] = "/tmp/fse-cli-test-XXXXXX";
+    const int fd = mkstemp(name);
+    EXPECT_GE(fd, 0);
+    path_ = name;
+    std::ofstream(path_, std::ios::binary) << content;
+    close(fd);
+  }
+  ~TempFile() { std::remove(path_.c_str()); }
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+};
+
+TEST(LoadCredentials, TokenIsTheFirstLineTrimmed) {
+  const TempFile token("  s3cret \t\nsecond line\n");
+  cli::Options o = cli::parse_args({"--addr", "a:1", "--token-file", token.path(), "p"});
+  EXPECT_EQ(cli::load_credentials(o).token, "s3cret");
+  EXPECT_EQ(cli::load_credentials(o).tls_ca_pem, "");
+}
+
+TEST(LoadCredentials, UnreadableOrEmptyFilesAreUsageErrors) {
+  cli::Options o = cli::parse_args({"--addr", "a:1", "--token-file", "/nonexistent/t", "p"});
+  try {
+    cli::load_credentials(o);
+    FAIL() << "no error";
+  } catch (const cli::UsageError& e) {
+    EXPECT_EQ(std::string(e.what()),
+              "--token-file: /nonexistent/t: cannot read (No such file or directory); accepted: a readable file");
+  }
+  const TempFile empty("\n");
+  o.token_file = empty.path();
+  EXPECT_THROW(cli::load_credentials(o), cli::UsageError);
+  o.token_file.clear();
+  const TempFile not_pem("hello");
+  o.tls_ca_file = not_pem.path();
+  EXPECT_THROW(cli::load_credentials(o), cli::UsageError);
+}
+
+// ---- JSON -----------------------------------------------------------------------------
+
+TEST(JsonNumber, ShortestRoundTrip) {
+  EXPECT_EQ(cli::json_number(0.17), "0.17");
+  EXPECT_EQ(cli::json_number(2574.2), "2574.2");
+  EXPECT_EQ(cli::json_number(10.0), "10.0");
+  EXPECT_EQ(cli::json_number(-0.0), "-0.0");
+  EXPECT_EQ(cli::json_number(1e300), "1e+300");
+  EXPECT_EQ(cli::json_number(0.1 + 0.2), "0.30000000000000004");
+  EXPECT_EQ(cli::json_number(std::nan("")), "null");
+  EXPECT_EQ(cli::json_number(std::numeric_limits<double>::infinity()), "null");
+  EXPECT_EQ(cli::json_number(-std::numeric_limits<double>::infinity()), "null");
+  std::mt19937_64 bits(42);
+  for (int k = 0; k < 10000; ++k) {
+    double x = 0;
+    const std::uint64_t raw = bits();
+    std::memcpy(&x, &raw, sizeof x);
+    if (!std::isfinite(x)) continue;
+    const std::string text = cli::json_number(x);
+    ASSERT_EQ(std::strtod(text.c_str(), nullptr), x) << text;
+  }
+}
+
+TEST(JsonString, EscapesWhatJsonNeedsAndKeepsUtf8) {
+  EXPECT_EQ(cli::json_string("a\"b\\c"), R"("a\"b\\c")");
+  EXPECT_EQ(cli::json_string("\n\t\r\b\f\x01\x1f"), R"("\n\t\r\b\f\u0001\u001f")");
+  EXPECT_EQ(cli::json_string("Paris \xc3\xa9t\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80"),
+            "\"Paris \xc3\xa9t\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80\"");
+  EXPECT_EQ(cli::json_string(std::string("nul\0!", 5)), R"("nul\u0000!")");
+  // Bytes that are not UTF-8 (truncated, overlong, surrogate) never make invalid JSON.
+  EXPECT_EQ(cli::json_string("x\xe2\x82"), R"("x\ufffd\ufffd")");
+  EXPECT_EQ(cli::json_string("\xc0\xaf"), R"("\ufffd\ufffd")");
+  EXPECT_EQ(cli::json_string("\xed\xa0\x80"), R"("\ufffd\ufffd\ufffd")");
+}
+
+fse::Token sample_token() {
+  fse::Token t;
+  t.index = 0;
+  t.id = 15687;
+  t.text = " Berlin";
+  t.nll = 0.17;
+  t.ppl = 1.19;
+  t.variance = 19.7;
+  t.max_prob = 0.84;
+  t.l2_norm = 2574.2;
+  t.health = fse::Health::Green;
+  return t;
+}
+
+TEST(TokenJson, KeysInContractOrder) {
+  fse::Token t = sample_token();
+  EXPECT_EQ(cli::token_json(t),
+            R"({"type": "token", "index": 0, "id": 15687, "text": " Berlin", "nll": 0.17, "ppl": 1.19, )"
+            R"("variance": 19.7, "max_prob": 0.84, "l2_norm": 2574.2, "health": "green"})");
+  t.health = fse::Health::Unspecified;
+  t.nll = std::numeric_limits<double>::infinity();
+  t.warnings.push_back({"perplexity", 12.5, std::nullopt});
+  EXPECT_EQ(cli::token_json(t),
+            R"({"type": "token", "index": 0, "id": 15687, "text": " Berlin", "nll": null, "ppl": 1.19, )"
+            R"("variance": 19.7, "max_prob": 0.84, "l2_norm": 2574.2, "health": null, )"
+            R"("warnings": [{"guard": "perplexity", "value": 12.5, "threshold": null}]})");
+}
+
+fse::Verdict halted() {
+  fse::Verdict v;
+  v.status = fse::Status::Halted;
+  v.guard = "l2_norm";
+  v.value = 2574.2;
+  v.threshold = 10.0;
+  v.token_index = 0;
+  v.tokens = 0;
+  v.policy = "test";
+  v.policy_sha256 = "0123456789abcdef0123";
+  return v;
+}
+
+TEST(VerdictJson, HaltedAndCompleted) {
+  EXPECT_EQ(cli::verdict_json(halted()),
+            R"({"type": "verdict", "status": "halted", "guard": "l2_norm", "value": 2574.2, "threshold": 10.0, )"
+            R"("token_index": 0, "tokens": 0, "text": "", "policy": "test", "policy_sha256": "0123456789abcdef0123"})");
+  fse::Verdict v;
+  v.status = fse::Status::Error;
+  v.tokens = 3;
+  v.text = "a\"b";
+  v.policy = "default";
+  v.message = "boom";
+  EXPECT_EQ(cli::verdict_json(v),
+            R"({"type": "verdict", "status": "error", "guard": null, "value": null, "threshold": null, )"
+            R"("token_index": null, "tokens": 3, "text": "a\"b", "policy": "default", "policy_sha256": "", )"
+            R"("message": "boom"})");
+}
+
+TEST(VerdictLine, TextModeSummary) {
+  EXPECT_EQ(cli::verdict_line(halted()),
+            "[halted by l2_norm: value 2574.2, threshold 10, at token 0] 0 tokens released \u00b7 policy test "
+            "(0123456789ab)");
+  fse::Verdict v;
+  v.status = fse::Status::Completed;
+  v.tokens = 12;
+  v.policy = "default";
+  v.policy_sha256 = "0123456789abcdef";
+  EXPECT_EQ(cli::verdict_line(v), "[completed] 12 tokens released \u00b7 policy default (0123456789ab)");
+  v.status = fse::Status::Error;
+  v.message = "MESSAGE";
+  v.tokens = 3;
+  EXPECT_EQ(cli::verdict_line(v), "[error: MESSAGE] 3 tokens released \u00b7 policy default (0123456789ab)");
+  fse::Verdict d = halted();
+  d.guard = "deadline";
+  d.value.reset();
+  d.threshold.reset();
+  d.token_index.reset();
+  EXPECT_EQ(cli::verdict_line(d),
+            "[halted by deadline: value n/a, threshold n/a, at token n/a] 0 tokens released \u00b7 policy test "
+            "(0123456789ab)");
+  EXPECT_EQ(cli::verdict_line([] {
+              fse::Verdict big = halted();
+              big.value = 1234567.0;
+              return big;
+            }()).substr(0, 36),
+            "[halted by l2_norm: value 1.23457e+0");
+}
+
+TEST(TokenText, ColourOnlyWhenAsked) {
+  fse::Token t = sample_token();
+  EXPECT_EQ(cli::token_text(t, false), " Berlin");
+  EXPECT_EQ(cli::token_text(t, true), "\x1b[32m Berlin\x1b[0m");
+  t.health = fse::Health::Red;
+  EXPECT_EQ(cli::token_text(t, true), "\x1b[31m Berlin\x1b[0m");
+  t.health = fse::Health::Unspecified;
+  EXPECT_EQ(cli::token_text(t, true), " Berlin");
+}
+
+TEST(InfoJson, ProtoFieldNamesWithoutModelPath) {
+  fse::Info info;
+  info.version = "0.1.0";
+  info.model = {"gemma", "/secret/path.gguf", "abc", "gemma3 270M Q8_0", 262144, 2048, 32768, 291546784, true};
+  info.policies = {{"default", "d1", true}, {"test", "t1", false}};
+  info.limits = {4, 16, 2047, 2048, 4194304};
+  EXPECT_EQ(cli::info_json(info),
+            R"({"version": "0.1.0", "model": {"name": "gemma", "sha256": "abc", "description": "gemma3 270M Q8_0", )"
+            R"("vocab_size": 262144, "context_size": 2048, "train_context_size": 32768, "size_bytes": 291546784, )"
+            R"("chat_template": true}, "policies": [{"name": "default", "sha256": "d1", "builtin": true}, )"
+            R"({"name": "test", "sha256": "t1", "builtin": false}], "limits": {"max_streams": 4, "max_queue": 16, )"
+            R"("max_tokens": 2047, "max_prompt_tokens": 2048, "max_message_bytes": 4194304}})");
+}
+
+// ---- outcomes -------------------------------------------------------------------------
+
+TEST(ExitCode, FromVerdictAndError) {
+  EXPECT_EQ(cli::exit_code(fse::Status::Completed), 0);
+  EXPECT_EQ(cli::exit_code(fse::Status::Halted), 3);
+  EXPECT_EQ(cli::exit_code(fse::Status::Cancelled), 4);
+  EXPECT_EQ(cli::exit_code(fse::Status::Error), 1);
+  EXPECT_EQ(cli::exit_code(fse::Error(grpc::StatusCode::INVALID_ARGUMENT, "max_tokens: ...")), 2);
+  EXPECT_EQ(cli::exit_code(fse::Error(grpc::StatusCode::UNAUTHENTICATED, "no")), 1);
+  EXPECT_EQ(cli::exit_code(fse::Error(grpc::StatusCode::RESOURCE_EXHAUSTED, "busy")), 1);
+}
+
+TEST(ErrorLine, CodeNameAndServerMessage) {
+  EXPECT_EQ(cli::error_line(fse::Error(grpc::StatusCode::INVALID_ARGUMENT, "top_p: 2 is invalid"), "unix:/x"),
+            "guarded-generate: error: INVALID_ARGUMENT: top_p: 2 is invalid");
+  EXPECT_EQ(cli::error_line(fse::Error(grpc::StatusCode::UNAVAILABLE, "connection refused"), "127.0.0.1:9"),
+            "guarded-generate: error: UNAVAILABLE: cannot reach the daemon at 127.0.0.1:9 (connection refused)");
+  EXPECT_EQ(cli::error_line(fse::Error(grpc::StatusCode::UNAUTHENTICATED, "bad token"), "a:1"),
+            "guarded-generate: error: UNAUTHENTICATED: bad token");
+  EXPECT_STREQ(fse::Error(grpc::StatusCode::RESOURCE_EXHAUSTED, "m").what(), "RESOURCE_EXHAUSTED: m");
+}
+
+TEST(Enums, Names) {
+  EXPECT_EQ(fse::to_string(fse::Status::Cancelled), "cancelled");
+  EXPECT_EQ(fse::to_string(fse::Health::Yellow), "yellow");
+  EXPECT_EQ(fse::code_name(grpc::StatusCode::DATA_LOSS), "DATA_LOSS");
+}
+
+}  // namespace

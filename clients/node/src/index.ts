@@ -1,0 +1,25 @@
+/** libfse for Node.js: guarded token streams from the libfse daemon. See guard.ts. */
+export {
+  connect,
+  Guard,
+  Generation,
+  GuardError,
+  statusName,
+  type ChatMessage,
+  type ConnectOptions,
+  type GenerateEvent,
+  type GenerateOptions,
+  type GenerateRequest,
+  type GuardTrip,
+  type Health,
+  type Info,
+  type Limits,
+  type ModelInfo,
+  type PolicyInfo,
+  type Sampling,
+  type StartedEvent,
+  type TokenEvent,
+  type Verdict,
+  type VerdictStatus,
+} from "./guard";
+export { status } from "@grpc/grpc-js";

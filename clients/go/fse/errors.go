@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"io"
+	"time"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -105,8 +106,15 @@ func fromRPC(ctx context.Context, err error) error {
 	}
 	st := status.Convert(err)
 	e := &Error{Code: st.Code(), Message: st.Message()}
-	if c := st.Code(); (c == codes.Canceled || c == codes.DeadlineExceeded) && ctx.Err() != nil {
+	switch {
+	case st.Code() != codes.Canceled && st.Code() != codes.DeadlineExceeded:
+	case ctx.Err() != nil:
 		e.cause = ctx.Err()
+	case st.Code() == codes.DeadlineExceeded:
+		// The server's timer (the grpc-timeout header) can fire before ctx's own.
+		if d, ok := ctx.Deadline(); ok && !time.Now().Before(d) {
+			e.cause = context.DeadlineExceeded
+		}
 	}
 	return e
 }

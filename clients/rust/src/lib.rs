@@ -1,0 +1,48 @@
+//! A client of libfse's guard daemon (gRPC service `fse.v1.Guard`).
+//!
+//! The daemon streams a local model's tokens only after every guard of the
+//! request's policy has passed them, then ends each stream with one [`Verdict`].
+//!
+//! ```no_run
+//! use fse_client::{Client, ConnectOptions, Event, Request, Status};
+//! use tokio_stream::StreamExt;
+//!
+//! # async fn demo() -> Result<(), fse_client::Error> {
+//! let client = Client::connect("unix:/tmp/fse.sock", ConnectOptions::default()).await?;
+//! let mut generation = client
+//!     .generate(Request::prompt("The capital of France is").max_tokens(32).temperature(0.0))
+//!     .await?;
+//! while let Some(event) = generation.next().await {
+//!     match event? {
+//!         Event::Token(token) if token.index == 3 => generation.cancel(),
+//!         Event::Token(token) => print!("{}", token.text),
+//!         Event::Verdict(verdict) => assert_ne!(verdict.status, Status::Completed),
+//!         Event::Started(_) => {}
+//!     }
+//! }
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Errors of every kind (the daemon unreachable, a refused request, a stream cut
+//! short) are one [`Error`] carrying the gRPC status code and the message; a
+//! policy halt is not an error but a verdict with [`Status::Halted`].
+
+mod client;
+mod error;
+mod events;
+mod request;
+
+/// The generated protobuf messages and client stub of `fse.v1` (built from
+/// `proto/fse/v1/fse.proto` at compile time).
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod pb {
+    tonic::include_proto!("fse.v1");
+}
+
+pub use client::{Address, Canceller, Client, ConnectOptions, Generation};
+pub use error::{Error, code_name};
+pub use events::{Event, GuardTrip, Health, Started, Status, Token, Verdict};
+pub use pb::{Info, Limits, ModelInfo, PolicyInfo};
+pub use request::{ChatMessage, Request};
+pub use tonic::Code;

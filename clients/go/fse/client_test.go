@@ -2,7 +2,10 @@ package fse_test
 
 import (
 	"context"
+	"crypto/x509"
 	"errors"
+	"os"
+	"path/filepath"
 	"testing"
 	"time"
 
@@ -260,5 +263,50 @@ func TestStatusAndHealthNames(t *testing.T) {
 	}
 	if fse.CodeName(codes.Unauthenticated) != "UNAUTHENTICATED" || fse.CodeName(codes.Code(99)) != "UNKNOWN" {
 		t.Error("CodeName")
+	}
+}
+
+func TestTLSChecksTheHostOfTheAddress(t *testing.T) {
+	cfg, caPEM := fakeguard.Certificates(t)
+	srv := &fakeguard.Server{Script: fakeguard.Tokens(1)}
+	port := fakeguard.ServeTLS(t, srv, cfg)
+	ca := filepath.Join(t.TempDir(), "ca.pem")
+	if err := os.WriteFile(ca, caPEM, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, host := range []string{"127.0.0.1", "localhost"} {
+		c, err := fse.NewClient(host+":"+port, fse.WithCAFile(ca), fse.WithToken("tok"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		s, err := c.Generate(context.Background(), fse.Request{Prompt: "hi", MaxTokens: 1})
+		if err != nil {
+			t.Fatalf("%s: %v", host, err)
+		}
+		if v, err := s.Verdict(); err != nil || v.Status != fse.StatusCompleted {
+			t.Errorf("%s: %+v, %v", host, v, err)
+		}
+		_ = c.Close()
+	}
+	if _, md := srv.Last(); md.Get("authorization")[0] != "Bearer tok" {
+		t.Errorf("metadata %v", md)
+	}
+
+	// Another CA's certificate, or plain TCP to a TLS port: Unavailable, not a hang.
+	_, otherPEM := fakeguard.Certificates(t)
+	pool := x509.NewCertPool()
+	pool.AppendCertsFromPEM(otherPEM)
+	for _, opts := range [][]fse.Option{{fse.WithRootCAs(pool)}, nil} {
+		c, err := fse.NewClient("127.0.0.1:"+port, opts...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := c.Info(context.Background()); !errors.Is(err, fse.ErrUnavailable) {
+			t.Errorf("untrusted server: %v", err)
+		}
+		_ = c.Close()
+	}
+	if _, err := fse.NewClient("127.0.0.1:"+port, fse.WithCAFile(filepath.Join(t.TempDir(), "none"))); err == nil {
+		t.Error("a missing CA file is an error")
 	}
 }

@@ -168,3 +168,19 @@ func TestRunInfo(t *testing.T) {
 		t.Errorf("exit %d, stdout %s, stderr %s", code, out, errOut)
 	}
 }
+
+func TestRunTLS(t *testing.T) {
+	cfg, caPEM := fakeguard.Certificates(t)
+	port := fakeguard.ServeTLS(t, &fakeguard.Server{Script: fakeguard.Tokens(2)}, cfg)
+	ca := filepath.Join(t.TempDir(), "ca.pem")
+	if err := os.WriteFile(ca, caPEM, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	var out, errOut bytes.Buffer
+	if code := run([]string{"--addr", "localhost:" + port, "--tls-ca", ca, "--json", "p"}, &out, &errOut); code != 0 {
+		t.Fatalf("exit %d, stderr %s", code, errOut.String())
+	}
+	if docs := lines(t, out.String()); len(docs) != 3 || docs[2]["status"] != "completed" {
+		t.Errorf("stdout %s", out.String())
+	}
+}

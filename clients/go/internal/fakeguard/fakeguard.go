@@ -5,6 +5,7 @@ package fakeguard
 
 import (
 	"context"
+	"crypto/tls"
 	"fmt"
 	"net"
 	"os"
@@ -13,6 +14,7 @@ import (
 	"testing"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/metadata"
 
 	pb "libfse/clients/go/internal/pb/fse/v1"
@@ -87,19 +89,33 @@ func Serve(t testing.TB, s *Server) string {
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() { _ = os.RemoveAll(dir) })
 	path := filepath.Join(dir, "s.sock")
 	lis, err := net.Listen("unix", path)
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := grpc.NewServer()
+	serve(t, s, lis)
+	return "unix:" + path
+}
+
+// ServeTLS starts s on 127.0.0.1 with TLS and returns its port.
+func ServeTLS(t testing.TB, s *Server, cfg *tls.Config) string {
+	t.Helper()
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	serve(t, s, lis, grpc.Creds(credentials.NewTLS(cfg)))
+	_, port, _ := net.SplitHostPort(lis.Addr().String())
+	return port
+}
+
+func serve(t testing.TB, s *Server, lis net.Listener, opts ...grpc.ServerOption) {
+	srv := grpc.NewServer(opts...)
 	pb.RegisterGuardServer(srv, s)
 	go func() { _ = srv.Serve(lis) }()
-	t.Cleanup(func() {
-		srv.Stop()
-		_ = os.RemoveAll(dir)
-	})
-	return "unix:" + path
+	t.Cleanup(srv.Stop)
 }
 
 // Started is a Started message for the default policy.

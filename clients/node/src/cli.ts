@@ -4,6 +4,7 @@
  * flags, output, exit codes and error lines).
  */
 
+import { X509Certificate } from "node:crypto";
 import { readFileSync } from "node:fs";
 
 import { status } from "@grpc/grpc-js";
@@ -16,20 +17,30 @@ const PROG = "guarded-generate";
 export const EXIT_ERROR = 1;
 export const EXIT_USAGE = 2;
 
-/** What to print on stderr, and the exit code, for an error that ends the program. */
+/** What to print on stderr (always one line), and the exit code, for an error that ends the program. */
 export function describeError(err: unknown, addr: string): { line: string; code: number } {
+  const { line, code } = describe(err, addr);
+  return { line: oneLine(line), code };
+}
+
+/** OpenSSL's messages, for one, end in a newline. */
+function oneLine(text: string): string {
+  return text.replace(/\s*[\r\n]+\s*/g, " ").trim();
+}
+
+function describe(err: unknown, addr: string): { line: string; code: number } {
   if (err instanceof UsageError) return { line: `${PROG}: error: ${err.message}`, code: EXIT_USAGE };
   if (err instanceof GuardError) {
     if (err.code === status.UNAVAILABLE) {
       // grpc-js ends its detail with an empty "Resolution note: " for unix sockets.
-      const detail = err.details.replace(/\.?\s*Resolution note:\s*$/, "");
+      const detail = oneLine(err.details).replace(/\s*\.?\s*Resolution note:$/, "");
       return {
         line: `${PROG}: error: UNAVAILABLE: cannot reach the daemon at ${addr} (${detail})`,
         code: EXIT_ERROR,
       };
     }
     const code = err.code === status.INVALID_ARGUMENT ? EXIT_USAGE : EXIT_ERROR;
-    return { line: `${PROG}: error: ${err.codeName}: ${err.details}`, code };
+    return { line: `${PROG}: error: ${err.codeName}: ${oneLine(err.details)}`, code };
   }
   // Not expected: still one line, never a stack trace.
   const message = err instanceof Error ? err.message : String(err);
@@ -60,17 +71,17 @@ function open(args: Args): Guard {
       throw new UsageError(`--token-file: ${args.tokenFile} has an empty first line; accepted: a file whose first line is the token`);
     }
   }
-  const tlsCa = args.tlsCa === undefined ? undefined : readUserFile("--tls-ca", args.tlsCa);
-  try {
-    return connect(args.addr, { tlsCa, token });
-  } catch (err) {
-    // grpc-js parses the CA when the channel is made.
-    if (tlsCa !== undefined) {
-      const why = err instanceof Error ? err.message : String(err);
-      throw new UsageError(`--tls-ca: ${args.tlsCa ?? ""}: not a usable PEM CA (${why}); accepted: a PEM certificate file`);
+  let tlsCa: Buffer | undefined;
+  if (args.tlsCa !== undefined) {
+    tlsCa = readUserFile("--tls-ca", args.tlsCa);
+    // Node's TLS takes a file without any certificate and then trusts nothing: say so now.
+    try {
+      new X509Certificate(tlsCa);
+    } catch {
+      throw new UsageError(`--tls-ca: ${args.tlsCa} holds no certificate; accepted: a PEM CA certificate file`);
     }
-    throw err;
   }
+  return connect(args.addr, { tlsCa, token });
 }
 
 async function generate(guard: Guard, args: Args): Promise<number> {

@@ -41,6 +41,14 @@ describe("describeError", () => {
     });
   });
 
+  it("keeps a multi-line detail to one line", () => {
+    const err = new GuardError(status.UNAVAILABLE, "Last error: Error: 80:error:0A00010B:SSL routines:wrong version number:ssl3_record.c:350:\n");
+    assert.equal(
+      describeError(err, "127.0.0.1:1").line,
+      "guarded-generate: error: UNAVAILABLE: cannot reach the daemon at 127.0.0.1:1 (Last error: Error: 80:error:0A00010B:SSL routines:wrong version number:ssl3_record.c:350:)",
+    );
+  });
+
   it("keeps anything else to one line", () => {
     const { line, code } = describeError(new Error("odd"), "");
     assert.equal(line, "guarded-generate: error: INTERNAL: odd");

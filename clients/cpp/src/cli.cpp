@@ -1,5 +1,6 @@
 #include "cli.hpp"
 
+#include <cctype>
 #include <cerrno>
 #include <charconv>
 #include <cmath>
@@ -15,6 +16,8 @@ namespace cli {
 namespace {
 
 constexpr double kMaxTimeoutSeconds = 4294967.295;  // timeout_ms is a uint32
+constexpr std::string_view kAddressForms = "unix:PATH or HOST:PORT";
+constexpr std::string_view kSeedRange = "0 .. 2^32-1";
 
 [[noreturn]] void bad_flag(std::string_view flag, std::string_view what, std::string_view accepted) {
   throw UsageError(std::string(flag) + ": " + std::string(what) + "; accepted: " + std::string(accepted));
@@ -32,6 +35,22 @@ std::optional<Int> parse_int(std::string_view text) {
   const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), value);
   if (text.empty() || ec != std::errc() || end != text.data() + text.size()) return std::nullopt;
   return value;
+}
+
+// "unix:PATH" (PATH non-empty) or "HOST:PORT" with a port in 1..65535, as gRPC spells them.
+bool valid_address(std::string_view addr) {
+  constexpr std::string_view unix_prefix = "unix:";
+  if (addr.substr(0, unix_prefix.size()) == unix_prefix) {
+    std::string_view path = addr.substr(unix_prefix.size());
+    if (path.substr(0, 2) == "//") path.remove_prefix(2);
+    return !path.empty();
+  }
+  const std::size_t colon = addr.rfind(':');
+  if (colon == std::string_view::npos || colon == 0) return false;
+  const std::string_view port = addr.substr(colon + 1);
+  if (port.empty() || port.find_first_not_of("0123456789") != std::string_view::npos) return false;
+  const auto number = parse_int<long long>(port);
+  return number && *number >= 1 && *number <= 65535;
 }
 
 std::optional<double> parse_double(std::string_view text) {
@@ -123,7 +142,7 @@ std::string g6(const std::optional<double>& value) {
 
 std::string read_file(std::string_view flag, const std::string& path, std::string_view accepted) {
   std::ifstream in(path, std::ios::binary);
-  if (!in) bad_flag(flag, path + ": cannot read (" + std::strerror(errno) + ")", accepted);
+  if (!in) bad_flag(flag, path + ": cannot read: " + std::strerror(errno), accepted);
   std::ostringstream content;
   content << in.rdbuf();
   if (in.bad()) bad_flag(flag, path + ": cannot read", accepted);
@@ -156,7 +175,7 @@ Options parse_args(const std::vector<std::string>& args) {
   bool only_positional = false;
 
   const auto positional = [&](const std::string& text) {
-    if (prompt) bad_flag("prompt", "one PROMPT only, got another: " + text, "one PROMPT, the last argument");
+    if (prompt) bad_flag("PROMPT", "one only, got another: " + text, "one PROMPT, the last argument");
     prompt = text;
   };
 
@@ -193,8 +212,8 @@ Options parse_args(const std::vector<std::string>& args) {
     };
     fse::Sampling& s = o.request.sampling;
     if (flag == "--addr") {
-      o.addr = value("unix:PATH or HOST:PORT");
-      if (o.addr.empty()) bad_flag(flag, "must not be empty", "unix:PATH or HOST:PORT");
+      o.addr = value(kAddressForms);
+      if (!valid_address(o.addr)) bad_flag(flag, "address '" + o.addr + "' is invalid", kAddressForms);
     } else if (flag == "--tls-ca") {
       o.tls_ca_file = value("a PEM file of CA certificates");
     } else if (flag == "--token-file") {
@@ -219,9 +238,9 @@ Options parse_args(const std::vector<std::string>& args) {
     } else if (flag == "--min-p") {
       s.min_p = parse_number(flag, value("a number"));
     } else if (flag == "--seed") {
-      const std::string text = value("0..4294967295");
+      const std::string text = value(kSeedRange);
       const auto seed = parse_int<long long>(text);
-      if (!seed || *seed < 0 || *seed > 0xFFFFFFFFLL) bad_value(flag, text, "0..4294967295");
+      if (!seed || *seed < 0 || *seed > 0xFFFFFFFFLL) bad_value(flag, text, kSeedRange);
       s.seed = static_cast<std::uint32_t>(*seed);
     } else if (flag == "--stop") {
       o.request.stop.push_back(value("text"));
@@ -242,11 +261,11 @@ Options parse_args(const std::vector<std::string>& args) {
   }
 
   if (o.help) return o;
-  if (o.addr.empty()) bad_flag("--addr", "required", "unix:PATH or HOST:PORT");
+  if (o.addr.empty()) bad_flag("--addr", "required", kAddressForms);
   if (o.info) return o;  // GetInfo needs no prompt
-  if (!prompt) bad_flag("prompt", "required", "non-empty text, the last argument");
-  if (prompt->empty()) bad_flag("prompt", "must not be empty", "non-empty text");
-  require_utf8("prompt", *prompt);
+  // The Python client's words: a missing and an empty PROMPT are the same mistake.
+  if (!prompt || prompt->empty()) throw UsageError("PROMPT: must not be empty");
+  require_utf8("PROMPT", *prompt);
   o.request.prompt = *prompt;
   return o;
 }
@@ -407,6 +426,17 @@ std::string token_text(const fse::Token& token, bool colour) {
 
 // ---- outcomes -----------------------------------------------------------------------
 
+bool is_unreachable(std::string_view message) {
+  // grpc-core's wording when no connection could be made at all (the Python client's list);
+  // an UNAVAILABLE the daemon sends itself ("the model is still loading") is left as it is.
+  std::string lower(message);
+  for (char& c : lower) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  for (const char* mark : {"failed to connect", "connection refused", "no such file", "dns resolution"}) {
+    if (lower.find(mark) != std::string::npos) return true;
+  }
+  return false;
+}
+
 int exit_code(fse::Status status) {
   switch (status) {
     case fse::Status::Completed: return kExitCompleted;
@@ -423,7 +453,7 @@ int exit_code(const fse::Error& error) {
 
 std::string error_line(const fse::Error& error, std::string_view addr) {
   std::string message = error.message();
-  if (error.code() == grpc::StatusCode::UNAVAILABLE) {
+  if (error.code() == grpc::StatusCode::UNAVAILABLE && is_unreachable(message)) {
     message = "cannot reach the daemon at " + std::string(addr) + " (" + message + ")";
   }
   return "guarded-generate: error: " + std::string(fse::code_name(error.code())) + ": " + message;

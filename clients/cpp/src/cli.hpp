@@ -67,9 +67,12 @@ std::string token_text(const fse::Token& token, bool colour);
 
 // ---- outcomes -----------------------------------------------------------------------
 
+// Whether an UNAVAILABLE message says the daemon could not be reached at all.
+bool is_unreachable(std::string_view message);
 int exit_code(fse::Status status);
 int exit_code(const fse::Error& error);
-// "guarded-generate: error: CODE: MESSAGE" (no newline); UNAVAILABLE names the address.
+// "guarded-generate: error: CODE: MESSAGE" (no newline); an unreachable daemon is
+// "UNAVAILABLE: cannot reach the daemon at ADDR (DETAIL)".
 std::string error_line(const fse::Error& error, std::string_view addr);
 std::string usage_line(const UsageError& error);
 

@@ -313,7 +313,7 @@ std::optional<Event> Stream::next() {
   }
   const grpc::Status status = s.finish();
   if (!status.ok()) throw error_from(status);
-  throw Error(grpc::StatusCode::INTERNAL, "the daemon at " + s.client->address + " ended the stream without a verdict");
+  throw Error(grpc::StatusCode::UNKNOWN, "the daemon at " + s.client->address + " ended the stream without a verdict");
 }
 
 void Stream::cancel() {

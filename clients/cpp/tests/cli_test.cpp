@@ -87,7 +87,7 @@ TEST(ParseArgs, BadUsageNamesTheFlagAndWhatItAccepts) {
   EXPECT_EQ(usage_error({"--addr", "a:1", "--temperature", "hot", "p"}),
             "guarded-generate: error: --temperature: hot is invalid; accepted: a number");
   EXPECT_EQ(usage_error({"--addr", "a:1", "--seed", "-1", "p"}),
-            "guarded-generate: error: --seed: -1 is invalid; accepted: 0..4294967295");
+            "guarded-generate: error: --seed: -1 is invalid; accepted: 0 .. 2^32-1");
   EXPECT_EQ(usage_error({"--addr", "a:1", "--timeout", "0", "p"}),
             "guarded-generate: error: --timeout: 0 is invalid; accepted: seconds > 0");
   EXPECT_EQ(usage_error({"--addr", "a:1", "--timeout", "nan", "p"}),
@@ -97,19 +97,25 @@ TEST(ParseArgs, BadUsageNamesTheFlagAndWhatItAccepts) {
   EXPECT_EQ(usage_error({"--addr", "a:1", "--top-k", "1.5", "p"}),
             "guarded-generate: error: --top-k: 1.5 is invalid; accepted: an integer");
   EXPECT_EQ(usage_error({"p"}), "guarded-generate: error: --addr: required; accepted: unix:PATH or HOST:PORT");
-  EXPECT_EQ(usage_error({"--addr", "a:1"}),
-            "guarded-generate: error: prompt: required; accepted: non-empty text, the last argument");
-  EXPECT_EQ(usage_error({"--addr", "a:1", ""}),
-            "guarded-generate: error: prompt: must not be empty; accepted: non-empty text");
+  EXPECT_EQ(usage_error({"--addr", "a:1"}), "guarded-generate: error: PROMPT: must not be empty");
+  EXPECT_EQ(usage_error({"--addr", "a:1", ""}), "guarded-generate: error: PROMPT: must not be empty");
   EXPECT_EQ(usage_error({"--addr", "a:1", "\xff"}),
-            "guarded-generate: error: prompt: not valid UTF-8; accepted: UTF-8 text");
+            "guarded-generate: error: PROMPT: not valid UTF-8; accepted: UTF-8 text");
   EXPECT_EQ(usage_error({"--addr", "a:1", "p", "--seed"}),
-            "guarded-generate: error: --seed: expects a value; accepted: 0..4294967295");
+            "guarded-generate: error: --seed: expects a value; accepted: 0 .. 2^32-1");
+  EXPECT_EQ(usage_error({"--addr", "localhost", "p"}),
+            "guarded-generate: error: --addr: address 'localhost' is invalid; accepted: unix:PATH or HOST:PORT");
+  EXPECT_EQ(usage_error({"--addr", "unix:", "p"}),
+            "guarded-generate: error: --addr: address 'unix:' is invalid; accepted: unix:PATH or HOST:PORT");
+  EXPECT_EQ(usage_error({"--addr", "h:70000", "p"}),
+            "guarded-generate: error: --addr: address 'h:70000' is invalid; accepted: unix:PATH or HOST:PORT");
   EXPECT_EQ(usage_error({"--addr", "a:1", "--json=1", "p"}),
             "guarded-generate: error: --json: takes no value; accepted: --json");
   EXPECT_NE(usage_error({"--addr", "a:1", "--bogus", "p"}).find("--bogus: unknown flag; accepted: --addr"),
             std::string::npos);
-  EXPECT_NE(usage_error({"--addr", "a:1", "p", "q"}).find("prompt: one PROMPT only"), std::string::npos);
+  EXPECT_NE(usage_error({"--addr", "a:1", "p", "q"}).find("PROMPT: one only"), std::string::npos);
+  EXPECT_EQ(cli::parse_args({"--addr", "[::1]:50051", "--info"}).addr, "[::1]:50051");
+  EXPECT_EQ(cli::parse_args({"--addr", "unix:///tmp/s", "--info"}).addr, "unix:///tmp/s");
 }
 
 TEST(TimeoutMs, RoundsHalfToEvenWithAFloorOfOne) {
@@ -152,7 +158,7 @@ TEST(LoadCredentials, UnreadableOrEmptyFilesAreUsageErrors) {
     FAIL() << "no error";
   } catch (const cli::UsageError& e) {
     EXPECT_EQ(std::string(e.what()),
-              "--token-file: /nonexistent/t: cannot read (No such file or directory); accepted: a readable file");
+              "--token-file: /nonexistent/t: cannot read: No such file or directory; accepted: a readable file");
   }
   const TempFile empty("\n");
   o.token_file = empty.path();
@@ -324,8 +330,14 @@ TEST(ExitCode, FromVerdictAndError) {
 TEST(ErrorLine, CodeNameAndServerMessage) {
   EXPECT_EQ(cli::error_line(fse::Error(grpc::StatusCode::INVALID_ARGUMENT, "top_p: 2 is invalid"), "unix:/x"),
             "guarded-generate: error: INVALID_ARGUMENT: top_p: 2 is invalid");
-  EXPECT_EQ(cli::error_line(fse::Error(grpc::StatusCode::UNAVAILABLE, "connection refused"), "127.0.0.1:9"),
-            "guarded-generate: error: UNAVAILABLE: cannot reach the daemon at 127.0.0.1:9 (connection refused)");
+  EXPECT_EQ(cli::error_line(fse::Error(grpc::StatusCode::UNAVAILABLE, "failed to connect to all addresses; "
+                                                                      "last error: Connection refused"),
+                            "127.0.0.1:9"),
+            "guarded-generate: error: UNAVAILABLE: cannot reach the daemon at 127.0.0.1:9 (failed to connect to all "
+            "addresses; last error: Connection refused)");
+  // An UNAVAILABLE the daemon sends itself is its own message.
+  EXPECT_EQ(cli::error_line(fse::Error(grpc::StatusCode::UNAVAILABLE, "the model is still loading"), "a:1"),
+            "guarded-generate: error: UNAVAILABLE: the model is still loading");
   EXPECT_EQ(cli::error_line(fse::Error(grpc::StatusCode::UNAUTHENTICATED, "bad token"), "a:1"),
             "guarded-generate: error: UNAUTHENTICATED: bad token");
   EXPECT_STREQ(fse::Error(grpc::StatusCode::RESOURCE_EXHAUSTED, "m").what(), "RESOURCE_EXHAUSTED: m");

@@ -15,7 +15,7 @@ use tonic::Code;
 use tonic::metadata::{AsciiMetadataValue, MetadataMap};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
-use crate::error::{Error, error_chain};
+use crate::error::{Error, error_chain, transport_detail};
 use crate::events::{Event, Verdict};
 use crate::pb::{
     self, generate_client_message, generate_server_message, guard_client::GuardClient,
@@ -46,7 +46,11 @@ impl FromStr for Address {
                 format!("addr: {s:?} is not unix:PATH or HOST:PORT"),
             )
         };
-        if let Some(path) = s.strip_prefix("unix:") {
+        // unix:///abs/path (gRPC's URI form) or unix:path.
+        if let Some(path) = s
+            .strip_prefix("unix://")
+            .or_else(|| s.strip_prefix("unix:"))
+        {
             return if path.is_empty() {
                 Err(bad())
             } else {
@@ -151,7 +155,7 @@ impl Client {
         let channel = endpoint
             .connect()
             .await
-            .map_err(|err| Error::unreachable(addr, &error_chain(&err, &err.to_string())))?;
+            .map_err(|err| Error::unreachable(addr, &transport_detail(&err, &err.to_string())))?;
         Ok(Self {
             stub: GuardClient::new(channel),
             addr: addr.to_string(),

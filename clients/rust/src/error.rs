@@ -47,15 +47,27 @@ impl Error {
     /// [`Error::unreachable`], so "the daemon is not there" reads the same whether
     /// it is noticed while connecting or during a call.
     pub(crate) fn from_status(addr: &str, status: tonic::Status) -> Self {
+        use std::error::Error as _;
         let message = status.message();
-        // The generated stub reports a channel that cannot reconnect as UNKNOWN
-        // "Service was not ready: ...": that is the daemon going away, too.
-        let not_ready =
-            status.code() == Code::Unknown && message.starts_with("Service was not ready");
-        if status.code() == Code::Unavailable || not_ready {
-            return Self::unreachable(addr, &error_chain(&status, message));
+        // A status that tonic made up from a transport failure carries that failure
+        // as its source (one from the server never does); and the generated stub
+        // reports a channel that cannot reconnect as UNKNOWN "Service was not
+        // ready: ...". Both mean the daemon is not there (any more).
+        let local = status.source().is_some() || message.starts_with("Service was not ready");
+        if status.code() == Code::Unavailable || local {
+            return Self::unreachable(addr, &transport_detail(&status, message));
         }
         Self::new(status.code(), message)
+    }
+}
+
+/// What went wrong underneath a transport error, without tonic's generic
+/// "transport error" wrapper: "No such file or directory (os error 2)".
+pub(crate) fn transport_detail(err: &(dyn std::error::Error + 'static), what: &str) -> String {
+    let detail = error_chain(err, what);
+    match detail.strip_prefix("transport error: ") {
+        Some(rest) => rest.to_string(),
+        None => detail,
     }
 }
 

@@ -176,7 +176,7 @@ pub fn format_g6(x: f64) -> String {
     let sci = format!("{:.*e}", (P - 1) as usize, x);
     let (mantissa, exp) = sci.split_once('e').expect("{:e} has an exponent");
     let exp: i32 = exp.parse().expect("{:e} exponent is an integer");
-    if exp < -4 || exp >= P {
+    if !(-4..P).contains(&exp) {
         let sign = if exp < 0 { '-' } else { '+' };
         format!("{}e{sign}{:02}", strip_zeros(mantissa), exp.abs())
     } else {
@@ -203,8 +203,8 @@ mod tests {
             id: 15687,
             piece: b" Berlin".to_vec(),
             text: " Berlin".into(),
-            nll: 0.17000000000000001,
-            ppl: 1.1853299331665039,
+            nll: 0.17,
+            ppl: 1.185_329_933_166_504,
             ppl_cumulative: 1.19,
             variance: 19.7,
             max_prob: 0.84,
@@ -285,7 +285,10 @@ mod tests {
         assert_eq!(doc["guard"], Value::Null);
         assert_eq!(doc["token_index"], Value::Null);
         assert_eq!(doc["message"], "boom");
-        assert_eq!(doc.as_object().unwrap().keys().last().unwrap(), "message");
+        assert_eq!(
+            doc.as_object().unwrap().keys().next_back().unwrap(),
+            "message"
+        );
     }
 
     #[test]
@@ -344,7 +347,7 @@ mod tests {
             (0.0001, "0.0001"),
             (0.00001234, "1.234e-05"),
             (1e-300, "1e-300"),
-            (-3.14159265, "-3.14159"),
+            (-1.23456789, "-1.23457"),
             (1.5e300, "1.5e+300"),
             (f64::INFINITY, "inf"),
             (f64::NAN, "nan"),

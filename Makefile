@@ -9,7 +9,8 @@ FSE    := $(VENV)/bin/fse
 STAMP  := $(VENV)/.fse-installed
 SOCKET ?= $(CURDIR)/fse.sock
 
-BUILD_INPUTS := $(wildcard native/*.c native/*.h native/*.py proto/fse/v1/*.proto) setup.py pyproject.toml
+BUILD_INPUTS := $(wildcard native/*.c native/*.h native/*.py proto/fse/v1/*.proto) setup.py pyproject.toml \
+                clients/python/setup.py clients/python/pyproject.toml
 
 .PHONY: setup run test lint bench clean system-deps
 
@@ -34,12 +35,13 @@ $(PY):
 
 # Build requirements live in the venv so the native build needs no isolated env.
 # Build outputs are listed too: if one is deleted, the next `make` rebuilds it.
-GENERATED := daemon/fse/_native.abi3.so daemon/fse/v1/fse_pb2.py
+GENERATED := daemon/fse/_native.abi3.so clients/python/fse_client/v1/fse_pb2.py
 $(GENERATED):
 
 $(STAMP): $(BUILD_INPUTS) $(GENERATED) | $(PY) system-deps
 	$(PIP) install "setuptools>=68" wheel "cffi>=1.16" "grpcio-tools>=1.60"
-	$(PY) native/libllama.py
+	$(PY) native/libllama.py --prepare
+	$(PIP) install --no-build-isolation -e ./clients/python
 	$(PIP) install --no-build-isolation -e '.[dev,plot]'
 	@touch $@
 
@@ -50,12 +52,13 @@ test: setup lint
 	$(PY) -m pytest -q
 
 lint: setup
-	$(PY) -m ruff check daemon tests bench native
-	$(PY) -m ruff format --check daemon tests bench native
+	$(PY) -m ruff check daemon tests bench native clients/python
+	$(PY) -m ruff format --check daemon tests bench native clients/python
 	$(PY) -m mypy
+	$(VENV)/bin/lint-imports
 
 bench: setup
 	$(PY) bench/run_all.py
 
 clean:
-	rm -rf $(VENV) build daemon/fse/_libs daemon/fse/_native*.so daemon/fse/v1 *.egg-info daemon/*.egg-info
+	rm -rf $(VENV) build daemon/fse/_libs daemon/fse/_native*.so clients/python/fse_client/v1 *.egg-info daemon/*.egg-info clients/python/*.egg-info

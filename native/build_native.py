@@ -7,20 +7,18 @@ that a future llama.h renames or drops fails this build, not a run.
 
 from __future__ import annotations
 
+import json
 import os
-import shutil
-import sys
 from pathlib import Path
 
 from cffi import FFI
 
 NATIVE = Path(__file__).resolve().parent
 ROOT = NATIVE.parent
-sys.path.insert(0, str(NATIVE))
-import libllama  # noqa: E402  (sibling module, not a package)
-
-# The shared libraries are copied next to the extension, which finds them through
-# its RUNPATH ($ORIGIN/_libs): no LD_LIBRARY_PATH, and the cache can be removed.
+# Written by `native/libllama.py --prepare` (the Makefile step before this build): where
+# llama.h is, with libllama and its ggml libraries already copied to daemon/fse/_libs,
+# which the extension finds through its RUNPATH ($ORIGIN/_libs).
+LOCATION = ROOT / "build" / "libllama.json"
 PACKAGE_LIBS = ROOT / "daemon" / "fse" / "_libs"
 
 CDEF = r"""
@@ -130,16 +128,16 @@ CDEF += "\n".join(line for line in FSE_H.splitlines() if not line.startswith("#"
 SOURCES = ["fse_stats.c", "fse_loop.c", "fse_log.c"]
 
 
-def _copy_shared_libraries(lib: libllama.LlamaLib) -> None:
-    shutil.rmtree(PACKAGE_LIBS, ignore_errors=True)
-    PACKAGE_LIBS.mkdir(parents=True)
-    for path in lib.shared_libraries():
-        shutil.copy2(path, PACKAGE_LIBS, follow_symlinks=False)
+def _include_dirs() -> list[str]:
+    try:
+        found = json.loads(LOCATION.read_text())
+    except (OSError, ValueError):
+        raise SystemExit(
+            f"{LOCATION} is missing or unreadable: run `python native/libllama.py --prepare` "
+            "first (`make setup` does)"
+        ) from None
+    return [str(d) for d in found["include_dirs"]]
 
-
-LLAMA = libllama.locate()
-libllama.log(f"using {LLAMA.origin}")
-_copy_shared_libraries(LLAMA)
 
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
@@ -148,7 +146,7 @@ ffibuilder.set_source(
     '#include "llama.h"\n#include "fse.h"\n',
     # setuptools insists on paths relative to setup.py.
     sources=[os.path.relpath(NATIVE / s) for s in SOURCES],
-    include_dirs=[str(NATIVE), *map(str, LLAMA.include_dirs)],
+    include_dirs=[str(NATIVE), *_include_dirs()],
     library_dirs=[str(PACKAGE_LIBS)],
     libraries=["llama"],
     # No -ffast-math: it would let the compiler assume away the NaN/Inf checks.

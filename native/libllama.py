@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -245,9 +246,29 @@ def tools_dir() -> Path:
     return cmake_build(root, list(TOOLS))
 
 
+def prepare_build(lib: LlamaLib) -> None:
+    """Hand the found libllama to the cffi build (native/build_native.py), which only reads."""
+    root = Path(__file__).resolve().parent.parent
+    package_libs = root / "daemon" / "fse" / "_libs"
+    shutil.rmtree(package_libs, ignore_errors=True)
+    package_libs.mkdir(parents=True)
+    for path in lib.shared_libraries():
+        shutil.copy2(path, package_libs, follow_symlinks=False)
+    record = root / "build" / "libllama.json"
+    record.parent.mkdir(exist_ok=True)
+    doc = {"include_dirs": [str(d) for d in lib.include_dirs], "origin": lib.origin}
+    record.write_text(json.dumps(doc, indent=2) + "\n")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tools", action="store_true", help="print the llama.cpp tools dir")
+    parser.add_argument(
+        "--prepare",
+        action="store_true",
+        help="also copy the libraries into daemon/fse/_libs and record llama.h's location "
+        "in build/libllama.json for the cffi build",
+    )
     args = parser.parse_args()
     try:
         if args.tools:
@@ -255,6 +276,8 @@ def main() -> int:
         else:
             lib = locate()
             print(f"libllama: {lib.origin}")
+            if args.prepare:
+                prepare_build(lib)
     except (LlamaNotFound, subprocess.CalledProcessError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -15,8 +15,8 @@ from typing import Any
 
 import grpc
 import pytest
-from fse.engine import Context, Model
-from fse.models import default_model_path
+from fse.core.engine import Context, Model
+from fse.core.models import default_model_path
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 FSE = [sys.executable, "-m", "fse.cli"]

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from conftest import audit_records, run_fse
-from fse.audit import GENESIS, AuditError, AuditLog, verify
+from fse.serve.audit import GENESIS, AuditError, AuditLog, verify
 
 
 def write_log(path: Path, n: int, **options: Any) -> None:
@@ -161,7 +161,7 @@ FAILING_DISK = textwrap.dedent(
     """
     import json, resource, sys
     from pathlib import Path
-    from fse.audit import AuditLog, verify
+    from fse.serve.audit import AuditLog, verify
 
     path = Path(sys.argv[1])
     changes = []

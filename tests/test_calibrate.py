@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 from conftest import run_fse
-from fse import calibrate as cal
-from fse.guards import LoopDetector
-from fse.metrics import StepMetrics
-from fse.policy import builtin_policy, load_policy_file
+from fse.core.guards import LoopDetector
+from fse.core.metrics import StepMetrics
+from fse.core.policy import builtin_policy, load_policy_file
+from fse.tools import calibrate as cal
 
 # ---------------------------------------------------------------------------
 # Statistics

@@ -21,10 +21,10 @@ from typing import Any
 
 import pytest
 from conftest import FSE, run_fse
-from fse.metrics import StepMetrics
-from fse.policy import builtin_policy
-from fse.render import COLOURS, RESET, HumanRenderer
-from fse.stream import TokenEvent, Verdict
+from fse.cli.render import COLOURS, RESET, HumanRenderer
+from fse.core.metrics import StepMetrics
+from fse.core.policy import builtin_policy
+from fse.core.stream import TokenEvent, Verdict
 
 TOKEN_KEYS = {
     "type",

@@ -37,9 +37,9 @@ import grpc
 import pytest
 from conftest import FSE, Daemon, audit_records, run_fse
 from fse import __version__
-from fse.audit import AuditLog, verify
-from fse.policy import load_policies
-from fse.v1 import fse_pb2, fse_pb2_grpc
+from fse.core.policy import load_policies
+from fse.serve.audit import AuditLog, verify
+from fse_client.v1 import fse_pb2, fse_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
@@ -1159,7 +1159,7 @@ def test_cli_addr_bad_input_is_usage_error(main: Daemon) -> None:
     result = run_fse("generate", "--addr", main.addr, "hi", "--max-tokens", "300")
     assert result.returncode == 2
     assert result.stderr.strip() == (
-        "fse generate: error: max_tokens: 300 is out of range; accepted: 1..255"
+        "fse generate: error: INVALID_ARGUMENT: max_tokens: 300 is out of range; accepted: 1..255"
     )
 
 
@@ -1186,7 +1186,7 @@ def templated_model(model_path: Path, tmp_path_factory: pytest.TempPathFactory) 
 def test_chat_messages_use_the_models_template(
     start_daemon: Callable[..., Daemon], templated_model: Path, tmp_path: Path
 ) -> None:
-    from fse.engine import Model
+    from fse.core.engine import Model
 
     messages = [("user", "What is the capital of France?")]
     with Model(templated_model) as model:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from conftest import run_fse
 from fse._native import ffi, lib
-from fse.engine import (
+from fse.core.engine import (
     NO_FAULTS,
     Context,
     ContextOverflow,
@@ -28,10 +28,10 @@ from fse.engine import (
     TooManyTokens,
     generate,
 )
-from fse.models import GGUF_MAGIC, ModelError
-from fse.policy import builtin_policy
-from fse.service import run_local
-from fse.stream import COMPLETED, ERROR, Request, TokenEvent, Verdict
+from fse.core.models import GGUF_MAGIC, ModelError
+from fse.core.policy import builtin_policy
+from fse.core.stream import COMPLETED, ERROR, Request, TokenEvent, Verdict
+from fse.serve.service import run_local
 
 GREEDY = Sampling(temperature=0)
 PROMPT = "The capital of France is"

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 from conftest import Daemon, run_fse
-from fse import experiment as ex
-from fse.policy import builtin_policy
+from fse.core.policy import builtin_policy
+from fse.tools import experiment as ex
 
 TWO_CATEGORIES = """
 name = "two"
@@ -208,7 +208,7 @@ def test_experiment_two_categories_in_process(tmp_path: Path) -> None:
 
 def _reload(daemon: Daemon, name: str) -> None:
     """SIGHUP the daemon and wait until GetInfo lists policy `name`."""
-    from fse.v1 import fse_pb2, fse_pb2_grpc
+    from fse_client.v1 import fse_pb2, fse_pb2_grpc
 
     daemon.process.send_signal(signal.SIGHUP)
     deadline = time.monotonic() + 30

@@ -1,4 +1,4 @@
-"""Unit tests for fse.guards: each guard at its boundaries, fail-closed paths, the loop detector."""
+"""Unit tests for fse.core.guards: each guard at its boundaries, fail closed, the loop detector."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import random
 from collections.abc import Iterable
 
 import pytest
-from fse import guards as g
-from fse.guards import PASS, GuardChain, LoopDetector, Trip
-from fse.metrics import StepMetrics
-from fse.policy import (
+from fse.core import guards as g
+from fse.core.guards import PASS, GuardChain, LoopDetector, Trip
+from fse.core.metrics import StepMetrics
+from fse.core.policy import (
     L2NormGuard,
     LogitVarianceGuard,
     LoopGuard,

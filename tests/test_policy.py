@@ -1,4 +1,4 @@
-"""Unit tests for fse.policy: built-ins, canonical hashing, TOML round-trip, validation."""
+"""Unit tests for fse.core.policy: built-ins, canonical hashing, TOML round-trip, validation."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
-from fse.policy import (
+from fse.core.policy import (
     DEFAULT_PPL_WINDOW,
     HealthBands,
     L2NormGuard,

@@ -11,11 +11,11 @@ import threading
 from collections.abc import Iterator
 
 import pytest
-from fse.engine import Model, Sampling
-from fse.policy import load_policies
-from fse.scheduler import Limits
-from fse.service import GuardService, InvalidRequest
-from fse.stream import COMPLETED, Request, TokenEvent, Verdict
+from fse.core.engine import Model, Sampling
+from fse.core.policy import load_policies
+from fse.core.stream import COMPLETED, Request, TokenEvent, Verdict
+from fse.serve.scheduler import Limits
+from fse.serve.service import GuardService, InvalidRequest
 
 
 @pytest.fixture(scope="module")

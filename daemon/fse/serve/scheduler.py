@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from fse.engine import Context, EngineError, Faults, Model, Slot
-from fse.guards import DEADLINE, INTERNAL, SHUTDOWN
-from fse.policy import Policy
-from fse.stream import (
+from fse.core.engine import Context, EngineError, Faults, Model, Slot
+from fse.core.guards import DEADLINE, INTERNAL, SHUTDOWN
+from fse.core.policy import Policy
+from fse.core.stream import (
     CANCELLED,
     COMPLETED,
     ERROR,
@@ -37,7 +37,7 @@ from fse.stream import (
     Verdict,
 )
 
-log = structlog.get_logger("fse.scheduler")
+log = structlog.get_logger("fse.serve.scheduler")
 
 
 class Overloaded(Exception):

@@ -21,8 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fse import __version__
-from fse.audit import AuditLog
-from fse.engine import (
+from fse.core.engine import (
     NO_FAULTS,
     Context,
     EngineError,
@@ -31,10 +30,9 @@ from fse.engine import (
     TooManyTokens,
     generate,
 )
-from fse.guards import DEADLINE, INTERNAL
-from fse.policy import Policy
-from fse.scheduler import Handle, Limits, Scheduler
-from fse.stream import (
+from fse.core.guards import DEADLINE, INTERNAL
+from fse.core.policy import Policy
+from fse.core.stream import (
     CANCELLED,
     COMPLETED,
     ERROR,
@@ -44,6 +42,8 @@ from fse.stream import (
     Request,
     Verdict,
 )
+from fse.serve.audit import AuditLog
+from fse.serve.scheduler import Handle, Limits, Scheduler
 
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_BYTES = 256

@@ -88,7 +88,6 @@ import math
 import os
 import re
 import sys
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -96,7 +95,7 @@ from importlib import resources
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Literal, Protocol
 
-from fse.cli import (
+from fse.cli.common import (
     UsageError,
     add_generation_flags,
     add_local_flags,
@@ -106,11 +105,11 @@ from fse.cli import (
 )
 
 if TYPE_CHECKING:
-    from fse.engine import Context, Model, Sampling
-    from fse.guards import Trip
-    from fse.metrics import StepMetrics
-    from fse.policy import Policy
-    from fse.stream import Request
+    from fse.core.engine import Context, Model, Sampling
+    from fse.core.guards import Trip
+    from fse.core.metrics import StepMetrics
+    from fse.core.policy import Policy
+    from fse.core.stream import Request
 
 EXIT_USAGE = 2
 EXIT_ERROR = 1
@@ -237,7 +236,7 @@ def _jsonl_prompts(text: str, path: Path, flag: str) -> list[Prompt]:
 
 
 def make_request(prompt: Prompt, sampling: Sampling, max_tokens: int, policy: str) -> Request:
-    from fse.stream import Request
+    from fse.core.stream import Request
 
     return Request(
         prompt=prompt.text,
@@ -294,7 +293,7 @@ class Runner(Protocol):
 
 
 def _collect(events: Iterator[Any], prompt: Prompt, seed: int | None, policy: str) -> Run:
-    from fse.stream import TokenEvent
+    from fse.core.stream import TokenEvent
 
     started = time.monotonic()
     steps: list[StepMetrics] = []
@@ -337,9 +336,9 @@ class LocalRunner:
         self.where = f"in-process ({self.model.path.name})"
 
     def prepare(self, jobs: Sequence[tuple[Prompt, int]]) -> None:
-        from fse.engine import Context
-        from fse.service import InvalidRequest, prompt_tokens
-        from fse.stream import Request
+        from fse.core.engine import Context
+        from fse.core.stream import Request
+        from fse.serve.service import InvalidRequest, prompt_tokens
 
         needed = 0
         for prompt, max_tokens in jobs:
@@ -367,7 +366,7 @@ class LocalRunner:
         return ""
 
     def run(self, prompt: Prompt, sampling: Sampling, max_tokens: int, policy: Policy) -> Run:
-        from fse.service import run_local
+        from fse.serve.service import run_local
 
         if self.ctx is None:
             self.prepare([(prompt, max_tokens)])
@@ -388,23 +387,18 @@ class RemoteRunner:
     """Generations through a running daemon (`fse serve`); policies are served by name."""
 
     def __init__(self, addr: str) -> None:
-        import grpc
-
-        from fse.v1 import fse_pb2, fse_pb2_grpc
+        import fse_client
 
         self.addr = addr
         try:
-            with grpc.insecure_channel(addr) as channel:
-                stub = fse_pb2_grpc.GuardStub(channel)  # type: ignore[no-untyped-call]
-                info = stub.GetInfo(fse_pb2.GetInfoRequest(), timeout=30)
-        except grpc.RpcError as exc:
-            code = exc.code()
+            with fse_client.Client(addr) as client:
+                info = client.info(timeout=30)
+        except fse_client.FseError as exc:
             raise RunError(
-                f"cannot get info from the daemon at {addr} ({code.name}: {exc.details()}); "
-                "is `fse serve` running?"
+                f"cannot get info from the daemon at {addr} ({exc}); is `fse serve` running?"
             ) from None
         except ValueError as exc:  # a malformed address
-            raise CommandError(f"--addr: {addr!r}: {exc}") from None
+            raise CommandError(f"--addr: {exc}") from None
         self.model_name: str = info.model.name
         self.n_vocab: int = info.model.vocab_size
         self.max_tokens: int = info.limits.max_tokens
@@ -425,22 +419,18 @@ class RemoteRunner:
         return _not_served(self.addr, policy, self.served)
 
     def run(self, prompt: Prompt, sampling: Sampling, max_tokens: int, policy: Policy) -> Run:
-        from fse.client import ClientError, remote_events
+        from fse.tools.remote import ClientError, RemoteStream
 
         if not self.serves(policy):
             raise CommandError(_not_served(self.addr, policy, self.served))
         request = make_request(prompt, sampling, max_tokens, policy.name)
         try:
             return _collect(
-                remote_events(self.addr, request, threading.Event()),
-                prompt,
-                sampling.seed,
-                policy.name,
+                iter(RemoteStream(self.addr, request)), prompt, sampling.seed, policy.name
             )
         except ClientError as exc:
-            if exc.code is not None and exc.code.name == "INVALID_ARGUMENT":
-                message = str(exc).removeprefix("INVALID_ARGUMENT: ")
-                raise CommandError(f"{prompt.source or 'prompt'}: {message}") from None
+            if exc.code.name == "INVALID_ARGUMENT":
+                raise CommandError(f"{prompt.source or 'prompt'}: {exc.message}") from None
             raise RunError(str(exc)) from None
 
     def close(self) -> None:
@@ -478,8 +468,8 @@ def replay(steps: Sequence[StepMetrics], policy: Policy) -> Trip | None:
 
     Windowed perplexity is recomputed from each step's nll for the policy's window.
     """
-    from fse.guards import GuardChain
-    from fse.metrics import PerplexityWindow
+    from fse.core.guards import GuardChain
+    from fse.core.metrics import PerplexityWindow
 
     chain = GuardChain(policy)
     window = PerplexityWindow(policy.ppl_window)
@@ -492,7 +482,7 @@ def replay(steps: Sequence[StepMetrics], policy: Policy) -> Trip | None:
 
 
 def windowed_ppl(steps: Sequence[StepMetrics], window: int) -> list[float]:
-    from fse.metrics import PerplexityWindow
+    from fse.core.metrics import PerplexityWindow
 
     w = PerplexityWindow(window)
     return [w.push(m.nll)[0] for m in steps]
@@ -590,7 +580,7 @@ def calibrate_policy(
     description: str = "",
 ) -> Calibration:
     """Thresholds from healthy runs (see the module docstring for the rules)."""
-    from fse.policy import (
+    from fse.core.policy import (
         HealthBands,
         LoopGuard,
         MaxProbGuard,
@@ -909,7 +899,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from fse.policy import Policy, PolicyError
+    from fse.core.policy import Policy, PolicyError
 
     if args.max_tokens < 1:
         raise CommandError(f"--max-tokens: {args.max_tokens} is invalid; accepted: >= 1")

@@ -79,7 +79,8 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fse.calibrate import (
+from fse.cli.common import UsageError, add_local_flags, resolve_policy
+from fse.tools.calibrate import (
     EXIT_ERROR,
     EXIT_USAGE,
     OBSERVE_POLICY,
@@ -94,11 +95,10 @@ from fse.calibrate import (
     steps_json,
     write_atomic,
 )
-from fse.cli import UsageError, add_local_flags, resolve_policy
 
 if TYPE_CHECKING:
-    from fse.engine import Sampling
-    from fse.policy import Policy
+    from fse.core.engine import Sampling
+    from fse.core.policy import Policy
 
 DEFAULT_POLICIES = ("default", "pro")
 DEFAULT_OUT = "fse-experiment"
@@ -257,7 +257,7 @@ def _int(value: object, key: str, low: int, high: int, fail: Any) -> int:
 
 
 def _sampling(value: object, key: str, fail: Any) -> dict[str, float]:
-    from fse.engine import Sampling
+    from fse.core.engine import Sampling
 
     if not isinstance(value, dict):
         raise fail(key, "expected a table")
@@ -277,7 +277,7 @@ def _sampling(value: object, key: str, fail: Any) -> dict[str, float]:
 
 
 def _guard_types() -> dict[str, type[Any]]:
-    from fse.policy import (
+    from fse.core.policy import (
         L2NormGuard,
         LogitVarianceGuard,
         LoopGuard,
@@ -295,7 +295,7 @@ def _guard_types() -> dict[str, type[Any]]:
 
 
 def _override(value: object, key: str, fail: Any) -> dict[str, dict[str, Any]]:
-    from fse.policy import PolicyError
+    from fse.core.policy import PolicyError
 
     types = _guard_types()
     if not isinstance(value, dict):
@@ -327,7 +327,7 @@ def apply_override(policy: Policy, override: dict[str, dict[str, Any]]) -> Polic
 
 
 def sampling_for(category: Category, seed: int) -> Sampling:
-    from fse.engine import Sampling
+    from fse.core.engine import Sampling
 
     return dataclasses.replace(Sampling(**category.sampling), seed=seed)  # type: ignore[arg-type]
 
@@ -347,7 +347,7 @@ class CellRun:
 
 def observe_policy() -> Policy:
     """No configurable guard (non_finite stays on): the unguarded reference runs."""
-    from fse.policy import Policy
+    from fse.core.policy import Policy
 
     return Policy(name=OBSERVE_POLICY)
 
@@ -576,7 +576,7 @@ def policy_summary(policy: Policy) -> str:
 
 
 def _sampling_text(cat: Category) -> str:
-    from fse.engine import Sampling
+    from fse.core.engine import Sampling
 
     s = Sampling(**cat.sampling)  # type: ignore[arg-type]
     if s.temperature == 0:

@@ -9,17 +9,18 @@ import math
 import os
 from typing import IO, Any
 
-from fse.stream import HALTED, TokenEvent, Verdict
+from fse.core.stream import HALTED, TokenEvent, Verdict
 
 COLOURS = {"green": "\x1b[32m", "yellow": "\x1b[33m", "red": "\x1b[31m"}
 RESET = "\x1b[0m"
 
 
 def _num(x: float | None) -> float | None:
-    """Six significant digits are plenty for a metric; NaN/Inf become null (valid JSON)."""
+    """The double itself (json writes its shortest round-trip form, so every client of the
+    daemon prints the same value); NaN/Inf become null (valid JSON)."""
     if x is None or not math.isfinite(x):
         return None
-    return float(f"{x:.6g}")
+    return float(x)
 
 
 def token_json(event: TokenEvent) -> dict[str, Any]:

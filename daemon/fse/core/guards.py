@@ -2,7 +2,7 @@
 
 One :class:`GuardChain` per generation (the max_prob counter and the loop detector
 are per-stream state). The engine calls :meth:`GuardChain.check` once per token with
-that step's :class:`~fse.metrics.StepMetrics`, halts on the first returned trip
+that step's :class:`~fse.core.metrics.StepMetrics`, halts on the first returned trip
 whose action is ``"halt"``, and withholds the token that tripped it.
 
 Fail-closed rules implemented here:
@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from typing import Final
 
 from fse._native import ffi, lib
-from fse.metrics import StepMetrics
-from fse.policy import Action, LoopGuard, MaxProbGuard, Policy
+from fse.core.metrics import StepMetrics
+from fse.core.policy import Action, LoopGuard, MaxProbGuard, Policy
 
 __all__ = [
     "DEADLINE",

@@ -19,8 +19,8 @@ from types import TracebackType
 from typing import Any, Self
 
 from fse._native import ffi, lib
-from fse.metrics import PerplexityWindow, StepMetrics
-from fse.models import ModelError, check_gguf
+from fse.core.metrics import PerplexityWindow, StepMetrics
+from fse.core.models import ModelError, check_gguf
 
 # ggml's GGML_MAX_N_THREADS.
 MAX_THREADS = 512

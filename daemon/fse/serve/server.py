@@ -23,19 +23,19 @@ from typing import Any
 
 import grpc
 import structlog
+from fse_client.v1 import fse_pb2, fse_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from fse.audit import AuditError, AuditLog
-from fse.engine import Faults, Model, Sampling
-from fse.models import ModelError, check_gguf, default_model_path
-from fse.policy import Policy, PolicyError, load_policies
-from fse.scheduler import Handle, Limits, NotAccepting, Overloaded
-from fse.service import AuditUnavailable, GuardService, InvalidRequest
-from fse.stream import CANCELLED, COMPLETED, ERROR, HALTED, Request, TokenEvent, Verdict
-from fse.v1 import fse_pb2, fse_pb2_grpc
+from fse.core.engine import Faults, Model, Sampling
+from fse.core.models import ModelError, check_gguf, default_model_path
+from fse.core.policy import Policy, PolicyError, load_policies
+from fse.core.stream import CANCELLED, COMPLETED, ERROR, HALTED, Request, TokenEvent, Verdict
+from fse.serve.audit import AuditError, AuditLog
+from fse.serve.scheduler import Handle, Limits, NotAccepting, Overloaded
+from fse.serve.service import AuditUnavailable, GuardService, InvalidRequest
 
-log = structlog.get_logger("fse.server")
+log = structlog.get_logger("fse.serve.server")
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -497,7 +497,7 @@ async def _retry_audit(audit: AuditLog, every: float = 0.5) -> None:
 
 
 def _hash_model(servicer: GuardServicer, path: Path) -> None:
-    from fse.models import file_sha256
+    from fse.core.models import file_sha256
 
     servicer.model_sha256 = file_sha256(path)
 

@@ -13,10 +13,10 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from fse.engine import NO_FAULTS, Faults, Sampling, Step
-from fse.guards import INTERNAL, GuardChain, Trip
-from fse.metrics import StepMetrics
-from fse.policy import Policy
+from fse.core.engine import NO_FAULTS, Faults, Sampling, Step
+from fse.core.guards import INTERNAL, GuardChain, Trip
+from fse.core.metrics import StepMetrics
+from fse.core.policy import Policy
 
 COMPLETED = "completed"
 HALTED = "halted"

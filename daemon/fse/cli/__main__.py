@@ -1,0 +1,5 @@
+import sys
+
+from fse.cli.main import main
+
+sys.exit(main())

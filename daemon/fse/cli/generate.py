@@ -1,0 +1,119 @@
+"""`fse generate`: one guarded generation, in this process (--local) or on a daemon (--addr)."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+from fse.cli.common import (
+    EXIT_ERROR,
+    MAX_THREADS,
+    UsageError,
+    add_generation_flags,
+    add_local_flags,
+    load_model,
+    positive,
+    request_from_args,
+    resolve_policy,
+)
+
+
+def add_parser(commands: Any) -> None:
+    gen = commands.add_parser("generate", help="generate guarded text for a prompt")
+    gen.add_argument("prompt", help="the prompt text")
+    where = gen.add_mutually_exclusive_group(required=True)
+    where.add_argument("--local", action="store_true", help="run the model in this process")
+    where.add_argument("--addr", help="daemon address: unix:PATH or HOST:PORT")
+    add_generation_flags(gen)
+    add_local_flags(gen)
+    gen.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="stop sequence (repeatable); not included in the output",
+    )
+    gen.add_argument("--timeout", type=float, help="deadline in seconds (guard 'deadline')")
+    gen.add_argument(
+        "--json", action="store_true", help="JSON lines: one per token, then a verdict"
+    )
+    gen.add_argument(
+        "--debug-fault",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="debug only: inject a fault (nan@K, inf@K, scale@K:F, guard-error@K)",
+    )
+    gen.set_defaults(func=cmd_generate)
+
+
+def local_events(args: argparse.Namespace, request: Any, cancel: threading.Event) -> Iterator[Any]:
+    from fse.core.engine import Context, Faults
+    from fse.serve.service import InvalidRequest, prompt_tokens, run_local
+
+    try:
+        faults = Faults.parse(args.debug_fault)
+    except ValueError as exc:
+        raise UsageError(f"--debug-fault: {exc}") from None
+    positive("--threads", args.threads, MAX_THREADS)
+    policy = resolve_policy(request.policy, args.policies_dir, "--policy")
+    with load_model(args.model, args.verbose) as model:
+        try:
+            needed = len(prompt_tokens(model, request)) + request.max_tokens
+        except InvalidRequest as exc:
+            raise UsageError(str(exc)) from None
+        if needed > model.n_ctx_train:
+            raise UsageError(
+                f"--max-tokens: prompt plus {request.max_tokens} tokens exceed the model's "
+                f"context of {model.n_ctx_train} tokens"
+            )
+        n_ctx = min(model.n_ctx_train, max(512, -(-needed // 256) * 256))
+        with Context(model, n_ctx=n_ctx, n_threads=args.threads) as ctx:
+            yield from run_local(model, ctx, request, policy, faults=faults, cancel=cancel)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from fse.cli.render import HumanRenderer, JsonRenderer
+
+    request = request_from_args(args)
+    renderer = JsonRenderer(sys.stdout) if args.json else HumanRenderer(sys.stdout, sys.stderr)
+    cancel = threading.Event()
+
+    def on_interrupt(signum: int, frame: object) -> None:
+        # First Ctrl-C cancels cleanly (verdict `cancelled`, exit 4); a second one kills.
+        cancel.set()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    signal.signal(signal.SIGINT, on_interrupt)
+    if args.addr:
+        from fse.tools.remote import ClientError, RemoteStream
+
+        try:
+            stream = RemoteStream(args.addr, request, args.debug_fault)
+        except ValueError as exc:
+            raise UsageError(f"--addr: {exc}") from None
+        signal.signal(signal.SIGINT, lambda signum, frame: stream.cancel())
+        try:
+            return render(iter(stream), renderer)
+        except ClientError as exc:
+            if exc.code.name == "INVALID_ARGUMENT":
+                raise UsageError(str(exc)) from None
+            print(f"fse generate: error: {exc}", file=sys.stderr)
+            return EXIT_ERROR
+    return render(local_events(args, request, cancel), renderer)
+
+
+def render(events: Iterator[Any], renderer: Any) -> int:
+    from fse.core.stream import TokenEvent
+
+    for event in events:
+        if isinstance(event, TokenEvent):
+            renderer.token(event)
+        else:
+            renderer.verdict(event)
+            return int(event.exit_code)
+    raise RuntimeError("the stream ended without a verdict")

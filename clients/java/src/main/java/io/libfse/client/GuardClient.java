@@ -8,9 +8,12 @@ import io.grpc.ClientInterceptors;
 import io.grpc.Grpc;
 import io.grpc.InsecureChannelCredentials;
 import io.grpc.ManagedChannel;
+import io.grpc.ManagedChannelBuilder;
 import io.grpc.Metadata;
 import io.grpc.StatusRuntimeException;
 import io.grpc.TlsChannelCredentials;
+import io.grpc.netty.shaded.io.grpc.netty.NettyChannelBuilder;
+import io.grpc.netty.shaded.io.netty.channel.ChannelOption;
 import io.grpc.stub.MetadataUtils;
 import java.io.IOException;
 import java.nio.file.Path;
@@ -71,7 +74,17 @@ public final class GuardClient implements AutoCloseable {
         }
         // grpc-java resolves "unix:/path" itself (epoll domain sockets of grpc-netty-shaded) and
         // "HOST:PORT" through DNS. Calls are fail-fast by default (no wait-for-ready).
-        ManagedChannel channel = Grpc.newChannelBuilder(addr, credentials).build();
+        ManagedChannelBuilder<?> builder = Grpc.newChannelBuilder(addr, credentials);
+        if (addr.startsWith("unix:") && builder instanceof NettyChannelBuilder netty) {
+            // grpc-java sets SO_KEEPALIVE on every socket; a domain socket has none, and Netty
+            // would log a warning on each connection.
+            netty.withOption(ChannelOption.SO_KEEPALIVE, null);
+        }
+        return new GuardClient(addr, builder.build(), token);
+    }
+
+    /** A client over a channel built elsewhere (tests use an in-process one). */
+    static GuardClient over(String addr, ManagedChannel channel, String token) {
         return new GuardClient(addr, channel, token);
     }
 

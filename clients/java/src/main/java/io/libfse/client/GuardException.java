@@ -43,9 +43,14 @@ public final class GuardException extends RuntimeException {
         String description = status.getDescription() == null ? "" : status.getDescription();
         if (status.getCode() == Status.Code.UNAVAILABLE && status.getCause() != null) {
             // Raised by the transport, not sent by the daemon: name the address and the reason.
-            String cause = status.getCause().getMessage();
-            String detail = cause == null || cause.isEmpty() || description.contains(cause)
-                    ? description : description.isEmpty() ? cause : description + ": " + cause;
+            String detail = description;
+            for (Throwable c = status.getCause(); c != null; c = c.getCause()) {
+                String why = c.getMessage();
+                if (why != null && !why.isEmpty() && !detail.contains(why)) {
+                    detail = detail.isEmpty() ? why : detail + ": " + why;
+                    break;
+                }
+            }
             return new GuardException(Status.Code.UNAVAILABLE,
                     "cannot reach the daemon at " + addr + " (" + detail + ")");
         }

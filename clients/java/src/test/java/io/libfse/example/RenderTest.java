@@ -1,0 +1,110 @@
+package io.libfse.example;
+
+import static org.junit.jupiter.api.Assertions.assertEquals;
+
+import fse.v1.Fse;
+import io.grpc.Status;
+import io.libfse.client.GuardException;
+import io.libfse.client.GuardTrip;
+import io.libfse.client.Health;
+import io.libfse.client.TokenEvent;
+import io.libfse.client.Verdict;
+import java.nio.charset.StandardCharsets;
+import java.util.List;
+import java.util.Optional;
+import java.util.OptionalDouble;
+import java.util.OptionalLong;
+import org.junit.jupiter.api.Test;
+
+class RenderTest {
+    private static final String SHA = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    private static TokenEvent token(Health health, List<GuardTrip> warnings) {
+        return new TokenEvent(0, 15687, " Berlin".getBytes(StandardCharsets.UTF_8), " Berlin", 0.17,
+                1.19, 1.3, 19.7, 0.84, 2574.2, health, warnings);
+    }
+
+    @Test
+    void tokenJsonHasTheContractsKeysInOrder() {
+        assertEquals("{\"type\": \"token\", \"index\": 0, \"id\": 15687, \"text\": \" Berlin\", \"nll\": 0.17, "
+                + "\"ppl\": 1.19, \"variance\": 19.7, \"max_prob\": 0.84, \"l2_norm\": 2574.2, "
+                + "\"health\": \"green\"}", Render.tokenJson(token(Health.GREEN, List.of())));
+    }
+
+    @Test
+    void tokenJsonWarningsOnlyWhenThereAreAny() {
+        var trip = new GuardTrip("perplexity", OptionalDouble.of(80.5), OptionalDouble.empty());
+        assertEquals("{\"type\": \"token\", \"index\": 0, \"id\": 15687, \"text\": \" Berlin\", \"nll\": 0.17, "
+                + "\"ppl\": 1.19, \"variance\": 19.7, \"max_prob\": 0.84, \"l2_norm\": 2574.2, "
+                + "\"health\": null, \"warnings\": [{\"guard\": \"perplexity\", \"value\": 80.5, "
+                + "\"threshold\": null}]}", Render.tokenJson(token(Health.UNSPECIFIED, List.of(trip))));
+    }
+
+    @Test
+    void stringsAreEscaped() {
+        StringBuilder out = new StringBuilder();
+        Json.string(out, "a\"b\\c\nd\u0001é漢😀");
+        assertEquals("\"a\\\"b\\\\c\\nd\\u0001é漢😀\"", out.toString());
+    }
+
+    private static Verdict halted() {
+        return new Verdict(Verdict.Status.HALTED, Optional.of("l2_norm"), OptionalDouble.of(2574.2),
+                OptionalDouble.of(10.0), OptionalLong.of(0), 0, "", "test", SHA, "");
+    }
+
+    @Test
+    void verdictJson() {
+        assertEquals("{\"type\": \"verdict\", \"status\": \"halted\", \"guard\": \"l2_norm\", \"value\": 2574.2, "
+                + "\"threshold\": 10.0, \"token_index\": 0, \"tokens\": 0, \"text\": \"\", \"policy\": \"test\", "
+                + "\"policy_sha256\": \"" + SHA + "\"}", Render.verdictJson(halted()));
+        Verdict error = new Verdict(Verdict.Status.ERROR, Optional.empty(), OptionalDouble.empty(),
+                OptionalDouble.empty(), OptionalLong.empty(), 3, "abc", "default", SHA, "boom");
+        assertEquals("{\"type\": \"verdict\", \"status\": \"error\", \"guard\": null, \"value\": null, "
+                + "\"threshold\": null, \"token_index\": null, \"tokens\": 3, \"text\": \"abc\", "
+                + "\"policy\": \"default\", \"policy_sha256\": \"" + SHA + "\", \"message\": \"boom\"}",
+                Render.verdictJson(error));
+    }
+
+    @Test
+    void verdictLines() {
+        assertEquals("[halted by l2_norm: value 2574.2, threshold 10, at token 0] 0 tokens released · "
+                + "policy test (0123456789ab)", Render.verdictLine(halted()));
+        Verdict done = new Verdict(Verdict.Status.COMPLETED, Optional.empty(), OptionalDouble.empty(),
+                OptionalDouble.empty(), OptionalLong.empty(), 12, "x", "default", SHA, "");
+        assertEquals("[completed] 12 tokens released · policy default (0123456789ab)", Render.verdictLine(done));
+        Verdict error = new Verdict(Verdict.Status.ERROR, Optional.empty(), OptionalDouble.empty(),
+                OptionalDouble.empty(), OptionalLong.empty(), 3, "x", "default", SHA, "MESSAGE");
+        assertEquals("[error: MESSAGE] 3 tokens released · policy default (0123456789ab)",
+                Render.verdictLine(error));
+    }
+
+    @Test
+    void infoJsonLeavesOutThePath() {
+        Fse.Info info = Fse.Info.newBuilder().setVersion("0.1.0")
+                .setModel(Fse.ModelInfo.newBuilder().setName("m").setPath("/secret/m.gguf").setSha256("ab")
+                        .setDescription("d").setVocabSize(262144).setContextSize(2048)
+                        .setTrainContextSize(32768).setSizeBytes(-1L).setChatTemplate(false))
+                .addPolicies(Fse.PolicyInfo.newBuilder().setName("default").setSha256("cd").setBuiltin(true))
+                .setLimits(Fse.Limits.newBuilder().setMaxStreams(8).setMaxQueue(16).setMaxTokens(2047)
+                        .setMaxPromptTokens(2047).setMaxMessageBytes(-1))
+                .build();
+        assertEquals("{\"version\": \"0.1.0\", \"model\": {\"name\": \"m\", \"sha256\": \"ab\", "
+                + "\"description\": \"d\", \"vocab_size\": 262144, \"context_size\": 2048, "
+                + "\"train_context_size\": 32768, \"size_bytes\": 18446744073709551615, "
+                + "\"chat_template\": false}, \"policies\": [{\"name\": \"default\", \"sha256\": \"cd\", "
+                + "\"builtin\": true}], \"limits\": {\"max_streams\": 8, \"max_queue\": 16, "
+                + "\"max_tokens\": 2047, \"max_prompt_tokens\": 2047, \"max_message_bytes\": 4294967295}}",
+                Render.infoJson(info));
+    }
+
+    @Test
+    void exitCodes() {
+        assertEquals(0, GuardedGenerate.exitCode(Verdict.Status.COMPLETED));
+        assertEquals(3, GuardedGenerate.exitCode(Verdict.Status.HALTED));
+        assertEquals(4, GuardedGenerate.exitCode(Verdict.Status.CANCELLED));
+        assertEquals(1, GuardedGenerate.exitCode(Verdict.Status.ERROR));
+        assertEquals(2, GuardedGenerate.exitCode(new GuardException(Status.Code.INVALID_ARGUMENT, "x")));
+        assertEquals(1, GuardedGenerate.exitCode(new GuardException(Status.Code.UNAUTHENTICATED, "x")));
+        assertEquals(1, GuardedGenerate.exitCode(new GuardException(Status.Code.UNAVAILABLE, "x")));
+    }
+}

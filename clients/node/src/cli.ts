@@ -23,6 +23,15 @@ export function describeError(err: unknown, addr: string): { line: string; code:
   return { line: oneLine(line), code };
 }
 
+// grpc-js's wording when no connection could be made at all (as opposed to an
+// UNAVAILABLE the daemon itself answers, e.g. while shutting down).
+const UNREACHABLE_MARKS = ["no connection established", "name resolution failed", "failed to connect", "econnrefused", "enoent"];
+
+function unreachable(details: string): boolean {
+  const lower = details.toLowerCase();
+  return UNREACHABLE_MARKS.some((mark) => lower.includes(mark));
+}
+
 /** OpenSSL's messages, for one, end in a newline. */
 function oneLine(text: string): string {
   return text.replace(/\s*[\r\n]+\s*/g, " ").trim();
@@ -31,7 +40,7 @@ function oneLine(text: string): string {
 function describe(err: unknown, addr: string): { line: string; code: number } {
   if (err instanceof UsageError) return { line: `${PROG}: error: ${err.message}`, code: EXIT_USAGE };
   if (err instanceof GuardError) {
-    if (err.code === status.UNAVAILABLE) {
+    if (err.code === status.UNAVAILABLE && unreachable(err.details)) {
       // grpc-js ends its detail with an empty "Resolution note: " for unix sockets.
       const detail = oneLine(err.details).replace(/\s*\.?\s*Resolution note:$/, "");
       return {
@@ -90,6 +99,12 @@ async function generate(guard: Guard, args: Args): Promise<number> {
   process.once("SIGINT", () => {
     abort.abort();
   });
+  // A closed stdout (`| head`): stop generating, and fail (as Python's BrokenPipeError does).
+  const output = { closed: false };
+  process.stdout.once("error", () => {
+    output.closed = true;
+    abort.abort();
+  });
   const generation = guard.generate(
     {
       prompt: args.prompt,
@@ -125,11 +140,11 @@ async function generate(guard: Guard, args: Args): Promise<number> {
           process.stdout.write("\n");
           process.stderr.write(`${verdictLine(event)}\n`);
         }
-        return exitCode(event.status);
+        return output.closed ? EXIT_ERROR : exitCode(event.status);
     }
   }
   // The library throws when the stream ends without a verdict; this is not reached.
-  throw new GuardError(status.UNKNOWN, "the daemon ended the stream without a verdict");
+  throw new GuardError(status.UNKNOWN, `the daemon at ${guard.addr} ended the stream without a verdict`);
 }
 
 export async function main(argv: readonly string[]): Promise<number> {
@@ -165,6 +180,7 @@ if (require.main === module) {
   process.noDeprecation = true;
   // A closed stdout (`| head`) ends the output, not the program with a stack trace.
   process.stdout.on("error", () => undefined);
+  process.stderr.on("error", () => undefined);
   void main(process.argv.slice(2)).then((code) => {
     process.exitCode = code;
   });

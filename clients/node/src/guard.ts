@@ -214,7 +214,7 @@ export class Guard {
   /** Start a generation; iterate it for its events, or await its `verdict`. */
   generate(request: GenerateRequest, options: GenerateOptions = {}): Generation {
     const call = this.#client.generate(this.#metadata());
-    return new Generation(call, requestToWire(request), options.signal);
+    return new Generation(call, requestToWire(request), this.addr, options.signal);
   }
 
   /** The served model, the policies a request may name, and the limits. */
@@ -264,7 +264,7 @@ export class Generation implements AsyncIterable<GenerateEvent> {
     this.cancel();
   };
 
-  constructor(call: Call, start: wire.GenerateRequest, signal?: AbortSignal) {
+  constructor(call: Call, start: wire.GenerateRequest, addr: string, signal?: AbortSignal) {
     this.#call = call;
     this.#signal = signal;
     this.verdict = new Promise<Verdict>((resolve, reject) => {
@@ -287,7 +287,7 @@ export class Generation implements AsyncIterable<GenerateEvent> {
     });
     call.on("end", () => {
       setImmediate(() => {
-        this.#fail(new GuardError(grpc.status.UNKNOWN, "the daemon ended the stream without a verdict"));
+        this.#fail(new GuardError(grpc.status.UNKNOWN, `the daemon at ${addr} ended the stream without a verdict`));
       });
     });
 

@@ -41,11 +41,18 @@ describe("describeError", () => {
     });
   });
 
+  it("keeps the daemon's own UNAVAILABLE message", () => {
+    assert.equal(
+      describeError(new GuardError(status.UNAVAILABLE, "the daemon is shutting down"), "unix:/s").line,
+      "guarded-generate: error: UNAVAILABLE: the daemon is shutting down",
+    );
+  });
+
   it("keeps a multi-line detail to one line", () => {
-    const err = new GuardError(status.UNAVAILABLE, "Last error: Error: 80:error:0A00010B:SSL routines:wrong version number:ssl3_record.c:350:\n");
+    const err = new GuardError(status.UNAVAILABLE, "No connection established. Last error: Error: 80:error:0A00010B:SSL routines:wrong version number:ssl3_record.c:350:\n");
     assert.equal(
       describeError(err, "127.0.0.1:1").line,
-      "guarded-generate: error: UNAVAILABLE: cannot reach the daemon at 127.0.0.1:1 (Last error: Error: 80:error:0A00010B:SSL routines:wrong version number:ssl3_record.c:350:)",
+      "guarded-generate: error: UNAVAILABLE: cannot reach the daemon at 127.0.0.1:1 (No connection established. Last error: Error: 80:error:0A00010B:SSL routines:wrong version number:ssl3_record.c:350:)",
     );
   });
 

@@ -95,7 +95,8 @@ wire::GenerateClientMessage to_wire(const Request& request) {
   if (request.timeout) {
     // The wire field is uint32 milliseconds; at least 1 so a tiny budget is not "none".
     const auto ms = request.timeout->count();
-    start.set_timeout_ms(ms < 1 ? 1u : ms > 0xFFFFFFFFLL ? 0xFFFFFFFFu : static_cast<std::uint32_t>(ms));
+    const std::uint32_t wire_ms = ms < 1 ? 1u : ms > 0xFFFFFFFFLL ? 0xFFFFFFFFu : static_cast<std::uint32_t>(ms);
+    start.set_timeout_ms(wire_ms);
   }
   return message;
 }
@@ -163,10 +164,12 @@ Info from_wire(const wire::Info& i) {
   Info info;
   info.version = i.version();
   const wire::ModelInfo& m = i.model();
-  info.model = ModelInfo{m.name(),         m.path(),         m.sha256(),
-                         m.description(),  m.vocab_size(),   m.context_size(),
-                         m.train_context_size(), m.size_bytes(), m.chat_template()};
-  for (const wire::PolicyInfo& p : i.policies()) info.policies.push_back({p.name(), p.sha256(), p.builtin()});
+  info.model = ModelInfo{m.name(),         m.path(),       m.sha256(),     m.description(),
+                         m.vocab_size(),   m.context_size(), m.train_context_size(),
+                         m.size_bytes(),   m.chat_template()};
+  for (const wire::PolicyInfo& p : i.policies()) {
+    info.policies.push_back(PolicyInfo{p.name(), p.sha256(), p.builtin()});
+  }
   const wire::Limits& l = i.limits();
   info.limits = Limits{l.max_streams(), l.max_queue(), l.max_tokens(), l.max_prompt_tokens(),
                        l.max_message_bytes()};

@@ -204,8 +204,9 @@ class Client {
   std::shared_ptr<const Impl> impl_;
 };
 
-// One Generate call: Started, Token..., then exactly one Verdict. Move-only; destroying a
-// stream that has not reached its verdict aborts the call (ClientContext::TryCancel).
+// One Generate call: Started, Token..., then exactly one Verdict. Move-only (a moved-from
+// stream may only be destroyed or assigned to); destroying a stream that has not reached its
+// verdict aborts the call (ClientContext::TryCancel).
 class Stream {
  public:
   Stream(Stream&&) noexcept;

@@ -76,15 +76,20 @@ func run(args []string, stdout, stderr io.Writer) int {
 	}
 	defer stream.Close()
 	// The first Ctrl-C cancels (verdict cancelled, exit 4); a second one kills.
-	interrupts := make(chan os.Signal, 1)
+	interrupts, finished := make(chan os.Signal, 1), make(chan struct{})
 	signal.Notify(interrupts, os.Interrupt)
 	go func() {
-		if _, ok := <-interrupts; ok {
+		select {
+		case <-interrupts:
 			signal.Reset(os.Interrupt)
 			stream.Cancel()
+		case <-finished:
 		}
 	}()
-	defer signal.Stop(interrupts)
+	defer func() {
+		signal.Stop(interrupts)
+		close(finished)
+	}()
 
 	var r renderer = jsonRenderer{stdout}
 	if !o.json {

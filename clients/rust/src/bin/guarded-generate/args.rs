@@ -10,7 +10,12 @@ use fse_client::{Address, ConnectOptions, Request};
 
 /// Stream guarded tokens from the libfse daemon.
 #[derive(Debug, Parser)]
-#[command(name = "guarded-generate", version, args_override_self = true)]
+#[command(
+    name = "guarded-generate",
+    bin_name = "guarded-generate",
+    version,
+    args_override_self = true
+)]
 pub struct Cli {
     /// Daemon address: unix:/abs/path or HOST:PORT
     #[arg(long, value_name = "unix:PATH|HOST:PORT", value_parser = address)]
@@ -83,6 +88,8 @@ fn accepted(flag: &str) -> &'static str {
         "--seed" => "0 .. 4294967295",
         "--timeout" => "seconds > 0",
         "prompt" => "non-empty UTF-8 text",
+        "--stop" => "UTF-8 text",
+        "--policy" => "a policy name",
         "--temperature" | "--top-p" | "--min-p" => "a number",
         _ => "see --help",
     }
@@ -97,6 +104,10 @@ where
     I: IntoIterator<Item = T>,
     T: Into<OsString> + Clone,
 {
+    let argv: Vec<OsString> = argv.into_iter().map(Into::into).collect();
+    if let Some(flag) = non_utf8_arg(&argv) {
+        return Parsed::Usage(usage(&flag, "not valid UTF-8"));
+    }
     let matches = Cli::command().try_get_matches_from(argv);
     match matches.and_then(|m| Cli::from_arg_matches(&m)) {
         Ok(cli) => Parsed::Run(Box::new(cli)),
@@ -110,6 +121,32 @@ where
         }
         Err(err) => Parsed::Usage(usage_line(&err)),
     }
+}
+
+/// The flag (or "prompt") whose value is not UTF-8, which clap cannot name.
+fn non_utf8_arg(argv: &[OsString]) -> Option<String> {
+    let at = argv.iter().skip(1).position(|a| a.to_str().is_none())? + 1;
+    let arg = argv[at].to_string_lossy();
+    if let Some(flag) = arg
+        .strip_prefix("--")
+        .and_then(|a| a.split_once('='))
+        .map(|(f, _)| f)
+    {
+        return Some(format!("--{flag}"));
+    }
+    match argv[at - 1].to_str() {
+        Some(prev) if prev.starts_with("--") && !prev.contains('=') && takes_value(prev) => {
+            Some(prev.to_string())
+        }
+        _ => Some("prompt".to_string()),
+    }
+}
+
+fn takes_value(flag: &str) -> bool {
+    let name = flag.trim_start_matches('-');
+    Cli::command()
+        .get_arguments()
+        .any(|a| a.get_long() == Some(name) && a.get_action().takes_values())
 }
 
 /// clap's multi-line error as the contract's one line.
@@ -468,6 +505,41 @@ mod tests {
         assert!(
             usage_of(&["--addr", "unix:/s", "a", "b"])
                 .starts_with("prompt: unexpected second argument")
+        );
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn non_utf8_arguments_name_their_flag() {
+        use std::os::unix::ffi::OsStringExt;
+        let bad = || OsString::from_vec(b"ab\xff".to_vec());
+        let usage_os = |args: Vec<OsString>| match parse(args) {
+            Parsed::Usage(line) => line,
+            other => panic!("{other:?}"),
+        };
+        let os = |s: &str| OsString::from(s);
+        let args = vec![
+            os("guarded-generate"),
+            os("--addr"),
+            os("unix:/s"),
+            os("--stop"),
+            bad(),
+            os("p"),
+        ];
+        assert_eq!(
+            usage_os(args),
+            "--stop: not valid UTF-8; accepted: UTF-8 text"
+        );
+        let args = vec![
+            os("guarded-generate"),
+            os("--addr"),
+            os("unix:/s"),
+            os("--json"),
+            bad(),
+        ];
+        assert_eq!(
+            usage_os(args),
+            "prompt: not valid UTF-8; accepted: non-empty UTF-8 text"
         );
     }
 

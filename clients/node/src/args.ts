@@ -140,7 +140,7 @@ export function parseArgs(argv: readonly string[]): Parsed {
   }
   const prompt = positionals[0] ?? "";
   if (info && positionals.length > 0) throw new UsageError("PROMPT: not taken with --info");
-  if (!info && prompt === "") throw new UsageError("PROMPT: must not be empty; accepted: non-empty text");
+  if (!info && prompt === "") throw new UsageError("PROMPT: must not be empty");
 
   const int = (flag: string, fallback: number, low: number, high: number, accepted: string): number => {
     const raw = values.get(flag);
@@ -162,11 +162,12 @@ export function parseArgs(argv: readonly string[]): Parsed {
   const rawTimeout = values.get("--timeout");
   if (rawTimeout !== undefined) {
     const seconds = parseFloatStrict(rawTimeout);
-    const accepted = `seconds > 0, up to ${String(UINT32_MAX / 1000)}`;
-    if (seconds === undefined) throw new UsageError(`--timeout: '${rawTimeout}' is not a number; accepted: ${accepted}`);
-    if (!(seconds > 0)) throw new UsageError(`--timeout: ${rawTimeout} is invalid; accepted: ${accepted}`);
+    if (seconds === undefined) throw new UsageError(`--timeout: '${rawTimeout}' is not a number; accepted: seconds > 0`);
+    if (!(seconds > 0)) throw new UsageError(`--timeout: ${rawTimeout} is invalid; accepted: seconds > 0`);
     timeoutMs = Math.max(1, roundHalfEven(seconds * 1000));
-    if (timeoutMs > UINT32_MAX) throw new UsageError(`--timeout: ${rawTimeout} is invalid; accepted: ${accepted}`);
+    if (timeoutMs > UINT32_MAX) {
+      throw new UsageError(`--timeout: ${rawTimeout} is invalid; accepted: seconds > 0, up to ${String(UINT32_MAX / 1000)}`);
+    }
   }
 
   const seedGiven = values.has("--seed");
@@ -185,7 +186,7 @@ export function parseArgs(argv: readonly string[]): Parsed {
       topK: int("--top-k", 40, INT32_MIN, INT32_MAX, `${String(INT32_MIN)}..${String(INT32_MAX)}`),
       topP: float("--top-p", 0.95),
       minP: float("--min-p", 0.05),
-      seed: seedGiven ? int("--seed", 0, 0, UINT32_MAX, `0..${String(UINT32_MAX)}`) : undefined,
+      seed: seedGiven ? int("--seed", 0, 0, UINT32_MAX, "0 .. 2^32-1") : undefined,
       stop,
       timeoutMs,
       cancelAfter: cancelGiven ? int("--cancel-after", 0, 1, Number.MAX_SAFE_INTEGER, ">= 1") : undefined,

@@ -96,10 +96,10 @@ describe("parseArgs", () => {
     usage(["--addr", "x:1", "--max-tokens", "0", "p"], /^--max-tokens: 0 is invalid; accepted: >= 1$/);
     usage(["--addr", "x:1", "--max-tokens", "1.5", "p"], /^--max-tokens: '1.5' is not an integer; accepted: >= 1$/);
     usage(["--addr", "x:1", "--max-tokens", "4294967296", "p"], /^--max-tokens: .* is invalid/);
-    usage(["--addr", "x:1", "--seed", "-1", "p"], /^--seed: -1 is invalid; accepted: 0\.\.4294967295$/);
+    usage(["--addr", "x:1", "--seed", "-1", "p"], /^--seed: -1 is invalid; accepted: 0 \.\. 2\^32-1$/);
     usage(["--addr", "x:1", "--top-k", "2147483648", "p"], /^--top-k: .* is invalid/);
     usage(["--addr", "x:1", "--temperature", "warm", "p"], /^--temperature: 'warm' is not a number$/);
-    usage(["--addr", "x:1", "--timeout", "0", "p"], /^--timeout: 0 is invalid; accepted: seconds > 0/);
+    usage(["--addr", "x:1", "--timeout", "0", "p"], /^--timeout: 0 is invalid; accepted: seconds > 0$/);
     usage(["--addr", "x:1", "--timeout", "nan", "p"], /^--timeout: nan is invalid/);
     usage(["--addr", "x:1", "--timeout", "inf", "p"], /^--timeout: inf is invalid/);
     usage(["--addr", "x:1", "--cancel-after", "0", "p"], /^--cancel-after: 0 is invalid; accepted: >= 1$/);

@@ -244,7 +244,8 @@ type Call = grpc.ClientDuplexStream<wire.GenerateClientMessage, wire.GenerateSer
 /**
  * One running generation: an async iterable of its events (started, tokens, then exactly
  * one verdict), which may be iterated once. Breaking out of the loop before the verdict
- * cancels the call. A gRPC failure is thrown from the loop and rejects `verdict`.
+ * cancels the call (and `verdict` rejects with CANCELLED). A gRPC failure is thrown from
+ * the loop and rejects `verdict`.
  */
 export class Generation implements AsyncIterable<GenerateEvent> {
   /** The verdict, once it arrives; rejects with a GuardError if the call fails first. */
@@ -321,11 +322,9 @@ export class Generation implements AsyncIterable<GenerateEvent> {
         await new Promise<void>((resolve) => (this.#wake = resolve));
       }
     } finally {
-      // Left early (break, throw in the loop body): the daemon sees the client go away.
-      if (!this.#done) {
-        this.#finish();
-        this.#call.cancel();
-      }
+      // Left early (break, throw in the loop body): the daemon sees the client go away,
+      // and `verdict` rejects with CANCELLED.
+      if (!this.#done) this.#call.cancel();
     }
   }
 

@@ -115,6 +115,20 @@ describe("Generation against a scripted server", () => {
     assert.equal((await generation.verdict).status, "cancelled");
   });
 
+  it("cancels the call when the loop is left before the verdict", async () => {
+    let serverSawCancel: Promise<void> = Promise.resolve();
+    script = (call) => {
+      serverSawCancel = new Promise((resolve) => call.on("cancelled", () => { resolve(); }));
+      call.once("data", () => call.write(token(0)));
+    };
+    const generation = guard.generate({ prompt: "p" });
+    for await (const e of generation) {
+      if (e.type === "token") break;
+    }
+    await assert.rejects(generation.verdict, (err: unknown) => err instanceof GuardError && err.codeName === "CANCELLED");
+    await serverSawCancel;
+  });
+
   it("throws a gRPC failure as a GuardError with code and details", async () => {
     script = (call) => {
       call.once("data", () => {

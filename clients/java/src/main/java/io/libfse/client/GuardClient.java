@@ -9,14 +9,19 @@ import io.grpc.Grpc;
 import io.grpc.InsecureChannelCredentials;
 import io.grpc.ManagedChannel;
 import io.grpc.ManagedChannelBuilder;
+import io.grpc.ManagedChannelRegistry;
 import io.grpc.Metadata;
 import io.grpc.StatusRuntimeException;
 import io.grpc.TlsChannelCredentials;
 import io.grpc.netty.shaded.io.grpc.netty.NettyChannelBuilder;
 import io.grpc.netty.shaded.io.netty.channel.ChannelOption;
 import io.grpc.stub.MetadataUtils;
+import java.io.ByteArrayInputStream;
 import java.io.IOException;
+import java.nio.file.Files;
 import java.nio.file.Path;
+import java.security.cert.CertificateException;
+import java.security.cert.CertificateFactory;
 import java.util.concurrent.TimeUnit;
 
 /**
@@ -61,26 +66,48 @@ public final class GuardClient implements AutoCloseable {
      * @param tlsCa a PEM file of the CA that signed the daemon's certificate; null for plain
      *     text. The host of {@code addr} is the name checked against the certificate.
      * @param token sent as {@code authorization: Bearer TOKEN} on every call; null for none
-     * @throws IllegalArgumentException if the CA file cannot be read
+     * @throws IllegalArgumentException if the CA file cannot be read or holds no certificate, or
+     *     gRPC cannot make a channel for {@code addr}
      */
     public static GuardClient connect(String addr, Path tlsCa, String token) {
         ChannelCredentials credentials = InsecureChannelCredentials.create();
         if (tlsCa != null) {
-            try {
-                credentials = TlsChannelCredentials.newBuilder().trustManager(tlsCa.toFile()).build();
-            } catch (IOException e) {
-                throw new IllegalArgumentException("cannot read the CA " + tlsCa + ": " + e.getMessage(), e);
-            }
+            credentials = tls(tlsCa);
         }
         // grpc-java resolves "unix:/path" itself (epoll domain sockets of grpc-netty-shaded) and
         // "HOST:PORT" through DNS. Calls are fail-fast by default (no wait-for-ready).
-        ManagedChannelBuilder<?> builder = Grpc.newChannelBuilder(addr, credentials);
+        ManagedChannelBuilder<?> builder;
+        try {
+            builder = Grpc.newChannelBuilder(addr, credentials);
+        } catch (ManagedChannelRegistry.ProviderNotFoundException e) {
+            throw new IllegalArgumentException(e.getMessage(), e);
+        }
         if (addr.startsWith("unix:") && builder instanceof NettyChannelBuilder netty) {
             // grpc-java sets SO_KEEPALIVE on every socket; a domain socket has none, and Netty
             // would log a warning on each connection.
             netty.withOption(ChannelOption.SO_KEEPALIVE, null);
         }
         return new GuardClient(addr, builder.build(), token);
+    }
+
+    /** TLS trusting only the CA certificates in this PEM file. */
+    private static ChannelCredentials tls(Path ca) {
+        byte[] pem;
+        try {
+            pem = Files.readAllBytes(ca);
+        } catch (IOException e) {
+            throw new IllegalArgumentException("cannot read " + ca + ": " + e.getMessage(), e);
+        }
+        // Checked here: gRPC would only fail later, with a message about its providers.
+        try {
+            if (CertificateFactory.getInstance("X.509")
+                    .generateCertificates(new ByteArrayInputStream(pem)).isEmpty()) {
+                throw new CertificateException("no certificate");
+            }
+            return TlsChannelCredentials.newBuilder().trustManager(new ByteArrayInputStream(pem)).build();
+        } catch (CertificateException | IOException e) {
+            throw new IllegalArgumentException(ca + " holds no PEM certificate", e);
+        }
     }
 
     /** A client over a channel built elsewhere (tests use an in-process one). */

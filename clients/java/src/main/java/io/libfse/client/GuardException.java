@@ -32,8 +32,9 @@ public final class GuardException extends RuntimeException {
     }
 
     /**
-     * Maps a gRPC failure of a call to {@code addr}. A transport failure (no server, a refused
-     * TLS handshake) is reported as the daemon being unreachable, with the transport's detail.
+     * Maps a gRPC failure of a call to {@code addr}. UNAVAILABLE (no server, a refused TLS
+     * handshake, a daemon still loading or shutting down) reads "cannot reach the daemon at ADDR
+     * (DETAIL)", DETAIL being the server's or the transport's reason, as the Python client says it.
      */
     static GuardException from(Throwable error, String addr) {
         if (error instanceof GuardException guard) {
@@ -41,20 +42,19 @@ public final class GuardException extends RuntimeException {
         }
         Status status = Status.fromThrowable(error);
         String description = status.getDescription() == null ? "" : status.getDescription();
-        if (status.getCode() == Status.Code.UNAVAILABLE && status.getCause() != null) {
-            // Raised by the transport, not sent by the daemon: name the address and the reason.
-            String detail = description;
-            for (Throwable c = status.getCause(); c != null; c = c.getCause()) {
-                String why = c.getMessage();
-                if (why != null && !why.isEmpty() && !detail.contains(why)) {
-                    detail = detail.isEmpty() ? why : detail + ": " + why;
-                    break;
-                }
-            }
-            return new GuardException(Status.Code.UNAVAILABLE,
-                    "cannot reach the daemon at " + addr + " (" + detail + ")");
+        if (status.getCode() != Status.Code.UNAVAILABLE) {
+            return new GuardException(status.getCode(), description);
         }
-        return new GuardException(status.getCode(), description);
+        String detail = description;
+        for (Throwable c = status.getCause(); c != null; c = c.getCause()) {
+            String why = c.getMessage();
+            if (why != null && !why.isEmpty() && !detail.contains(why)) {
+                detail = detail.isEmpty() ? why : detail + ": " + why;
+                break;
+            }
+        }
+        return new GuardException(Status.Code.UNAVAILABLE,
+                "cannot reach the daemon at " + addr + " (" + detail + ")");
     }
 
     /** {@link #from} for the exception a blocking stub throws. */

@@ -67,10 +67,10 @@ public final class GuardedGenerate {
         try {
             client = GuardClient.connect(args.addr(), args.tlsCa(), token);
         } catch (IllegalArgumentException e) {
-            // A CA that is not a PEM certificate, or a target gRPC cannot parse.
-            String flag = args.tlsCa() != null ? "--tls-ca" : "--addr";
-            err.println(PREFIX + flag + ": " + e.getMessage() + "; accepted: "
-                    + (args.tlsCa() != null ? "a PEM CA certificate" : "unix:/abs/path or HOST:PORT"));
+            // A CA that is not a PEM certificate, or a target gRPC cannot use.
+            err.println(PREFIX + (args.tlsCa() != null
+                    ? "--tls-ca: " + e.getMessage() + "; accepted: a PEM CA certificate"
+                    : "--addr: " + e.getMessage() + "; accepted: unix:/abs/path or HOST:PORT"));
             return EXIT_USAGE;
         }
         try (client) {

@@ -93,3 +93,21 @@ func TestHelp(t *testing.T) {
 		t.Fatalf("%+v, %v", o, err)
 	}
 }
+
+// FuzzParseArgs: any command line parses or fails with a one-line usage error,
+// never a panic. `go test` runs the seeds; `go test -fuzz=FuzzParseArgs` explores.
+func FuzzParseArgs(f *testing.F) {
+	for _, seed := range []string{
+		"--addr\x00unix:/s\x00p", "--addr=h:1\x00--seed\x00-0\x00--\x00-p", "--timeout\x001e309",
+		"--max-tokens=\x00--stop", "-\x00--json=\x00--info", "--top-k\x00 7 \x00\xff",
+	} {
+		f.Add(seed)
+	}
+	f.Fuzz(func(t *testing.T, joined string) {
+		_, err := parseArgs(strings.Split(joined, "\x00"))
+		if err != nil && strings.ContainsAny(err.Error(), "\n\r") && !strings.Contains(joined, "\n") &&
+			!strings.Contains(joined, "\r") {
+			t.Errorf("multi-line error %q", err)
+		}
+	})
+}

@@ -40,10 +40,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import llama_batched_bench, median
-from fse.core.engine import Context, Model, Sampling
+from fse.core.engine import Context, Model
 from fse.core.models import default_model_path
 from fse.core.policy import builtin_policy
-from fse.core.stream import Request, TokenEvent
+from fse.core.types import Request, Sampling, TokenEvent
 from fse.serve.service import run_local
 from fse_client.v1 import fse_pb2, fse_pb2_grpc
 

@@ -19,10 +19,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import llama_bench_tg, median
-from fse.core.engine import Context, Model, Sampling
+from fse.core.engine import Context, Model
 from fse.core.models import default_model_path
 from fse.core.policy import Policy, builtin_policy
-from fse.core.stream import Request, TokenEvent
+from fse.core.types import Request, Sampling, TokenEvent
 from fse.serve.service import run_local
 
 # Greedy continuations of this prompt neither loop nor end early within 128 tokens.

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from conftest import run_fse
 from fse.core.guards import LoopDetector
-from fse.core.metrics import StepMetrics
 from fse.core.policy import builtin_policy, load_policy_file
+from fse.core.types import StepMetrics
 from fse.tools import calibrate as cal
 
 # ---------------------------------------------------------------------------

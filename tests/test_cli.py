@@ -22,9 +22,8 @@ from typing import Any
 import pytest
 from conftest import FSE, run_fse
 from fse.cli.render import COLOURS, RESET, HumanRenderer
-from fse.core.metrics import StepMetrics
 from fse.core.policy import builtin_policy
-from fse.core.stream import TokenEvent, Verdict
+from fse.core.types import COMPLETED, StepMetrics, TokenEvent, Verdict
 
 TOKEN_KEYS = {
     "type",
@@ -366,7 +365,7 @@ def test_human_renderer_colours_by_health(monkeypatch: pytest.MonkeyPatch, healt
     out, err = FakeTty(), StringIO()
     renderer = HumanRenderer(out, err)
     renderer.token(_event(" Paris", health))
-    renderer.verdict(Verdict("completed", 1, " Paris", "default", "0" * 64))
+    renderer.verdict(Verdict(COMPLETED, 1, " Paris", "default", "0" * 64))
     assert out.getvalue() == f"{COLOURS[health]} Paris{RESET}\n"
     assert err.getvalue().startswith("[completed] 1 tokens released")
 

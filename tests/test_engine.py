@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from conftest import run_fse
 from fse._native import ffi, lib
+from fse.cli.common import exit_code
 from fse.core.engine import (
     NO_FAULTS,
     Context,
@@ -22,7 +23,6 @@ from fse.core.engine import (
     EngineError,
     Faults,
     Model,
-    Sampling,
     Slot,
     Step,
     TooManyTokens,
@@ -30,7 +30,7 @@ from fse.core.engine import (
 )
 from fse.core.models import GGUF_MAGIC, ModelError
 from fse.core.policy import builtin_policy
-from fse.core.stream import COMPLETED, ERROR, Request, TokenEvent, Verdict
+from fse.core.types import COMPLETED, ERROR, Request, Sampling, TokenEvent, Verdict
 from fse.serve.service import run_local
 
 GREEDY = Sampling(temperature=0)
@@ -331,7 +331,7 @@ def test_generating_past_the_context_is_context_overflow(model: Model) -> None:
         assert verdict.guard == "internal"
         assert "context limit" in verdict.message
         assert verdict.tokens == len(tokens) == 7
-        assert verdict.exit_code == 1
+        assert exit_code(verdict) == 1
 
 
 def test_model_errors_name_the_path(tmp_path: Path) -> None:

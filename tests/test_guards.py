@@ -8,9 +8,8 @@ import random
 from collections.abc import Iterable
 
 import pytest
-from fse.core import guards as g
-from fse.core.guards import PASS, GuardChain, LoopDetector, Trip
-from fse.core.metrics import StepMetrics
+from fse.core import types as g
+from fse.core.guards import PASS, GuardChain, LoopDetector
 from fse.core.policy import (
     L2NormGuard,
     LogitVarianceGuard,
@@ -20,6 +19,7 @@ from fse.core.policy import (
     Policy,
     builtin_policy,
 )
+from fse.core.types import StepMetrics, Trip
 
 BARE = Policy("bare")  # no configurable guard: only non_finite (always on)
 
@@ -81,7 +81,7 @@ def test_names_are_the_contract() -> None:
         "deadline",
         "shutdown",
     )
-    assert len(set(g.GUARD_NAMES)) == 9
+    assert len(set(g.GuardName)) == 9
 
 
 def test_trip_is_frozen() -> None:

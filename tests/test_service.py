@@ -11,9 +11,9 @@ import threading
 from collections.abc import Iterator
 
 import pytest
-from fse.core.engine import Model, Sampling
+from fse.core.engine import Model
 from fse.core.policy import load_policies
-from fse.core.stream import COMPLETED, Request, TokenEvent, Verdict
+from fse.core.types import COMPLETED, Request, Sampling, TokenEvent, Verdict
 from fse.serve.scheduler import Limits
 from fse.serve.service import GuardService, InvalidRequest
 

@@ -18,8 +18,8 @@ class FseError(Exception):
 
 
 def error_from_rpc(exc: grpc.RpcError, addr: str) -> FseError:
-    code: grpc.StatusCode = exc.code()  # type: ignore[attr-defined]
-    details: str = exc.details() or ""  # type: ignore[attr-defined]
+    code: grpc.StatusCode = exc.code()
+    details: str = exc.details() or ""
     if code == grpc.StatusCode.UNAVAILABLE and any(
         m in details.lower() for m in _UNREACHABLE_MARKS
     ):

@@ -8,9 +8,13 @@ import os
 from pathlib import Path
 from typing import Any
 
+from fse.core.types import Status, Verdict
+
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+EXIT_HALTED = 3
+EXIT_CANCELLED = 4
 # ggml's GGML_MAX_N_THREADS; far more threads make llama.cpp abort (std::bad_alloc).
 MAX_THREADS = 512
 
@@ -56,7 +60,7 @@ def add_local_flags(p: argparse.ArgumentParser) -> None:
 
 
 def sampling_from_args(args: argparse.Namespace) -> Any:
-    from fse.core.engine import Sampling
+    from fse.core.types import Sampling
 
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.min_p, args.seed)
     try:
@@ -67,7 +71,7 @@ def sampling_from_args(args: argparse.Namespace) -> Any:
 
 
 def request_from_args(args: argparse.Namespace) -> Any:
-    from fse.core.stream import Request
+    from fse.core.types import Request
 
     if not args.prompt:
         raise UsageError("prompt: must not be empty")
@@ -116,3 +120,13 @@ def positive(flag: str, value: int, high: int | None = None) -> int:
         accepted = f"1..{high}" if high is not None else ">= 1"
         raise UsageError(f"{flag}: {value} is invalid; accepted: {accepted}")
     return value
+
+
+def exit_code(verdict: Verdict) -> int:
+    """0 completed, 3 halted, 4 cancelled, 1 error (every other status)."""
+    codes = {
+        Status.COMPLETED: EXIT_OK,
+        Status.HALTED: EXIT_HALTED,
+        Status.CANCELLED: EXIT_CANCELLED,
+    }
+    return codes.get(verdict.status, EXIT_ERROR)

@@ -15,6 +15,7 @@ from fse.cli.common import (
     UsageError,
     add_generation_flags,
     add_local_flags,
+    exit_code,
     load_model,
     positive,
     request_from_args,
@@ -108,12 +109,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def render(events: Iterator[Any], renderer: Any) -> int:
-    from fse.core.stream import TokenEvent
+    from fse.core.types import TokenEvent
 
     for event in events:
         if isinstance(event, TokenEvent):
             renderer.token(event)
         else:
             renderer.verdict(event)
-            return int(event.exit_code)
+            return exit_code(event)
     raise RuntimeError("the stream ended without a verdict")

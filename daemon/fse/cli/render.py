@@ -9,7 +9,7 @@ import math
 import os
 from typing import IO, Any
 
-from fse.core.stream import HALTED, TokenEvent, Verdict
+from fse.core.types import HALTED, TokenEvent, Verdict
 
 COLOURS = {"green": "\x1b[32m", "yellow": "\x1b[33m", "red": "\x1b[31m"}
 RESET = "\x1b[0m"

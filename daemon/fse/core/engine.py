@@ -19,8 +19,9 @@ from types import TracebackType
 from typing import Any, Self
 
 from fse._native import ffi, lib
-from fse.core.metrics import PerplexityWindow, StepMetrics
+from fse.core.metrics import PerplexityWindow
 from fse.core.models import ModelError, check_gguf
+from fse.core.types import Sampling, StepMetrics
 
 # ggml's GGML_MAX_N_THREADS.
 MAX_THREADS = 512
@@ -59,34 +60,6 @@ def init_backend(verbose: bool = False) -> None:
 def _last_llama_error(default: str) -> str:
     message: str = ffi.string(lib.fse_log_last_error()).decode("utf-8", "replace")
     return message or default
-
-
-@dataclass(frozen=True, slots=True)
-class Sampling:
-    """llama.cpp CLI defaults; temperature 0 is greedy. None seed = a random one."""
-
-    temperature: float = 0.8
-    top_k: int = 40
-    top_p: float = 0.95
-    min_p: float = 0.05
-    seed: int | None = None
-
-    def validate(self) -> None:
-        """Raise ValueError naming the field and its accepted range."""
-        if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise ValueError(f"temperature: {self.temperature} is invalid; accepted: finite >= 0")
-        if self.top_k < 0:
-            raise ValueError(f"top_k: {self.top_k} is invalid; accepted: >= 0 (0 = off)")
-        if not (0 < self.top_p <= 1):
-            raise ValueError(f"top_p: {self.top_p} is invalid; accepted: 0 < top_p <= 1")
-        if not (0 <= self.min_p <= 1):
-            raise ValueError(f"min_p: {self.min_p} is invalid; accepted: 0 <= min_p <= 1")
-        if self.seed is not None and not (0 <= self.seed < 2**32):
-            raise ValueError(f"seed: {self.seed} is invalid; accepted: 0 <= seed < 2^32")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
 
 
 _FAULT_FIELDS = {

@@ -21,66 +21,24 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Final
 
 from fse._native import ffi, lib
-from fse.core.metrics import StepMetrics
-from fse.core.policy import Action, LoopGuard, MaxProbGuard, Policy
-
-__all__ = [
-    "DEADLINE",
-    "GUARD_NAMES",
-    "INTERNAL",
-    "L2_NORM",
-    "LOGIT_VARIANCE",
-    "LOOP",
-    "MAX_PROB",
-    "NON_FINITE",
-    "PASS",
-    "PERPLEXITY",
-    "SHUTDOWN",
-    "GuardChain",
-    "LoopDetector",
-    "Trip",
-]
-
-PERPLEXITY: Final = "perplexity"
-LOGIT_VARIANCE: Final = "logit_variance"
-MAX_PROB: Final = "max_prob"
-L2_NORM: Final = "l2_norm"
-NON_FINITE: Final = "non_finite"
-LOOP: Final = "loop"
-INTERNAL: Final = "internal"
-DEADLINE: Final = "deadline"  # produced by the engine, not by the chain
-SHUTDOWN: Final = "shutdown"  # produced by the engine, not by the chain
-GUARD_NAMES: Final = (
-    PERPLEXITY,
-    LOGIT_VARIANCE,
-    MAX_PROB,
-    L2_NORM,
-    NON_FINITE,
-    LOOP,
+from fse.core.policy import LoopGuard, MaxProbGuard, Policy
+from fse.core.types import (
     INTERNAL,
-    DEADLINE,
-    SHUTDOWN,
+    L2_NORM,
+    LOGIT_VARIANCE,
+    LOOP,
+    MAX_PROB,
+    NON_FINITE,
+    PERPLEXITY,
+    Action,
+    StepMetrics,
+    Trip,
 )
 
-
-@dataclass(frozen=True, slots=True)
-class Trip:
-    """A guard that tripped on one token. value/threshold are None for ``internal``."""
-
-    guard: str
-    value: float | None
-    threshold: float | None
-    token_index: int
-    action: Action
-
-    @property
-    def halts(self) -> bool:
-        return self.action == "halt"
-
+__all__ = ["PASS", "GuardChain", "LoopDetector"]
 
 # Returned by check() when the token passes: one shared object, no allocation.
 PASS: Final[tuple[Trip, ...]] = ()

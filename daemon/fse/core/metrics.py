@@ -3,22 +3,6 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
-
-@dataclass(slots=True)
-class StepMetrics:
-    """One generated token and the statistics of the logits it was sampled from."""
-
-    index: int  # 0-based position among the generated tokens
-    token: int  # token id
-    nll: float  # -log p(token) under the raw (untempered, untruncated) distribution
-    ppl: float  # perplexity over the last `window` tokens, this one included
-    ppl_cumulative: float  # perplexity over every generated token so far
-    variance: float  # population variance of the finite logits
-    max_prob: float  # probability of the most likely token under the raw distribution
-    l2_norm: float  # L2 norm of the finite logits
-    non_finite: int  # count of NaN/Inf logits
 
 
 class PerplexityWindow:

@@ -64,12 +64,12 @@ from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, TypeAlias
+from typing import Any, TypeAlias
+
+from fse.core.types import Action, Health
 
 __all__ = [
-    "ACTIONS",
     "DEFAULT_PPL_WINDOW",
-    "Action",
     "HealthBands",
     "L2NormGuard",
     "LogitVarianceGuard",
@@ -86,9 +86,6 @@ __all__ = [
     "resolve_policy",
 ]
 
-Action: TypeAlias = Literal["halt", "warn"]
-Health: TypeAlias = Literal["green", "yellow", "red"]
-ACTIONS: tuple[Action, ...] = ("halt", "warn")
 # Window of the perplexity reported to clients when the perplexity guard is off.
 DEFAULT_PPL_WINDOW = 16
 

@@ -11,67 +11,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
-from fse.core.engine import NO_FAULTS, Faults, Sampling, Step
-from fse.core.guards import INTERNAL, GuardChain, Trip
-from fse.core.metrics import StepMetrics
+from fse.core.engine import NO_FAULTS, Faults, Step
+from fse.core.guards import GuardChain
 from fse.core.policy import Policy
-
-COMPLETED = "completed"
-HALTED = "halted"
-CANCELLED = "cancelled"
-ERROR = "error"
-
-
-@dataclass(frozen=True, slots=True)
-class Request:
-    """One generation: a raw prompt or chat messages, and how to sample it."""
-
-    prompt: str = ""
-    messages: tuple[tuple[str, str], ...] = ()  # (role, content), rendered by the model's template
-    max_tokens: int = 256
-    sampling: Sampling = field(default_factory=Sampling)
-    policy: str = "default"
-    stop: tuple[str, ...] = ()
-    request_id: str = ""
-    timeout: float | None = None  # seconds from admission; None = no deadline
-
-
-@dataclass(slots=True)
-class TokenEvent:
-    """A token that passed every halting guard and is released to the client."""
-
-    index: int
-    token: int
-    piece: bytes  # raw bytes of the token (may end inside a UTF-8 character)
-    text: str  # complete characters only; the rest is carried to the next token
-    metrics: StepMetrics
-    health: str  # green | yellow | red, from the windowed perplexity
-    warnings: tuple[Trip, ...] = ()  # guards with action "warn" that tripped on this token
-
-
-@dataclass(slots=True)
-class Verdict:
-    """How a stream ended. guard/value/threshold/token_index are set only for halts."""
-
-    status: str  # completed | halted | cancelled | error
-    tokens: int  # tokens released
-    text: str  # the released text
-    policy: str
-    policy_sha256: str
-    guard: str | None = None
-    value: float | None = None
-    threshold: float | None = None
-    token_index: int | None = None
-    message: str = ""  # human detail for errors
-
-    @property
-    def exit_code(self) -> int:
-        return {COMPLETED: 0, HALTED: 3, CANCELLED: 4}.get(self.status, 1)
-
-
-Event = TokenEvent | Verdict
+from fse.core.types import COMPLETED, HALTED, INTERNAL, Status, TokenEvent, Trip, Verdict
 
 
 class GuardedStream:
@@ -118,7 +62,7 @@ class GuardedStream:
 
     def finish(
         self,
-        status: str = COMPLETED,
+        status: Status = COMPLETED,
         guard: str | None = None,
         value: float | None = None,
         threshold: float | None = None,
@@ -133,7 +77,7 @@ class GuardedStream:
 
     def _end(
         self,
-        status: str,
+        status: Status,
         guard: str | None = None,
         value: float | None = None,
         threshold: float | None = None,

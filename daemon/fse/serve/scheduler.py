@@ -24,16 +24,19 @@ from dataclasses import dataclass, field
 import structlog
 
 from fse.core.engine import Context, EngineError, Faults, Model, Slot
-from fse.core.guards import DEADLINE, INTERNAL, SHUTDOWN
 from fse.core.policy import Policy
-from fse.core.stream import (
+from fse.core.stream import GuardedStream
+from fse.core.types import (
     CANCELLED,
     COMPLETED,
+    DEADLINE,
     ERROR,
     HALTED,
+    INTERNAL,
+    SHUTDOWN,
     Event,
-    GuardedStream,
     Request,
+    Status,
     Verdict,
 )
 
@@ -258,7 +261,7 @@ class Scheduler:
         self,
         a: _Active,
         deliver: Deliver,
-        status: str,
+        status: Status,
         guard: str | None = None,
         value: float | None = None,
         threshold: float | None = None,
@@ -284,7 +287,7 @@ class Scheduler:
         self,
         handle: Handle,
         deliver: Deliver,
-        status: str,
+        status: Status,
         guard: str | None = None,
         value: float | None = None,
         threshold: float | None = None,

@@ -27,10 +27,19 @@ from fse_client.v1 import fse_pb2, fse_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from fse.core.engine import Faults, Model, Sampling
+from fse.core.engine import Faults, Model
 from fse.core.models import ModelError, check_gguf, default_model_path
 from fse.core.policy import Policy, PolicyError, load_policies
-from fse.core.stream import CANCELLED, COMPLETED, ERROR, HALTED, Request, TokenEvent, Verdict
+from fse.core.types import (
+    CANCELLED,
+    COMPLETED,
+    ERROR,
+    HALTED,
+    Request,
+    Sampling,
+    TokenEvent,
+    Verdict,
+)
 from fse.serve.audit import AuditError, AuditLog
 from fse.serve.scheduler import Handle, Limits, NotAccepting, Overloaded
 from fse.serve.service import AuditUnavailable, GuardService, InvalidRequest

@@ -30,15 +30,16 @@ from fse.core.engine import (
     TooManyTokens,
     generate,
 )
-from fse.core.guards import DEADLINE, INTERNAL
 from fse.core.policy import Policy
-from fse.core.stream import (
+from fse.core.stream import GuardedStream
+from fse.core.types import (
     CANCELLED,
     COMPLETED,
+    DEADLINE,
     ERROR,
     HALTED,
+    INTERNAL,
     Event,
-    GuardedStream,
     Request,
     Verdict,
 )

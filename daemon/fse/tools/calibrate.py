@@ -105,11 +105,9 @@ from fse.cli.common import (
 )
 
 if TYPE_CHECKING:
-    from fse.core.engine import Context, Model, Sampling
-    from fse.core.guards import Trip
-    from fse.core.metrics import StepMetrics
+    from fse.core.engine import Context, Model
     from fse.core.policy import Policy
-    from fse.core.stream import Request
+    from fse.core.types import Request, Sampling, StepMetrics, Trip
 
 EXIT_USAGE = 2
 EXIT_ERROR = 1
@@ -236,7 +234,7 @@ def _jsonl_prompts(text: str, path: Path, flag: str) -> list[Prompt]:
 
 
 def make_request(prompt: Prompt, sampling: Sampling, max_tokens: int, policy: str) -> Request:
-    from fse.core.stream import Request
+    from fse.core.types import Request
 
     return Request(
         prompt=prompt.text,
@@ -293,7 +291,7 @@ class Runner(Protocol):
 
 
 def _collect(events: Iterator[Any], prompt: Prompt, seed: int | None, policy: str) -> Run:
-    from fse.core.stream import TokenEvent
+    from fse.core.types import TokenEvent
 
     started = time.monotonic()
     steps: list[StepMetrics] = []
@@ -337,7 +335,7 @@ class LocalRunner:
 
     def prepare(self, jobs: Sequence[tuple[Prompt, int]]) -> None:
         from fse.core.engine import Context
-        from fse.core.stream import Request
+        from fse.core.types import Request
         from fse.serve.service import InvalidRequest, prompt_tokens
 
         needed = 0

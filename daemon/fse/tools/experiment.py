@@ -97,8 +97,8 @@ from fse.tools.calibrate import (
 )
 
 if TYPE_CHECKING:
-    from fse.core.engine import Sampling
     from fse.core.policy import Policy
+    from fse.core.types import Sampling
 
 DEFAULT_POLICIES = ("default", "pro")
 DEFAULT_OUT = "fse-experiment"
@@ -257,7 +257,7 @@ def _int(value: object, key: str, low: int, high: int, fail: Any) -> int:
 
 
 def _sampling(value: object, key: str, fail: Any) -> dict[str, float]:
-    from fse.core.engine import Sampling
+    from fse.core.types import Sampling
 
     if not isinstance(value, dict):
         raise fail(key, "expected a table")
@@ -327,7 +327,7 @@ def apply_override(policy: Policy, override: dict[str, dict[str, Any]]) -> Polic
 
 
 def sampling_for(category: Category, seed: int) -> Sampling:
-    from fse.core.engine import Sampling
+    from fse.core.types import Sampling
 
     return dataclasses.replace(Sampling(**category.sampling), seed=seed)  # type: ignore[arg-type]
 
@@ -576,7 +576,7 @@ def policy_summary(policy: Policy) -> str:
 
 
 def _sampling_text(cat: Category) -> str:
-    from fse.core.engine import Sampling
+    from fse.core.types import Sampling
 
     s = Sampling(**cat.sampling)  # type: ignore[arg-type]
     if s.temperature == 0:

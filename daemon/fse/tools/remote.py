@@ -11,9 +11,7 @@ from collections.abc import Iterator, Sequence
 
 import fse_client
 
-from fse.core.guards import Trip
-from fse.core.metrics import StepMetrics
-from fse.core.stream import Event, Request, TokenEvent, Verdict
+from fse.core.types import Event, Request, Status, StepMetrics, TokenEvent, Trip, Verdict
 
 ClientError = fse_client.FseError
 
@@ -38,7 +36,7 @@ def _token(e: fse_client.TokenEvent) -> TokenEvent:
 
 def _verdict(v: fse_client.Verdict) -> Verdict:
     return Verdict(
-        status=v.status.value,
+        status=Status(v.status.value),
         tokens=v.tokens,
         text=v.text,
         policy=v.policy,

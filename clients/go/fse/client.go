@@ -37,6 +37,7 @@ import (
 // Client is a connection to the daemon, safe for concurrent use. It connects on
 // the first call and reconnects as needed.
 type Client struct {
+	addr string
 	conn *grpc.ClientConn
 	stub pb.GuardClient
 }
@@ -124,7 +125,7 @@ func NewClient(addr string, opts ...Option) (*Client, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Client{conn: conn, stub: pb.NewGuardClient(conn)}, nil
+	return &Client{addr: addr, conn: conn, stub: pb.NewGuardClient(conn)}, nil
 }
 
 // serverName is the name a TLS certificate is checked for: the host of HOST:PORT.
@@ -155,7 +156,7 @@ func (c *Client) Close() error { return c.conn.Close() }
 func (c *Client) Info(ctx context.Context) (*Info, error) {
 	info, err := c.stub.GetInfo(ctx, &pb.GetInfoRequest{})
 	if err != nil {
-		return nil, fromRPC(ctx, err)
+		return nil, fromRPC(ctx, c.addr, err)
 	}
 	return infoFromWire(info), nil
 }
@@ -175,15 +176,15 @@ func (c *Client) Generate(ctx context.Context, req Request) (*Stream, error) {
 	rpc, err := c.stub.Generate(ctx)
 	if err != nil {
 		abort()
-		return nil, fromRPC(ctx, err)
+		return nil, fromRPC(ctx, c.addr, err)
 	}
-	s := &Stream{ctx: ctx, abort: abort, rpc: rpc}
+	s := &Stream{ctx: ctx, addr: c.addr, abort: abort, rpc: rpc}
 	// A failed Send says only io.EOF; the reason is the status that Recv returns.
 	_ = rpc.Send(start)
 	first, err := rpc.Recv()
 	if err != nil {
 		abort()
-		return nil, fromRPC(ctx, err)
+		return nil, fromRPC(ctx, c.addr, err)
 	}
 	if st := first.GetStarted(); st != nil {
 		s.started = startedFromWire(st)
@@ -198,6 +199,7 @@ func (c *Client) Generate(ctx context.Context, req Request) (*Stream, error) {
 // any goroutine.
 type Stream struct {
 	ctx     context.Context
+	addr    string
 	abort   context.CancelFunc
 	rpc     grpc.BidiStreamingClient[pb.GenerateClientMessage, pb.GenerateServerMessage]
 	started Started
@@ -221,7 +223,7 @@ func (s *Stream) Tokens() iter.Seq[Token] {
 		for !s.done {
 			msg, err := s.recv()
 			if err != nil {
-				s.finish(Verdict{}, fromRPC(s.ctx, err))
+				s.finish(Verdict{}, fromRPC(s.ctx, s.addr, err))
 				return
 			}
 			switch kind := msg.GetKind().(type) {

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -161,7 +162,9 @@ func TestStreamWithoutVerdictIsAnError(t *testing.T) {
 	for range s.Tokens() {
 		n++
 	}
-	if _, err := s.Verdict(); n != 1 || !errors.Is(err, fse.ErrInternal) {
+	var e *fse.Error
+	if _, err := s.Verdict(); n != 1 || !errors.As(err, &e) || e.Code != codes.Unknown ||
+		!strings.HasSuffix(e.Message, " ended the stream without a verdict") {
 		t.Fatalf("%d tokens, Verdict() error %v", n, err)
 	}
 }

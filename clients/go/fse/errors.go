@@ -86,19 +86,15 @@ func CodeName(c codes.Code) string {
 	return "UNKNOWN"
 }
 
-// errNoVerdict is a stream the server closed without its final message.
-func errNoVerdict() *Error {
-	return &Error{Code: codes.Internal, Message: "the stream ended without a verdict"}
-}
-
 // fromRPC turns what grpc-go returned into an *Error. ctx is the call's context:
-// when it is done, its error becomes the cause.
-func fromRPC(ctx context.Context, err error) error {
+// when it is done, its error becomes the cause. io.EOF is a stream the daemon at
+// addr closed without its verdict.
+func fromRPC(ctx context.Context, addr string, err error) error {
 	if err == nil {
 		return nil
 	}
 	if errors.Is(err, io.EOF) {
-		return errNoVerdict()
+		return &Error{Code: codes.Unknown, Message: "the daemon at " + addr + " ended the stream without a verdict"}
 	}
 	var already *Error
 	if errors.As(err, &already) {

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"math"
 	"strconv"
@@ -113,7 +114,7 @@ var valueHelp = map[string]string{
 	"--top-k":        "an integer (0 = off)",
 	"--top-p":        "a number (1 = off)",
 	"--min-p":        "a number (0 = off)",
-	"--seed":         "0..4294967295",
+	"--seed":         "0 .. 2^32-1",
 	"--stop":         "text",
 	"--timeout":      "seconds > 0",
 	"--cancel-after": ">= 1",
@@ -146,20 +147,20 @@ func (o *options) set(name, value string) error {
 		o.minP, err = number(name, value, accepted)
 	case "--top-k":
 		var k int64
-		k, err = integer(name, value, math.MinInt32, math.MaxInt32, accepted)
+		k, err = integer(name, value, math.MinInt32, math.MaxInt32, accepted, "0..2147483647")
 		o.topK = int32(k)
 	case "--max-tokens":
 		var n int64
-		n, err = integer(name, value, 1, math.MaxUint32, accepted)
+		n, err = integer(name, value, 1, math.MaxUint32, accepted, "1..4294967295")
 		o.maxTokens = uint32(n)
 	case "--seed":
 		var n int64
-		n, err = integer(name, value, 0, math.MaxUint32, accepted)
+		n, err = integer(name, value, 0, math.MaxUint32, accepted, accepted)
 		seed := uint32(n)
 		o.seed = &seed
 	case "--cancel-after":
 		var n int64
-		n, err = integer(name, value, 1, math.MaxInt32, accepted)
+		n, err = integer(name, value, 1, math.MaxInt32, accepted, "1..2147483647")
 		o.cancelAfter = int(n)
 	case "--timeout":
 		o.timeoutMS, err = timeoutMillis(value)
@@ -177,21 +178,14 @@ func (o *options) check(prompts []string) error {
 	if !validAddr(o.addr) {
 		return invalid("--addr", o.addr, valueHelp["--addr"])
 	}
-	if o.info {
-		if len(prompts) > 0 {
-			return &usageError{"PROMPT", "not used with --info", "no PROMPT"}
-		}
-		return nil
-	}
-	switch len(prompts) {
-	case 0:
-		return &usageError{"PROMPT", "required", "non-empty text, the last argument"}
-	case 1:
-	default:
+	if len(prompts) > 1 {
 		return &usageError{"PROMPT", fmt.Sprintf("%d given", len(prompts)), "one (quote it)"}
 	}
-	if prompts[0] == "" {
-		return &usageError{"PROMPT", "empty", "non-empty text"}
+	if o.info {
+		return nil // a prompt is not needed, nor looked at
+	}
+	if len(prompts) == 0 || prompts[0] == "" {
+		return &usageError{what: "PROMPT", problem: "must not be empty"}
 	}
 	p, err := utf8Text("PROMPT", prompts[0])
 	o.prompt = p
@@ -224,15 +218,17 @@ func number(flag, value, accepted string) (float64, error) {
 	return f, nil
 }
 
-func integer(flag, value string, lo, hi int64, accepted string) (int64, error) {
+// integer parses a decimal integer within lo..hi; tooBig is what a number past hi
+// is told is accepted (the wire's range rather than the flag's meaning).
+func integer(flag, value string, lo, hi int64, accepted, tooBig string) (int64, error) {
 	n, err := strconv.ParseInt(strings.TrimSpace(value), 10, 64)
-	if err != nil {
+	if err != nil && !errors.Is(err, strconv.ErrRange) {
 		return 0, invalid(flag, value, accepted)
 	}
-	if n < lo || n > hi {
-		if n > hi {
-			accepted = fmt.Sprintf("%d..%d", max(lo, 0), hi)
-		}
+	switch {
+	case err != nil || n > hi:
+		return 0, &usageError{flag, strings.TrimSpace(value) + " is invalid", tooBig}
+	case n < lo:
 		return 0, &usageError{flag, strconv.FormatInt(n, 10) + " is invalid", accepted}
 	}
 	return n, nil
@@ -241,14 +237,39 @@ func integer(flag, value string, lo, hi int64, accepted string) (int64, error) {
 // timeoutMillis is the contract's timeout_ms = max(1, round(SECONDS * 1000)),
 // with Python's round (half to even) so every client sends the same number.
 func timeoutMillis(value string) (uint32, error) {
-	const accepted = "seconds > 0"
 	sec, err := strconv.ParseFloat(strings.TrimSpace(value), 64)
-	if err != nil || !(sec > 0) {
-		return 0, invalid("--timeout", value, accepted)
+	if err != nil && !errors.Is(err, strconv.ErrRange) {
+		return 0, invalid("--timeout", value, "seconds > 0")
+	}
+	if !(sec > 0) || math.IsInf(sec, 0) {
+		return 0, &usageError{"--timeout", pyFloat(sec) + " is invalid", "seconds > 0"}
 	}
 	ms := math.RoundToEven(sec * 1000)
 	if ms > math.MaxUint32 {
-		return 0, invalid("--timeout", value, "0 < seconds <= 4294967.295")
+		return 0, &usageError{"--timeout", pyFloat(sec) + " is invalid", "0 < seconds <= 4294967.295"}
 	}
 	return uint32(max(1, ms)), nil
+}
+
+// pyFloat spells a float as Python's repr does ("0.0", "-1.5", "1e+16", "nan"),
+// so this client's usage errors read as the Python client's.
+func pyFloat(f float64) string {
+	switch {
+	case math.IsNaN(f):
+		return "nan"
+	case math.IsInf(f, 1):
+		return "inf"
+	case math.IsInf(f, -1):
+		return "-inf"
+	}
+	sci := strconv.FormatFloat(f, 'e', -1, 64) // shortest digits, as repr's
+	exp, _ := strconv.Atoi(sci[strings.IndexByte(sci, 'e')+1:])
+	if exp < -4 || exp >= 16 {
+		return sci
+	}
+	s := strconv.FormatFloat(f, 'f', -1, 64)
+	if !strings.Contains(s, ".") {
+		s += ".0"
+	}
+	return s
 }

@@ -62,28 +62,49 @@ func TestParseErrors(t *testing.T) {
 	}{
 		{[]string{"p"}, "--addr: required; accepted: unix:/abs/path or HOST:PORT"},
 		{[]string{"--addr", "nohost", "p"}, `--addr: "nohost" is invalid; accepted: unix:/abs/path or HOST:PORT`},
-		{[]string{"--addr", "unix:/s"}, "PROMPT: required; accepted: non-empty text, the last argument"},
-		{[]string{"--addr", "unix:/s", ""}, "PROMPT: empty; accepted: non-empty text"},
+		{[]string{"--addr", "unix:/s"}, "PROMPT: must not be empty"},
+		{[]string{"--addr", "unix:/s", ""}, "PROMPT: must not be empty"},
 		{[]string{"--addr", "unix:/s", "a", "b"}, "PROMPT: 2 given; accepted: one (quote it)"},
 		{[]string{"--addr", "unix:/s", "\xff"}, "PROMPT: not valid UTF-8; accepted: UTF-8 text"},
-		{[]string{"--addr", "unix:/s", "--info", "p"}, "PROMPT: not used with --info; accepted: no PROMPT"},
 		{[]string{"--addr", "unix:/s", "--max-tokens", "0", "p"}, "--max-tokens: 0 is invalid; accepted: >= 1"},
 		{[]string{"--addr", "unix:/s", "--max-tokens", "x", "p"}, `--max-tokens: "x" is invalid; accepted: >= 1`},
 		{[]string{"--addr", "unix:/s", "--max-tokens", "4294967296", "p"}, "--max-tokens: 4294967296 is invalid; accepted: 1..4294967295"},
-		{[]string{"--addr", "unix:/s", "--seed", "-1", "p"}, "--seed: -1 is invalid; accepted: 0..4294967295"},
+		{[]string{"--addr", "unix:/s", "--seed", "-1", "p"}, "--seed: -1 is invalid; accepted: 0 .. 2^32-1"},
+		{[]string{"--addr", "unix:/s", "--seed", "99999999999999999999", "p"}, "--seed: 99999999999999999999 is invalid; accepted: 0 .. 2^32-1"},
+		{[]string{"--addr", "unix:/s", "--top-k", "2147483648", "p"}, "--top-k: 2147483648 is invalid; accepted: 0..2147483647"},
 		{[]string{"--addr", "unix:/s", "--temperature", "hot", "p"}, `--temperature: "hot" is invalid; accepted: a number (0 = greedy)`},
-		{[]string{"--addr", "unix:/s", "--timeout", "0", "p"}, `--timeout: "0" is invalid; accepted: seconds > 0`},
-		{[]string{"--addr", "unix:/s", "--timeout", "-1", "p"}, `--timeout: "-1" is invalid; accepted: seconds > 0`},
-		{[]string{"--addr", "unix:/s", "--timeout", "inf", "p"}, `--timeout: "inf" is invalid; accepted: 0 < seconds <= 4294967.295`},
+		{[]string{"--addr", "unix:/s", "--timeout", "0", "p"}, "--timeout: 0.0 is invalid; accepted: seconds > 0"},
+		{[]string{"--addr", "unix:/s", "--timeout", "-1", "p"}, "--timeout: -1.0 is invalid; accepted: seconds > 0"},
+		{[]string{"--addr", "unix:/s", "--timeout", "inf", "p"}, "--timeout: inf is invalid; accepted: seconds > 0"},
+		{[]string{"--addr", "unix:/s", "--timeout", "nan", "p"}, "--timeout: nan is invalid; accepted: seconds > 0"},
+		{[]string{"--addr", "unix:/s", "--timeout", "1e10", "p"}, "--timeout: 10000000000.0 is invalid; accepted: 0 < seconds <= 4294967.295"},
+		{[]string{"--addr", "unix:/s", "--timeout", "soon", "p"}, `--timeout: "soon" is invalid; accepted: seconds > 0`},
 		{[]string{"--addr", "unix:/s", "--cancel-after", "0", "p"}, "--cancel-after: 0 is invalid; accepted: >= 1"},
 		{[]string{"--addr", "unix:/s", "--bogus", "1", "p"}, "--bogus: unknown flag; accepted: see --help"},
-		{[]string{"--addr", "unix:/s", "p", "--seed"}, "--seed: expects a value; accepted: 0..4294967295"},
+		{[]string{"--addr", "unix:/s", "p", "--seed"}, "--seed: expects a value; accepted: 0 .. 2^32-1"},
 		{[]string{"--addr", "unix:/s", "--json=yes", "p"}, "--json: takes no value; accepted: --json"},
 	} {
 		_, err := parseArgs(tc.args)
 		if err == nil || err.Error() != tc.want {
 			t.Errorf("parseArgs(%q) error = %v\n want %s", tc.args, err, tc.want)
 		}
+	}
+}
+
+func TestPyFloat(t *testing.T) {
+	for f, want := range map[float64]string{
+		1e16: "1e+16", 1e-5: "1e-05", 0.0001: "0.0001", 123: "123.0", 1.5e300: "1.5e+300",
+		9999999999999998: "9999999999999998.0", -2.5: "-2.5", 0: "0.0",
+	} {
+		if got := pyFloat(f); got != want {
+			t.Errorf("pyFloat(%v) = %s, want %s", f, got, want)
+		}
+	}
+}
+
+func TestInfoTakesNoPrompt(t *testing.T) {
+	if o, err := parseArgs([]string{"--addr", "unix:/s", "--info"}); err != nil || !o.info {
+		t.Fatalf("%+v, %v", o, err)
 	}
 }
 

@@ -136,10 +136,22 @@ func failRPC(fail func(int, error) int, addr string, err error) int {
 	switch {
 	case errors.Is(e, fse.ErrInvalidArgument):
 		return fail(exitUsage, e)
-	case errors.Is(e, fse.ErrUnavailable):
+	case errors.Is(e, fse.ErrUnavailable) && unreachable(e.Message):
 		return fail(exitError, fmt.Errorf("UNAVAILABLE: cannot reach the daemon at %s (%s)", addr, e.Message))
 	}
 	return fail(exitError, e)
+}
+
+// unreachable tells grpc-go's own Unavailable (no connection: dial, TLS
+// handshake, resolver) from the daemon's ("the model is still loading").
+func unreachable(message string) bool {
+	for _, mark := range []string{"connection error", "error while dialing", "name resolver",
+		"produced zero addresses", "connection refused", "no such file", "handshake"} {
+		if strings.Contains(strings.ToLower(message), mark) {
+			return true
+		}
+	}
+	return false
 }
 
 // oneLine keeps an error to the one line the contract allows.
@@ -170,7 +182,7 @@ func (o *options) clientOptions() ([]fse.Option, error) {
 	if o.tlsCA != "" {
 		pem, err := os.ReadFile(o.tlsCA)
 		if err != nil {
-			return nil, &usageError{"--tls-ca", fileProblem(err), valueHelp["--tls-ca"]}
+			return nil, &usageError{what: "--tls-ca", problem: cannotRead(o.tlsCA, err)}
 		}
 		pool := x509.NewCertPool()
 		if !pool.AppendCertsFromPEM(pem) {
@@ -181,7 +193,7 @@ func (o *options) clientOptions() ([]fse.Option, error) {
 	if o.tokenFile != "" {
 		token, err := readToken(o.tokenFile)
 		if err != nil {
-			return nil, &usageError{"--token-file", fileProblem(err), valueHelp["--token-file"]}
+			return nil, &usageError{what: "--token-file", problem: cannotRead(o.tokenFile, err)}
 		}
 		if token == "" {
 			return nil, &usageError{"--token-file", o.tokenFile + ": no token on its first line", valueHelp["--token-file"]}
@@ -205,13 +217,18 @@ func readToken(path string) (string, error) {
 	return strings.TrimSpace(line), nil
 }
 
-// fileProblem is "PATH: no such file or directory", without Go's "open " prefix.
-func fileProblem(err error) string {
+// cannotRead is "PATH: cannot read: No such file or directory", the errno's text
+// as C's strerror (and so the Python client) spells it.
+func cannotRead(path string, err error) string {
 	var pe *os.PathError
 	if errors.As(err, &pe) {
-		return pe.Path + ": " + pe.Err.Error()
+		err = pe.Err
 	}
-	return err.Error()
+	why := err.Error()
+	if why != "" {
+		why = strings.ToUpper(why[:1]) + why[1:]
+	}
+	return path + ": cannot read: " + why
 }
 
 // useColour: only on a terminal, and never when NO_COLOR is set (to anything).

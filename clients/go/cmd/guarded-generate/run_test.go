@@ -99,9 +99,8 @@ func TestRunExitCodes(t *testing.T) {
 			"guarded-generate: error: UNAUTHENTICATED: bad token\n"},
 		{"overloaded", refuse(codes.ResourceExhausted, "overloaded: queue full\nsecond line"), 1,
 			"guarded-generate: error: RESOURCE_EXHAUSTED: overloaded: queue full second line\n"},
-		{"no verdict", func(_ context.Context, _ *pb.GenerateRequest, _ <-chan struct{}, send func(*pb.GenerateServerMessage) error) error {
-			return send(fakeguard.Started(0))
-		}, 1, "guarded-generate: error: INTERNAL: the stream ended without a verdict\n"},
+		{"loading", refuse(codes.Unavailable, "the model is still loading"), 1,
+			"guarded-generate: error: UNAVAILABLE: the model is still loading\n"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			code, out, errOut, _ := runWith(t, tc.script, "--json", "p")
@@ -112,6 +111,17 @@ func TestRunExitCodes(t *testing.T) {
 				t.Errorf("stdout %s", out)
 			}
 		})
+	}
+}
+
+func TestRunNoVerdict(t *testing.T) {
+	code, _, errOut, _ := runWith(t, func(_ context.Context, _ *pb.GenerateRequest, _ <-chan struct{},
+		send func(*pb.GenerateServerMessage) error) error {
+		return send(fakeguard.Started(0))
+	}, "--json", "p")
+	if code != 1 || !strings.HasPrefix(errOut, "guarded-generate: error: UNKNOWN: the daemon at unix:/") ||
+		!strings.HasSuffix(errOut, " ended the stream without a verdict\n") {
+		t.Errorf("exit %d, stderr %q", code, errOut)
 	}
 }
 
@@ -134,7 +144,7 @@ func TestRunUsage(t *testing.T) {
 	missing := filepath.Join(t.TempDir(), "none")
 	if code := run([]string{"--addr", "unix:/s", "--token-file", missing, "p"}, &out, &errOut); code != 2 ||
 		errOut.String() != "guarded-generate: error: --token-file: "+missing+
-			": no such file or directory; accepted: a file whose first line is the token\n" {
+			": cannot read: No such file or directory\n" {
 		t.Errorf("exit %d, stderr %q", code, errOut.String())
 	}
 	errOut.Reset()

@@ -2,6 +2,9 @@ package io.libfse.client;
 
 import io.grpc.Status;
 import io.grpc.StatusRuntimeException;
+import java.io.FileNotFoundException;
+import java.util.List;
+import java.util.Locale;
 
 /**
  * Every failure of a call to the daemon: a gRPC error (the daemon refused the request, could not
@@ -31,10 +34,15 @@ public final class GuardException extends RuntimeException {
         return description;
     }
 
+    /** Words of gRPC's and Netty's own UNAVAILABLE errors when no connection could be made. */
+    private static final List<String> UNREACHABLE_MARKS = List.of("io exception", "network closed",
+            "connection refused", "connection closed", "no such file", "unable to resolve",
+            "failed to connect");
+
     /**
-     * Maps a gRPC failure of a call to {@code addr}. UNAVAILABLE (no server, a refused TLS
-     * handshake, a daemon still loading or shutting down) reads "cannot reach the daemon at ADDR
-     * (DETAIL)", DETAIL being the server's or the transport's reason, as the Python client says it.
+     * Maps a gRPC failure of a call to {@code addr}. When the daemon could not be reached at all
+     * (no server, a refused TLS handshake) the message reads "cannot reach the daemon at ADDR
+     * (DETAIL)" with the transport's reason; otherwise it is the server's message.
      */
     static GuardException from(Throwable error, String addr) {
         if (error instanceof GuardException guard) {
@@ -42,12 +50,17 @@ public final class GuardException extends RuntimeException {
         }
         Status status = Status.fromThrowable(error);
         String description = status.getDescription() == null ? "" : status.getDescription();
-        if (status.getCode() != Status.Code.UNAVAILABLE) {
+        String lower = description.toLowerCase(Locale.ROOT);
+        boolean unreachable = status.getCode() == Status.Code.UNAVAILABLE
+                && (status.getCause() != null || UNREACHABLE_MARKS.stream().anyMatch(lower::contains));
+        if (!unreachable) {
             return new GuardException(status.getCode(), description);
         }
         String detail = description;
         for (Throwable c = status.getCause(); c != null; c = c.getCause()) {
-            String why = c.getMessage();
+            // Netty reports a missing unix socket as a FileNotFoundException without a message.
+            String why = c instanceof FileNotFoundException && c.getMessage() == null
+                    ? "No such file or directory" : c.getMessage();
             if (why != null && !why.isEmpty() && !detail.contains(why)) {
                 detail = detail.isEmpty() ? why : detail + ": " + why;
                 break;

@@ -129,7 +129,7 @@ record Args(String addr, Path tlsCa, Path tokenFile, boolean json, boolean info,
                 case "--tls-ca" -> tlsCa = readable(flag, value);
                 case "--token-file" -> tokenFile = readable(flag, value);
                 case "--policy" -> policy = value;
-                case "--max-tokens" -> maxTokens = integer(flag, value, 1, UINT32_MAX);
+                case "--max-tokens" -> maxTokens = maxTokens(value);
                 case "--temperature" -> temperature = number(flag, value);
                 case "--top-k" -> topK = (int) integer(flag, value, Integer.MIN_VALUE, Integer.MAX_VALUE);
                 case "--top-p" -> topP = number(flag, value);
@@ -147,15 +147,15 @@ record Args(String addr, Path tlsCa, Path tokenFile, boolean json, boolean info,
         String prompt = "";
         if (!info) {
             if (prompts.isEmpty()) {
-                throw new UsageError("prompt: missing; accepted: non-empty text, the last argument");
+                throw new UsageError("PROMPT: must not be empty");
             }
             if (prompts.size() > 1) {
-                throw new UsageError("prompt: " + prompts.size()
+                throw new UsageError("PROMPT: " + prompts.size()
                         + " arguments given; accepted: one argument (quote a prompt with spaces)");
             }
             prompt = prompts.get(0);
             if (prompt.isEmpty()) {
-                throw new UsageError("prompt: must not be empty; accepted: non-empty text");
+                throw new UsageError("PROMPT: must not be empty");
             }
         }
         return new Args(addr, tlsCa, tokenFile, json, info, false, policy, maxTokens, temperature,
@@ -201,12 +201,12 @@ record Args(String addr, Path tlsCa, Path tokenFile, boolean json, boolean info,
             case "--tls-ca" -> "a readable PEM file";
             case "--token-file" -> "a readable file";
             case "--policy" -> "a policy name";
-            case "--max-tokens" -> "an integer 1 .. 4294967295";
-            case "--top-k" -> "an integer -2147483648 .. 2147483647";
-            case "--seed" -> "an integer 0 .. 4294967295";
+            case "--max-tokens" -> ">= 1";
+            case "--top-k" -> "an integer, -2^31 .. 2^31-1";
+            case "--seed" -> "0 .. 2^32-1";
             case "--stop" -> "text";
             case "--timeout" -> "seconds > 0";
-            case "--cancel-after" -> "an integer >= 1";
+            case "--cancel-after" -> ">= 1";
             default -> "a number";
         };
     }
@@ -224,6 +224,8 @@ record Args(String addr, Path tlsCa, Path tokenFile, boolean json, boolean info,
     private static long integer(String flag, String value, long min, long max) throws UsageError {
         String v = value.strip();
         if (INTEGER.matcher(v).matches()) {
+            // Out of range values are named as Python's int() prints them ("007" -> 7).
+            String shown = new java.math.BigInteger(v).toString();
             try {
                 long n = Long.parseLong(v);
                 if (n >= min && n <= max) {
@@ -232,8 +234,17 @@ record Args(String addr, Path tlsCa, Path tokenFile, boolean json, boolean info,
             } catch (NumberFormatException e) {
                 // beyond a long: out of range like any other
             }
+            throw UsageError.flag(flag, shown + " is invalid", accepted(flag));
         }
         throw UsageError.flag(flag, value + " is invalid", accepted(flag));
+    }
+
+    private static long maxTokens(String value) throws UsageError {
+        long n = integer("--max-tokens", value, 1, Long.MAX_VALUE);
+        if (n > UINT32_MAX) {
+            throw UsageError.flag("--max-tokens", n + " is invalid", "1 .. 2^32-1");
+        }
+        return n;
     }
 
     private static double number(String flag, String value) throws UsageError {
@@ -256,9 +267,21 @@ record Args(String addr, Path tlsCa, Path tokenFile, boolean json, boolean info,
         double seconds = number("--timeout", value);
         double millis = Math.max(1, Math.rint(seconds * 1000));
         if (!(seconds > 0) || millis > UINT32_MAX) {
-            throw UsageError.flag("--timeout", value + " is invalid", "seconds > 0, at most 4294967");
+            throw UsageError.flag("--timeout", pythonFloat(seconds) + " is invalid",
+                    seconds > 0 ? "seconds > 0, up to 4294967.295" : "seconds > 0");
         }
         return (long) millis;
+    }
+
+    /** The float as Python's repr prints it, as the Python client names a bad --timeout. */
+    private static String pythonFloat(double x) {
+        if (Double.isNaN(x)) {
+            return "nan";
+        }
+        if (Double.isInfinite(x)) {
+            return x > 0 ? "inf" : "-inf";
+        }
+        return Numbers.json(x);
     }
 
     private static Path readable(String flag, String value) throws UsageError {
@@ -267,15 +290,18 @@ record Args(String addr, Path tlsCa, Path tokenFile, boolean json, boolean info,
         return path;
     }
 
+    /** Reads a file; fails as the Python client does: {@code --FLAG: PATH: cannot read: WHY}. */
     private static byte[] read(String flag, Path path) throws UsageError {
+        String why;
         try {
             return Files.readAllBytes(path);
         } catch (NoSuchFileException e) {
-            throw UsageError.flag(flag, "cannot read " + path + ": no such file", accepted(flag));
+            why = "No such file or directory";
         } catch (AccessDeniedException e) {
-            throw UsageError.flag(flag, "cannot read " + path + ": permission denied", accepted(flag));
+            why = "Permission denied";
         } catch (IOException | SecurityException e) {
-            throw UsageError.flag(flag, "cannot read " + path + ": " + e.getMessage(), accepted(flag));
+            why = Files.isDirectory(path) ? "Is a directory" : e.getMessage();
         }
+        throw new UsageError(flag + ": " + path + ": cannot read: " + why);
     }
 }

@@ -6,7 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from fse.cli.common import EXIT_ERROR, UsageError
+from fse.cli.common import EXIT_ERROR
+from fse.core.errors import InputError
 
 
 def add_parser(commands: Any) -> None:
@@ -25,7 +26,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     try:
         result = verify(args.file)
     except OSError as exc:
-        raise UsageError(f"{args.file}: cannot read: {exc.strerror or exc}") from None
+        raise InputError(f"{args.file}: cannot read: {exc.strerror or exc}") from None
     if not result.ok:
         print(f"{args.file}: BROKEN: {result.problem}; lines 1..{result.lines} are intact")
         return EXIT_ERROR

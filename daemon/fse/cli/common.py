@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from fse.core.errors import InputError
 from fse.core.types import Status, Verdict
 
 EXIT_OK = 0
@@ -17,10 +18,6 @@ EXIT_HALTED = 3
 EXIT_CANCELLED = 4
 # ggml's GGML_MAX_N_THREADS; far more threads make llama.cpp abort (std::bad_alloc).
 MAX_THREADS = 512
-
-
-class UsageError(Exception):
-    """Bad input from the user: printed as one line, exit code 2."""
 
 
 def flag_message(message: str) -> str:
@@ -66,7 +63,7 @@ def sampling_from_args(args: argparse.Namespace) -> Any:
     try:
         sampling.validate()
     except ValueError as exc:
-        raise UsageError(flag_message(str(exc))) from None
+        raise InputError(flag_message(str(exc))) from None
     return sampling
 
 
@@ -74,17 +71,17 @@ def request_from_args(args: argparse.Namespace) -> Any:
     from fse.core.types import Request
 
     if not args.prompt:
-        raise UsageError("prompt: must not be empty")
+        raise InputError("prompt: must not be empty")
     # argv that is not UTF-8 arrives as lone surrogates, which cannot be tokenized.
     for what, text in [("prompt", args.prompt), *(("--stop", s) for s in args.stop)]:
         try:
             text.encode("utf-8")
         except UnicodeEncodeError:
-            raise UsageError(f"{what}: not valid UTF-8; accepted: UTF-8 text") from None
+            raise InputError(f"{what}: not valid UTF-8; accepted: UTF-8 text") from None
     if args.max_tokens < 1:
-        raise UsageError(f"--max-tokens: {args.max_tokens} is invalid; accepted: >= 1")
+        raise InputError(f"--max-tokens: {args.max_tokens} is invalid; accepted: >= 1")
     if args.timeout is not None and not args.timeout > 0:
-        raise UsageError(f"--timeout: {args.timeout} is invalid; accepted: seconds > 0")
+        raise InputError(f"--timeout: {args.timeout} is invalid; accepted: seconds > 0")
     return Request(
         prompt=args.prompt,
         max_tokens=args.max_tokens,
@@ -101,7 +98,7 @@ def resolve_policy(name: str, policies_dir: Path | None, flag: str = "") -> Any:
     try:
         return resolve_policy(name, policies_dir)
     except PolicyError as exc:
-        raise UsageError(f"{flag}: {exc}" if flag else str(exc)) from None
+        raise InputError(f"{flag}: {exc}" if flag else str(exc)) from None
 
 
 def load_model(path: Path | None, verbose: bool) -> Any:
@@ -112,13 +109,13 @@ def load_model(path: Path | None, verbose: bool) -> Any:
         return Model(path if path is not None else default_model_path(), verbose=verbose)
     except ModelError as exc:
         # "model: PATH: why" names the flag the user gave: "--model: PATH: why".
-        raise UsageError(flag_message(str(exc)) if path is not None else str(exc)) from None
+        raise InputError(flag_message(str(exc)) if path is not None else str(exc)) from None
 
 
 def positive(flag: str, value: int, high: int | None = None) -> int:
     if value < 1 or (high is not None and value > high):
         accepted = f"1..{high}" if high is not None else ">= 1"
-        raise UsageError(f"{flag}: {value} is invalid; accepted: {accepted}")
+        raise InputError(f"{flag}: {value} is invalid; accepted: {accepted}")
     return value
 
 

@@ -12,7 +12,6 @@ from typing import Any
 from fse.cli.common import (
     EXIT_ERROR,
     MAX_THREADS,
-    UsageError,
     add_generation_flags,
     add_local_flags,
     exit_code,
@@ -21,6 +20,7 @@ from fse.cli.common import (
     request_from_args,
     resolve_policy,
 )
+from fse.core.errors import InputError
 
 
 def add_parser(commands: Any) -> None:
@@ -59,16 +59,16 @@ def local_events(args: argparse.Namespace, request: Any, cancel: threading.Event
     try:
         faults = Faults.parse(args.debug_fault)
     except ValueError as exc:
-        raise UsageError(f"--debug-fault: {exc}") from None
+        raise InputError(f"--debug-fault: {exc}") from None
     positive("--threads", args.threads, MAX_THREADS)
     policy = resolve_policy(request.policy, args.policies_dir, "--policy")
     with load_model(args.model, args.verbose) as model:
         try:
             needed = len(prompt_tokens(model, request)) + request.max_tokens
         except InvalidRequest as exc:
-            raise UsageError(str(exc)) from None
+            raise InputError(str(exc)) from None
         if needed > model.n_ctx_train:
-            raise UsageError(
+            raise InputError(
                 f"--max-tokens: prompt plus {request.max_tokens} tokens exceed the model's "
                 f"context of {model.n_ctx_train} tokens"
             )
@@ -96,13 +96,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         try:
             stream = RemoteStream(args.addr, request, args.debug_fault)
         except ValueError as exc:
-            raise UsageError(f"--addr: {exc}") from None
+            raise InputError(f"--addr: {exc}") from None
         signal.signal(signal.SIGINT, lambda signum, frame: stream.cancel())
         try:
             return render(iter(stream), renderer)
         except ClientError as exc:
             if exc.code.name == "INVALID_ARGUMENT":
-                raise UsageError(str(exc)) from None
+                raise InputError(str(exc)) from None
             print(f"fse generate: error: {exc}", file=sys.stderr)
             return EXIT_ERROR
     return render(local_events(args, request, cancel), renderer)

@@ -14,7 +14,8 @@ from collections.abc import Sequence
 
 from fse import __version__
 from fse.cli import audit, generate, model, policy, serve
-from fse.cli.common import EXIT_ERROR, EXIT_USAGE, UsageError
+from fse.cli.common import EXIT_ERROR, EXIT_USAGE
+from fse.core.errors import InputError
 from fse.tools import calibrate, experiment
 
 
@@ -31,7 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except UsageError as exc:
+    except InputError as exc:
         print(f"fse {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except BrokenPipeError:

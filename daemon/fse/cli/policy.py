@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fse.cli.common import UsageError, resolve_policy
+from fse.cli.common import resolve_policy
+from fse.core.errors import InputError
 
 
 def add_parser(commands: Any) -> None:
@@ -28,7 +29,7 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
     try:
         policy = load_policy_file(args.file)
     except PolicyError as exc:
-        raise UsageError(str(exc)) from None
+        raise InputError(str(exc)) from None
     print(f"{args.file}: ok: policy {policy.name} sha256 {policy.sha256}")
     return 0
 

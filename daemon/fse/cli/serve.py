@@ -6,7 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from fse.cli.common import MAX_THREADS, UsageError, add_local_flags, positive
+from fse.cli.common import MAX_THREADS, add_local_flags, positive
+from fse.core.errors import InputError
 
 
 def add_parser(commands: Any) -> None:
@@ -72,12 +73,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     max_streams = positive("--max-streams", args.max_streams, 256)
     ctx = positive("--ctx-per-stream", args.ctx_per_stream, 1 << 20)
     if args.max_queue < 0:
-        raise UsageError(f"--max-queue: {args.max_queue} is invalid; accepted: >= 0")
+        raise InputError(f"--max-queue: {args.max_queue} is invalid; accepted: >= 0")
     max_tokens = ctx - 1 if args.max_tokens_limit is None else args.max_tokens_limit
     positive("--max-tokens-limit", max_tokens, ctx - 1)
     positive("--threads", args.threads, MAX_THREADS)
     if not args.drain_seconds >= 0:
-        raise UsageError(f"--drain-seconds: {args.drain_seconds} is invalid; accepted: >= 0")
+        raise InputError(f"--drain-seconds: {args.drain_seconds} is invalid; accepted: >= 0")
     limits = Limits(max_streams, args.max_queue, ctx, max_tokens)
     config = ServeConfig(
         listen=tuple(args.listen or ["unix:fse.sock"]),

@@ -66,6 +66,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, TypeAlias
 
+from fse.core.errors import InputError
 from fse.core.types import Action, Health
 
 __all__ = [
@@ -93,7 +94,7 @@ _NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _DESCRIPTION_MAX = 4096
 
 
-class PolicyError(ValueError):
+class PolicyError(InputError):
     """An invalid policy. ``key`` is the dotted key at fault, when there is one."""
 
     def __init__(self, message: str, key: str | None = None) -> None:

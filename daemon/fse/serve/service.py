@@ -30,6 +30,7 @@ from fse.core.engine import (
     TooManyTokens,
     generate,
 )
+from fse.core.errors import InputError
 from fse.core.policy import Policy
 from fse.core.stream import GuardedStream
 from fse.core.types import (
@@ -52,7 +53,7 @@ MAX_REQUEST_ID_BYTES = 128
 MAX_PROMPT_BYTES = 1 << 20
 
 
-class InvalidRequest(ValueError):
+class InvalidRequest(InputError):
     """A request field is out of its accepted range; the message names the field."""
 
 

@@ -96,13 +96,13 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Literal, Protocol
 
 from fse.cli.common import (
-    UsageError,
     add_generation_flags,
     add_local_flags,
     load_model,
     resolve_policy,
     sampling_from_args,
 )
+from fse.core.errors import InputError
 
 if TYPE_CHECKING:
     from fse.core.engine import Context, Model
@@ -888,7 +888,7 @@ def add_parser(commands: Any) -> None:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     try:
         return _calibrate(args)
-    except (UsageError, CommandError) as exc:
+    except (InputError, CommandError) as exc:
         print(f"fse calibrate: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except RunError as exc:
@@ -913,7 +913,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         raise CommandError(f"--seed: {base_seed} is invalid; accepted: 0 <= seed < 2^32")
     try:
         base = resolve_policy(args.policy, args.policies_dir)
-    except UsageError as exc:
+    except InputError as exc:
         raise CommandError(f"--policy: {str(exc).removeprefix('--policy: ')}") from None
     name = args.name if args.name is not None else policy_name_for(args.out)
     try:

@@ -79,7 +79,8 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fse.cli.common import UsageError, add_local_flags, resolve_policy
+from fse.cli.common import add_local_flags, resolve_policy
+from fse.core.errors import InputError
 from fse.tools.calibrate import (
     EXIT_ERROR,
     EXIT_USAGE,
@@ -1036,7 +1037,7 @@ def add_parser(commands: Any) -> None:
 def cmd_experiment(args: argparse.Namespace) -> int:
     try:
         return _experiment(args)
-    except (UsageError, CommandError) as exc:
+    except (InputError, CommandError) as exc:
         print(f"fse experiment: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except RunError as exc:
@@ -1068,7 +1069,7 @@ def _experiment(args: argparse.Namespace) -> int:
     for name in args.policy or DEFAULT_POLICIES:
         try:
             policy = resolve_policy(name, args.policies_dir)
-        except UsageError as exc:
+        except InputError as exc:
             message = str(exc).removeprefix("--policy: ")
             raise CommandError(f"--policy: {message}") from None
         if any(p.name == policy.name for p in policies):

@@ -80,12 +80,12 @@ pub enum Parsed {
 /// What each flag accepts, for the usage lines.
 fn accepted(flag: &str) -> &'static str {
     match flag {
-        "--addr" => "unix:/abs/path or HOST:PORT",
+        "--addr" => "unix:PATH or HOST:PORT",
         "--tls-ca" => "a readable PEM CA certificate file",
         "--token-file" => "a readable file whose first line is the token",
         "--max-tokens" | "--cancel-after" => ">= 1",
         "--top-k" => "an integer",
-        "--seed" => "0 .. 4294967295",
+        "--seed" => "0 .. 2^32-1",
         "--timeout" => "seconds > 0",
         "prompt" => "non-empty UTF-8 text",
         "--stop" => "UTF-8 text",
@@ -468,15 +468,15 @@ mod tests {
             ),
             (
                 &["--addr", "unix:/s", "--seed", "-1", "p"],
-                "--seed: -1 is invalid; accepted: 0 .. 4294967295",
+                "--seed: -1 is invalid; accepted: 0 .. 2^32-1",
             ),
             (
                 &["--addr", "unix:/s", "--seed", "4294967296", "p"],
-                "--seed: 4294967296 is invalid; accepted: 0 .. 4294967295",
+                "--seed: 4294967296 is invalid; accepted: 0 .. 2^32-1",
             ),
             (
                 &["--addr", "nowhere", "p"],
-                "--addr: \"nowhere\" is invalid; accepted: unix:/abs/path or HOST:PORT",
+                "--addr: \"nowhere\" is invalid; accepted: unix:PATH or HOST:PORT",
             ),
             (
                 &["--addr", "unix:/s", ""],
@@ -488,7 +488,7 @@ mod tests {
             ),
             (
                 &["p"],
-                "--addr: missing; accepted: unix:/abs/path or HOST:PORT",
+                "--addr: missing; accepted: unix:PATH or HOST:PORT",
             ),
             (
                 &["--addr", "unix:/s", "--bogus", "p"],

@@ -73,7 +73,7 @@ async fn run(cli: &Cli) -> u8 {
         }
     };
     let result = async {
-        let client = Client::connect(&cli.addr.to_string(), options).await?;
+        let client = Client::connect(&cli.addr, options).await?;
         if cli.info {
             let info = client.info().await?;
             return Ok(write_lines(&[render::json_line(&render::info_json(&info))])

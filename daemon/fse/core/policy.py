@@ -29,6 +29,8 @@ Decisions the rest of the code relies on:
 - A guard whose table is absent is off. A guard table that is present but omits a
   key takes the default shown above (the thresholds of the original status report),
   so ``[guards.loop]`` alone turns the loop guard on with 1024/3/12.
+- The guards, their keys, defaults and ranges are declared in fse.core.registry
+  (one entry per guard; docs/guards.md lists them).
 - ``non_finite`` is always on, halts, and is not configurable. An empty
   ``[guards.non_finite]`` table is accepted (it documents intent); any key in it is
   rejected with a message saying so.
@@ -59,18 +61,34 @@ import math
 import os
 import re
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any
 
-from fse.core.errors import InputError
-from fse.core.types import Action, Health
+from fse.core.registry import (
+    ALWAYS_ON,
+    GUARDS,
+    GuardConfig,
+    L2NormGuard,
+    LogitVarianceGuard,
+    LoopGuard,
+    MaxProbGuard,
+    PerplexityGuard,
+    PolicyError,
+    check_float,
+    describe,
+    positive,
+    set_field,
+    spec,
+)
+from fse.core.types import Health
 
 __all__ = [
     "DEFAULT_PPL_WINDOW",
+    "GuardConfig",
     "HealthBands",
     "L2NormGuard",
     "LogitVarianceGuard",
@@ -94,76 +112,6 @@ _NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _DESCRIPTION_MAX = 4096
 
 
-class PolicyError(InputError):
-    """An invalid policy. ``key`` is the dotted key at fault, when there is one."""
-
-    def __init__(self, message: str, key: str | None = None) -> None:
-        super().__init__(message)
-        self.key = key
-
-
-# ---------------------------------------------------------------------------
-# Field validation (shared by file parsing and by code that builds policies)
-
-
-def _describe(value: object) -> str:
-    kind = {bool: "a boolean", str: "a string", int: "an integer", float: "a float"}.get(
-        type(value), f"a {type(value).__name__}"
-    )
-    if isinstance(value, dict):
-        kind = "a table"
-    elif isinstance(value, list):
-        kind = "an array"
-    shown = json.dumps(value) if isinstance(value, str | bool) else repr(value)
-    return f"{kind} ({_short(shown)})"
-
-
-def _short(text: str) -> str:
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _float(key: str, value: object, ok: Callable[[float], bool], accepted: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise PolicyError(
-            f"{key}: expected a number, got {_describe(value)}; accepted: {accepted}", key
-        )
-    try:
-        number = float(value) + 0.0  # + 0.0 turns -0.0 into 0.0 so both hash alike
-    except OverflowError:  # an integer too large for a float
-        number = math.inf
-    # Every range below also demands a finite value; NaN fails every comparison.
-    if not (math.isfinite(number) and ok(number)):
-        raise PolicyError(
-            f"{key}: {_short(repr(value))} is out of range; accepted: {accepted}", key
-        )
-    return number
-
-
-def _int(key: str, value: object, low: int, high: int, note: str = "") -> int:
-    accepted = f"integer {low} <= value <= {high}{note}"
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise PolicyError(
-            f"{key}: expected an integer, got {_describe(value)}; accepted: {accepted}", key
-        )
-    if not low <= value <= high:
-        raise PolicyError(
-            f"{key}: {_short(repr(value))} is out of range; accepted: {accepted}", key
-        )
-    return value
-
-
-def _action(key: str, value: object) -> Action:
-    if value == "halt" or value == "warn":
-        return "halt" if value == "halt" else "warn"
-    shown = _describe(value) if not isinstance(value, str) else json.dumps(value)
-    raise PolicyError(f'{key}: {shown} is not accepted; accepted: "halt", "warn"', key)
-
-
-def _set(obj: object, name: str, value: object) -> None:
-    # Frozen dataclasses normalise their own fields (int -> float) in __post_init__.
-    object.__setattr__(obj, name, value)
-
-
 # ---------------------------------------------------------------------------
 # The policy model
 
@@ -176,9 +124,11 @@ class HealthBands:
     red_above: float = 400.0
 
     def __post_init__(self) -> None:
-        positive = "value > 0, finite"
-        _set(self, "green_below", _float("health.green_below", self.green_below, _pos, positive))
-        _set(self, "red_above", _float("health.red_above", self.red_above, _pos, positive))
+        ok = "value > 0, finite"
+        set_field(
+            self, "green_below", check_float("health.green_below", self.green_below, positive, ok)
+        )
+        set_field(self, "red_above", check_float("health.red_above", self.red_above, positive, ok))
         if self.green_below > self.red_above:
             raise PolicyError(
                 f"health.green_below: {self.green_below!r} is above health.red_above "
@@ -195,118 +145,18 @@ class HealthBands:
         return "red"  # above red_above, or NaN (every comparison above was False)
 
 
-def _pos(x: float) -> bool:
-    return x > 0
-
-
-@dataclass(frozen=True, slots=True)
-class PerplexityGuard:
-    """Halt when the windowed perplexity exceeds threshold, once min_tokens are generated."""
-
-    threshold: float = 400.0
-    window: int = 16  # 0 = cumulative
-    min_tokens: int = 4
-    action: Action = "halt"
-
-    def __post_init__(self) -> None:
-        k = "guards.perplexity."
-        _set(
-            self,
-            "threshold",
-            _float(k + "threshold", self.threshold, lambda x: x > 1, "value > 1, finite"),
-        )
-        _int(k + "window", self.window, 0, 4096, " (0 = cumulative)")
-        _int(k + "min_tokens", self.min_tokens, 1, 4096)
-        _action(k + "action", self.action)
-
-
-@dataclass(frozen=True, slots=True)
-class L2NormGuard:
-    """Halt when the L2 norm of the logits exceeds threshold (numerical instability)."""
-
-    threshold: float = 1e4
-    action: Action = "halt"
-
-    def __post_init__(self) -> None:
-        k = "guards.l2_norm."
-        _set(self, "threshold", _float(k + "threshold", self.threshold, _pos, "value > 0, finite"))
-        _action(k + "action", self.action)
-
-
-@dataclass(frozen=True, slots=True)
-class LogitVarianceGuard:
-    """Halt when the variance of the logits falls below threshold (model collapse)."""
-
-    threshold: float = 0.1
-    action: Action = "halt"
-
-    def __post_init__(self) -> None:
-        k = "guards.logit_variance."
-        _set(
-            self,
-            "threshold",
-            _float(k + "threshold", self.threshold, lambda x: x >= 0, "value >= 0, finite"),
-        )
-        _action(k + "action", self.action)
-
-
-@dataclass(frozen=True, slots=True)
-class MaxProbGuard:
-    """Halt when the top probability exceeds threshold for `consecutive` steps in a row."""
-
-    threshold: float = 0.99
-    consecutive: int = 8
-    action: Action = "halt"
-
-    def __post_init__(self) -> None:
-        k = "guards.max_prob."
-        _set(
-            self,
-            "threshold",
-            _float(k + "threshold", self.threshold, lambda x: 0 < x <= 1, "0 < value <= 1"),
-        )
-        _int(k + "consecutive", self.consecutive, 1, 4096)
-        _action(k + "action", self.action)
-
-
-@dataclass(frozen=True, slots=True)
-class LoopGuard:
-    """Halt when the tail of the output is a cycle (see fse.h, ``fse_loop``)."""
-
-    max_period: int = 1024
-    min_repeats: int = 3
-    min_span: int = 12
-    action: Action = "halt"
-
-    def __post_init__(self) -> None:
-        k = "guards.loop."
-        _int(k + "max_period", self.max_period, 1, 4096)
-        _int(k + "min_repeats", self.min_repeats, 2, 1000)
-        _int(k + "min_span", self.min_span, 2, 65536)
-        _action(k + "action", self.action)
-
-
-GuardConfig: TypeAlias = (
-    PerplexityGuard | L2NormGuard | LogitVarianceGuard | MaxProbGuard | LoopGuard
-)
-
-# Table name -> config type, in the order guards are rendered and documented.
-_GUARD_TYPES: dict[str, type[GuardConfig]] = {
-    "perplexity": PerplexityGuard,
-    "l2_norm": L2NormGuard,
-    "logit_variance": LogitVarianceGuard,
-    "max_prob": MaxProbGuard,
-    "loop": LoopGuard,
-}
-_ALWAYS_ON = "non_finite"
-
-
 @dataclass(frozen=True, slots=True)
 class Policy:
-    """A validated policy. Absent guards are None; ``non_finite`` is implicit and always on."""
+    """A validated policy. Absent guards are None; ``non_finite`` is implicit and always on.
+
+    There is one guard field per entry of :data:`fse.core.registry.GUARDS`, with the
+    entry's name, in its order, typed ``<its config> | None`` (checked when this module
+    is imported): a new guard adds its entry there and one line here.
+    """
 
     name: str
     health: HealthBands = field(default_factory=HealthBands)
+    # The guards (fse.core.registry.GUARDS):
     perplexity: PerplexityGuard | None = None
     l2_norm: L2NormGuard | None = None
     logit_variance: LogitVarianceGuard | None = None
@@ -317,7 +167,7 @@ class Policy:
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _NAME_RE.fullmatch(self.name):
-            shown = json.dumps(self.name) if isinstance(self.name, str) else _describe(self.name)
+            shown = json.dumps(self.name) if isinstance(self.name, str) else describe(self.name)
             raise PolicyError(
                 f"name: {shown} is not accepted; accepted: 1 to 64 characters of A-Z a-z 0-9 _ . -",
                 "name",
@@ -325,18 +175,18 @@ class Policy:
         if not isinstance(self.description, str) or len(self.description) > _DESCRIPTION_MAX:
             raise PolicyError(
                 f"description: expected a string of at most {_DESCRIPTION_MAX} characters, "
-                f"got {_describe(self.description)}",
+                f"got {describe(self.description)}",
                 "description",
             )
-        _set(self, "sha256", hashlib.sha256(self.canonical().encode()).hexdigest())
+        set_field(self, "sha256", hashlib.sha256(self.canonical().encode()).hexdigest())
 
     def guards(self) -> dict[str, GuardConfig]:
         """The configurable guards that are on, by table name, in canonical order."""
         out: dict[str, GuardConfig] = {}
-        for name in _GUARD_TYPES:
-            cfg: GuardConfig | None = getattr(self, name)
+        for guard in GUARDS:
+            cfg: GuardConfig | None = getattr(self, guard.name)
             if cfg is not None:
-                out[name] = cfg
+                out[guard.name] = cfg
         return out
 
     @property
@@ -362,8 +212,24 @@ class Policy:
         lines += ["", "[health]", *_toml_fields(dataclasses.asdict(self.health))]
         for name, cfg in self.guards().items():
             lines += ["", f"[guards.{name}]", *_toml_fields(dataclasses.asdict(cfg))]
-        lines += ["", f"# guards.{_ALWAYS_ON}: always on, not configurable"]
+        lines += ["", f"# guards.{ALWAYS_ON}: always on, not configurable"]
         return "\n".join(lines) + "\n"
+
+
+def _check_guard_fields() -> None:
+    """Policy's guard fields must be the registry's entries: a guard missing on either side
+    would be silently unconfigurable (or unparsed), so the import fails instead."""
+    fixed = {"name", "health", "description", "sha256"}
+    fields = [(f.name, f.type) for f in dataclasses.fields(Policy) if f.name not in fixed]
+    wanted = [(g.name.value, f"{g.config.__name__} | None") for g in GUARDS]
+    if fields != wanted:
+        raise RuntimeError(
+            f"fse.core.policy.Policy's guard fields {fields} do not match "
+            f"fse.core.registry.GUARDS {wanted}"
+        )
+
+
+_check_guard_fields()
 
 
 def _toml_fields(values: Mapping[str, object]) -> list[str]:
@@ -396,7 +262,7 @@ def _toml_str(text: str) -> str:
 
 def _table(key: str, value: object) -> dict[str, Any]:
     if not isinstance(value, dict):
-        raise PolicyError(f"{key}: expected a table, got {_describe(value)}", key)
+        raise PolicyError(f"{key}: expected a table, got {describe(value)}", key)
     return value
 
 
@@ -420,13 +286,13 @@ def _from_document(doc: dict[str, Any]) -> Policy:
     health = _table("health", doc.get("health", {}))
     _reject_unknown("health", health, _init_fields(HealthBands))
     guards = _table("guards", doc.get("guards", {}))
-    _reject_unknown("guards", guards, [*_GUARD_TYPES, _ALWAYS_ON])
+    _reject_unknown("guards", guards, [*(g.name for g in GUARDS), ALWAYS_ON])
 
     configs: dict[str, GuardConfig] = {}
     for name, raw in guards.items():
         key = f"guards.{name}"
         table = _table(key, raw)
-        if name == _ALWAYS_ON:
+        if name == ALWAYS_ON:
             if table:
                 first = next(iter(table))
                 raise PolicyError(
@@ -435,7 +301,7 @@ def _from_document(doc: dict[str, Any]) -> Policy:
                     f"{key}.{first}",
                 )
             continue
-        cls = _GUARD_TYPES[name]
+        cls = spec(name).config
         _reject_unknown(key, table, _init_fields(cls))
         configs[name] = cls(**table)
 

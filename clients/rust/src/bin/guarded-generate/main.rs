@@ -76,7 +76,7 @@ async fn run(cli: &Cli) -> u8 {
         let client = Client::connect(&cli.addr, options).await?;
         if cli.info {
             let info = client.info().await?;
-            return Ok(write_lines(&[render::json_line(&render::info_json(&info))])
+            return Ok(write_line(&render::json_line(&render::info_json(&info)))
                 .map_or(EXIT_ERROR, |()| 0));
         }
         let generation = client.generate(cli.request()).await?;
@@ -124,7 +124,7 @@ async fn stream(cli: &Cli, mut generation: Generation) -> Result<u8, Error> {
                     generation.cancel();
                 }
                 if cli.json {
-                    write_lines(&[render::json_line(&render::token_json(&token))])
+                    write_line(&render::json_line(&render::token_json(&token)))
                 } else {
                     write_text(
                         &token.text,
@@ -134,7 +134,7 @@ async fn stream(cli: &Cli, mut generation: Generation) -> Result<u8, Error> {
             }
             Event::Verdict(verdict) => {
                 let written = if cli.json {
-                    write_lines(&[render::json_line(&render::verdict_json(&verdict))])
+                    write_line(&render::json_line(&render::verdict_json(&verdict)))
                 } else {
                     write_text("\n", None).map(|()| eprintln!("{}", render::verdict_line(&verdict)))
                 };
@@ -147,11 +147,10 @@ async fn stream(cli: &Cli, mut generation: Generation) -> Result<u8, Error> {
     }
 }
 
-fn write_lines(lines: &[String]) -> io::Result<()> {
+/// One line on stdout, flushed: a reader sees each event as it arrives.
+fn write_line(line: &str) -> io::Result<()> {
     let mut out = io::stdout().lock();
-    for line in lines {
-        writeln!(out, "{line}")?;
-    }
+    writeln!(out, "{line}")?;
     out.flush()
 }
 

@@ -98,7 +98,7 @@ def _index_of(m: object) -> int:
     return index if isinstance(index, int) else -1
 
 
-def _fault_guard(fault_at: int) -> _Guard:
+def _fault_guard(fault_at: int) -> Judge:
     def guard(m: StepMetrics) -> Trip | None:
         if m.index == fault_at:
             raise RuntimeError(f"injected guard fault at token {fault_at} (debug hook)")

@@ -56,7 +56,8 @@ public final class GuardException extends RuntimeException {
         if (!unreachable) {
             return new GuardException(status.getCode(), description);
         }
-        String detail = description;
+        // Netty appends the channel pipeline on a second line: keep the first.
+        String detail = description.lines().findFirst().orElse("");
         for (Throwable c = status.getCause(); c != null; c = c.getCause()) {
             // Netty reports a missing unix socket as a FileNotFoundException without a message.
             String why = c instanceof FileNotFoundException && c.getMessage() == null

@@ -82,7 +82,8 @@ public final class GuardedGenerate {
             return generate(client, args, out, err, colour);
         } catch (GuardException e) {
             out.flush();
-            err.println(PREFIX + e.getMessage());
+            // One line, whatever the server's message holds.
+            err.println(PREFIX + e.getMessage().replaceAll("\\s*\\R\\s*", " "));
             return exitCode(e);
         }
     }

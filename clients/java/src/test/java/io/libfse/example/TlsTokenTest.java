@@ -126,6 +126,7 @@ class TlsTokenTest {
         assertEquals(1, untrusted.code());
         assertTrue(untrusted.err().startsWith("guarded-generate: error: UNAVAILABLE: cannot reach the daemon at "),
                 untrusted.err());
+        assertEquals(1, untrusted.err().lines().count(), untrusted.err());
         Path junk = Files.writeString(dir.resolve("junk.pem"), "not a certificate\n");
         Result bad = run("--addr", addr, "--tls-ca", junk.toString(), "--info");
         assertEquals(2, bad.code());

@@ -4,19 +4,18 @@
 //! request's policy has passed them, then ends each stream with one [`Verdict`].
 //!
 //! ```no_run
-//! use fse_client::{Client, ConnectOptions, Event, Request, Status};
+//! use fse_client::{Client, ConnectOptions, Event, Request};
 //! use tokio_stream::StreamExt;
 //!
 //! # async fn demo() -> Result<(), fse_client::Error> {
-//! let client = Client::connect("unix:/tmp/fse.sock", ConnectOptions::default()).await?;
-//! let mut generation = client
-//!     .generate(Request::prompt("The capital of France is").max_tokens(32).temperature(0.0))
-//!     .await?;
+//! let client = Client::connect("unix:/tmp/fse.sock", ConnectOptions::new()).await?;
+//! let request = Request::prompt("The capital of France is").max_tokens(64).temperature(0.0);
+//! let mut generation = client.generate(request).await?;
 //! while let Some(event) = generation.next().await {
 //!     match event? {
-//!         Event::Token(token) if token.index == 3 => generation.cancel(),
+//!         Event::Token(token) if token.index == 9 => generation.cancel(), // ask to stop
 //!         Event::Token(token) => print!("{}", token.text),
-//!         Event::Verdict(verdict) => assert_ne!(verdict.status, Status::Completed),
+//!         Event::Verdict(verdict) => println!("\n{:?} after {} tokens", verdict.status, verdict.tokens),
 //!         Event::Started(_) => {}
 //!     }
 //! }

@@ -12,7 +12,7 @@ SOCKET ?= $(CURDIR)/fse.sock
 BUILD_INPUTS := $(wildcard native/*.c native/*.h native/*.py proto/fse/v1/*.proto) setup.py pyproject.toml \
                 clients/python/setup.py clients/python/pyproject.toml
 
-.PHONY: setup run test lint bench clean system-deps
+.PHONY: setup run test lint bench clean system-deps clients clients-test
 
 setup: $(STAMP)
 	@$(FSE) model path >/dev/null
@@ -48,7 +48,18 @@ $(STAMP): $(BUILD_INPUTS) $(GENERATED) | $(PY) system-deps
 run: setup
 	$(FSE) serve --listen unix:$(SOCKET)
 
-test: setup lint
+# Every client folder with a Makefile builds its example into clients/bin (python too).
+CLIENTS := $(patsubst clients/%/Makefile,%,$(wildcard clients/*/Makefile))
+
+clients: setup
+	@for c in $(CLIENTS); do $(MAKE) --no-print-directory -C clients/$$c build || exit 1; done
+
+# Each client's own unit tests and linters (no daemon needed).
+clients-test: clients
+	@for c in $(CLIENTS); do $(MAKE) --no-print-directory -C clients/$$c test || exit 1; done
+
+# The suite includes the conformance harness, which runs every client against one daemon.
+test: setup lint clients-test
 	$(PY) -m pytest -q
 
 lint: setup

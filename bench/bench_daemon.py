@@ -43,8 +43,8 @@ from common import llama_batched_bench, median
 from fse.core.engine import Context, Model
 from fse.core.models import default_model_path
 from fse.core.policy import builtin_policy
+from fse.core.runner import run_local
 from fse.core.types import Request, Sampling, TokenEvent
-from fse.serve.service import run_local
 from fse_client.v1 import fse_pb2, fse_pb2_grpc
 
 PARALLEL = [1, 2, 4, 8]

@@ -22,8 +22,8 @@ from common import llama_bench_tg, median
 from fse.core.engine import Context, Model
 from fse.core.models import default_model_path
 from fse.core.policy import Policy, builtin_policy
+from fse.core.runner import run_local
 from fse.core.types import Request, Sampling, TokenEvent
-from fse.serve.service import run_local
 
 # Greedy continuations of this prompt neither loop nor end early within 128 tokens.
 PROMPT = "Write a detailed history of the city of Lyon, from the Romans to today."

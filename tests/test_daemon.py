@@ -37,6 +37,7 @@ import grpc
 import pytest
 from conftest import FSE, Daemon, audit_records, run_fse
 from fse import __version__
+from fse.core.models import default_model_path
 from fse.core.policy import load_policies
 from fse.serve.audit import AuditLog, verify
 from fse_client.v1 import fse_pb2, fse_pb2_grpc
@@ -1094,7 +1095,8 @@ def test_get_info(main: Daemon, main_channel: grpc.Channel, policies_dir: Path) 
     assert info.model.vocab_size == VOCAB_SIZE
     assert info.model.context_size == CTX_PER_STREAM
     assert info.model.train_context_size >= CTX_PER_STREAM
-    assert 0 < info.model.size_bytes <= Path(info.model.path).stat().st_size
+    assert info.model.size_bytes == default_model_path().stat().st_size
+    assert info.model.path == ""  # no server file path reaches a caller
     assert not info.model.chat_template
     loaded = load_policies(policies_dir)
     assert {p.name: (p.sha256, p.builtin) for p in info.policies} == {

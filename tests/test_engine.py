@@ -30,8 +30,8 @@ from fse.core.engine import (
 )
 from fse.core.models import GGUF_MAGIC, ModelError
 from fse.core.policy import builtin_policy
+from fse.core.runner import run_local
 from fse.core.types import COMPLETED, ERROR, Request, Sampling, TokenEvent, Verdict
-from fse.serve.service import run_local
 
 GREEDY = Sampling(temperature=0)
 PROMPT = "The capital of France is"

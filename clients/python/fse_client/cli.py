@@ -154,12 +154,14 @@ def _emit(out: IO[str], doc: dict[str, Any]) -> None:
 def run(args: argparse.Namespace) -> int:
     token = _read("--token-file", args.token_file)
     ca = _read("--tls-ca", args.tls_ca)
+    secret = None
+    if token is not None:
+        lines = token.decode("utf-8", "replace").strip().splitlines()
+        if not lines or not lines[0].strip():
+            _usage(f"--token-file: {args.token_file}: empty; accepted: the token on the first line")
+        secret = lines[0].strip()
     try:
-        client = Client(
-            args.addr,
-            tls_ca=ca,
-            token=token.decode("utf-8", "replace").strip().splitlines()[0] if token else None,
-        )
+        client = Client(args.addr, tls_ca=ca, token=secret)
     except ValueError as exc:
         _usage(f"--addr: {exc}")
     colour = not args.json and sys.stdout.isatty() and "NO_COLOR" not in os.environ

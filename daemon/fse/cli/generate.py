@@ -54,7 +54,7 @@ def add_parser(commands: Any) -> None:
 
 def local_events(args: argparse.Namespace, request: Any, cancel: threading.Event) -> Iterator[Any]:
     from fse.core.engine import Context, Faults
-    from fse.serve.service import InvalidRequest, prompt_tokens, run_local
+    from fse.core.runner import prompt_tokens, run_local
 
     try:
         faults = Faults.parse(args.debug_fault)
@@ -65,7 +65,7 @@ def local_events(args: argparse.Namespace, request: Any, cancel: threading.Event
     with load_model(args.model, args.verbose) as model:
         try:
             needed = len(prompt_tokens(model, request)) + request.max_tokens
-        except InvalidRequest as exc:
+        except InputError as exc:
             raise InputError(str(exc)) from None
         if needed > model.n_ctx_train:
             raise InputError(

@@ -1,95 +1,90 @@
-"""`fse serve`: run the guard daemon."""
+"""`fse serve`: run the guard daemon; `fse config check`: validate a config file.
+
+Every serve flag is a key of the config file (fse.serve.config.KEYS); a flag given on
+the command line overrides the file. Flags default to None so that "not given" is
+visible and the file's value (or the key's default) stands.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
-from fse.cli.common import MAX_THREADS, add_local_flags, positive
-from fse.core.errors import InputError
+from fse.serve.config import KEYS, Key, Settings, load, to_toml
+
+# How each kind of key reads from argv.
+_FLAG_TYPES: dict[type, Any] = {int: int, float: float, str: str}
+
+
+def _add_key_flag(p: argparse.ArgumentParser, key: Key) -> None:
+    help_text = f"{key.accepted} (config {key.dotted}; default {key.default!r})"
+    if key.kind is bool:
+        p.add_argument(key.flag, action="store_true", default=None, help=help_text)
+    elif key.kind is list:
+        p.add_argument(
+            key.flag, action="append", default=None, metavar="unix:PATH|HOST:PORT", help=help_text
+        )
+    else:
+        p.add_argument(key.flag, type=_FLAG_TYPES[key.kind], default=None, help=help_text)
 
 
 def add_parser(commands: Any) -> None:
-    srv = commands.add_parser("serve", help="run the guard daemon (gRPC)")
-    srv.add_argument(
-        "--listen",
-        action="append",
-        metavar="unix:PATH|HOST:PORT",
-        help="address to serve on (repeatable; default unix:./fse.sock)",
-    )
-    add_local_flags(srv)
-    srv.add_argument("--policies-dir", type=Path, help="directory of extra NAME.toml policies")
-    srv.add_argument(
-        "--max-streams", type=int, default=8, help="streams decoded together in one batch (8)"
+    srv = commands.add_parser(
+        "serve",
+        help="run the guard daemon (gRPC)",
+        description="Serve guarded generation over gRPC. Settings come from --config "
+        "(TOML), then from the flags below, which win.",
     )
     srv.add_argument(
-        "--max-queue",
-        type=int,
-        default=16,
-        help="streams waiting for a slot before RESOURCE_EXHAUSTED (16)",
+        "--config", type=Path, help="TOML config file (the service: /etc/fse/fse.toml)"
     )
-    srv.add_argument(
-        "--ctx-per-stream",
-        type=int,
-        default=2048,
-        help="context tokens per stream, prompt included (2048)",
-    )
-    srv.add_argument(
-        "--max-tokens-limit",
-        type=int,
-        default=None,
-        help="largest max_tokens a request may ask (default: the context per stream)",
-    )
-    srv.add_argument(
-        "--drain-seconds",
-        type=float,
-        default=30.0,
-        help="on SIGTERM, let running streams finish this long (30)",
-    )
+    for key in KEYS:
+        if key.flag:
+            _add_key_flag(srv, key)
+    srv.add_argument("--verbose", action="store_true", help="show llama.cpp's own log on stderr")
     srv.add_argument(
         "--allow-debug-faults",
         action="store_true",
         help="debug only: honour fault injection requested in call metadata",
     )
-    srv.add_argument(
-        "--audit-log",
-        type=Path,
-        default=Path("fse-audit.jsonl"),
-        help="append-only, hash-chained audit log (./fse-audit.jsonl)",
-    )
-    srv.add_argument(
-        "--audit-text",
-        action="store_true",
-        help="record prompts and outputs as text in the audit log (default: sha256 only)",
-    )
     srv.set_defaults(func=cmd_serve)
+
+    cfg = commands.add_parser("config", help="check a daemon config file")
+    cfg_commands = cfg.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    check = cfg_commands.add_parser(
+        "check", help="validate a config file and print the effective settings"
+    )
+    check.add_argument("file", type=Path)
+    check.set_defaults(func=cmd_config_check)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """The file named by --config (if any), overridden by every flag that was given."""
+    overrides = {}
+    for key in KEYS:
+        if not key.flag:
+            continue
+        value = getattr(args, key.flag.removeprefix("--").replace("-", "_"))
+        if value is None:
+            continue
+        overrides[key.dotted] = str(value) if isinstance(value, Path) else value
+    return load(
+        args.config,
+        overrides,
+        allow_debug_faults=args.allow_debug_faults,
+        verbose=args.verbose,
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from fse.serve.scheduler import Limits
-    from fse.serve.server import ServeConfig, run
+    from fse.serve.daemon import run
 
-    max_streams = positive("--max-streams", args.max_streams, 256)
-    ctx = positive("--ctx-per-stream", args.ctx_per_stream, 1 << 20)
-    if args.max_queue < 0:
-        raise InputError(f"--max-queue: {args.max_queue} is invalid; accepted: >= 0")
-    max_tokens = ctx - 1 if args.max_tokens_limit is None else args.max_tokens_limit
-    positive("--max-tokens-limit", max_tokens, ctx - 1)
-    positive("--threads", args.threads, MAX_THREADS)
-    if not args.drain_seconds >= 0:
-        raise InputError(f"--drain-seconds: {args.drain_seconds} is invalid; accepted: >= 0")
-    limits = Limits(max_streams, args.max_queue, ctx, max_tokens)
-    config = ServeConfig(
-        listen=tuple(args.listen or ["unix:fse.sock"]),
-        model=args.model,
-        threads=args.threads,
-        limits=limits,
-        policies_dir=args.policies_dir,
-        allow_debug_faults=args.allow_debug_faults,
-        drain_seconds=args.drain_seconds,
-        verbose=args.verbose,
-        audit_log=args.audit_log,
-        audit_text=args.audit_text,
-    )
-    return run(config)
+    return run(settings_from_args(args))
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    settings = load(args.file, {})
+    sys.stdout.write(f"# {args.file}: ok; the effective settings:\n{to_toml(settings)}")
+    return 0

@@ -19,6 +19,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from fse._native import ffi, lib
+from fse.core.errors import InputError
 from fse.core.metrics import PerplexityWindow
 from fse.core.models import ModelError, check_gguf
 from fse.core.types import Sampling, StepMetrics
@@ -67,6 +68,7 @@ _FAULT_FIELDS = {
     "inf": "inf_at",
     "scale": "scale_at",
     "guard-error": "guard_error_at",
+    "hang": "hang_at",
 }
 
 
@@ -79,10 +81,11 @@ class Faults:
     scale_at: int | None = None  # multiply the logits by `scale` at this step
     scale: float = 1.0
     guard_error_at: int | None = None  # a guard raises at this step (used by the guard chain)
+    hang_at: int | None = None  # the decode thread blocks before this step (the watchdog test)
 
     @classmethod
     def parse(cls, specs: Sequence[str]) -> Faults:
-        """Parse `nan@K`, `inf@K`, `scale@K:FACTOR`, `guard-error@K` (K = token index)."""
+        """Parse `nan@K`, `inf@K`, `scale@K:FACTOR`, `guard-error@K`, `hang@K` (K = token index)."""
         fields: dict[str, Any] = {}
         for spec in specs:
             kind, _, where = spec.partition("@")
@@ -96,15 +99,15 @@ class Faults:
                 elif factor:
                     raise ValueError
             except ValueError:
-                raise ValueError(
+                raise InputError(
                     f"debug fault {spec!r} is invalid; accepted: nan@K, inf@K, "
-                    "scale@K:FACTOR, guard-error@K with K a token index >= 0"
+                    "scale@K:FACTOR, guard-error@K, hang@K with K a token index >= 0"
                 ) from None
             key = _FAULT_FIELDS.get(kind)
             if key is None:
-                raise ValueError(
+                raise InputError(
                     f"debug fault {spec!r}: unknown kind {kind!r}; accepted: nan@K, inf@K, "
-                    "scale@K:FACTOR, guard-error@K with K a token index >= 0"
+                    "scale@K:FACTOR, guard-error@K, hang@K with K a token index >= 0"
                 )
             fields[key] = step
         return cls(**fields)
@@ -155,7 +158,6 @@ class Model(_Closing):
         buf = ffi.new("char[]", 256)
         lib.llama_model_desc(handle, buf, 256)
         self.description: str = ffi.string(buf).decode("utf-8", "replace")
-        self.size_bytes: int = lib.llama_model_size(handle)
         template = lib.llama_model_chat_template(handle, ffi.NULL)
         self.chat_template: bytes | None = None if template == ffi.NULL else ffi.string(template)
         # Token id -> bytes, filled lazily: token_to_piece once per distinct token.
@@ -234,6 +236,19 @@ class Model(_Closing):
 
     def is_end_of_generation(self, token: int) -> bool:
         return bool(lib.llama_vocab_is_eog(self.vocab, token))
+
+    def use_chat_template(self, name: str) -> None:
+        """Use one of llama.cpp's built-in templates (chatml, llama3, gemma...) instead of
+        the GGUF's own; InputError when llama.cpp does not know the name."""
+        previous, self.chat_template = self.chat_template, name.encode()
+        try:
+            self.apply_chat_template([("user", "hi")])
+        except ValueError:
+            self.chat_template = previous
+            raise InputError(
+                f"model.chat_template: {name!r} is not a template llama.cpp knows; "
+                "accepted: a built-in name such as chatml, llama3, gemma, mistral-v7, phi3"
+            ) from None
 
     def apply_chat_template(self, messages: Sequence[tuple[str, str]]) -> str:
         """Render (role, content) messages with the model's own template, ready for the
@@ -473,10 +488,6 @@ class Slot(_Closing):
         return Step(
             metrics, piece, self._utf8.decode(piece), self.model.is_end_of_generation(token)
         )
-
-    def flush_text(self) -> str:
-        """Bytes still held back for an incomplete UTF-8 character, as U+FFFD."""
-        return self._utf8.decode(b"", final=True)
 
     def _inject(self, ptr: Any) -> None:
         index, faults = self.index, self.faults

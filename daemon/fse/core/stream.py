@@ -15,16 +15,41 @@ from collections.abc import Sequence
 from fse.core.engine import NO_FAULTS, Faults, Step
 from fse.core.guards import GuardChain
 from fse.core.policy import Policy
-from fse.core.types import COMPLETED, HALTED, INTERNAL, Status, TokenEvent, Trip, Verdict
+from fse.core.types import (
+    CANCELLED,
+    COMPLETED,
+    DEADLINE,
+    ERROR,
+    HALTED,
+    INTERNAL,
+    Status,
+    TokenEvent,
+    Trip,
+    Verdict,
+)
 
 
 class GuardedStream:
-    """Per-stream judgement: guard chain, stop sequences, released text, verdict."""
+    """Per-stream judgement: guard chain, stop sequences, budgets, released text, verdict.
+
+    Both runners (fse.core.runner for one stream in this process, the daemon's scheduler
+    for many) drive a stream the same way, so they cannot drift apart:
+    `before_step` ends it when the client cancelled or the deadline passed, `step`
+    judges a sampled token and ends it at max_tokens, `fail` ends it on an engine error.
+    """
 
     def __init__(
-        self, policy: Policy, stop: Sequence[str] = (), faults: Faults = NO_FAULTS
+        self,
+        policy: Policy,
+        stop: Sequence[str] = (),
+        faults: Faults = NO_FAULTS,
+        *,
+        max_tokens: int | None = None,
+        timeout: float | None = None,
     ) -> None:
         self.policy = policy
+        self.max_tokens = max_tokens
+        self.timeout = timeout
         self.chain = GuardChain(policy, fault_at=faults.guard_error_at)
         self.stop = tuple(s for s in stop if s)
         self._released: list[str] = []
@@ -34,6 +59,27 @@ class GuardedStream:
     @property
     def tokens(self) -> int:
         return len(self._released)
+
+    def before_step(self, cancelled: bool, elapsed: float, produced: int) -> list[TokenEvent]:
+        """Before the next token is judged: a cancel ends the stream `cancelled`, a passed
+        deadline halts it with guard `deadline` at the token it would have produced."""
+        if cancelled:
+            return self.finish(CANCELLED)
+        if self.timeout is not None and elapsed > self.timeout:
+            return self.finish(HALTED, DEADLINE, elapsed, self.timeout, produced)
+        return []
+
+    def step(self, step: Step) -> list[TokenEvent]:
+        """Judge a sampled token; the max_tokens-th token ends the stream `completed`."""
+        released = self.judge(step)
+        limit = self.max_tokens
+        if self.verdict is None and limit is not None and step.metrics.index + 1 >= limit:
+            released += self.finish(COMPLETED)
+        return released
+
+    def fail(self, message: str) -> list[TokenEvent]:
+        """The engine failed: fail closed with an `error` verdict naming guard `internal`."""
+        return self.finish(ERROR, INTERNAL, message=message)
 
     def judge(self, step: Step) -> list[TokenEvent]:
         """Judge one sampled token; returns the events it releases. Sets self.verdict

@@ -28,7 +28,6 @@ from fse.core.policy import Policy
 from fse.core.stream import GuardedStream
 from fse.core.types import (
     CANCELLED,
-    COMPLETED,
     DEADLINE,
     ERROR,
     HALTED,
@@ -74,6 +73,7 @@ class Handle:
     deadline: float | None = None  # time.monotonic() when the deadline guard fires
     cancelled: bool = False  # set from the asyncio side; read by the scheduler each step
     stream_id: int = 0  # the daemon's own number for the stream (audit log)
+    client: str = ""  # who asked: token:NAME, cert:SUBJECT, unix (audit log)
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -85,7 +85,6 @@ class _Active:
     slot: Slot
     stream: GuardedStream
     next_token: int = -1  # released token to feed at the next decode; -1 while prefilling
-    produced: int = 0
 
 
 Deliver = list[tuple[Handle, Sequence[Event]]]
@@ -112,6 +111,10 @@ class Scheduler:
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="fse-scheduler", daemon=True)
         self.on_stream_end: Callable[[Handle, Verdict], None] | None = None
+        # Read by the watchdog on the event loop: when the current step began (None while
+        # idle), and the tokens released so far (for STATUS=).
+        self.step_started: float | None = None
+        self.tokens_released = 0
 
     # -- event-loop side ------------------------------------------------------
 
@@ -180,7 +183,9 @@ class Scheduler:
                 except EngineError as exc:
                     log.error("decode.failed", error=str(exc))
                     for a in list(self._active):
-                        self._finish(a, deliver, ERROR, INTERNAL, message=str(exc))
+                        self._close(a, deliver, a.stream.fail(str(exc)))
+                finally:
+                    self.step_started = None
             self._post(deliver)
 
     def _admit(self, deliver: Deliver) -> None:
@@ -198,7 +203,10 @@ class Scheduler:
                     ppl_window=handle.policy.ppl_window,
                     faults=handle.faults,
                 )
-                stream = GuardedStream(handle.policy, handle.request.stop, handle.faults)
+                r = handle.request
+                stream = GuardedStream(
+                    handle.policy, r.stop, handle.faults, max_tokens=r.max_tokens, timeout=r.timeout
+                )
                 slot.start(handle.prompt)
             except (EngineError, MemoryError, ValueError) as exc:
                 self._free_seqs.append(seq)
@@ -226,14 +234,22 @@ class Scheduler:
                 self._end_unstarted(h, deliver, HALTED, DEADLINE, elapsed, h.request.timeout)
         for a in list(self._active):
             h = a.handle
-            if h.cancelled:
-                self._finish(a, deliver, CANCELLED)
-            elif h.deadline is not None and now > h.deadline:
-                timeout = h.request.timeout
-                self._finish(a, deliver, HALTED, DEADLINE, now - h.admitted_at, timeout, a.produced)
+            released = a.stream.before_step(h.cancelled, now - h.admitted_at, a.slot.index)
+            if a.stream.verdict is not None:
+                self._close(a, deliver, released)
+
+    def heartbeat_age(self) -> float:
+        """Seconds the current step has been running; 0 while idle."""
+        started = self.step_started
+        return 0.0 if started is None else time.monotonic() - started
 
     def _step(self, deliver: Deliver) -> None:
         ctx = self.ctx
+        self.step_started = time.monotonic()
+        for a in self._active:
+            hang_at = a.handle.faults.hang_at
+            if hang_at is not None and a.slot.index == hang_at:
+                threading.Event().wait()  # debug fault hang@K: a llama_decode that never returns
         for a in self._active:
             if a.next_token >= 0:
                 a.slot.queue_token(a.next_token)
@@ -246,34 +262,21 @@ class Scheduler:
             if a.slot.prefilling:
                 continue  # more prompt chunks to go; no logits yet
             step = a.slot.sample()
-            released = a.stream.judge(step)
-            a.produced += 1
-            if released:
-                deliver.append((a.handle, released))
+            released = a.stream.step(step)
             if a.stream.verdict is not None:
-                self._close(a, deliver)
-            elif a.produced >= a.handle.request.max_tokens:
-                self._finish(a, deliver, COMPLETED)
+                self._close(a, deliver, released)
             else:
+                self._release(a, deliver, released)
                 a.next_token = step.metrics.token
 
-    def _finish(
-        self,
-        a: _Active,
-        deliver: Deliver,
-        status: Status,
-        guard: str | None = None,
-        value: float | None = None,
-        threshold: float | None = None,
-        token_index: int | None = None,
-        message: str = "",
-    ) -> None:
-        released = a.stream.finish(status, guard, value, threshold, token_index, message)
+    def _release(self, a: _Active, deliver: Deliver, released: Sequence[Event]) -> None:
         if released:
+            self.tokens_released += len(released)
             deliver.append((a.handle, released))
-        self._close(a, deliver)
 
-    def _close(self, a: _Active, deliver: Deliver) -> None:
+    def _close(self, a: _Active, deliver: Deliver, released: Sequence[Event] = ()) -> None:
+        """The stream has its verdict: release what it let go, free its sequence."""
+        self._release(a, deliver, released)
         verdict = a.stream.verdict
         assert verdict is not None
         a.slot.close()  # frees the sampler and clears the sequence's KV cache
@@ -304,7 +307,7 @@ class Scheduler:
 
     def _end_all(self, deliver: Deliver) -> None:
         for a in list(self._active):
-            self._finish(a, deliver, HALTED, SHUTDOWN, token_index=a.produced)
+            self._close(a, deliver, a.stream.finish(HALTED, SHUTDOWN, token_index=a.slot.index))
         while self._waiting:
             self._end_unstarted(self._waiting.popleft(), deliver, HALTED, SHUTDOWN)
 

@@ -14,33 +14,22 @@ import itertools
 import json
 import math
 import random
-import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from fse import __version__
 from fse.core.engine import (
     NO_FAULTS,
-    Context,
-    EngineError,
     Faults,
     Model,
     TooManyTokens,
-    generate,
 )
 from fse.core.errors import InputError
 from fse.core.policy import Policy
-from fse.core.stream import GuardedStream
+from fse.core.runner import prompt_tokens
 from fse.core.types import (
-    CANCELLED,
-    COMPLETED,
-    DEADLINE,
-    ERROR,
-    HALTED,
-    INTERNAL,
-    Event,
     Request,
     Verdict,
 )
@@ -69,33 +58,6 @@ class Prepared:
     policy: Policy
     prompt: list[int]
     faults: Faults
-
-
-def prompt_tokens(model: Model, request: Request, max_tokens: int | None = None) -> list[int]:
-    """Tokenize the request's prompt, or its messages through the chat template.
-
-    With max_tokens, a longer prompt raises TooManyTokens (and is never listed)."""
-    if request.messages and request.prompt:
-        raise InvalidRequest("prompt: set either prompt or messages, not both")
-    if request.messages:
-        for i, (role, _) in enumerate(request.messages):
-            if not role:
-                raise InvalidRequest(f"messages[{i}].role: must not be empty")
-        try:
-            text = model.apply_chat_template(request.messages)
-        except ValueError as exc:
-            raise InvalidRequest(str(exc)) from None
-        # The rendered template starts with BOS itself where the model wants one.
-        tokens = model.tokenize(text, add_special=False, parse_special=True, max_tokens=max_tokens)
-    else:
-        if not request.prompt:
-            raise InvalidRequest("prompt: must not be empty (or send messages)")
-        tokens = model.tokenize(
-            request.prompt, add_special=True, parse_special=False, max_tokens=max_tokens
-        )
-    if not tokens:
-        raise InvalidRequest("prompt: no tokens after tokenization")
-    return tokens
 
 
 def check_request(request: Request, limits: Limits) -> None:
@@ -160,6 +122,7 @@ class GuardService:
         self.scheduler.on_stream_end = self._record_verdict
         self.version = __version__
         self._stream_ids = itertools.count(1)
+        self._status_mark = (time.monotonic(), 0)
 
     def start(self) -> None:
         self.scheduler.start()
@@ -225,7 +188,12 @@ class GuardService:
         if self.audit is not None and not self.audit.healthy:
             raise AuditUnavailable(self.audit.error)
 
-    def admit(self, prepared: Prepared, loop: asyncio.AbstractEventLoop | None = None) -> Handle:
+    def admit(
+        self,
+        prepared: Prepared,
+        loop: asyncio.AbstractEventLoop | None = None,
+        client: str = "",
+    ) -> Handle:
         """Queue a prepared stream, or raise Overloaded / NotAccepting / AuditUnavailable
         at once. No stream runs unless its start is in the audit log."""
         self.check_audit()
@@ -236,6 +204,7 @@ class GuardService:
             prepared.faults,
             loop or asyncio.get_running_loop(),
             stream_id=next(self._stream_ids),
+            client=client,
         )
         recorded = True
 
@@ -253,10 +222,18 @@ class GuardService:
             raise AuditUnavailable(self.audit.error if self.audit else "")
         return handle
 
-    def record_rejection(self, request_id: str, reason: str, message: str) -> None:
+    def record_rejection(
+        self, request_id: str, reason: str, message: str, client: str = ""
+    ) -> None:
         """Audit a request refused before it started (bad input, overload...)."""
         if self.audit is not None:
-            self.audit.write("input.rejected", request_id=request_id, reason=reason, error=message)
+            self.audit.write(
+                "input.rejected",
+                request_id=request_id,
+                client=client or None,
+                reason=reason,
+                error=message,
+            )
 
     def _record_start(self, handle: Handle) -> bool:
         if self.audit is None:
@@ -266,6 +243,7 @@ class GuardService:
             "stream.started",
             stream=handle.stream_id,
             request_id=r.request_id,
+            client=handle.client or None,
             policy=handle.policy.name,
             policy_sha256=handle.policy.sha256,
             prompt=r.prompt or json.dumps(r.messages, ensure_ascii=False),
@@ -283,6 +261,7 @@ class GuardService:
             "stream.verdict",
             stream=handle.stream_id,
             request_id=handle.request.request_id,
+            client=handle.client or None,
             status=verdict.status,
             guard=verdict.guard,
             value=verdict.value,
@@ -298,47 +277,15 @@ class GuardService:
     def shutdown(self) -> None:
         self.scheduler.shutdown()
 
+    def heartbeat_age(self) -> float:
+        """Seconds the decode thread has been inside one step (0 while idle)."""
+        return self.scheduler.heartbeat_age()
 
-def run_local(
-    model: Model,
-    ctx: Context,
-    request: Request,
-    policy: Policy,
-    *,
-    faults: Faults = NO_FAULTS,
-    cancel: threading.Event | None = None,
-) -> Iterator[Event]:
-    """Guarded generation in this process: token events, then exactly one Verdict."""
-    stream = GuardedStream(policy, request.stop, faults)
-    tokens = prompt_tokens(model, request)
-    started = time.monotonic()
-    steps = generate(
-        ctx,
-        tokens,
-        request.sampling,
-        request.max_tokens,
-        ppl_window=policy.ppl_window,
-        faults=faults,
-    )
-    try:
-        for step in steps:
-            if cancel is not None and cancel.is_set():
-                stream.finish(CANCELLED)
-                break
-            elapsed = time.monotonic() - started
-            if request.timeout is not None and elapsed > request.timeout:
-                yield from stream.finish(
-                    HALTED, DEADLINE, elapsed, request.timeout, step.metrics.index
-                )
-                break
-            yield from stream.judge(step)
-            if stream.verdict is not None:
-                break
-        else:
-            yield from stream.finish(COMPLETED)
-    except EngineError as exc:
-        stream.finish(ERROR, INTERNAL, message=str(exc))
-    finally:
-        steps.close()
-    assert stream.verdict is not None
-    yield stream.verdict
+    def status(self) -> str:
+        """systemd's STATUS= line: the load and the token rate since the last call."""
+        now, released = time.monotonic(), self.scheduler.tokens_released
+        last_at, last_released = self._status_mark
+        self._status_mark = (now, released)
+        rate = (released - last_released) / max(now - last_at, 1e-3)
+        active, waiting = self.scheduler.load
+        return f"STATUS={active} streams active, {waiting} waiting, {rate:.1f} tokens/s"

@@ -1,0 +1,269 @@
+"""The conformance harness: every client's `guarded-generate` on every case of cases.toml.
+
+One real daemon serves a unix socket and a TLS TCP listener that wants a bearer token.
+Each case runs the Python client first (the reference), then every other client, over
+both transports, and compares parsed outputs. Every language folder of clients/ must
+provide its example in clients/bin; a missing one fails, there is no skip list.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+CLIENTS = HERE.parent
+BIN = CLIENTS / "bin"
+CASES: list[dict[str, Any]] = tomllib.loads((HERE / "cases.toml").read_text())["case"]
+REFERENCE = "python"
+# Every folder of clients/ that is a language (not the harness, not the build output).
+LANGUAGES = sorted(
+    p.name for p in CLIENTS.iterdir() if p.is_dir() and p.name not in ("conformance", "bin")
+)
+OTHERS = [lang for lang in LANGUAGES if lang != REFERENCE]
+TOKEN = "conformance-token-1"  # the daemon's tokens file holds only its sha256
+RUN_TIMEOUT = 120
+
+
+@dataclass(frozen=True)
+class Daemon:
+    unix: str
+    tcp: str
+    ca: Path
+    token_file: Path
+    wrong_token_file: Path
+    down: str
+    audit: Path
+
+
+@dataclass(frozen=True)
+class Result:
+    code: int
+    stdout: str
+    stderr: str
+
+    def lines(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.stdout.splitlines() if line.strip()]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def make_certificates(folder: Path) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a server certificate for 127.0.0.1 and localhost (openssl)."""
+    ca_key, ca, key, csr, cert = (
+        folder / n for n in ("ca.key", "ca.pem", "server.key", "server.csr", "server.pem")
+    )
+    ext = folder / "san.ext"
+    ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    curve = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    for cmd in (
+        ["req", "-x509", *curve, "-keyout", ca_key, "-out", ca, "-subj", "/CN=fse test CA",
+         "-days", "2"],
+        ["req", *curve, "-keyout", key, "-out", csr, "-subj", "/CN=localhost"],
+        ["x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-out",
+         cert, "-days", "2", "-extfile", ext],
+    ):  # fmt: skip
+        subprocess.run(["openssl", *map(str, cmd)], check=True, capture_output=True)
+    return ca, cert, key
+
+
+def _wait_serving(process: subprocess.Popen[bytes], sock: Path, log: Path) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"daemon exited with {process.returncode}:\n{log.read_text()}")
+        if "fse: serving" in log.read_text() and sock.exists():
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"daemon not serving:\n{log.read_text()}")
+
+
+def _wait_model_hash(addr: str) -> None:
+    """GetInfo's model sha256 is filled in once the daemon has hashed the file."""
+    import fse_client
+
+    with fse_client.Client(addr) as client:
+        for _ in range(600):
+            if client.info().model.sha256:
+                return
+            time.sleep(0.1)
+    raise TimeoutError("the daemon never reported its model's sha256")
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    work = tmp_path_factory.mktemp("conformance")
+    ca, cert, key = make_certificates(work)
+    policies = work / "policies"
+    policies.mkdir()
+    (policies / "test.toml").write_text('name = "test"\n[guards.l2_norm]\nthreshold = 10.0\n')
+    tokens = work / "tokens"
+    digest = hashlib.sha256(TOKEN.encode()).hexdigest()
+    tokens.write_text(f"# conformance harness\nharness {digest}\n")
+    token_file, wrong = work / "token", work / "wrong-token"
+    token_file.write_text(TOKEN + "\n")
+    wrong.write_text("not-the-token\n")
+    sock, port, log = work / "fse.sock", _free_port(), work / "daemon.log"
+    cmd = [
+        sys.executable, "-m", "fse.cli", "serve",
+        "--listen", f"unix:{sock}", "--listen", f"127.0.0.1:{port}",
+        "--tls-cert", str(cert), "--tls-key", str(key), "--auth-tokens", str(tokens),
+        "--policies-dir", str(policies), "--threads", "2",
+        "--max-streams", "1", "--max-queue", "0", "--audit-log", str(work / "audit.jsonl"),
+    ]  # fmt: skip
+    process = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=work)
+    try:
+        _wait_serving(process, sock, log)
+        _wait_model_hash(f"unix:{sock}")
+        yield Daemon(
+            f"unix:{sock}",
+            f"127.0.0.1:{port}",
+            ca,
+            token_file,
+            wrong,
+            f"unix:{work / 'nobody-listens.sock'}",
+            work / "audit.jsonl",
+        )
+    finally:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def run(language: str, case: dict[str, Any], transport: str, daemon: Daemon) -> Result:
+    program = BIN / f"guarded-generate-{language}"
+    assert program.exists(), f"{language}: {program} is missing (run `make clients`)"
+    if transport == "unix":
+        where = ["--addr", daemon.unix]
+    elif transport == "down":
+        where = ["--addr", daemon.down]
+    else:
+        token = daemon.wrong_token_file if transport == "tls-wrong-token" else daemon.token_file
+        where = ["--addr", daemon.tcp, "--tls-ca", str(daemon.ca), "--token-file", str(token)]
+    args = [str(program), *where, *case["args"]]
+    if "prompt" in case:
+        args.append(case["prompt"])
+    done = subprocess.run(
+        args,
+        capture_output=True,
+        timeout=RUN_TIMEOUT,
+        env={**os.environ, "NO_COLOR": "1"},
+    )
+    return Result(
+        done.returncode,
+        done.stdout.decode("utf-8"),
+        done.stderr.decode("utf-8", "replace"),
+    )
+
+
+def transports(case: dict[str, Any]) -> list[str]:
+    kind = case.get("transport", "both")
+    return ["unix", "tls"] if kind == "both" else [kind]
+
+
+def error_head(stderr: str) -> str:
+    """The error line without the program name and the transport's bracketed detail."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, f"an error is exactly one line on stderr, got {lines!r}"
+    line = lines[0]
+    prefix = "guarded-generate: error: "
+    assert line.startswith(prefix), line
+    return line.removeprefix(prefix).split(" (", 1)[0]
+
+
+def check_expectations(case: dict[str, Any], result: Result, who: str) -> None:
+    """What the case says of the output, whichever client produced it."""
+    assert result.code == case["exit"], f"{who}: exit {result.code}\n{result.stderr}"
+    expect = case.get("expect", {})
+    if "stderr" in expect:
+        assert expect["stderr"] in result.stderr, f"{who}: {result.stderr!r}"
+        error_head(result.stderr)
+        return
+    lines = result.lines()
+    if expect.get("info"):
+        (info,) = lines
+        assert info["model"]["vocab_size"] > 0 and "path" not in info["model"]
+        assert {p["name"] for p in info["policies"]} >= {"default", "pro", "test"}
+        return
+    *tokens, verdict = lines
+    assert verdict["type"] == "verdict" and all(t["type"] == "token" for t in tokens)
+    assert verdict["status"] == expect["status"], f"{who}: {verdict}"
+    for key in ("guard", "threshold", "token_index"):
+        if key in expect:
+            assert verdict[key] == expect[key], f"{who}: {key} {verdict[key]!r}"
+    if "tokens" in expect:
+        assert verdict["tokens"] == len(tokens) == expect["tokens"], who
+    assert expect.get("min_tokens", 0) <= len(tokens) <= expect.get("max_tokens", 1 << 30), who
+    text = "".join(t["text"] for t in tokens)
+    assert text == verdict["text"], f"{who}: concatenated text differs from the verdict's"
+    if "text_excludes" in expect:
+        assert expect["text_excludes"] not in text and text, who
+    if expect.get("non_ascii"):
+        assert any(ord(c) > 127 for c in text), f"{who}: {text!r} has no multi-byte character"
+    for t in tokens:  # every metric is a real number or null, never a string
+        for key in ("nll", "ppl", "variance", "max_prob", "l2_norm"):
+            assert t[key] is None or (isinstance(t[key], float | int) and math.isfinite(t[key]))
+
+
+def compare(case: dict[str, Any], reference: Result, other: Result, who: str) -> None:
+    kind = case["compare"]
+    if kind == "stderr":
+        assert error_head(other.stderr) == error_head(reference.stderr), who
+    elif kind == "verdict":
+        ours, theirs = reference.lines()[-1], other.lines()[-1]
+        for key in ("type", "status", "guard", "threshold", "policy", "policy_sha256"):
+            assert theirs[key] == ours[key], f"{who}: {key}: {theirs[key]!r} != {ours[key]!r}"
+    else:
+        assert other.lines() == reference.lines(), f"{who}: output differs from python's"
+
+
+def after(case: dict[str, Any], daemon: Daemon) -> None:
+    if case.get("after") == "greedy-ok":
+        # max_streams 1, max_queue 0: this stream is served only if the slot was freed.
+        probe = {"args": ["--json", "--temperature", "0", "--max-tokens", "1"], "prompt": "Hi"}
+        result = run(REFERENCE, probe, "unix", daemon)
+        assert result.code == 0, f"the cancelled stream's slot is still taken: {result.stderr}"
+
+
+def test_every_language_has_its_example() -> None:
+    assert REFERENCE in LANGUAGES
+    missing = [lang for lang in LANGUAGES if not (BIN / f"guarded-generate-{lang}").exists()]
+    assert not missing, f"no clients/bin/guarded-generate-<language> for {missing}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
+def test_case(case: dict[str, Any], daemon: Daemon) -> None:
+    for transport in transports(case):
+        reference = run(REFERENCE, case, transport, daemon)
+        check_expectations(case, reference, f"{REFERENCE}/{transport}")
+        after(case, daemon)
+        for language in OTHERS:
+            who = f"{language}/{transport}"
+            result = run(language, case, transport, daemon)
+            check_expectations(case, result, who)
+            compare(case, reference, result, who)
+            after(case, daemon)
+
+
+def test_openssl_is_available() -> None:
+    assert shutil.which("openssl"), "the harness generates its certificates with openssl"

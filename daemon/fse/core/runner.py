@@ -1,0 +1,85 @@
+"""One guarded stream in this process (`fse generate --local`, the tools' local runner).
+
+The same GuardedStream rules as the daemon's scheduler decide cancel, deadline,
+max_tokens and engine errors, so --local and --addr cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+from fse.core.engine import NO_FAULTS, Context, EngineError, Faults, Model, generate
+from fse.core.errors import InputError
+from fse.core.policy import Policy
+from fse.core.stream import GuardedStream
+from fse.core.types import COMPLETED, Event, Request
+
+
+def prompt_tokens(model: Model, request: Request, max_tokens: int | None = None) -> list[int]:
+    """Tokenize the request's prompt, or its messages through the chat template.
+
+    With max_tokens, a longer prompt raises TooManyTokens (and is never listed)."""
+    if request.messages and request.prompt:
+        raise InputError("prompt: set either prompt or messages, not both")
+    if request.messages:
+        for i, (role, _) in enumerate(request.messages):
+            if not role:
+                raise InputError(f"messages[{i}].role: must not be empty")
+        try:
+            text = model.apply_chat_template(request.messages)
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
+        # The rendered template starts with BOS itself where the model wants one.
+        tokens = model.tokenize(text, add_special=False, parse_special=True, max_tokens=max_tokens)
+    else:
+        if not request.prompt:
+            raise InputError("prompt: must not be empty (or send messages)")
+        tokens = model.tokenize(
+            request.prompt, add_special=True, parse_special=False, max_tokens=max_tokens
+        )
+    if not tokens:
+        raise InputError("prompt: no tokens after tokenization")
+    return tokens
+
+
+def run_local(
+    model: Model,
+    ctx: Context,
+    request: Request,
+    policy: Policy,
+    *,
+    faults: Faults = NO_FAULTS,
+    cancel: threading.Event | None = None,
+) -> Iterator[Event]:
+    """Guarded generation in this process: token events, then exactly one Verdict."""
+    stream = GuardedStream(
+        policy, request.stop, faults, max_tokens=request.max_tokens, timeout=request.timeout
+    )
+    tokens = prompt_tokens(model, request)
+    started = time.monotonic()
+    steps = generate(
+        ctx,
+        tokens,
+        request.sampling,
+        request.max_tokens,
+        ppl_window=policy.ppl_window,
+        faults=faults,
+    )
+    try:
+        for step in steps:
+            cancelled = cancel is not None and cancel.is_set()
+            yield from stream.before_step(cancelled, time.monotonic() - started, step.metrics.index)
+            if stream.verdict is None:
+                yield from stream.step(step)
+            if stream.verdict is not None:
+                break
+        else:  # the engine stopped early (its own max_tokens): nothing is left unjudged
+            yield from stream.finish(COMPLETED)
+    except EngineError as exc:
+        yield from stream.fail(str(exc))
+    finally:
+        steps.close()
+    assert stream.verdict is not None
+    yield stream.verdict

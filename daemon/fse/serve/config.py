@@ -1,0 +1,322 @@
+"""The daemon's settings: one TOML file (`fse serve --config`, /etc/fse/fse.toml for the
+service), every key also settable by a flag, and flags win.
+
+Every key is declared once in KEYS: its section and name, type, default, the check of
+its value and the words for what it accepts. Loading is strict, as for policies: an
+unknown section or key, a wrong type (a bool is not a number, an integer is accepted
+where a float is expected) or a value out of range is an InputError naming the dotted
+key (or the flag that gave it) and what is accepted. The result is a frozen Settings
+whose sections the daemon reads; nothing else parses configuration.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from fse.core.errors import InputError
+
+# ggml's GGML_MAX_N_THREADS; far more threads make llama.cpp abort (std::bad_alloc).
+MAX_THREADS = 512
+FSYNC_MODES = ("always", "interval", "never")
+
+
+@dataclass(frozen=True, slots=True)
+class Key:
+    """One setting: `section.name` in the file, `flag` on the command line."""
+
+    section: str
+    name: str
+    kind: type  # bool, int, float, str, or list (of str)
+    default: Any
+    accepted: str
+    check: Callable[[Any], bool] = lambda _: True
+    flag: str = ""
+
+    @property
+    def dotted(self) -> str:
+        return f"{self.section}.{self.name}"
+
+
+def _between(low: float, high: float) -> Callable[[Any], bool]:
+    return lambda v: low <= v <= high
+
+
+def _mode(v: str) -> bool:
+    return len(v) in (3, 4) and all(c in "01234567" for c in v)
+
+
+def _address_list(v: list[str]) -> bool:
+    return len(v) >= 1 and all(isinstance(a, str) and a for a in v)
+
+
+KEYS: tuple[Key, ...] = (
+    Key("server", "listen", list, ["unix:fse.sock"], "a non-empty list of unix:PATH or HOST:PORT",
+        _address_list, "--listen"),
+    Key("server", "socket_mode", str, "0660", 'an octal string such as "0660"', _mode,
+        "--socket-mode"),
+    Key("server", "socket_group", str, "", "a group name (empty: the daemon's own group)"),
+    Key("server", "max_streams", int, 8, "integer 1..256", _between(1, 256), "--max-streams"),
+    Key("server", "max_queue", int, 16, "integer 0..4096", _between(0, 4096), "--max-queue"),
+    Key("server", "per_client_streams", int, 0, "integer 0..4096 (0 = no per-caller limit)",
+        _between(0, 4096), "--per-client-streams"),
+    Key("server", "ctx_per_stream", int, 2048, "integer 16..1048576", _between(16, 1 << 20),
+        "--ctx-per-stream"),
+    Key("server", "max_tokens_limit", int, 0,
+        "integer 0..ctx_per_stream-1 (0 = ctx_per_stream - 1)", _between(0, 1 << 20),
+        "--max-tokens-limit"),
+    Key("server", "drain_seconds", float, 10.0, "seconds 0..3600", _between(0, 3600),
+        "--drain-seconds"),
+    Key("server", "threads", int, 0, f"integer 0..{MAX_THREADS} (0 = all cores)",
+        _between(0, MAX_THREADS), "--threads"),
+    Key("server", "allow_insecure_tcp", bool, False, "true or false", flag="--allow-insecure-tcp"),
+    Key("model", "path", str, "", "a GGUF file path (empty: the embedded default model)",
+        flag="--model"),
+    Key("model", "chat_template", str, "",
+        "a llama.cpp built-in template name such as chatml (empty: the GGUF's own)",
+        flag="--chat-template"),
+    Key("policies", "dir", str, "", "a directory of NAME.toml policies (empty: built-ins only)",
+        flag="--policies-dir"),
+    Key("audit", "path", str, "fse-audit.jsonl", "a file path", lambda v: bool(v), "--audit-log"),
+    Key("audit", "include_text", bool, False, "true or false", flag="--audit-text"),
+    Key("audit", "fsync", str, "interval", ", ".join(FSYNC_MODES), lambda v: v in FSYNC_MODES,
+        "--audit-fsync"),
+    Key("audit", "fsync_interval_ms", int, 1000, "integer 1..60000", _between(1, 60000)),
+    Key("audit", "rotate_bytes", int, 64 << 20, "integer 0 (never) or 4096..2^40",
+        lambda v: v == 0 or 4096 <= v <= 1 << 40, "--audit-rotate-bytes"),
+    Key("audit", "keep", int, 10, "integer 1..10000", _between(1, 10000)),
+    Key("audit", "key_file", str, "", "a file holding the audit HMAC key (empty: unkeyed)",
+        flag="--audit-key-file"),
+    Key("tls", "cert", str, "", "a PEM certificate chain file", flag="--tls-cert"),
+    Key("tls", "key", str, "", "a PEM private key file", flag="--tls-key"),
+    Key("tls", "client_ca", str, "", "a PEM CA file (set: clients need a certificate)",
+        flag="--tls-client-ca"),
+    Key("auth", "tokens_file", str, "", 'a file of "NAME SHA256HEX" lines', flag="--auth-tokens"),
+    Key("auth", "require_on_unix", bool, False, "true or false"),
+    Key("metrics", "listen", str, "", "HOST:PORT (empty: off)", flag="--metrics-listen"),
+)  # fmt: skip
+_BY_DOTTED = {k.dotted: k for k in KEYS}
+SECTIONS = tuple(dict.fromkeys(k.section for k in KEYS))
+
+
+def _path(value: str) -> Path | None:
+    return Path(value).expanduser() if value else None
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    listen: tuple[str, ...]
+    socket_mode: int
+    socket_group: str
+    max_streams: int
+    max_queue: int
+    per_client_streams: int
+    ctx_per_stream: int
+    max_tokens_limit: int  # resolved: never 0
+    drain_seconds: float
+    threads: int  # resolved: never 0
+    allow_insecure_tcp: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSettings:
+    path: Path | None
+    chat_template: str
+
+
+@dataclass(frozen=True, slots=True)
+class PoliciesSettings:
+    dir: Path | None
+
+
+@dataclass(frozen=True, slots=True)
+class AuditSettings:
+    path: Path
+    include_text: bool
+    fsync: str
+    fsync_interval_ms: int
+    rotate_bytes: int
+    keep: int
+    key_file: Path | None
+
+
+@dataclass(frozen=True, slots=True)
+class TlsSettings:
+    cert: Path | None
+    key: Path | None
+    client_ca: Path | None
+
+
+@dataclass(frozen=True, slots=True)
+class AuthSettings:
+    tokens_file: Path | None
+    require_on_unix: bool
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsSettings:
+    listen: str
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    server: ServerSettings
+    model: ModelSettings
+    policies: PoliciesSettings
+    audit: AuditSettings
+    tls: TlsSettings
+    auth: AuthSettings
+    metrics: MetricsSettings
+    # Not in the file: for a debugging session only, never for a service.
+    allow_debug_faults: bool = False
+    verbose: bool = False
+
+
+def _describe(value: object) -> str:
+    kinds = {bool: "a boolean", int: "an integer", float: "a float", str: "a string"}
+    kind = kinds.get(type(value), "a table" if isinstance(value, dict) else "an array")
+    return f"{kind} ({value!r})" if not isinstance(value, dict | list) else kind
+
+
+def _checked(key: Key, value: object, where: str) -> Any:
+    """The value, type- and range-checked; `where` is how the error names it."""
+    kind = key.kind
+    ok_type = (
+        isinstance(value, bool)
+        if kind is bool
+        else isinstance(value, int | float) and not isinstance(value, bool)
+        if kind is float
+        else isinstance(value, kind) and not isinstance(value, bool)
+    )
+    if not ok_type:
+        raise InputError(
+            f"{where}: expected {_describe(kind())}, got {_describe(value)}; "
+            f"accepted: {key.accepted}"
+        )
+    if kind is float:
+        value = float(value)  # type: ignore[arg-type]
+        if not math.isfinite(value):
+            raise InputError(f"{where}: {value!r} is out of range; accepted: {key.accepted}")
+    if not key.check(value):
+        raise InputError(f"{where}: {value!r} is out of range; accepted: {key.accepted}")
+    return value
+
+
+def read_file(path: Path) -> dict[str, Any]:
+    """The file's keys as {dotted: value}, each checked; unknown ones are errors."""
+    try:
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise InputError(f"{path}: invalid TOML: {exc}") from None
+    values: dict[str, Any] = {}
+    for section, table in doc.items():
+        if section not in SECTIONS:
+            raise InputError(f"{path}: {section}: unknown section; accepted: {', '.join(SECTIONS)}")
+        if not isinstance(table, dict):
+            raise InputError(f"{path}: {section}: expected a table, got {_describe(table)}")
+        for name, value in table.items():
+            key = _BY_DOTTED.get(f"{section}.{name}")
+            if key is None:
+                known = ", ".join(k.name for k in KEYS if k.section == section)
+                raise InputError(f"{path}: {section}.{name}: unknown key; accepted: {known}")
+            values[key.dotted] = _checked(key, value, f"{path}: {key.dotted}")
+    return values
+
+
+def load(path: Path | None, overrides: Mapping[str, Any], **extra: bool) -> Settings:
+    """Defaults, then the file (if any), then the flags given (`overrides`, by dotted key)."""
+    values = {k.dotted: k.default for k in KEYS}
+    if path is not None:
+        values.update(read_file(path))
+    for dotted, value in overrides.items():
+        key = _BY_DOTTED[dotted]
+        values[dotted] = _checked(key, value, key.flag or dotted)
+    return _build(values, overrides, **extra)
+
+
+def _build(values: dict[str, Any], overrides: Mapping[str, Any], **extra: bool) -> Settings:
+    def name(dotted: str) -> str:
+        key = _BY_DOTTED[dotted]
+        return key.flag if dotted in overrides and key.flag else dotted
+
+    ctx = values["server.ctx_per_stream"]
+    max_tokens = values["server.max_tokens_limit"] or ctx - 1
+    if max_tokens > ctx - 1:
+        raise InputError(
+            f"{name('server.max_tokens_limit')}: {max_tokens} does not fit the context of "
+            f"{ctx} tokens per stream; accepted: 1..{ctx - 1} (0 = {ctx - 1})"
+        )
+    threads = values["server.threads"] or min(os.cpu_count() or 2, MAX_THREADS)
+    for dotted in ("tls.cert", "tls.key"):
+        other = "tls.key" if dotted == "tls.cert" else "tls.cert"
+        if values[dotted] and not values[other]:
+            raise InputError(f"{name(other)}: required with {name(dotted)}")
+    if values["tls.client_ca"] and not values["tls.cert"]:
+        raise InputError(f"{name('tls.cert')}: required with {name('tls.client_ca')}")
+    return Settings(
+        server=ServerSettings(
+            listen=tuple(values["server.listen"]),
+            socket_mode=int(values["server.socket_mode"], 8),
+            socket_group=values["server.socket_group"],
+            max_streams=values["server.max_streams"],
+            max_queue=values["server.max_queue"],
+            per_client_streams=values["server.per_client_streams"],
+            ctx_per_stream=ctx,
+            max_tokens_limit=max_tokens,
+            drain_seconds=values["server.drain_seconds"],
+            threads=threads,
+            allow_insecure_tcp=values["server.allow_insecure_tcp"],
+        ),
+        model=ModelSettings(_path(values["model.path"]), values["model.chat_template"]),
+        policies=PoliciesSettings(_path(values["policies.dir"])),
+        audit=AuditSettings(
+            path=Path(values["audit.path"]).expanduser(),
+            include_text=values["audit.include_text"],
+            fsync=values["audit.fsync"],
+            fsync_interval_ms=values["audit.fsync_interval_ms"],
+            rotate_bytes=values["audit.rotate_bytes"],
+            keep=values["audit.keep"],
+            key_file=_path(values["audit.key_file"]),
+        ),
+        tls=TlsSettings(
+            _path(values["tls.cert"]), _path(values["tls.key"]), _path(values["tls.client_ca"])
+        ),
+        auth=AuthSettings(_path(values["auth.tokens_file"]), values["auth.require_on_unix"]),
+        metrics=MetricsSettings(values["metrics.listen"]),
+        **extra,
+    )
+
+
+def to_toml(settings: Settings) -> str:
+    """The effective settings as a config file. Only paths are printed, never a file's
+    content, so no key, token hash or certificate ever reaches the output."""
+    lines: list[str] = []
+    for section in SECTIONS:
+        lines += ["", f"[{section}]"] if lines else [f"[{section}]"]
+        obj = getattr(settings, section)
+        for f in fields(obj):
+            value = getattr(obj, f.name)
+            if f.name == "socket_mode":
+                value = f"{value:04o}"
+            lines.append(f"{f.name} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    text = "" if value is None else str(value)
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'

@@ -1,0 +1,150 @@
+"""Where the daemon listens: unix sockets and TCP addresses, checked before binding.
+
+- A unix socket is the default and the local access control: it is created with the
+  configured mode and group whatever the process umask (bound under umask 0177, so it
+  is never looser than asked even for an instant, then chmod/chown to the setting).
+- A TCP listener serves TLS when a certificate is configured (mTLS with a client CA).
+  Plain TCP is accepted only on loopback addresses; anywhere else it is refused at start
+  unless allow_insecure_tcp says a mesh terminates TLS in front (logged as a warning).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import ipaddress
+import os
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from fse.serve.config import ServerSettings, TlsSettings
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message says why (printed, exit code 1)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    target: str  # as gRPC spells it: unix:/abs/path or HOST:PORT
+    socket_path: Path | None  # for unix listeners
+    loopback: bool  # a unix socket, or a TCP address that only this host can reach
+
+    @property
+    def is_unix(self) -> bool:
+        return self.socket_path is not None
+
+
+def parse_listen(addr: str) -> Listener:
+    """`unix:PATH` (relative paths resolved now) or `HOST:PORT`."""
+    if addr.startswith("unix:"):
+        path = addr.removeprefix("unix:").removeprefix("//")
+        if not path:
+            raise StartupError(f"--listen {addr}: empty socket path; accepted: unix:PATH")
+        resolved = Path(path).expanduser().resolve()
+        return Listener(f"unix:{resolved}", resolved, True)
+    host, sep, port = addr.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise StartupError(f"--listen {addr}: accepted forms are unix:PATH and HOST:PORT")
+    return Listener(addr, None, _is_loopback(host.strip("[]")))
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve anywhere
+
+
+def tls_credentials(tls: TlsSettings) -> grpc.ServerCredentials | None:
+    if tls.cert is None or tls.key is None:
+        return None
+
+    def read(what: str, path: Path) -> bytes:
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            raise StartupError(f"{what}: {path}: cannot read: {exc.strerror or exc}") from None
+
+    pair = (read("tls.key", tls.key), read("tls.cert", tls.cert))
+    client_ca = read("tls.client_ca", tls.client_ca) if tls.client_ca else None
+    return grpc.ssl_server_credentials(
+        [pair], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+
+
+def check_plain_tcp(listeners: list[Listener], secure: bool, allow_insecure: bool) -> list[str]:
+    """Refuse plain TCP off loopback; returns the addresses allowed only by the override."""
+    exposed = [lst.target for lst in listeners if not lst.is_unix and not lst.loopback]
+    if secure or not exposed:
+        return []
+    if not allow_insecure:
+        raise StartupError(
+            f"--listen {exposed[0]}: plain TCP on a non-loopback address would let anyone on "
+            "the network in; configure --tls-cert and --tls-key, listen on 127.0.0.1, or "
+            "pass --allow-insecure-tcp if a proxy terminates TLS in front"
+        )
+    return exposed
+
+
+def remove_stale_socket(path: Path) -> None:
+    """Remove a socket left by a dead daemon; never a live daemon's socket (that would
+    silently take over its address) and never a file that is not a socket."""
+    if not path.exists():
+        return
+    if not path.is_socket():
+        raise StartupError(f"--listen unix:{path}: exists and is not a socket")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            path.unlink(missing_ok=True)  # nobody listens: stale
+            return
+        except OSError as exc:
+            raise StartupError(f"--listen unix:{path}: cannot check the socket: {exc}") from None
+    raise StartupError(f"--listen unix:{path}: address in use by a running process")
+
+
+@contextlib.contextmanager
+def private_umask() -> Iterator[None]:
+    """Sockets bound in here start as 0600 at most, whatever the caller's umask."""
+    old = os.umask(0o177)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def bind(server: grpc.aio.Server, listener: Listener, creds: grpc.ServerCredentials | None) -> None:
+    if listener.socket_path is not None:
+        remove_stale_socket(listener.socket_path)
+    try:
+        if creds is not None and not listener.is_unix:
+            server.add_secure_port(listener.target, creds)
+        else:
+            server.add_insecure_port(listener.target)
+    except RuntimeError as exc:
+        raise StartupError(f"--listen {listener.target}: cannot bind: {exc}") from None
+
+
+def set_socket_access(listener: Listener, server: ServerSettings) -> None:
+    """The configured mode and group on a bound unix socket."""
+    path = listener.socket_path
+    if path is None:
+        return
+    try:
+        if server.socket_group:
+            os.chown(path, -1, grp.getgrnam(server.socket_group).gr_gid)
+        os.chmod(path, server.socket_mode)
+    except KeyError:
+        raise StartupError(
+            f"server.socket_group: {server.socket_group!r} is not a group on this host"
+        ) from None
+    except OSError as exc:
+        raise StartupError(f"--listen {listener.target}: cannot set its access: {exc}") from None

@@ -1,0 +1,201 @@
+"""fse.v1.Guard: turns the first client message into a Request, opens a stream on the
+GuardService, forwards its events as wire messages and maps domain errors to status
+codes. It holds no generation logic."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import structlog
+from fse_client.v1 import fse_pb2, fse_pb2_grpc
+
+from fse.core.engine import EngineError
+from fse.core.errors import InputError
+from fse.core.types import ERROR, TokenEvent
+from fse.serve.auth import caller_of
+from fse.serve.scheduler import Handle, NotAccepting, Overloaded
+from fse.serve.service import AuditUnavailable, GuardService
+from fse.serve.wire import (
+    faults_from_metadata,
+    request_from_wire,
+    token_to_wire,
+    verdict_to_wire,
+)
+
+# gRPC rejects anything larger with RESOURCE_EXHAUSTED before we see it; below
+# it, our own field limits answer INVALID_ARGUMENT naming the field.
+MAX_MESSAGE_BYTES = 4 << 20
+# Tokenizing takes about 0.2 s per MiB of prompt: larger requests are prepared in a
+# worker thread so that other streams keep flowing; smaller ones inline, where a
+# thread hop would cost more than it saves.
+INLINE_PREPARE_BYTES = 16 << 10
+
+log = structlog.get_logger("fse.servicer")
+
+
+class PerCallerLimit(Exception):
+    """This caller already runs per_client_streams streams."""
+
+
+def audit_refusal(exc: AuditUnavailable) -> str:
+    return f"audit log: {exc}; new streams are refused until it can be written again"
+
+
+class GuardServicer(fse_pb2_grpc.GuardServicer):
+    """fse.v1.Guard: wire in, GuardService, wire out."""
+
+    def __init__(self, per_client_streams: int = 0) -> None:
+        self.service: GuardService | None = None  # set once the model is loaded
+        self.model_sha256 = ""
+        self.per_client_streams = per_client_streams  # 0 = no per-caller limit
+        self._streams_of: collections.Counter[str] = collections.Counter()
+
+    async def Generate(
+        self,
+        request_iterator: AsyncIterator[fse_pb2.GenerateClientMessage],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[fse_pb2.GenerateServerMessage]:
+        service = self.service
+        if service is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
+            return
+        try:
+            service.check_audit()  # refused before reading: nothing to record while it fails
+        except AuditUnavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, audit_refusal(exc))
+            return
+        caller = caller_of(context)
+        first = await anext(aiter(request_iterator), None)
+        if first is None or first.WhichOneof("kind") != "start":
+            message = "start: the first message of a Generate stream must be `start`"
+            service.record_rejection("", "invalid_argument", message, client=caller)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+            return
+        code, message = grpc.StatusCode.OK, ""
+        limit = self.per_client_streams
+        try:
+            if limit and self._streams_of[caller] >= limit:
+                raise PerCallerLimit(
+                    f"per-caller limit: {caller} already runs {limit} streams "
+                    f"(per_client_streams {limit})"
+                )
+            request = request_from_wire(first.start, context.time_remaining())
+            faults = faults_from_metadata(context.invocation_metadata())
+            if first.start.ByteSize() > INLINE_PREPARE_BYTES:
+                prepared = await asyncio.to_thread(service.prepare, request, faults)
+            else:
+                prepared = service.prepare(request, faults)
+            handle = service.admit(prepared, client=caller)
+        except InputError as exc:
+            code, message = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+        except PerCallerLimit as exc:
+            code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+        except Overloaded as exc:
+            code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, f"overloaded: {exc}"
+        except NotAccepting as exc:
+            code, message = grpc.StatusCode.UNAVAILABLE, str(exc)
+        except AuditUnavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, audit_refusal(exc))
+            return
+        except EngineError as exc:  # llama.cpp failed on this prompt: our failure, not theirs
+            log.error("prepare.failed", error=str(exc), client=caller)
+            code, message = grpc.StatusCode.INTERNAL, f"prompt: the engine failed: {exc}"
+        if code != grpc.StatusCode.OK:
+            service.record_rejection(
+                first.start.request_id, code.name.lower(), message, client=caller
+            )
+            await context.abort(code, message)
+            return
+        self._streams_of[caller] += 1
+
+        yield fse_pb2.GenerateServerMessage(
+            started=fse_pb2.Started(
+                request_id=request.request_id,
+                policy=handle.policy.name,
+                policy_sha256=handle.policy.sha256,
+                prompt_tokens=len(handle.prompt),
+                seed=handle.request.sampling.seed or 0,  # prepare drew one if needed
+                model=service.model.name,
+            )
+        )
+        violation: list[str] = []
+        watcher = asyncio.create_task(_watch_client(request_iterator, handle, violation))
+        try:
+            while True:
+                event = await handle.events.get()
+                if violation:  # nothing more goes out after a protocol error
+                    service.record_rejection(request.request_id, "invalid_argument", violation[0])
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, violation[0])
+                if isinstance(event, TokenEvent):
+                    yield token_to_wire(event)
+                    continue
+                yield verdict_to_wire(event)
+                if event.status == ERROR:
+                    await context.abort(grpc.StatusCode.INTERNAL, event.message or "internal error")
+                return
+        finally:
+            # A client that went away (or any exit above) stops generation at the next step.
+            handle.cancel()
+            watcher.cancel()
+            self._streams_of[caller] -= 1
+            if not self._streams_of[caller]:
+                del self._streams_of[caller]
+
+    async def GetInfo(
+        self, request: fse_pb2.GetInfoRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> fse_pb2.Info:
+        service = self.service
+        if service is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
+            raise AssertionError  # abort raises
+        m = service.model_info
+        limits = service.limits
+        return fse_pb2.Info(
+            version=service.version,
+            model=fse_pb2.ModelInfo(
+                name=m.name,
+                sha256=self.model_sha256,
+                description=m.description,
+                vocab_size=m.vocab_size,
+                context_size=m.context_size,
+                train_context_size=m.train_context_size,
+                size_bytes=m.size_bytes,
+                chat_template=m.chat_template,
+            ),
+            policies=[
+                fse_pb2.PolicyInfo(
+                    name=p.name, sha256=p.sha256, builtin=p.name in ("default", "pro")
+                )
+                for p in sorted(service.policies.values(), key=lambda p: p.name)
+            ],
+            limits=fse_pb2.Limits(
+                max_streams=limits.max_streams,
+                max_queue=limits.max_queue,
+                max_tokens=limits.max_tokens,
+                max_prompt_tokens=limits.ctx_per_stream - 1,
+                max_message_bytes=MAX_MESSAGE_BYTES,
+            ),
+        )
+
+
+async def _watch_client(
+    requests: AsyncIterator[fse_pb2.GenerateClientMessage], handle: Handle, violation: list[str]
+) -> None:
+    """Later client messages: `cancel` stops the stream; another `start` is a protocol error."""
+    with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+        async for msg in requests:
+            kind = msg.WhichOneof("kind")
+            if kind == "cancel":
+                handle.cancel()
+            else:
+                violation.append(
+                    f"{kind or 'message'}: only one `start` per stream; "
+                    "later messages may only cancel"
+                )
+                handle.cancel()
+                return

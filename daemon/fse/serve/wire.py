@@ -1,0 +1,115 @@
+"""Translation between the wire (fse.v1) and the domain: requests in, events and info out.
+
+Nothing here decides anything: unset sampling fields take the domain's defaults, and
+the RPC's own deadline becomes the request's time budget (minus a margin to deliver
+the `deadline` verdict before gRPC cuts the stream).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fse_client.v1 import fse_pb2
+
+from fse.core.engine import Faults
+from fse.core.types import (
+    CANCELLED,
+    COMPLETED,
+    ERROR,
+    HALTED,
+    Request,
+    Sampling,
+    TokenEvent,
+    Verdict,
+)
+
+# Debug faults travel in metadata, never in the public message, and only a daemon
+# started with --allow-debug-faults accepts them.
+FAULT_METADATA = "fse-debug-fault"
+# Leave this much of a gRPC deadline to deliver the `deadline` verdict in time.
+DEADLINE_MARGIN = 0.25
+
+STATUS_TO_WIRE = {
+    COMPLETED: fse_pb2.STATUS_COMPLETED,
+    HALTED: fse_pb2.STATUS_HALTED,
+    CANCELLED: fse_pb2.STATUS_CANCELLED,
+    ERROR: fse_pb2.STATUS_ERROR,
+}
+HEALTH_TO_WIRE = {
+    "green": fse_pb2.HEALTH_GREEN,
+    "yellow": fse_pb2.HEALTH_YELLOW,
+    "red": fse_pb2.HEALTH_RED,
+}
+
+
+def request_from_wire(msg: fse_pb2.GenerateRequest, time_remaining: float | None) -> Request:
+    """Proto -> domain, filling unset sampling fields with llama.cpp's CLI defaults."""
+    s = msg.sampling
+    defaults = Sampling()
+    sampling = Sampling(
+        temperature=s.temperature if s.HasField("temperature") else defaults.temperature,
+        top_k=s.top_k if s.HasField("top_k") else defaults.top_k,
+        top_p=s.top_p if s.HasField("top_p") else defaults.top_p,
+        min_p=s.min_p if s.HasField("min_p") else defaults.min_p,
+        seed=s.seed if s.HasField("seed") else None,
+    )
+    timeout = msg.timeout_ms / 1000 if msg.timeout_ms else None
+    if time_remaining is not None:
+        # Halt with a `deadline` verdict just before the RPC's own deadline would
+        # cut the stream off without one.
+        budget = max(time_remaining - min(DEADLINE_MARGIN, time_remaining / 4), 0.001)
+        timeout = budget if timeout is None else min(timeout, budget)
+    return Request(
+        prompt=msg.prompt,
+        messages=tuple((m.role, m.content) for m in msg.messages),
+        max_tokens=msg.max_tokens,
+        sampling=sampling,
+        policy=msg.policy or "default",
+        stop=tuple(msg.stop),
+        request_id=msg.request_id,
+        timeout=timeout,
+    )
+
+
+def token_to_wire(event: TokenEvent) -> fse_pb2.GenerateServerMessage:
+    m = event.metrics
+    token = fse_pb2.Token(
+        index=event.index,
+        id=event.token,
+        piece=event.piece,
+        text=event.text,
+        nll=m.nll,
+        ppl=m.ppl,
+        ppl_cumulative=m.ppl_cumulative,
+        variance=m.variance,
+        max_prob=m.max_prob,
+        l2_norm=m.l2_norm,
+        health=HEALTH_TO_WIRE[event.health],
+    )
+    for trip in event.warnings:
+        token.warnings.add(guard=trip.guard, value=trip.value, threshold=trip.threshold)
+    return fse_pb2.GenerateServerMessage(token=token)
+
+
+def verdict_to_wire(verdict: Verdict) -> fse_pb2.GenerateServerMessage:
+    wire = fse_pb2.Verdict(
+        status=STATUS_TO_WIRE[verdict.status],
+        guard=verdict.guard or "",
+        tokens=verdict.tokens,
+        text=verdict.text,
+        policy=verdict.policy,
+        policy_sha256=verdict.policy_sha256,
+        message=verdict.message,
+    )
+    if verdict.value is not None:
+        wire.value = verdict.value
+    if verdict.threshold is not None:
+        wire.threshold = verdict.threshold
+    if verdict.token_index is not None:
+        wire.token_index = verdict.token_index
+    return fse_pb2.GenerateServerMessage(verdict=wire)
+
+
+def faults_from_metadata(metadata: Any) -> Faults:
+    specs = [value for key, value in (metadata or ()) if key == FAULT_METADATA]
+    return Faults.parse(specs) if specs else Faults()

@@ -133,9 +133,8 @@ def verdict_line(v: Verdict) -> str:
     if v.status == Status.HALTED:
         value = "n/a" if v.value is None else f"{v.value:.6g}"
         threshold = "n/a" if v.threshold is None else f"{v.threshold:.6g}"
-        what = (
-            f"halted by {v.guard}: value {value}, threshold {threshold}, at token {v.token_index}"
-        )
+        index = "n/a" if v.token_index is None else v.token_index
+        what = f"halted by {v.guard}: value {value}, threshold {threshold}, at token {index}"
     else:
         what = v.status.value
     detail = f": {v.message}" if v.message else ""

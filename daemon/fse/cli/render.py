@@ -119,7 +119,7 @@ def verdict_line(verdict: Verdict) -> str:
         threshold = "n/a" if verdict.threshold is None else f"{verdict.threshold:.6g}"
         what = (
             f"halted by {verdict.guard}: value {value}, threshold {threshold}, "
-            f"at token {verdict.token_index}"
+            f"at token {'n/a' if verdict.token_index is None else verdict.token_index}"
         )
     else:
         what = verdict.status

@@ -1,0 +1,132 @@
+"""fse_client without a daemon: wire translation, rendering, exit codes, argument checks."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import grpc
+import pytest
+from fse_client import FseError, Health, Sampling, Status
+from fse_client import cli as example
+from fse_client.channel import check_address
+from fse_client.errors import error_from_rpc
+from fse_client.v1 import fse_pb2
+from fse_client.wire import start_message, token_from_wire, verdict_from_wire
+
+
+def test_unspecified_health_is_none_not_a_crash() -> None:
+    event = token_from_wire(fse_pb2.Token(index=0, id=5, text="a", health=0))
+    assert event.health is None
+    assert example.token_json(event)["health"] is None
+
+
+def test_unknown_status_is_an_error_never_completed() -> None:
+    assert verdict_from_wire(fse_pb2.Verdict(status=0)).status == Status.ERROR
+    assert verdict_from_wire(fse_pb2.Verdict(status=99)).status == Status.ERROR
+
+
+def test_unset_optional_fields_stay_unset() -> None:
+    v = verdict_from_wire(fse_pb2.Verdict(status=fse_pb2.STATUS_COMPLETED, tokens=3))
+    assert (v.guard, v.value, v.threshold, v.token_index) == (None, None, None, None)
+    halted = verdict_from_wire(
+        fse_pb2.Verdict(status=fse_pb2.STATUS_HALTED, guard="l2_norm", value=0.0, token_index=0)
+    )
+    assert (halted.value, halted.token_index, halted.threshold) == (0.0, 0, None)
+
+
+def test_start_message_sends_only_given_sampling_fields() -> None:
+    msg = start_message("hi", sampling=Sampling(temperature=0.0, seed=7), timeout=0.0004)
+    s = msg.start.sampling
+    assert s.HasField("temperature") and s.temperature == 0.0 and s.seed == 7
+    assert not s.HasField("top_k") and not s.HasField("top_p") and not s.HasField("min_p")
+    assert msg.start.timeout_ms == 1  # never 0 (= no deadline) for a positive timeout
+
+
+def test_json_numbers_round_trip_and_non_finite_is_null() -> None:
+    x = 0.1 + 0.2  # 0.30000000000000004: needs all 17 digits
+    event = token_from_wire(fse_pb2.Token(nll=x, ppl=math.inf, variance=math.nan, health=1))
+    doc = json.loads(json.dumps(example.token_json(event)))
+    assert doc["nll"] == x and doc["ppl"] is None and doc["variance"] is None
+    assert doc["health"] == Health.GREEN.value
+
+
+def test_verdict_line_formats_like_c() -> None:
+    v = verdict_from_wire(
+        fse_pb2.Verdict(
+            status=fse_pb2.STATUS_HALTED,
+            guard="l2_norm",
+            value=2574.2049,
+            threshold=10.0,
+            token_index=0,
+            policy="test",
+            policy_sha256="ab" * 32,
+        )
+    )
+    assert example.verdict_line(v) == (
+        "[halted by l2_norm: value 2574.2, threshold 10, at token 0] "
+        "0 tokens released · policy test (abababababab)"
+    )
+
+
+@pytest.mark.parametrize("addr", ["unix:/tmp/x.sock", "unix:///tmp/x", "localhost:50051"])
+def test_addresses_accepted(addr: str) -> None:
+    assert check_address(addr) == addr
+
+
+@pytest.mark.parametrize("addr", ["", "unix:", "localhost", ":80", "host:0", "host:http"])
+def test_addresses_refused_with_the_forms(addr: str) -> None:
+    with pytest.raises(ValueError, match="unix:PATH or HOST:PORT"):
+        check_address(addr)
+
+
+class _Rpc(grpc.RpcError):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+def test_unreachable_is_told_apart_from_a_refusal() -> None:
+    down = error_from_rpc(_Rpc(grpc.StatusCode.UNAVAILABLE, "failed to connect to all"), "a:1")
+    assert down.message.startswith("cannot reach the daemon at a:1")
+    refused = error_from_rpc(_Rpc(grpc.StatusCode.UNAVAILABLE, "audit log: disk full"), "a:1")
+    assert refused.message == "audit log: disk full"
+    assert str(refused) == "UNAVAILABLE: audit log: disk full"
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["--addr", "unix:/x", "--max-tokens", "0", "hi"], "--max-tokens: 0 is invalid"),
+        (["--addr", "unix:/x", "--timeout", "-1", "hi"], "--timeout: -1.0 is invalid"),
+        (["--addr", "unix:/x", "--cancel-after", "0", "hi"], "--cancel-after: 0 is invalid"),
+        (["--addr", "unix:/x", ""], "PROMPT: must not be empty"),
+        (["--addr", "nowhere", "hi"], "--addr: address 'nowhere' is invalid"),
+        (["--addr", "unix:/x", "--top-k", "many", "hi"], "--top-k: invalid int value"),
+    ],
+)
+def test_bad_usage_is_one_line_and_exit_2(
+    argv: list[str], words: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        example.main(argv)
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("guarded-generate: error: ") and words in err[0]
+
+
+def test_invalid_argument_from_the_daemon_is_exit_2(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(args: object) -> int:
+        raise FseError(grpc.StatusCode.INVALID_ARGUMENT, "max_tokens: 9 is out of range")
+
+    monkeypatch.setattr(example, "run", refuse)
+    assert example.main(["--addr", "unix:/x", "hi"]) == 2
+    monkeypatch.setattr(
+        example, "run", lambda a: (_ for _ in ()).throw(FseError(grpc.StatusCode.INTERNAL, "x"))
+    )
+    assert example.main(["--addr", "unix:/x", "hi"]) == 1

@@ -177,6 +177,10 @@ class Settings:
     verbose: bool = False
 
 
+_KIND_WORDS = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+               list: "an array"}  # fmt: skip
+
+
 def _describe(value: object) -> str:
     kinds = {bool: "a boolean", int: "an integer", float: "a float", str: "a string"}
     kind = kinds.get(type(value), "a table" if isinstance(value, dict) else "an array")
@@ -195,7 +199,7 @@ def _checked(key: Key, value: object, where: str) -> Any:
     )
     if not ok_type:
         raise InputError(
-            f"{where}: expected {_describe(kind())}, got {_describe(value)}; "
+            f"{where}: expected {_KIND_WORDS[kind]}, got {_describe(value)}; "
             f"accepted: {key.accepted}"
         )
     if kind is float:

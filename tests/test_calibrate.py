@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from conftest import run_fse
+from fse.core.errors import InputError
 from fse.core.guards import LoopDetector
 from fse.core.policy import builtin_policy, load_policy_file
 from fse.core.types import StepMetrics
@@ -168,7 +169,7 @@ def test_corpus_text_and_jsonl(tmp_path: Path) -> None:
 def test_bad_corpus_names_the_line(tmp_path: Path, content: str, fragment: str) -> None:
     path = tmp_path / "bad.jsonl"
     path.write_text(content)
-    with pytest.raises(cal.CommandError, match=r"^--corpus: ") as info:
+    with pytest.raises(InputError, match=r"^--corpus: ") as info:
         cal.read_corpus(path)
     assert fragment in str(info.value)
 

@@ -13,10 +13,9 @@ import sys
 from collections.abc import Sequence
 
 from fse import __version__
-from fse.cli import audit, generate, model, policy, serve
+from fse.cli import audit, calibrate, experiment, generate, model, policy, serve
 from fse.cli.common import EXIT_ERROR, EXIT_USAGE
 from fse.core.errors import InputError
-from fse.tools import calibrate, experiment
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -179,6 +179,7 @@ class Plot:
     label: str  # the panel's title
     scale: Literal["linear", "log"]
     halts_below: bool = False  # the halting side is below the threshold (shaded red)
+    probability: bool = False  # a value in [0, 1]: the axis shows that whole range
 
 
 C = TypeVar("C")
@@ -392,7 +393,7 @@ MAX_PROB_SPEC = GuardSpec(
     summary=lambda c: f"max_prob {c.threshold:g} \u00d7 {c.consecutive}",
     measure=Measure("consecutive", "max_prob", "high", limit=32, rule="run_length"),
     marker="^",
-    plot=Plot("max_prob", "max probability", "linear"),
+    plot=Plot("max_prob", "max probability", "linear", probability=True),
     metric="max_prob",
 )
 

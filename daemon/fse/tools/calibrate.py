@@ -76,81 +76,84 @@ Corpus (``--corpus``): a text file holds one prompt per line (blank lines skippe
 model's chat template). Without ``--corpus`` the built-in prompt set
 (``fse/data/calibration_prompts.txt``, 40 everyday prompts) is used.
 
-This module also holds the pieces `fse experiment` shares: the local and remote
-runners, replay, and the progress bar.
+Which guards are calibrated, and by which rule, is read from fse.core.registry: each
+entry's ``measure`` names the key it sets, the metric measured, the tail and the hard
+limit (the limits above), and the rule. A new guard whose threshold sits on one tail of
+a per-step metric uses the generic ``"quantile"`` rule and needs nothing here; a guard
+without a ``measure`` keeps the base policy's setting. The flags are parsed by
+fse.cli.calibrate; the runners, replay and the progress bar are fse.tools.runner's.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import os
 import re
-import sys
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal
 
-from fse.cli.common import (
-    add_generation_flags,
-    add_local_flags,
-    load_model,
-    resolve_policy,
-    sampling_from_args,
-)
 from fse.core.errors import InputError
+from fse.core.registry import GUARDS, GuardSpec, LoopGuard, spec
+from fse.core.types import LOGIT_VARIANCE, LOOP, MAX_PROB, PERPLEXITY
+from fse.tools.runner import (
+    Progress,
+    Prompt,
+    Run,
+    RunError,
+    Runner,
+    observe_policy,
+    replay,
+    steps_json,
+)
 
 if TYPE_CHECKING:
-    from fse.core.engine import Context, Model
     from fse.core.policy import Policy
-    from fse.core.types import Request, Sampling, StepMetrics, Trip
+    from fse.core.types import Sampling, StepMetrics, Trip
 
-EXIT_USAGE = 2
-EXIT_ERROR = 1
+__all__ = [
+    "Calibration",
+    "MetricRow",
+    "Prompt",
+    "Run",
+    "RunError",
+    "builtin_prompts",
+    "calibrate_policy",
+    "collect",
+    "longest_streak",
+    "loop_span",
+    "metrics_json",
+    "policy_file_text",
+    "quantile",
+    "read_corpus",
+    "report_lines",
+    "windowed_ppl",
+]
+
+
+def _limit(name: str) -> float:
+    measure = spec(name).measure
+    assert measure is not None and measure.limit is not None, name
+    return measure.limit
+
 
 QUANTILE = 0.999
 MARGIN = 1.5
-PPL_FLOOR = 100.0
-PPL_CEILING = 400.0
+PPL_FLOOR = 100.0  # a default floor of the perplexity rule, not a limit
+PPL_CEILING = _limit(PERPLEXITY)
 L2_RMS_CEILING = 100.0  # nats; the L2 limit is this times sqrt(n_vocab)
-VARIANCE_FLOOR = 0.1
-MAX_PROB_CONSECUTIVE_CEILING = 32
-LOOP_SPAN_CEILING = 32
-OBSERVE_POLICY = "calibration"  # the observe-only policy a daemon must serve for --addr
+VARIANCE_FLOOR = _limit(LOGIT_VARIANCE)
+MAX_PROB_CONSECUTIVE_CEILING = int(_limit(MAX_PROB))
+LOOP_SPAN_CEILING = int(_limit(LOOP))
 DEFAULT_MAX_TOKENS = 128
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
-class CommandError(Exception):
-    """Bad input found by this module: one line, exit 2."""
-
-
-class RunError(Exception):
-    """A generation could not run (the daemon is unreachable, llama.cpp failed): exit 1."""
-
-
 # ---------------------------------------------------------------------------
 # Prompts and corpora
-
-
-@dataclass(frozen=True, slots=True)
-class Prompt:
-    """A raw prompt or chat messages, and where it came from (for messages)."""
-
-    text: str = ""
-    messages: tuple[tuple[str, str], ...] = ()
-    source: str = ""  # e.g. "corpus.jsonl:3"
-
-    @property
-    def label(self) -> str:
-        shown = self.text if self.text else " / ".join(c for _, c in self.messages)
-        shown = " ".join(shown.split())
-        return shown if len(shown) <= 60 else shown[:57] + "..."
 
 
 def builtin_prompts() -> list[Prompt]:
@@ -169,23 +172,21 @@ def _text_prompts(text: str, source: str) -> list[Prompt]:
 
 
 def read_corpus(path: Path, flag: str = "--corpus") -> list[Prompt]:
-    """Prompts of a corpus file; any problem is a CommandError naming flag, file and line."""
+    """Prompts of a corpus file; any problem is an InputError naming flag, file and line."""
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise CommandError(f"{flag}: {path}: cannot read: {exc.strerror or exc}") from None
+        raise InputError(f"{flag}: {path}: cannot read: {exc.strerror or exc}") from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise CommandError(
-            f"{flag}: {path}: not UTF-8 ({exc.reason} at byte {exc.start})"
-        ) from None
+        raise InputError(f"{flag}: {path}: not UTF-8 ({exc.reason} at byte {exc.start})") from None
     if path.suffix.lower() in (".jsonl", ".ndjson"):
         prompts = _jsonl_prompts(text, path, flag)
     else:
         prompts = _text_prompts(text, str(path))
     if not prompts:
-        raise CommandError(f"{flag}: {path}: no prompts (empty file)")
+        raise InputError(f"{flag}: {path}: no prompts (empty file)")
     return prompts
 
 
@@ -198,22 +199,22 @@ def _jsonl_prompts(text: str, path: Path, flag: str) -> list[Prompt]:
         try:
             doc = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise CommandError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+            raise InputError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
         if not isinstance(doc, dict):
-            raise CommandError(f'{where}: expected an object with "prompt" or "messages"')
+            raise InputError(f'{where}: expected an object with "prompt" or "messages"')
         unknown = sorted(set(doc) - {"prompt", "messages"})
         if unknown:
-            raise CommandError(f'{where}: unknown key "{unknown[0]}"; accepted: prompt, messages')
+            raise InputError(f'{where}: unknown key "{unknown[0]}"; accepted: prompt, messages')
         prompt, messages = doc.get("prompt"), doc.get("messages")
         if (prompt is None) == (messages is None):
-            raise CommandError(f'{where}: give exactly one of "prompt" and "messages"')
+            raise InputError(f'{where}: give exactly one of "prompt" and "messages"')
         if prompt is not None:
             if not isinstance(prompt, str) or not prompt.strip():
-                raise CommandError(f'{where}: "prompt" must be a non-empty string')
+                raise InputError(f'{where}: "prompt" must be a non-empty string')
             out.append(Prompt(text=prompt, source=f"{path}:{n}"))
             continue
         if not isinstance(messages, list) or not messages:
-            raise CommandError(f'{where}: "messages" must be a non-empty list')
+            raise InputError(f'{where}: "messages" must be a non-empty list')
         pairs: list[tuple[str, str]] = []
         for i, msg in enumerate(messages):
             ok = (
@@ -224,7 +225,7 @@ def _jsonl_prompts(text: str, path: Path, flag: str) -> list[Prompt]:
                 and isinstance(msg["content"], str)
             )
             if not ok:
-                raise CommandError(
+                raise InputError(
                     f'{where}: "messages[{i}]" must be {{"role": non-empty string, '
                     f'"content": string}}'
                 )
@@ -233,250 +234,8 @@ def _jsonl_prompts(text: str, path: Path, flag: str) -> list[Prompt]:
     return out
 
 
-def make_request(prompt: Prompt, sampling: Sampling, max_tokens: int, policy: str) -> Request:
-    from fse.core.types import Request
-
-    return Request(
-        prompt=prompt.text,
-        messages=prompt.messages,
-        max_tokens=max_tokens,
-        sampling=sampling,
-        policy=policy,
-    )
-
-
 # ---------------------------------------------------------------------------
-# Running generations (in-process or through the daemon)
-
-
-@dataclass(slots=True)
-class Run:
-    """One finished generation: its verdict and the metrics of every released token."""
-
-    prompt: Prompt
-    seed: int | None
-    policy: str
-    status: str
-    tokens: int
-    text: str
-    steps: list[StepMetrics]
-    seconds: float
-    guard: str | None = None
-    value: float | None = None
-    threshold: float | None = None
-    token_index: int | None = None
-    replayed: bool = False  # verdict found by replaying metrics through a local guard chain
-    message: str = ""
-    pieces: list[str] = field(default_factory=list)  # released text, token by token
-
-    @property
-    def halted(self) -> bool:
-        return self.status == "halted"
-
-
-class Runner(Protocol):
-    model_name: str
-    n_vocab: int
-    where: str
-
-    def prepare(self, jobs: Sequence[tuple[Prompt, int]]) -> None: ...
-
-    def serves(self, policy: Policy) -> bool: ...
-
-    def unserved(self, policy: Policy) -> str: ...
-
-    def run(self, prompt: Prompt, sampling: Sampling, max_tokens: int, policy: Policy) -> Run: ...
-
-    def close(self) -> None: ...
-
-
-def _collect(events: Iterator[Any], prompt: Prompt, seed: int | None, policy: str) -> Run:
-    from fse.core.types import TokenEvent
-
-    started = time.monotonic()
-    steps: list[StepMetrics] = []
-    pieces: list[str] = []
-    for event in events:
-        if isinstance(event, TokenEvent):
-            steps.append(event.metrics)
-            pieces.append(event.text)
-            continue
-        return Run(
-            prompt=prompt,
-            seed=seed,
-            policy=policy,
-            status=event.status,
-            tokens=event.tokens,
-            text=event.text,
-            steps=steps,
-            seconds=time.monotonic() - started,
-            guard=event.guard,
-            value=event.value,
-            threshold=event.threshold,
-            token_index=event.token_index,
-            message=event.message,
-            pieces=pieces,
-        )
-    raise RunError("the stream ended without a verdict")
-
-
-class LocalRunner:
-    """Generations in this process: one model, one context sized for the longest job."""
-
-    def __init__(self, model_path: Path | None, threads: int, verbose: bool) -> None:
-        if threads < 1:
-            raise CommandError(f"--threads: {threads} is invalid; accepted: >= 1")
-        self.model: Model = load_model(model_path, verbose)
-        self.threads = threads
-        self.ctx: Context | None = None
-        self.model_name = self.model.name
-        self.n_vocab = self.model.n_vocab
-        self.where = f"in-process ({self.model.path.name})"
-
-    def prepare(self, jobs: Sequence[tuple[Prompt, int]]) -> None:
-        from fse.core.engine import Context
-        from fse.core.types import Request
-        from fse.serve.service import InvalidRequest, prompt_tokens
-
-        needed = 0
-        for prompt, max_tokens in jobs:
-            request = Request(prompt=prompt.text, messages=prompt.messages)
-            try:
-                n = len(prompt_tokens(self.model, request)) + max_tokens
-            except InvalidRequest as exc:
-                raise CommandError(f"{prompt.source or 'prompt'}: {exc}") from None
-            if n > self.model.n_ctx_train:
-                raise CommandError(
-                    f"{prompt.source or 'prompt'}: prompt plus {max_tokens} tokens exceed the "
-                    f"model's context of {self.model.n_ctx_train} tokens (--max-tokens)"
-                )
-            needed = max(needed, n)
-        n_ctx = min(self.model.n_ctx_train, max(512, -(-needed // 256) * 256))
-        if self.ctx is None or self.ctx.n_ctx < n_ctx:
-            if self.ctx is not None:
-                self.ctx.close()
-            self.ctx = Context(self.model, n_ctx=n_ctx, n_threads=self.threads)
-
-    def serves(self, policy: Policy) -> bool:
-        return True
-
-    def unserved(self, policy: Policy) -> str:
-        return ""
-
-    def run(self, prompt: Prompt, sampling: Sampling, max_tokens: int, policy: Policy) -> Run:
-        from fse.serve.service import run_local
-
-        if self.ctx is None:
-            self.prepare([(prompt, max_tokens)])
-        assert self.ctx is not None
-        request = make_request(prompt, sampling, max_tokens, policy.name)
-        return _collect(
-            run_local(self.model, self.ctx, request, policy), prompt, sampling.seed, policy.name
-        )
-
-    def close(self) -> None:
-        if self.ctx is not None:
-            self.ctx.close()
-            self.ctx = None
-        self.model.close()
-
-
-class RemoteRunner:
-    """Generations through a running daemon (`fse serve`); policies are served by name."""
-
-    def __init__(self, addr: str) -> None:
-        import fse_client
-
-        self.addr = addr
-        try:
-            with fse_client.Client(addr) as client:
-                info = client.info(timeout=30)
-        except fse_client.FseError as exc:
-            raise RunError(
-                f"cannot get info from the daemon at {addr} ({exc}); is `fse serve` running?"
-            ) from None
-        except ValueError as exc:  # a malformed address
-            raise CommandError(f"--addr: {exc}") from None
-        self.model_name: str = info.model.name
-        self.n_vocab: int = info.model.vocab_size
-        self.max_tokens: int = info.limits.max_tokens
-        self.served: dict[str, str] = {p.name: p.sha256 for p in info.policies}
-        self.where = f"daemon at {addr}"
-
-    def prepare(self, jobs: Sequence[tuple[Prompt, int]]) -> None:
-        longest = max((n for _, n in jobs), default=0)
-        if longest > self.max_tokens:
-            raise CommandError(
-                f"--max-tokens: {longest} is above the daemon's limit of {self.max_tokens}"
-            )
-
-    def serves(self, policy: Policy) -> bool:
-        return self.served.get(policy.name) == policy.sha256
-
-    def unserved(self, policy: Policy) -> str:
-        return _not_served(self.addr, policy, self.served)
-
-    def run(self, prompt: Prompt, sampling: Sampling, max_tokens: int, policy: Policy) -> Run:
-        from fse.tools.remote import ClientError, RemoteStream
-
-        if not self.serves(policy):
-            raise CommandError(_not_served(self.addr, policy, self.served))
-        request = make_request(prompt, sampling, max_tokens, policy.name)
-        try:
-            return _collect(
-                iter(RemoteStream(self.addr, request)), prompt, sampling.seed, policy.name
-            )
-        except ClientError as exc:
-            if exc.code.name == "INVALID_ARGUMENT":
-                raise CommandError(f"{prompt.source or 'prompt'}: {exc.message}") from None
-            raise RunError(str(exc)) from None
-
-    def close(self) -> None:
-        pass
-
-
-def _not_served(addr: str, policy: Policy, served: dict[str, str]) -> str:
-    if policy.name in served:
-        return (
-            f"--policy: the daemon at {addr} serves a different policy named {policy.name!r} "
-            f"(sha256 {served[policy.name][:12]}, this one {policy.sha256[:12]}); "
-            "install the same file in its --policies-dir"
-        )
-    return (
-        f"--policy: the daemon at {addr} does not serve policy {policy.name!r}; "
-        f"it serves {', '.join(sorted(served))}. Put {policy.name}.toml in its --policies-dir"
-    )
-
-
-def open_runner(args: argparse.Namespace) -> Runner:
-    """The in-process runner, or the daemon's when --addr is given."""
-    if args.addr:
-        if args.model is not None:
-            raise CommandError("--model: not used with --addr (the daemon owns the model)")
-        return RemoteRunner(args.addr)
-    return LocalRunner(args.model, args.threads, args.verbose)
-
-
-# ---------------------------------------------------------------------------
-# Replay and statistics
-
-
-def replay(steps: Sequence[StepMetrics], policy: Policy) -> Trip | None:
-    """The first halting trip a fresh guard chain of `policy` finds in recorded steps.
-
-    Windowed perplexity is recomputed from each step's nll for the policy's window.
-    """
-    from fse.core.guards import GuardChain
-    from fse.core.metrics import PerplexityWindow
-
-    chain = GuardChain(policy)
-    window = PerplexityWindow(policy.ppl_window)
-    for m in steps:
-        ppl, cumulative = window.push(m.nll)
-        for trip in chain.check(replace(m, ppl=ppl, ppl_cumulative=cumulative)):
-            if trip.halts:
-                return trip
-    return None
+# Statistics
 
 
 def windowed_ppl(steps: Sequence[StepMetrics], window: int) -> list[float]:
@@ -567,6 +326,208 @@ class Calibration:
         return len(self.halts) / max(1, self.n_runs)
 
 
+@dataclass(slots=True)
+class _Data:
+    """The healthy runs and the settings every rule reads."""
+
+    runs: Sequence[Run]
+    q: float
+    margin: float
+    n_vocab: int
+    spans: list[float]  # per generation: the longest tail cycle (see loop_span)
+    healthy: list[int]  # generations whose cycle stays below the loop limit
+
+    @property
+    def low(self) -> float:
+        return 1.0 - self.q
+
+    def row(
+        self,
+        metric: str,
+        values: Sequence[float],
+        threshold: str,
+        note: str = "",
+        lo: bool = False,
+    ) -> MetricRow:
+        at = (0.5, 0.01, self.low) if lo else (0.5, 0.99, self.q)
+        p50, p99, p999 = (quantile(values, x) for x in at)
+        return MetricRow(metric, len(values), p50, p99, p999, threshold, note)
+
+
+@dataclass(slots=True)
+class _Tuned:
+    """What a rule found: its report row, the calibrated config (None: the guard is off
+    in the result), and any warnings."""
+
+    row: MetricRow
+    config: Any | None
+    warnings: list[str] = field(default_factory=list)
+
+
+# A rule: (the guard's entry, its config in the base policy or None, the data).
+_Rule = Callable[[GuardSpec[Any], Any, _Data], _Tuned]
+
+
+def _quantile_rule(guard: GuardSpec[Any], cfg: Any, d: _Data) -> _Tuned:
+    """The generic rule, for any per-step metric: p_q x margin (a high tail, clamped to at
+    most the limit) or p_(1-q) / margin (a low tail, clamped to at least the limit)."""
+    measure = guard.measure
+    assert measure is not None
+    limit = measure.limit
+    values = [float(getattr(m, measure.metric)) for r in d.runs for m in r.steps]
+    warnings: list[str] = []
+    threshold = math.nan
+    if measure.tail == "low":
+        if cfg is not None:
+            raw = quantile(values, d.low) / d.margin
+            threshold = _round_sig(raw, up=False)
+            threshold = max(limit, threshold) if limit is not None else threshold
+        bound = f"; limit >= {limit:g}" if limit is not None else ""
+        label, note = f"{guard.name} (low tail)", f"p50 / p{_pct(0.01)} / p{_pct(d.low)}{bound}"
+    else:
+        if cfg is not None:
+            raw = quantile(values, d.q) * d.margin
+            threshold = _round_sig(raw, up=True)
+            if limit is not None:
+                threshold = min(limit, threshold)
+                if raw > limit:
+                    warnings.append(
+                        f"{guard.name}: healthy p{_pct(d.q)} x margin = {raw:.4g} is above the "
+                        f"hard limit {limit:g}; the limit is used"
+                    )
+        label, note = guard.name, f"limit {_fmt(limit)}" if limit is not None else ""
+    tuned = replace(cfg, **{measure.key: threshold}) if cfg is not None else None
+    shown = _fmt(threshold) if cfg is not None else "off"
+    return _Tuned(d.row(label, values, shown, note, lo=measure.tail == "low"), tuned, warnings)
+
+
+def _windowed_ppl_rule(guard: GuardSpec[Any], cfg: Any, d: _Data) -> _Tuned:
+    """Windowed perplexity (for the guard's window) from the step at which it is armed;
+    at least PPL_FLOOR, at most the limit."""
+    ppl_cfg = cfg if cfg is not None else guard.config()
+    armed = max(0, ppl_cfg.min_tokens - 1)
+    ppl = [
+        v for r in d.runs for i, v in enumerate(windowed_ppl(r.steps, ppl_cfg.window)) if i >= armed
+    ]
+    ceiling = _limit(guard.name)
+    threshold = math.nan
+    tuned = None
+    warnings: list[str] = []
+    if cfg is not None and ppl:
+        raw = quantile(ppl, d.q) * d.margin
+        threshold = min(ceiling, max(PPL_FLOOR, _round_sig(raw, up=True)))
+        tuned = replace(cfg, threshold=threshold)
+        if raw > ceiling:
+            warnings.append(
+                f"{guard.name}: healthy p{_pct(d.q)} x margin = {raw:.4g} is above the hard limit "
+                f"{ceiling:g}; the limit is used and healthy text will be halted (sample "
+                "less loosely, or check that the corpus is healthy)"
+            )
+    row = d.row(
+        f"{guard.name} (window {ppl_cfg.window or 'cumulative'})",
+        ppl,
+        _fmt(threshold) if cfg is not None else "off",
+        f"floor {PPL_FLOOR:g}, limit {ceiling:g}",
+    )
+    return _Tuned(row, tuned, warnings)
+
+
+def _l2_vocab_rule(guard: GuardSpec[Any], cfg: Any, d: _Data) -> _Tuned:
+    """p_q x margin, at most the physical limit L2_RMS_CEILING x sqrt(n_vocab)."""
+    l2 = [m.l2_norm for r in d.runs for m in r.steps]
+    limit = _round_sig(L2_RMS_CEILING * math.sqrt(max(1, d.n_vocab)), up=False)
+    threshold = math.nan
+    tuned = None
+    warnings: list[str] = []
+    if cfg is not None:
+        raw = quantile(l2, d.q) * d.margin
+        threshold = min(limit, _round_sig(raw, up=True))
+        tuned = replace(cfg, threshold=threshold)
+        if raw > limit:
+            warnings.append(
+                f"{guard.name}: healthy p{_pct(d.q)} x margin = {raw:.4g} is above the physical "
+                f"limit {limit:g} (RMS logit {L2_RMS_CEILING:g} nats); the limit is used"
+            )
+    shown = _fmt(threshold) if cfg is not None else "off"
+    return _Tuned(d.row(guard.name, l2, shown, f"limit {_fmt(limit)}"), tuned, warnings)
+
+
+def _run_length_rule(guard: GuardSpec[Any], cfg: Any, d: _Data) -> _Tuned:
+    """consecutive = one above the longest run above the (kept) threshold per non-looping
+    generation, at least the base's, at most the limit."""
+    mp_cfg = cfg if cfg is not None else guard.config()
+    limit = int(_limit(guard.name))
+    mp = [m.max_prob for r in d.runs for m in r.steps]
+    streaks = [
+        float(longest_streak([m.max_prob for m in d.runs[i].steps], mp_cfg.threshold))
+        for i in d.healthy
+    ]
+    streak_q = quantile(streaks, d.q)
+    consecutive = mp_cfg.consecutive
+    tuned = None
+    warnings: list[str] = []
+    if cfg is not None:
+        consecutive = _event_threshold(streak_q, cfg.consecutive, limit)
+        tuned = replace(cfg, consecutive=consecutive)
+        if streak_q + 1 > limit:
+            warnings.append(
+                f"{guard.name}: non-looping generations stay above {mp_cfg.threshold:g} for up "
+                f"to {streak_q:g} steps; consecutive is capped at {limit}"
+            )
+    row = d.row(
+        guard.name,
+        mp,
+        f"{mp_cfg.threshold:g} x {consecutive}" if cfg is not None else "off",
+        f"longest run above {mp_cfg.threshold:g}, non-looping p{_pct(d.q)}: {_fmt(streak_q)} steps",
+    )
+    return _Tuned(row, tuned, warnings)
+
+
+def _loop_span_rule(guard: GuardSpec[Any], cfg: Any, d: _Data) -> _Tuned:
+    """min_span = one above the longest tail cycle per non-looping generation, at least
+    the base's, at most the limit. A generation whose cycle reaches the limit is a loop
+    by definition, not healthy data: left out (and shown as an expected halt)."""
+    loop_cfg = cfg if cfg is not None else guard.config()
+    limit = int(_limit(guard.name))
+    spans = d.spans
+    n_loops = len(d.runs) - len(d.healthy)
+    span_q = quantile([spans[i] for i in d.healthy], d.q)
+    min_span = loop_cfg.min_span
+    tuned = None
+    warnings: list[str] = []
+    if cfg is not None:
+        min_span = _event_threshold(span_q, cfg.min_span, limit)
+        tuned = replace(cfg, min_span=min_span)
+        if span_q + 1 > limit:
+            warnings.append(
+                f"{guard.name}: non-looping generations repeat a cycle over up to {span_q:g} "
+                f"tokens; min_span is capped at {limit}"
+            )
+    if n_loops:
+        warnings.append(
+            f"{guard.name}: {n_loops} of {len(d.runs)} calibration generations end in a cycle "
+            f"covering {limit} tokens or more (up to {max(spans):g}); they are loops, not "
+            "healthy text: left out of the loop and max_prob statistics, counted as halts"
+        )
+    row = d.row(
+        f"loop span (>= {loop_cfg.min_repeats} repeats, per generation)",
+        spans,
+        f"{loop_cfg.min_repeats} repeats / {min_span} tokens" if cfg is not None else "off",
+        f"non-looping p{_pct(d.q)} {_fmt(span_q)}; limit {limit} tokens",
+    )
+    return _Tuned(row, tuned, warnings)
+
+
+# The rules a registry entry's measure may name (Measure.rule).
+RULES: dict[str, _Rule] = {
+    "quantile": _quantile_rule,
+    "windowed_ppl": _windowed_ppl_rule,
+    "l2_vocab": _l2_vocab_rule,
+    "run_length": _run_length_rule,
+    "loop_span": _loop_span_rule,
+}
+
+
 def calibrate_policy(
     runs: Sequence[Run],
     base: Policy,
@@ -577,148 +538,40 @@ def calibrate_policy(
     margin: float = MARGIN,
     description: str = "",
 ) -> Calibration:
-    """Thresholds from healthy runs (see the module docstring for the rules)."""
-    from fse.core.policy import (
-        HealthBands,
-        LoopGuard,
-        MaxProbGuard,
-        PerplexityGuard,
-        Policy,
-    )
+    """Thresholds from healthy runs: every guard of the registry with a measure, by its
+    rule (see the module docstring); a guard without one keeps the base's setting."""
+    from fse.core.policy import HealthBands, Policy
 
     if not runs or not any(r.steps for r in runs):
         raise RunError("calibration produced no tokens; nothing to measure")
-    low = 1.0 - q
-    rows: list[MetricRow] = []
-    warnings: list[str] = []
-    fields: dict[str, Any] = {}
-
-    def row(
-        metric: str, values: Sequence[float], threshold: str, note: str = "", lo: bool = False
-    ) -> None:
-        p50, p99, p999 = (quantile(values, x) for x in ((0.5, 0.01, low) if lo else (0.5, 0.99, q)))
-        rows.append(MetricRow(metric, len(values), p50, p99, p999, threshold, note))
-
-    # perplexity (windowed, from the step at which the guard is armed)
-    ppl_cfg = base.perplexity if base.perplexity is not None else PerplexityGuard()
-    armed = max(0, ppl_cfg.min_tokens - 1)
-    ppl = [
-        v for r in runs for i, v in enumerate(windowed_ppl(r.steps, ppl_cfg.window)) if i >= armed
-    ]
-    ppl_threshold = math.nan
-    if base.perplexity is not None and ppl:
-        raw = quantile(ppl, q) * margin
-        ppl_threshold = min(PPL_CEILING, max(PPL_FLOOR, _round_sig(raw, up=True)))
-        fields["perplexity"] = replace(ppl_cfg, threshold=ppl_threshold)
-        if raw > PPL_CEILING:
-            warnings.append(
-                f"perplexity: healthy p{_pct(q)} x margin = {raw:.4g} is above the hard limit "
-                f"{PPL_CEILING:g}; the limit is used and healthy text will be halted (sample "
-                "less loosely, or check that the corpus is healthy)"
-            )
-    row(
-        f"perplexity (window {ppl_cfg.window or 'cumulative'})",
-        ppl,
-        _fmt(ppl_threshold) if base.perplexity is not None else "off",
-        f"floor {PPL_FLOOR:g}, limit {PPL_CEILING:g}",
-    )
-
-    # L2 norm
-    l2 = [m.l2_norm for r in runs for m in r.steps]
-    l2_limit = _round_sig(L2_RMS_CEILING * math.sqrt(max(1, n_vocab)), up=False)
-    l2_threshold = math.nan
-    if base.l2_norm is not None:
-        raw = quantile(l2, q) * margin
-        l2_threshold = min(l2_limit, _round_sig(raw, up=True))
-        fields["l2_norm"] = replace(base.l2_norm, threshold=l2_threshold)
-        if raw > l2_limit:
-            warnings.append(
-                f"l2_norm: healthy p{_pct(q)} x margin = {raw:.4g} is above the physical limit "
-                f"{l2_limit:g} (RMS logit {L2_RMS_CEILING:g} nats); the limit is used"
-            )
-    row(
-        "l2_norm",
-        l2,
-        _fmt(l2_threshold) if base.l2_norm is not None else "off",
-        f"limit {_fmt(l2_limit)}",
-    )
-
-    # logit variance (the low tail matters)
-    var = [m.variance for r in runs for m in r.steps]
-    var_threshold = math.nan
-    if base.logit_variance is not None:
-        raw = quantile(var, low) / margin
-        var_threshold = max(VARIANCE_FLOOR, _round_sig(raw, up=False))
-        fields["logit_variance"] = replace(base.logit_variance, threshold=var_threshold)
-    row(
-        "logit_variance (low tail)",
-        var,
-        _fmt(var_threshold) if base.logit_variance is not None else "off",
-        f"p50 / p{_pct(0.01)} / p{_pct(low)}; limit >= {VARIANCE_FLOOR:g}",
-        lo=True,
-    )
-
-    # loop: per generation, the longest tail cycle of >= min_repeats repeats. A generation
-    # whose cycle reaches the hard limit is a loop by definition, not healthy data: it is
-    # left out of the event-guard statistics (and shows up as an expected halt).
+    # Which generations loop (a cycle reaching the loop limit) is decided once, with the
+    # base's loop settings (or the defaults): the event guards' statistics leave them out.
     loop_cfg = base.loop if base.loop is not None else LoopGuard()
     spans = [
         float(loop_span([m.token for m in r.steps], loop_cfg.max_period, loop_cfg.min_repeats))
         for r in runs
     ]
     healthy = [i for i, span in enumerate(spans) if span < LOOP_SPAN_CEILING]
-    n_loops = len(runs) - len(healthy)
-    span_q = quantile([spans[i] for i in healthy], q)
-    min_span = loop_cfg.min_span
-    if base.loop is not None:
-        min_span = _event_threshold(span_q, base.loop.min_span, LOOP_SPAN_CEILING)
-        fields["loop"] = replace(base.loop, min_span=min_span)
-    if base.loop is not None and span_q + 1 > LOOP_SPAN_CEILING:
-        warnings.append(
-            f"loop: non-looping generations repeat a cycle over up to {span_q:g} tokens; "
-            f"min_span is capped at {LOOP_SPAN_CEILING}"
-        )
-    if n_loops:
-        warnings.append(
-            f"loop: {n_loops} of {len(runs)} calibration generations end in a cycle covering "
-            f"{LOOP_SPAN_CEILING} tokens or more (up to {max(spans):g}); they are loops, not "
-            "healthy text: left out of the loop and max_prob statistics, counted as halts"
-        )
-    row(
-        f"loop span (>= {loop_cfg.min_repeats} repeats, per generation)",
-        spans,
-        f"{loop_cfg.min_repeats} repeats / {min_span} tokens" if base.loop is not None else "off",
-        f"non-looping p{_pct(q)} {_fmt(span_q)}; limit {LOOP_SPAN_CEILING} tokens",
-    )
+    data = _Data(runs, q, margin, n_vocab, spans, healthy)
 
-    # max probability: per step, and the longest run above the threshold per generation
-    mp_cfg = base.max_prob if base.max_prob is not None else MaxProbGuard()
-    mp = [m.max_prob for r in runs for m in r.steps]
-    streaks = [
-        float(longest_streak([m.max_prob for m in runs[i].steps], mp_cfg.threshold))
-        for i in healthy
-    ]
-    streak_q = quantile(streaks, q)
-    consecutive = mp_cfg.consecutive
-    if base.max_prob is not None:
-        consecutive = _event_threshold(
-            streak_q, base.max_prob.consecutive, MAX_PROB_CONSECUTIVE_CEILING
-        )
-        fields["max_prob"] = replace(base.max_prob, consecutive=consecutive)
-        if streak_q + 1 > MAX_PROB_CONSECUTIVE_CEILING:
-            warnings.append(
-                f"max_prob: non-looping generations stay above {mp_cfg.threshold:g} for up to "
-                f"{streak_q:g} steps; consecutive is capped at {MAX_PROB_CONSECUTIVE_CEILING}"
-            )
-    row(
-        "max_prob",
-        mp,
-        f"{mp_cfg.threshold:g} x {consecutive}" if base.max_prob is not None else "off",
-        f"longest run above {mp_cfg.threshold:g}, non-looping p{_pct(q)}: {_fmt(streak_q)} steps",
-    )
+    rows: list[MetricRow] = []
+    warnings: list[str] = []
+    fields: dict[str, Any] = {}
+    for guard in GUARDS:
+        cfg = getattr(base, guard.name)
+        if guard.measure is None:
+            if cfg is not None:
+                fields[guard.name] = cfg
+            continue
+        tuned = RULES[guard.measure.rule](guard, cfg, data)
+        rows.append(tuned.row)
+        warnings += tuned.warnings
+        if tuned.config is not None:
+            fields[guard.name] = tuned.config
 
     health = base.health
     if "perplexity" in fields:
+        ppl_threshold = fields["perplexity"].threshold
         health = HealthBands(
             green_below=min(base.health.green_below, ppl_threshold / 2), red_above=ppl_threshold
         )
@@ -749,80 +602,6 @@ def _fmt(x: float) -> str:
     return f"{x:,.0f}" if abs(x) >= 1000 else f"{x:.4g}"
 
 
-# ---------------------------------------------------------------------------
-# Progress bar
-
-
-class Progress:
-    """A progress bar on stderr: redrawn in place on a terminal, a line per 10% otherwise."""
-
-    def __init__(self, total: int, label: str, stream: IO[str] | None = None) -> None:
-        self.total = max(1, total)
-        self.label = label
-        self.stream = stream if stream is not None else sys.stderr
-        self.tty = self.stream.isatty()
-        self.done = 0
-        self.started = time.monotonic()
-        self._last_decile = -1
-
-    def advance(self, note: str = "") -> None:
-        self.done += 1
-        elapsed = time.monotonic() - self.started
-        left = elapsed / self.done * (self.total - self.done)
-        frac = self.done / self.total
-        if self.tty:
-            width = 24
-            filled = round(width * frac)
-            bar = "#" * filled + "-" * (width - filled)
-            note = note if len(note) <= 40 else note[:37] + "..."
-            self.stream.write(
-                f"\r\x1b[K{self.label} [{bar}] {self.done}/{self.total} "
-                f"{_clock(elapsed)} elapsed, {_clock(left)} left  {note}"
-            )
-            if self.done >= self.total:
-                self.stream.write("\n")
-        else:
-            decile = int(frac * 10)
-            if decile != self._last_decile or self.done >= self.total:
-                self._last_decile = decile
-                self.stream.write(
-                    f"{self.label}: {self.done}/{self.total} ({frac:.0%}), "
-                    f"{_clock(elapsed)} elapsed, {_clock(left)} left\n"
-                )
-        self.stream.flush()
-
-
-def _clock(seconds: float) -> str:
-    s = round(seconds)
-    return f"{s // 60}:{s % 60:02d}"
-
-
-# ---------------------------------------------------------------------------
-# Output files
-
-
-def check_writable_file(path: Path, flag: str) -> None:
-    """Fail before a long run, not after it, when `path` cannot be written."""
-    if path.exists() and not path.is_file():
-        raise CommandError(f"{flag}: {path}: exists and is not a regular file")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise CommandError(f"{flag}: {path}: directory {parent} does not exist")
-    target = path if path.exists() else parent
-    if not os.access(target, os.W_OK):
-        raise CommandError(f"{flag}: {path}: not writable")
-
-
-def write_atomic(path: Path, text: str, flag: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise CommandError(f"{flag}: {path}: cannot write: {exc.strerror or exc}") from None
-
-
 def policy_name_for(path: Path) -> str:
     """A valid policy name from a file name (`calibrated.toml` -> `calibrated`)."""
     stem = re.sub(r"[^A-Za-z0-9_.-]", "-", path.stem)[:64].strip(".-") or "calibrated"
@@ -830,157 +609,80 @@ def policy_name_for(path: Path) -> str:
 
 
 # ---------------------------------------------------------------------------
-# The command
+# A calibration run
 
 
-def add_parser(commands: Any) -> None:
-    p: argparse.ArgumentParser = commands.add_parser(
-        "calibrate",
-        help="measure a model's healthy metrics and write a policy calibrated for it",
-        description=(
-            "Run healthy generations (a built-in prompt set or --corpus) at the given "
-            "sampling settings, record every metric at every step, and write a policy "
-            "whose thresholds sit at --quantile x --margin, clamped to hard limits."
-        ),
-    )
-    p.add_argument("--addr", help="daemon address (unix:PATH or HOST:PORT); default: in-process")
-    p.add_argument(
-        "--corpus",
-        type=Path,
-        help="prompts: one per line, or JSONL ({'prompt': ...} or {'messages': [...]}) "
-        "for a .jsonl file (default: the built-in set of 40)",
-    )
-    p.add_argument(
-        "--out", type=Path, required=True, help="policy file to write (e.g. calibrated.toml)"
-    )
-    p.add_argument(
-        "--name", help="policy name (default: the --out file name without .toml, e.g. calibrated)"
-    )
-    add_generation_flags(p)
-    add_local_flags(p)
-    p.set_defaults(policy="pro", max_tokens=DEFAULT_MAX_TOKENS)
-    helps = {
-        "policy": "base policy: its guards are the ones calibrated (pro)",
-        "max_tokens": f"tokens per generation at most ({DEFAULT_MAX_TOKENS})",
-        "seed": "first seed: generation i uses seed + i (0)",
-    }
-    for action in p._actions:  # the shared flags, with this command's defaults
-        if action.dest in helps:
-            action.help = helps[action.dest]
-    p.add_argument(
-        "--samples", type=int, default=1, help="generations per prompt, seeds seed.. (1)"
-    )
-    p.add_argument(
-        "--quantile",
-        type=float,
-        default=QUANTILE,
-        help=f"healthy quantile the thresholds sit at ({QUANTILE})",
-    )
-    p.add_argument(
-        "--margin", type=float, default=MARGIN, help=f"factor beyond that quantile ({MARGIN})"
-    )
-    p.add_argument(
-        "--metrics-out", type=Path, help="also write the raw per-step metrics here (JSON)"
-    )
-    p.set_defaults(func=cmd_calibrate)
+def collect(
+    runner: Runner,
+    prompts: Sequence[Prompt],
+    *,
+    samples: int,
+    max_tokens: int,
+    sampling: Sampling,
+    base_seed: int,
+    progress: str | None = None,
+) -> list[Run]:
+    """Every prompt `samples` times under the observe-only policy, generation i with seed
+    base_seed + i. A daemon must serve that policy; a failed generation is a RunError.
+    With `progress`, a progress bar with that label is drawn on stderr."""
+    observe = observe_policy()
+    jobs = [(p, max_tokens) for p in prompts for _ in range(samples)]
+    if not runner.serves(observe):
+        raise InputError(
+            f"--addr: the {runner.where} does not serve the observe-only policy "
+            f"{observe.name!r} (no guard but non_finite); put {observe.name}.toml "
+            f'holding the line name = "{observe.name}" in its --policies-dir'
+        )
+    runner.prepare(jobs)
+    bar = Progress(len(jobs), progress) if progress is not None else None
+    runs: list[Run] = []
+    for i, (prompt, tokens) in enumerate(jobs):
+        seed = (base_seed + i) % 2**32
+        run = runner.run(prompt, replace(sampling, seed=seed), tokens, observe)
+        if run.status == "error":
+            raise RunError(f"{prompt.source}: generation failed: {run.message}")
+        runs.append(run)
+        if bar is not None:
+            bar.advance(prompt.label)
+    return runs
 
 
-def cmd_calibrate(args: argparse.Namespace) -> int:
-    try:
-        return _calibrate(args)
-    except (InputError, CommandError) as exc:
-        print(f"fse calibrate: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except RunError as exc:
-        print(f"fse calibrate: error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+def settings_text(s: Sampling) -> str:
+    """'greedy', or the sampling settings in a phrase (the report and the description)."""
+    if s.temperature == 0:
+        return "greedy"
+    return f"temperature {s.temperature:g}, top_k {s.top_k}, top_p {s.top_p:g}, min_p {s.min_p:g}"
 
 
-def _calibrate(args: argparse.Namespace) -> int:
-    from fse.core.policy import Policy, PolicyError
-
-    if args.max_tokens < 1:
-        raise CommandError(f"--max-tokens: {args.max_tokens} is invalid; accepted: >= 1")
-    if not 1 <= args.samples <= 1000:
-        raise CommandError(f"--samples: {args.samples} is invalid; accepted: 1..1000")
-    if not (math.isfinite(args.quantile) and 0.5 <= args.quantile < 1):
-        raise CommandError(f"--quantile: {args.quantile} is invalid; accepted: 0.5 <= q < 1")
-    if not (math.isfinite(args.margin) and 1 <= args.margin <= 100):
-        raise CommandError(f"--margin: {args.margin} is invalid; accepted: 1 <= margin <= 100")
-    sampling = sampling_from_args(args)
-    base_seed = 0 if args.seed is None else args.seed
-    if not 0 <= base_seed < 2**32:
-        raise CommandError(f"--seed: {base_seed} is invalid; accepted: 0 <= seed < 2^32")
-    try:
-        base = resolve_policy(args.policy, args.policies_dir)
-    except InputError as exc:
-        raise CommandError(f"--policy: {str(exc).removeprefix('--policy: ')}") from None
-    name = args.name if args.name is not None else policy_name_for(args.out)
-    try:
-        Policy(name=name)
-    except PolicyError as exc:
-        raise CommandError(f"--name: {exc}".replace("name: ", "", 1)) from None
-    check_writable_file(args.out, "--out")
-    if args.metrics_out is not None:
-        check_writable_file(args.metrics_out, "--metrics-out")
-    prompts = read_corpus(args.corpus) if args.corpus is not None else builtin_prompts()
-    corpus_label = str(args.corpus) if args.corpus is not None else "built-in prompt set"
-
-    observe = Policy(name=OBSERVE_POLICY)
-    jobs = [(p, args.max_tokens) for p in prompts for _ in range(args.samples)]
-    runner = open_runner(args)
-    try:
-        if isinstance(runner, RemoteRunner) and not runner.serves(observe):
-            raise CommandError(
-                f"--addr: the daemon at {args.addr} does not serve the observe-only policy "
-                f"{OBSERVE_POLICY!r} (no guard but non_finite); put {OBSERVE_POLICY}.toml "
-                f'holding the line name = "{OBSERVE_POLICY}" in its --policies-dir'
-            )
-        runner.prepare(jobs)
-        progress = Progress(len(jobs), "calibrate")
-        runs: list[Run] = []
-        for i, (prompt, max_tokens) in enumerate(jobs):
-            seed = (base_seed + i) % 2**32
-            run = runner.run(prompt, replace(sampling, seed=seed), max_tokens, observe)
-            if run.status == "error":
-                raise RunError(f"{prompt.source}: generation failed: {run.message}")
-            runs.append(run)
-            progress.advance(prompt.label)
-    finally:
-        runner.close()
-
-    s = sampling
-    settings = (
-        "greedy"
-        if s.temperature == 0
-        else f"temperature {s.temperature:g}, top_k {s.top_k}, top_p {s.top_p:g}, min_p {s.min_p:g}"
-    )
-    description = (
-        f"calibrated by fse calibrate for {runner.model_name} on {len(runs)} generations "
-        f"({corpus_label}; {settings}; up to {args.max_tokens} tokens); thresholds at "
-        f"p{_pct(args.quantile)} x {args.margin:g}, clamped to hard limits; base policy "
+def description_text(
+    model: str,
+    n_runs: int,
+    corpus: str,
+    settings: str,
+    max_tokens: int,
+    q: float,
+    margin: float,
+    base: Policy,
+) -> str:
+    """The calibrated policy's description: how it was made."""
+    return (
+        f"calibrated by fse calibrate for {model} on {n_runs} generations "
+        f"({corpus}; {settings}; up to {max_tokens} tokens); thresholds at "
+        f"p{_pct(q)} x {margin:g}, clamped to hard limits; base policy "
         f"{base.name}"
     )
-    cal = calibrate_policy(
-        runs,
-        base,
-        name=name,
-        n_vocab=runner.n_vocab,
-        q=args.quantile,
-        margin=args.margin,
-        description=description,
-    )
+
+
+def policy_file_text(cal: Calibration, runs: Sequence[Run], model: str, settings: str) -> str:
+    """The policy file: the report as a comment header, then the policy's TOML."""
     header = "".join(
-        f"# {line}\n" if line else "#\n"
-        for line in report_lines(cal, runs, runner.model_name, settings)
+        f"# {line}\n" if line else "#\n" for line in report_lines(cal, runs, model, settings)
     )
-    write_atomic(args.out, header + "\n" + cal.policy.to_toml(), "--out")
-    if args.metrics_out is not None:
-        write_atomic(args.metrics_out, json.dumps(metrics_json(runs)) + "\n", "--metrics-out")
-    print("\n".join(report_lines(cal, runs, runner.model_name, settings)))
-    print(f"wrote {args.out}: policy {cal.policy.name} sha256 {cal.policy.sha256}")
-    print(f"check it with: fse policy check {args.out}")
-    return 0
+    return header + "\n" + cal.policy.to_toml()
+
+
+# ---------------------------------------------------------------------------
+# The report
 
 
 def report_lines(cal: Calibration, runs: Sequence[Run], model: str, settings: str) -> list[str]:
@@ -1027,23 +729,6 @@ def _by_guard(halts: Sequence[tuple[Run, Trip]]) -> str:
     return "".join(
         f"{', ' if i else ': '}{g} x{n}" for i, (g, n) in enumerate(sorted(counts.items()))
     )
-
-
-def _num(x: float) -> float | None:
-    return float(f"{x:.6g}") if math.isfinite(x) else None
-
-
-def steps_json(steps: Sequence[StepMetrics]) -> dict[str, list[Any]]:
-    """Per-step metrics, column by column (compact JSON); non-finite values are null."""
-    return {
-        "index": [m.index for m in steps],
-        "token": [m.token for m in steps],
-        "nll": [_num(m.nll) for m in steps],
-        "ppl": [_num(m.ppl) for m in steps],
-        "variance": [_num(m.variance) for m in steps],
-        "max_prob": [_num(m.max_prob) for m in steps],
-        "l2_norm": [_num(m.l2_norm) for m in steps],
-    }
 
 
 def metrics_json(runs: Sequence[Run]) -> dict[str, Any]:

@@ -421,3 +421,9 @@ def test_loop_detector_direct() -> None:
 def test_loop_detector_rejects_bad_args(args: tuple[int, int, int]) -> None:
     with pytest.raises(ValueError):
         LoopDetector(*args)
+
+
+def test_chain_order_is_the_registry_order() -> None:
+    from fse.core.registry import GUARDS
+
+    assert GuardChain(builtin_policy("pro")).active == ("non_finite", *(g.name for g in GUARDS))

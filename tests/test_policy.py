@@ -549,3 +549,18 @@ def test_health_classify(ppl: float, band: str) -> None:
 def test_health_equal_bands() -> None:
     bands = HealthBands(300.0, 300.0)
     assert [bands.classify(x) for x in (299.0, 300.0, 301.0)] == ["green", "yellow", "red"]
+
+
+def test_every_registry_guard_is_a_policy_field_and_a_table() -> None:
+    """Each entry of fse.core.registry.GUARDS is one Policy field and one [guards.*] table,
+    its defaults parse from an empty table, and its summary renders."""
+    from fse.core.registry import GUARDS
+
+    for entry in GUARDS:
+        policy = parse_policy(f'name = "x"\n[guards.{entry.name}]\n')
+        cfg = getattr(policy, entry.name)
+        assert cfg == entry.config() and list(policy.guards()) == [entry.name]
+        assert entry.summary(cfg).startswith(entry.name)
+    fixed = {"name", "health", "description", "sha256"}
+    fields = [f.name for f in dataclasses.fields(Policy) if f.name not in fixed]
+    assert fields == [g.name for g in GUARDS]

@@ -38,6 +38,10 @@ OTHERS = [lang for lang in LANGUAGES if lang != REFERENCE]
 TOKEN = "conformance-token-1"  # the daemon's tokens file holds only its sha256
 RUN_TIMEOUT = 120
 
+# The test suite's certificate helper (tests/certs.py), shared rather than copied.
+sys.path.insert(0, str(HERE.parent.parent / "tests"))
+from certs import make_ca, server_pair  # noqa: E402
+
 
 @dataclass(frozen=True)
 class Daemon:
@@ -66,25 +70,6 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def make_certificates(folder: Path) -> tuple[Path, Path, Path]:
-    """A throwaway CA and a server certificate for 127.0.0.1 and localhost (openssl)."""
-    ca_key, ca, key, csr, cert = (
-        folder / n for n in ("ca.key", "ca.pem", "server.key", "server.csr", "server.pem")
-    )
-    ext = folder / "san.ext"
-    ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    curve = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
-    for cmd in (
-        ["req", "-x509", *curve, "-keyout", ca_key, "-out", ca, "-subj", "/CN=fse test CA",
-         "-days", "2"],
-        ["req", *curve, "-keyout", key, "-out", csr, "-subj", "/CN=localhost"],
-        ["x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-out",
-         cert, "-days", "2", "-extfile", ext],
-    ):  # fmt: skip
-        subprocess.run(["openssl", *map(str, cmd)], check=True, capture_output=True)
-    return ca, cert, key
-
-
 def _wait_serving(process: subprocess.Popen[bytes], sock: Path, log: Path) -> None:
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -111,7 +96,8 @@ def _wait_model_hash(addr: str) -> None:
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     work = tmp_path_factory.mktemp("conformance")
-    ca, cert, key = make_certificates(work)
+    ca = make_ca(work, "fse test CA")
+    server = server_pair(ca, work)
     policies = work / "policies"
     policies.mkdir()
     (policies / "test.toml").write_text('name = "test"\n[guards.l2_norm]\nthreshold = 10.0\n')
@@ -125,7 +111,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     cmd = [
         sys.executable, "-m", "fse.cli", "serve",
         "--listen", f"unix:{sock}", "--listen", f"127.0.0.1:{port}",
-        "--tls-cert", str(cert), "--tls-key", str(key), "--auth-tokens", str(tokens),
+        "--tls-cert", str(server.cert), "--tls-key", str(server.key), "--auth-tokens", str(tokens),
         "--policies-dir", str(policies), "--threads", "2",
         "--max-streams", "1", "--max-queue", "0", "--audit-log", str(work / "audit.jsonl"),
     ]  # fmt: skip
@@ -136,7 +122,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
         yield Daemon(
             f"unix:{sock}",
             f"127.0.0.1:{port}",
-            ca,
+            ca.cert,
             token_file,
             wrong,
             f"unix:{work / 'nobody-listens.sock'}",

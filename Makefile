@@ -73,3 +73,42 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) build daemon/fse/_libs daemon/fse/_native*.so clients/python/fse_client/v1 *.egg-info daemon/*.egg-info clients/python/*.egg-info
+
+# `make install [PREFIX=/usr/local] [DESTDIR=]`: the daemon in a venv of its own under
+# $(PREFIX)/lib/fse/venv, an `fse` launcher in $(PREFIX)/bin, the systemd unit (ExecStart
+# pointing at that launcher) and the example config in /etc/fse, which is never replaced
+# once there. Run again, it upgrades the package and keeps the config. The venv's python
+# finds its packages relative to itself and the launcher finds the venv relative to
+# itself, so a DESTDIR staging tree works once copied to /. PYTHON must live outside
+# /home and /root: the unit's ProtectHome=yes hides those from the service.
+PREFIX  ?= /usr/local
+DESTDIR ?=
+INSTALL_PIP_FLAGS ?=
+FSE_LIB     := $(DESTDIR)$(PREFIX)/lib/fse
+FSE_VENV    := $(FSE_LIB)/venv
+FSE_VPIP    := $(FSE_VENV)/bin/python -m pip --quiet --disable-pip-version-check $(INSTALL_PIP_FLAGS)
+FSE_UNITDIR := $(DESTDIR)$(PREFIX)/lib/systemd/system
+FSE_CONFDIR := $(DESTDIR)/etc/fse
+
+.PHONY: install
+install: | system-deps
+	@base=$$(readlink -f "$$($(PYTHON) -c 'import sys; print(sys.base_prefix)')"); \
+	case "$$base/" in /home/*|/root/*) echo "warning: $(PYTHON) lives in $$base, which the unit's ProtectHome=yes hides: use a system python (make install PYTHON=/usr/bin/python3)" >&2;; esac
+	test -x $(FSE_VENV)/bin/python || $(PYTHON) -m venv $(FSE_VENV)
+	$(FSE_VPIP) install "setuptools>=68" wheel "cffi>=1.16" "grpcio-tools>=1.60"
+	@# Reuse libllama and the cffi inputs that `make setup` prepared; build them if absent.
+	test -f build/libllama.json -a -e daemon/fse/_libs/libllama.so || $(FSE_VENV)/bin/python native/libllama.py --prepare
+	$(FSE_VPIP) install --no-build-isolation ./clients/python
+	$(FSE_VPIP) install --no-build-isolation .
+	install -d $(DESTDIR)$(PREFIX)/bin $(FSE_UNITDIR) $(FSE_CONFDIR)
+	printf '%s\n' '#!/bin/sh' '# fse, installed by `make install`: the daemon and CLI from their own venv.' \
+	  'here=$$(dirname "$$(readlink -f "$$0")")' \
+	  'exec "$$here/../lib/fse/venv/bin/python" -m fse.cli "$$@"' > $(DESTDIR)$(PREFIX)/bin/fse.tmp
+	chmod 0755 $(DESTDIR)$(PREFIX)/bin/fse.tmp && mv -f $(DESTDIR)$(PREFIX)/bin/fse.tmp $(DESTDIR)$(PREFIX)/bin/fse
+	sed 's|^ExecStart=/usr/local/bin/fse |ExecStart=$(PREFIX)/bin/fse |' daemon/systemd/fse.service > $(FSE_UNITDIR)/fse.service.tmp
+	chmod 0644 $(FSE_UNITDIR)/fse.service.tmp && mv -f $(FSE_UNITDIR)/fse.service.tmp $(FSE_UNITDIR)/fse.service
+	@if [ -e $(FSE_CONFDIR)/fse.toml ]; then \
+	  echo "kept $(FSE_CONFDIR)/fse.toml (the example is daemon/systemd/fse.toml)"; \
+	else install -m 0644 daemon/systemd/fse.toml $(FSE_CONFDIR)/fse.toml; fi
+	@echo "installed: $(DESTDIR)$(PREFIX)/bin/fse, $(FSE_UNITDIR)/fse.service, $(FSE_CONFDIR)/fse.toml"
+	@echo "then: systemctl daemon-reload && systemctl enable --now fse"

@@ -39,6 +39,7 @@ from fse.serve.listeners import (
     tls_credentials,
 )
 from fse.serve.logs import configure_logging
+from fse.serve.metrics import MetricsSink, start_metrics
 from fse.serve.notify import Notifier
 from fse.serve.scheduler import Limits
 from fse.serve.service import GuardService
@@ -80,6 +81,7 @@ async def serve(settings: Settings) -> int:
     policies = load_policy_set(settings.policies.dir)  # invalid at start: serve nothing
     model_path = settings.model.path or default_model_path()
     check_gguf(model_path)
+    metrics = start_metrics(settings.metrics.listen)  # off when empty; bind errors stop here
     audit_path = str(settings.audit.path.absolute())  # as logged and printed
     loop = asyncio.get_running_loop()
     health_servicer = health.aio.HealthServicer()
@@ -95,6 +97,7 @@ async def serve(settings: Settings) -> int:
             log.info("audit.recovered", path=audit_path)
         else:
             log.error("audit.write_failed", path=audit_path, error=error)
+            metrics.audit_error()
         loop.call_soon_threadsafe(lambda: loop.create_task(report_audit_health()))
 
     async def report_audit_health() -> None:  # decided on the loop, in order with stopping
@@ -107,6 +110,7 @@ async def serve(settings: Settings) -> int:
 
     def denied(caller: str, reason: str) -> None:
         log.warning("auth.denied", client=caller, reason=reason)
+        metrics.rejected("UNAUTHENTICATED")
         audit.write("auth.denied", client=caller, reason=reason)
 
     interceptors = [AuthInterceptor(tokens, settings.auth.require_on_unix, denied)]
@@ -119,6 +123,7 @@ async def serve(settings: Settings) -> int:
         ],
     )
     servicer = GuardServicer(per_client_streams=server_cfg.per_client_streams)
+    servicer.metrics = metrics
     fse_pb2_grpc.add_GuardServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -150,6 +155,8 @@ async def serve(settings: Settings) -> int:
         allow_faults=settings.allow_debug_faults,
         audit=audit,
     )
+    service.scheduler.metrics = metrics
+    metrics.watch(lambda: service.scheduler.load)
     service.start()
     servicer.service = service
     audit.write("policy.loaded", policies={p.name: p.sha256 for p in policies.values()})
@@ -183,7 +190,7 @@ async def serve(settings: Settings) -> int:
         file=sys.stderr,
         flush=True,
     )
-    asyncio.get_running_loop().run_in_executor(None, _hash_model, servicer, model_path)
+    asyncio.get_running_loop().run_in_executor(None, _hash_model, servicer, model_path, metrics)
     notify.send("READY=1", service.status())
     background += notify.tasks(service)
 
@@ -221,6 +228,7 @@ async def serve(settings: Settings) -> int:
         task.cancel()
     written = audit.retry()  # a last try for lines kept while the log failed
     audit.close()
+    await asyncio.to_thread(metrics.close)
     # The chain's head, for checking later that no line was cut off the end.
     log.info("audit.head", path=audit_path, seq=audit.head.seq, sha256=audit.head.hash)
     if not written:
@@ -238,10 +246,11 @@ async def _retry_audit(audit: AuditLog, every: float = 0.5) -> None:
             audit.retry()
 
 
-def _hash_model(servicer: GuardServicer, path: Path) -> None:
+def _hash_model(servicer: GuardServicer, path: Path, metrics: MetricsSink) -> None:
     from fse.core.models import file_sha256
 
     servicer.model_sha256 = file_sha256(path)
+    metrics.build_info(servicer.model_sha256)
 
 
 def _reload_policies(service: GuardService, audit: AuditLog, policies_dir: Path | None) -> None:

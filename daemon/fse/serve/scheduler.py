@@ -38,6 +38,7 @@ from fse.core.types import (
     Status,
     Verdict,
 )
+from fse.serve.metrics import NO_METRICS, MetricsSink
 
 log = structlog.get_logger("fse.serve.scheduler")
 
@@ -85,6 +86,7 @@ class _Active:
     slot: Slot
     stream: GuardedStream
     next_token: int = -1  # released token to feed at the next decode; -1 while prefilling
+    released_at: float | None = None  # perf_counter() of its last released token (metrics)
 
 
 Deliver = list[tuple[Handle, Sequence[Event]]]
@@ -115,6 +117,7 @@ class Scheduler:
         # idle), and the tokens released so far (for STATUS=).
         self.step_started: float | None = None
         self.tokens_released = 0
+        self.metrics: MetricsSink = NO_METRICS  # set before start(); called on this thread
 
     # -- event-loop side ------------------------------------------------------
 
@@ -257,7 +260,9 @@ class Scheduler:
         for a in self._active:
             if a.slot.prefilling and budget > 0:
                 budget -= a.slot.queue_prompt(budget)
+        began = time.perf_counter()
         ctx.decode()
+        self.metrics.step(time.perf_counter() - began)
         for a in list(self._active):
             if a.slot.prefilling:
                 continue  # more prompt chunks to go; no logits yet
@@ -273,6 +278,19 @@ class Scheduler:
         if released:
             self.tokens_released += len(released)
             deliver.append((a.handle, released))
+            self._measure_release(a, len(released))
+
+    def _measure_release(self, a: _Active, n: int) -> None:
+        """Per token: one counter increment and one histogram observe, nothing more. A
+        stream's first token has no gap; tokens released together are 0 s apart."""
+        now = time.perf_counter()
+        metrics = self.metrics
+        metrics.released(n)
+        if a.released_at is not None:
+            metrics.gap(now - a.released_at)
+        for _ in range(n - 1):
+            metrics.gap(0.0)
+        a.released_at = now
 
     def _close(self, a: _Active, deliver: Deliver, released: Sequence[Event] = ()) -> None:
         """The stream has its verdict: release what it let go, free its sequence."""
@@ -283,6 +301,7 @@ class Scheduler:
         self._active.remove(a)
         self._free_seqs.append(a.slot.seq)
         deliver.append((a.handle, [verdict]))
+        self.metrics.verdict(verdict)
         if self.on_stream_end is not None:
             self.on_stream_end(a.handle, verdict)
 
@@ -302,6 +321,7 @@ class Scheduler:
         stream.finish(status, guard, value, threshold, token_index, message)
         assert stream.verdict is not None
         deliver.append((handle, [stream.verdict]))
+        self.metrics.verdict(stream.verdict)
         if self.on_stream_end is not None:
             self.on_stream_end(handle, stream.verdict)
 

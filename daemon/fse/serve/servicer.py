@@ -18,6 +18,7 @@ from fse.core.engine import EngineError
 from fse.core.errors import InputError
 from fse.core.types import ERROR, TokenEvent
 from fse.serve.auth import caller_of
+from fse.serve.metrics import NO_METRICS, MetricsSink
 from fse.serve.scheduler import Handle, NotAccepting, Overloaded
 from fse.serve.service import AuditUnavailable, GuardService
 from fse.serve.wire import (
@@ -52,6 +53,7 @@ class GuardServicer(fse_pb2_grpc.GuardServicer):
     def __init__(self, per_client_streams: int = 0) -> None:
         self.service: GuardService | None = None  # set once the model is loaded
         self.model_sha256 = ""
+        self.metrics: MetricsSink = NO_METRICS  # every abort is counted by its code
         self.per_client_streams = per_client_streams  # 0 = no per-caller limit
         self._streams_of: collections.Counter[str] = collections.Counter()
 
@@ -62,11 +64,13 @@ class GuardServicer(fse_pb2_grpc.GuardServicer):
     ) -> AsyncIterator[fse_pb2.GenerateServerMessage]:
         service = self.service
         if service is None:
+            self.metrics.rejected("UNAVAILABLE")
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
             return
         try:
             service.check_audit()  # refused before reading: nothing to record while it fails
         except AuditUnavailable as exc:
+            self.metrics.rejected("UNAVAILABLE")
             await context.abort(grpc.StatusCode.UNAVAILABLE, audit_refusal(exc))
             return
         caller = caller_of(context)
@@ -74,6 +78,7 @@ class GuardServicer(fse_pb2_grpc.GuardServicer):
         if first is None or first.WhichOneof("kind") != "start":
             message = "start: the first message of a Generate stream must be `start`"
             service.record_rejection("", "invalid_argument", message, client=caller)
+            self.metrics.rejected("INVALID_ARGUMENT")
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
             return
         code, message = grpc.StatusCode.OK, ""
@@ -100,6 +105,7 @@ class GuardServicer(fse_pb2_grpc.GuardServicer):
         except NotAccepting as exc:
             code, message = grpc.StatusCode.UNAVAILABLE, str(exc)
         except AuditUnavailable as exc:
+            self.metrics.rejected("UNAVAILABLE")
             await context.abort(grpc.StatusCode.UNAVAILABLE, audit_refusal(exc))
             return
         except EngineError as exc:  # llama.cpp failed on this prompt: our failure, not theirs
@@ -109,6 +115,7 @@ class GuardServicer(fse_pb2_grpc.GuardServicer):
             service.record_rejection(
                 first.start.request_id, code.name.lower(), message, client=caller
             )
+            self.metrics.rejected(code.name)
             await context.abort(code, message)
             return
         self._streams_of[caller] += 1
@@ -130,12 +137,14 @@ class GuardServicer(fse_pb2_grpc.GuardServicer):
                 event = await handle.events.get()
                 if violation:  # nothing more goes out after a protocol error
                     service.record_rejection(request.request_id, "invalid_argument", violation[0])
+                    self.metrics.rejected("INVALID_ARGUMENT")
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, violation[0])
                 if isinstance(event, TokenEvent):
                     yield token_to_wire(event)
                     continue
                 yield verdict_to_wire(event)
                 if event.status == ERROR:
+                    self.metrics.rejected("INTERNAL")
                     await context.abort(grpc.StatusCode.INTERNAL, event.message or "internal error")
                 return
         finally:
@@ -151,6 +160,7 @@ class GuardServicer(fse_pb2_grpc.GuardServicer):
     ) -> fse_pb2.Info:
         service = self.service
         if service is None:
+            self.metrics.rejected("UNAVAILABLE")
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
             raise AssertionError  # abort raises
         m = service.model_info

@@ -7,9 +7,11 @@ them exactly.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import re
+import resource
 import socket
 import urllib.error
 import urllib.request
@@ -22,6 +24,7 @@ from conftest import Daemon, run_fse
 from fse import __version__
 from fse.core.models import default_model_path, file_sha256
 from fse.core.types import COMPLETED, HALTED, LOOP, Verdict
+from fse.serve.audit import AuditLog
 from fse.serve.listeners import StartupError
 from fse.serve.metrics import NO_METRICS, REJECTION_CODES, Metrics, parse_listen
 from fse_client.v1 import fse_pb2, fse_pb2_grpc
@@ -196,6 +199,54 @@ def test_build_info_has_version_and_model_sha256(daemon: Daemon, metrics_port: i
     samples = parse(text)
     info = [(labels, v) for (name, labels), v in samples.items() if name == "fse_build_info"]
     assert info == [((("model_sha256", expected), ("version", __version__)), 1.0)]
+
+
+def test_denied_callers_and_audit_failures_counted(
+    start_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    """UNAUTHENTICATED from the auth interceptor; an audit log that cannot be written
+    (a real file size limit on the running daemon, as in test_daemon) counts a write
+    error, and the streams it refuses count as UNAVAILABLE."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"ops {hashlib.sha256(b'secret').hexdigest()}\n")
+    audit = tmp_path / "audit.jsonl"
+    history = AuditLog(audit)  # so that only the audit log, not stderr, hits the limit
+    for i in range(2000):
+        history.write("stream.verdict", stream=i, status="completed")
+    history.close()
+    port = free_port()
+    daemon = start_daemon(
+        *ARGS, "--auth-tokens", str(tokens), "--audit-log", str(audit),
+        "--metrics-listen", f"127.0.0.1:{port}", tcp=True,
+    )  # fmt: skip
+    before = scrape(port)
+    with grpc.insecure_channel(daemon.addrs[1]) as tcp:  # TCP needs a token, unix does not
+        call = fse_pb2_grpc.GuardStub(tcp).Generate(iter([start_msg("Hi", 1)]), timeout=LIVE)
+        with pytest.raises(grpc.RpcError) as caught:
+            list(call)
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    denied = scrape(port)
+    assert value(denied, "fse_rejected_total", code="UNAUTHENTICATED") == 1
+    assert value(denied, "fse_audit_write_errors_total") == 0
+
+    size = audit.stat().st_size
+    assert size > daemon.log_path.stat().st_size + (64 << 10)
+    resource.prlimit(daemon.process.pid, resource.RLIMIT_FSIZE, (size, resource.RLIM_INFINITY))
+    with daemon.channel() as channel:
+        for _ in range(2):
+            call = fse_pb2_grpc.GuardStub(channel).Generate(
+                iter([start_msg("Hi", 1)]), timeout=LIVE
+            )
+            with pytest.raises(grpc.RpcError) as caught:
+                list(call)
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    failing = scrape(port)
+    # One failure: the log went from writable to failing once, however many refusals.
+    assert value(failing, "fse_audit_write_errors_total") == 1
+    unavailable = value(failing, "fse_rejected_total", code="UNAVAILABLE")
+    assert unavailable - value(before, "fse_rejected_total", code="UNAVAILABLE") == 2
+    unlimited = (resource.RLIM_INFINITY, resource.RLIM_INFINITY)
+    resource.prlimit(daemon.process.pid, resource.RLIMIT_FSIZE, unlimited)
 
 
 # -- off by default, and start-up errors ------------------------------------------

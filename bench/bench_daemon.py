@@ -147,12 +147,15 @@ async def daemon_aggregate(addr: str, parallel: int, n_tokens: int) -> float:
     return tokens / (last - first)
 
 
-def start_daemon(workdir: Path, threads: int) -> tuple[subprocess.Popen[bytes], str, float]:
+def start_daemon(
+    workdir: Path, threads: int, python: str = sys.executable
+) -> tuple[subprocess.Popen[bytes], str, float]:
+    """`python -m fse.cli serve` on a unix socket in workdir, once it reports SERVING."""
     addr = f"unix:{workdir / 'bench.sock'}"
     began = time.perf_counter()
     process = subprocess.Popen(
         [
-            sys.executable,
+            python,
             "-m",
             "fse.cli",
             "serve",

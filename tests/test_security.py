@@ -19,6 +19,7 @@ import grpc
 import pytest
 from certs import Pair, issue, make_ca, server_pair
 from conftest import FSE, Daemon, audit_records
+from fse.core.engine import Model, TooManyTokens
 from fse_client.v1 import fse_pb2, fse_pb2_grpc
 
 THREADS = ("--threads", "1")
@@ -232,3 +233,36 @@ def test_socket_mode_whatever_the_umask(tmp_path: Path, umask: int, mode: int) -
     finally:
         process.terminate()
         process.communicate(timeout=60)
+
+
+# --- limits before work ---------------------------------------------------------------
+
+
+def test_overload_is_refused_before_a_large_prompt_is_tokenized(
+    start_daemon: Callable[..., Daemon],
+) -> None:
+    """With every slot taken, a 1 MiB prompt gets RESOURCE_EXHAUSTED at once: the
+    overload check comes before any tokenizing (it used to be INVALID_ARGUMENT, found
+    only after tokenizing the whole prompt)."""
+    daemon = start_daemon(*THREADS, "--max-streams", "1", "--max-queue", "0")
+    with fse_client.Client(daemon.addr) as client:
+        running = client.generate("Write a long story.", max_tokens=300, sampling=GREEDY)
+        events = iter(running)
+        next(events)
+        with pytest.raises(fse_client.FseError) as refused:
+            list(client.generate("a " * (500 << 10), max_tokens=8))
+        assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        running.cancel()
+        list(events)
+    rejected = [r for r in daemon.audit() if r["event"] == "input.rejected"]
+    assert rejected[-1]["reason"] == "resource_exhausted"
+
+
+def test_an_oversized_prompt_is_refused_from_its_prefix(model: Model) -> None:
+    with pytest.raises(TooManyTokens) as refused:
+        model.tokenize("a " * (500 << 10), max_tokens=255)
+    assert refused.value.at_least and refused.value.n_tokens > 255
+    # Just over the limit, the exact count still comes from the whole text.
+    with pytest.raises(TooManyTokens) as exact:
+        model.tokenize("word " * 400, max_tokens=255)
+    assert not exact.value.at_least and exact.value.n_tokens == len(model.tokenize("word " * 400))

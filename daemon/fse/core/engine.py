@@ -40,12 +40,20 @@ class ContextOverflow(EngineError):
 
 
 class TooManyTokens(ValueError):
-    """A text needs more tokens than the caller allows (n_tokens says how many)."""
+    """A text needs more tokens than the caller allows (n_tokens says how many; with
+    at_least, the text was refused from a prefix and needs n_tokens or more)."""
 
-    def __init__(self, n_tokens: int, limit: int) -> None:
-        super().__init__(f"{n_tokens} tokens; at most {limit} allowed")
+    def __init__(self, n_tokens: int, limit: int, at_least: bool = False) -> None:
+        super().__init__(f"{'at least ' if at_least else ''}{n_tokens} tokens; at most {limit}")
         self.n_tokens = n_tokens
         self.limit = limit
+        self.at_least = at_least
+
+
+# A prefix of max_tokens * this many bytes holds more than max_tokens tokens of any
+# ordinary text (about 4 bytes a token here), so an oversized prompt is refused after
+# tokenizing 16 KiB instead of all of it: 1 MiB took ~0.2 s of a core.
+PREFIX_BYTES_PER_TOKEN = 8
 
 
 def init_backend(verbose: bool = False) -> None:
@@ -196,6 +204,8 @@ class Model(_Closing):
         With max_tokens, a longer text raises TooManyTokens without building the
         token list: a 1 MiB prompt would otherwise cost ~20 MiB of Python ints."""
         data = text.encode("utf-8")
+        if max_tokens is not None and len(data) > max_tokens * PREFIX_BYTES_PER_TOKEN:
+            self._refuse_from_prefix(data, max_tokens, add_special, parse_special)
         capacity = len(data) + 8  # a token covers at least one byte, bar BOS/EOS
         if max_tokens is not None:
             capacity = min(capacity, max_tokens)
@@ -214,6 +224,18 @@ class Model(_Closing):
         if n < 0:
             raise EngineError(f"prompt: llama.cpp could not tokenize it ({n})")
         return list(ffi.unpack(tokens, n))
+
+    def _refuse_from_prefix(
+        self, data: bytes, max_tokens: int, add_special: bool, parse_special: bool
+    ) -> None:
+        """TooManyTokens if a prefix of the text alone needs more than max_tokens + 1
+        tokens (the cut may split one token in two: the whole then needs > max_tokens)."""
+        cut = max_tokens * PREFIX_BYTES_PER_TOKEN
+        while cut > 0 and data[cut] & 0xC0 == 0x80:  # not inside a UTF-8 character
+            cut -= 1
+        n = lib.llama_tokenize(self.vocab, data, cut, ffi.NULL, 0, add_special, parse_special)
+        if -n > max_tokens + 1:
+            raise TooManyTokens(-n - 1, max_tokens, at_least=True)
 
     def piece(self, token: int) -> bytes:
         """The bytes a token stands for (special tokens render as empty)."""

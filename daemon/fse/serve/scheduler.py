@@ -130,6 +130,17 @@ class Scheduler:
         with self._wake:
             return len(self._active), len(self._waiting)
 
+    def check_capacity(self, extra: int = 0) -> None:
+        """Raise Overloaded if `extra` more streams would not fit (running + waiting)."""
+        with self._wake:
+            busy = len(self._active) + len(self._waiting) + extra
+            if busy >= self.limits.max_streams + self.limits.max_queue:
+                raise Overloaded(
+                    f"{len(self._active)} streams running, {len(self._waiting)} waiting and "
+                    f"{extra} being prepared (max_streams {self.limits.max_streams}, "
+                    f"max_queue {self.limits.max_queue})"
+                )
+
     def submit(self, handle: Handle, on_queue: Callable[[], None] | None = None) -> None:
         """Queue a validated stream, or raise Overloaded / NotAccepting at once.
 

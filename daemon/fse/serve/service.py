@@ -167,7 +167,8 @@ class GuardService:
             tokens = prompt_tokens(self.model, request, max_tokens=context - 1)
         except TooManyTokens as exc:
             raise InvalidRequest(
-                f"prompt: {exc.n_tokens} tokens do not fit the context of {context} tokens "
+                f"prompt: {'at least ' if exc.at_least else ''}{exc.n_tokens} tokens do not fit "
+                f"the context of {context} tokens "
                 f"per stream; accepted: at most {context - 1} tokens"
             ) from None
         room = context - len(tokens)

@@ -56,6 +56,8 @@ class GuardServicer(fse_pb2_grpc.GuardServicer):
         self.metrics: MetricsSink = NO_METRICS  # every abort is counted by its code
         self.per_client_streams = per_client_streams  # 0 = no per-caller limit
         self._streams_of: collections.Counter[str] = collections.Counter()
+        self._preparing = 0  # requests being validated and tokenized right now
+        self._tokenizing = asyncio.Semaphore(1)
 
     async def Generate(
         self,
@@ -89,12 +91,20 @@ class GuardServicer(fse_pb2_grpc.GuardServicer):
                     f"per-caller limit: {caller} already runs {limit} streams "
                     f"(per_client_streams {limit})"
                 )
+            # Overload is refused before any work: requests still being tokenized count
+            # as load too, so a burst of large prompts cannot all be tokenized at once.
+            service.scheduler.check_capacity(extra=self._preparing)
             request = request_from_wire(first.start, context.time_remaining())
             faults = faults_from_metadata(context.invocation_metadata())
-            if first.start.ByteSize() > INLINE_PREPARE_BYTES:
-                prepared = await asyncio.to_thread(service.prepare, request, faults)
-            else:
-                prepared = service.prepare(request, faults)
+            self._preparing += 1
+            try:
+                if first.start.ByteSize() > INLINE_PREPARE_BYTES:
+                    async with self._tokenizing:  # one large prompt at a time, off the loop
+                        prepared = await asyncio.to_thread(service.prepare, request, faults)
+                else:
+                    prepared = service.prepare(request, faults)
+            finally:
+                self._preparing -= 1
             handle = service.admit(prepared, client=caller)
         except InputError as exc:
             code, message = grpc.StatusCode.INVALID_ARGUMENT, str(exc)

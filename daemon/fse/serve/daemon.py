@@ -104,9 +104,21 @@ async def serve(settings: Settings) -> int:
         await report(SERVING if serving and audit.healthy else NOT_SERVING)
 
     try:
-        audit = AuditLog(Path(audit_path), text=settings.audit.include_text, on_health=audit_health)
+        audit = AuditLog(
+            Path(audit_path),
+            text=settings.audit.include_text,
+            fsync=settings.audit.fsync,
+            fsync_interval_ms=settings.audit.fsync_interval_ms,
+            rotate_bytes=settings.audit.rotate_bytes,
+            keep=settings.audit.keep,
+            key_file=settings.audit.key_file,
+            on_health=audit_health,
+        )
     except AuditError as exc:
         raise StartupError(str(exc)) from None
+    if audit.orphans:  # the last run's streams without a verdict (killed mid-stream)
+        log.warning("audit.orphans", path=audit_path, streams=audit.orphans)
+        audit.write("audit.orphans", streams=audit.orphans)
 
     def denied(caller: str, reason: str) -> None:
         log.warning("auth.denied", client=caller, reason=reason)

@@ -121,7 +121,8 @@ class GuardService:
         self.scheduler = Scheduler(model, limits, n_threads)
         self.scheduler.on_stream_end = self._record_verdict
         self.version = __version__
-        self._stream_ids = itertools.count(1)
+        # Numbered on from the audit chain, so a stream's number is unique across restarts.
+        self._stream_ids = itertools.count(audit.next_stream if audit is not None else 1)
         self._status_mark = (time.monotonic(), 0)
 
     def start(self) -> None:
@@ -252,6 +253,7 @@ class GuardService:
             max_tokens=r.max_tokens,
             temperature=r.sampling.temperature,
             seed=r.sampling.seed,
+            faults=_fault_fields(handle.faults),
         )
 
     def _record_verdict(self, handle: Handle, verdict: Verdict) -> None:
@@ -290,3 +292,12 @@ class GuardService:
         rate = (released - last_released) / max(now - last_at, 1e-3)
         active, waiting = self.scheduler.load
         return f"STATUS={active} streams active, {waiting} waiting, {rate:.1f} tokens/s"
+
+
+def _fault_fields(faults: Faults) -> dict[str, object]:
+    """The debug faults injected into a stream, as the audit log records them ({} for none)."""
+    return {
+        f.name: getattr(faults, f.name)
+        for f in dataclasses.fields(faults)
+        if getattr(faults, f.name) != f.default
+    }

@@ -20,7 +20,6 @@ from fse.core.engine import (
     NO_FAULTS,
     Context,
     ContextOverflow,
-    EngineError,
     Faults,
     Model,
     Slot,
@@ -28,6 +27,7 @@ from fse.core.engine import (
     TooManyTokens,
     generate,
 )
+from fse.core.errors import EngineError
 from fse.core.models import GGUF_MAGIC, ModelError
 from fse.core.policy import builtin_policy
 from fse.core.runner import run_local

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from fse import __version__
 from fse.cli import audit, calibrate, experiment, generate, model, policy, serve
 from fse.cli.common import EXIT_ERROR, EXIT_USAGE
-from fse.core.errors import InputError
+from fse.core.errors import EngineError, InputError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,6 +34,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InputError as exc:
         print(f"fse {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except EngineError as exc:  # llama.cpp failed (e.g. a context too large for memory)
+        print(f"fse {args.command}: error: llama.cpp: {exc}", file=sys.stderr)
+        return EXIT_ERROR
     except BrokenPipeError:
         # Reader went away (e.g. `| head`): not an error of ours.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -19,7 +19,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from fse._native import ffi, lib
-from fse.core.errors import InputError
+from fse.core.errors import EngineError, InputError
 from fse.core.metrics import PerplexityWindow
 from fse.core.models import ModelError, check_gguf
 from fse.core.types import Sampling, StepMetrics
@@ -29,10 +29,6 @@ MAX_THREADS = 512
 
 _backend_lock = threading.Lock()
 _backend_ready = False
-
-
-class EngineError(RuntimeError):
-    """llama.cpp refused an operation; the message says which and why."""
 
 
 class ContextOverflow(EngineError):

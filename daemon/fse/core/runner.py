@@ -10,8 +10,8 @@ import threading
 import time
 from collections.abc import Iterator
 
-from fse.core.engine import NO_FAULTS, Context, EngineError, Faults, Model, generate
-from fse.core.errors import InputError
+from fse.core.engine import NO_FAULTS, Context, Faults, Model, generate
+from fse.core.errors import EngineError, InputError
 from fse.core.policy import Policy
 from fse.core.stream import GuardedStream
 from fse.core.types import COMPLETED, Event, Request

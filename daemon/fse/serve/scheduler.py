@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from fse.core.engine import Context, EngineError, Faults, Model, Slot
+from fse.core.engine import Context, Faults, Model, Slot
+from fse.core.errors import EngineError
 from fse.core.policy import Policy
 from fse.core.stream import GuardedStream
 from fse.core.types import (

@@ -14,8 +14,7 @@ import grpc
 import structlog
 from fse_client.v1 import fse_pb2, fse_pb2_grpc
 
-from fse.core.engine import EngineError
-from fse.core.errors import InputError
+from fse.core.errors import EngineError, InputError
 from fse.core.types import ERROR, TokenEvent
 from fse.serve.auth import caller_of
 from fse.serve.metrics import NO_METRICS, MetricsSink
@@ -121,6 +120,9 @@ class GuardServicer(fse_pb2_grpc.GuardServicer):
         except EngineError as exc:  # llama.cpp failed on this prompt: our failure, not theirs
             log.error("prepare.failed", error=str(exc), client=caller)
             code, message = grpc.StatusCode.INTERNAL, f"prompt: the engine failed: {exc}"
+        except Exception:  # a bug of ours: fail closed, and keep the internals in our log
+            log.exception("prepare.crashed", client=caller)
+            code, message = grpc.StatusCode.INTERNAL, "internal error (see the daemon's log)"
         if code != grpc.StatusCode.OK:
             service.record_rejection(
                 first.start.request_id, code.name.lower(), message, client=caller

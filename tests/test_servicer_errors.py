@@ -1,0 +1,85 @@
+"""Error paths of the gRPC servicer that no real request can reach: a bug of ours (a bare
+ValueError) or llama.cpp failing while a prompt is tokenized. Each must end with the
+right status code, a message that leaks no internals, and an `input.rejected` record.
+
+A real servicer on a real gRPC server (unix socket) over the real model; only the
+service's prepare step is replaced, to raise."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import fse_client
+import grpc
+import pytest
+from conftest import audit_records
+from fse.core.engine import Model
+from fse.core.errors import EngineError
+from fse.core.policy import load_policies
+from fse.serve.audit import AuditLog
+from fse.serve.scheduler import Limits
+from fse.serve.service import GuardService
+from fse.serve.servicer import GuardServicer
+from fse_client.v1 import fse_pb2_grpc
+
+
+@pytest.fixture()
+def service(model: Model, tmp_path: Path) -> Iterator[GuardService]:
+    audit = AuditLog(tmp_path / "audit.jsonl")
+    service = GuardService(
+        model, load_policies(), Limits(max_streams=1, ctx_per_stream=256), n_threads=1, audit=audit
+    )
+    service.start()
+    yield service
+    service.shutdown()
+    audit.close()
+
+
+@pytest.mark.parametrize(
+    ("raised", "code", "message"),
+    [
+        (ValueError("secret internals"), grpc.StatusCode.INTERNAL, "internal error"),
+        (EngineError("tokenizer said no"), grpc.StatusCode.INTERNAL, "prompt: the engine failed"),
+    ],
+)
+def test_failures_while_preparing(
+    service: GuardService,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    raised: Exception,
+    code: grpc.StatusCode,
+    message: str,
+) -> None:
+    def prepare(*args: Any, **kwargs: Any) -> Any:
+        raise raised
+
+    monkeypatch.setattr(service, "prepare", prepare)
+    addr = f"unix:{tmp_path / 'fse.sock'}"
+
+    async def call() -> fse_client.FseError:
+        server = grpc.aio.server()
+        servicer = GuardServicer()
+        servicer.service = service
+        fse_pb2_grpc.add_GuardServicer_to_server(servicer, server)
+        server.add_insecure_port(addr)
+        await server.start()
+        try:
+            async with fse_client.AsyncClient(addr) as client:
+                generation = await client.generate("hi", max_tokens=2, request_id="r-1")
+                with pytest.raises(fse_client.FseError) as failed:
+                    async for _ in generation:
+                        pass
+                return failed.value
+        finally:
+            await server.stop(None)
+
+    error = asyncio.run(call())
+    assert error.code == code and error.message.startswith(message)
+    assert "secret internals" not in error.message
+    (rejected,) = [
+        r for r in audit_records(tmp_path / "audit.jsonl") if r["event"] == "input.rejected"
+    ]
+    assert rejected["request_id"] == "r-1" and rejected["reason"] == "internal"

@@ -22,8 +22,8 @@ from fse_client.v1 import fse_pb2, fse_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from fse.core.engine import EngineError, Model
-from fse.core.errors import InputError
+from fse.core.engine import Model
+from fse.core.errors import EngineError, InputError
 from fse.core.models import ModelError, check_gguf, default_model_path
 from fse.core.policy import Policy, PolicyError, load_policies
 from fse.serve.audit import AuditError, AuditLog
@@ -150,6 +150,7 @@ async def serve(settings: Settings) -> int:
         set_socket_access(listener, server_cfg)
     log.info("server.listening", listen=targets, tls=creds is not None, auth=tokens is not None)
 
+    notify.send(f"STATUS=loading {model_path.name}")
     model = await asyncio.to_thread(Model, model_path, verbose=settings.verbose)
     if settings.model.chat_template:
         model.use_chat_template(settings.model.chat_template)
@@ -217,6 +218,8 @@ async def serve(settings: Settings) -> int:
 
     loop.add_signal_handler(signal.SIGHUP, reload)
     await stop.wait()
+    # No reload while stopping: a READY=1 after STOPPING=1 would tell systemd it runs again.
+    loop.add_signal_handler(signal.SIGHUP, lambda: log.warning("reload.ignored", why="stopping"))
 
     drain = server_cfg.drain_seconds
     notify.send("STOPPING=1", f"STATUS=draining for up to {drain:g} s")

@@ -1,12 +1,12 @@
 """systemd's notify protocol, spoken directly: one datagram per message to $NOTIFY_SOCKET.
 
 A few lines instead of a dependency (sd_notify(3)): the socket is a path, or an abstract
-name when it starts with "@". Messages: READY=1 once the model is loaded and every
-listener is bound; STATUS= with the load; RELOADING=1 with MONOTONIC_USEC= then READY=1
-around a SIGHUP reload; STOPPING=1 on SIGTERM; WATCHDOG=1 every WATCHDOG_USEC/2, but
-only while the decode thread's heartbeat is fresh, so a hung llama_decode stops the
-pings and systemd restarts the service. Outside systemd (no $NOTIFY_SOCKET) every call
-is a no-op.
+name when it starts with "@". Messages: STATUS=loading while the model loads; READY=1
+once it is loaded and every listener is bound; STATUS= with the load; RELOADING=1 with
+MONOTONIC_USEC= then READY=1 around a SIGHUP reload; STOPPING=1 on SIGTERM (no READY=1
+after it); WATCHDOG=1 every WATCHDOG_USEC/2, but only while the decode thread's
+heartbeat is fresh, so a hung llama_decode stops the pings and systemd restarts the
+service. Outside systemd (no $NOTIFY_SOCKET) every call is a no-op.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ class Notifier:
     def __init__(self, address: str | None, watchdog_usec: int | None) -> None:
         self.address = address
         self.watchdog = watchdog_usec / 1e6 if watchdog_usec else None
+        self._failing = False  # a lost socket is logged once, not with every ping
 
     @classmethod
     def from_environment(cls) -> Notifier:
@@ -55,8 +56,13 @@ class Notifier:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
                 s.sendto("\n".join(lines).encode(), target)
         except OSError as exc:
-            log.warning("notify.failed", socket=self.address, error=str(exc))
+            if not self._failing:
+                log.warning("notify.failed", socket=self.address, error=str(exc))
+            self._failing = True
             return False
+        if self._failing:
+            log.info("notify.recovered", socket=self.address)
+        self._failing = False
         return True
 
     def reloading(self) -> None:

@@ -167,6 +167,8 @@ def start_daemon(
             str(max(PARALLEL)),
             "--ctx-per-stream",
             "512",
+            "--audit-log",
+            str(workdir / "audit.jsonl"),
         ],
         stdout=subprocess.DEVNULL,
         stderr=(workdir / "daemon.log").open("w"),

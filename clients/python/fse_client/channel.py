@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+import grpc
 
 Metadata = Sequence[tuple[str, str]]
 
@@ -27,6 +30,18 @@ def read_ca(tls_ca: bytes | str | Path | None) -> bytes | None:
     if tls_ca is None or isinstance(tls_ca, bytes):
         return tls_ca
     return Path(tls_ca).read_bytes()
+
+
+def open_channel(
+    addr: str, tls_ca: bytes | str | Path | None, options: Sequence[tuple[str, Any]], aio: bool
+) -> Any:
+    """A channel to the daemon (TLS when a CA is given), sync or asyncio."""
+    api = grpc.aio if aio else grpc
+    target, ca = check_address(addr), read_ca(tls_ca)
+    if ca is None:
+        return api.insecure_channel(target, options=options)
+    creds = grpc.ssl_channel_credentials(root_certificates=ca)
+    return api.secure_channel(target, creds, options=options)
 
 
 def call_metadata(token: str | None) -> Metadata:

@@ -18,7 +18,7 @@ from typing import Any, Self
 import grpc
 
 from fse_client import wire
-from fse_client.channel import Metadata, call_metadata, check_address, read_ca
+from fse_client.channel import Metadata, call_metadata, check_address, open_channel
 from fse_client.errors import FseError, error_from_rpc
 from fse_client.types import Info, Sampling, Started, TokenEvent, Verdict
 from fse_client.v1 import fse_pb2, fse_pb2_grpc
@@ -109,12 +109,7 @@ class Client:
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         self.addr = check_address(addr)
-        ca = read_ca(tls_ca)
-        if ca is None:
-            self._channel = grpc.insecure_channel(self.addr, options=options)
-        else:
-            creds = grpc.ssl_channel_credentials(root_certificates=ca)
-            self._channel = grpc.secure_channel(self.addr, creds, options=options)
+        self._channel = open_channel(addr, tls_ca, options, aio=False)
         self._stub = fse_pb2_grpc.GuardStub(self._channel)
         self._metadata = call_metadata(token)
 

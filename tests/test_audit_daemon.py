@@ -134,3 +134,36 @@ def test_rotated_keyed_log_verifies_with_its_key(
     assert keyed.stdout.strip().endswith(f"last seq {head[0]['seq']} sha256 {head[0]['sha256']}")
     unkeyed = run_fse("audit", "verify", str(logs))
     assert unkeyed.returncode == 0 and "MACs NOT checked" in unkeyed.stdout
+
+
+def test_sigterm_with_a_hung_decode_exits_and_leaves_an_orphan(
+    start_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    """A llama_decode that never returns cannot be drained: on SIGTERM the daemon stops
+    anyway (exit 1, after the drain and a short grace), its client is cut off without a
+    verdict, and the next start names the stream as an orphan."""
+    log = tmp_path / "audit.jsonl"
+    first = start_daemon(
+        *THREADS, "--allow-debug-faults", "--audit-log", str(log), "--drain-seconds", "0"
+    )
+    hung = subprocess.Popen(
+        [*FSE, "generate", "--addr", first.addr, "--json", "--debug-fault", "hang@2", PROMPT],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert hung.stdout is not None
+    first_tokens = [hung.stdout.readline() for _ in range(2)]  # tokens 0 and 1, then it hangs
+    assert all('"type": "token"' in line for line in first_tokens)
+    time.sleep(0.5)
+    began = time.monotonic()
+    assert first.stop(signal.SIGTERM, timeout=LIVE) == 1
+    assert time.monotonic() - began < 30
+    assert '"event": "decode.stuck_at_shutdown"' in first.log()
+    out, err = hung.communicate(timeout=LIVE)
+    assert hung.returncode == 1 and '"verdict"' not in out  # never a made-up verdict
+    assert "UNAVAILABLE" in err or "CANCELLED" in err
+    second = start_daemon(*THREADS, "--audit-log", str(log))
+    (record,) = events(log, "audit.orphans")
+    assert [s["stream"] for s in record["streams"]] == [events(log, "stream.started")[0]["stream"]]
+    assert second.stop() == 0

@@ -50,6 +50,8 @@ log = structlog.get_logger("fse.serve")
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 SERVICE_NAME = fse_pb2.DESCRIPTOR.services_by_name["Guard"].full_name
+# After the drain, how long the decode thread may take to halt what is left.
+SHUTDOWN_SECONDS = 5.0
 
 
 def load_policy_set(policies_dir: Path | None) -> dict[str, Policy]:
@@ -236,9 +238,13 @@ async def serve(settings: Settings) -> int:
             log.warning("server.drain_cut_short")
             break
         await asyncio.sleep(0.05)
-    await asyncio.to_thread(service.shutdown)  # what is left halts with guard `shutdown`
+    # What is left halts with guard `shutdown`. A decode thread stuck in llama_decode
+    # (the watchdog's case) cannot be stopped: exit without it; its streams' clients see
+    # UNAVAILABLE and the next start records them as orphans.
+    stopped = await asyncio.to_thread(service.shutdown, SHUTDOWN_SECONDS)
     await server.stop(grace=2.0)
-    model.close()
+    if stopped:
+        model.close()
     for task in background:
         task.cancel()
     written = audit.retry()  # a last try for lines kept while the log failed
@@ -248,6 +254,8 @@ async def serve(settings: Settings) -> int:
     log.info("audit.head", path=audit_path, seq=audit.head.seq, sha256=audit.head.hash)
     if not written:
         log.error("audit.lost", path=audit_path, error=audit.error)
+        return 1
+    if not stopped:
         return 1
     log.info("server.stopped")
     return 0

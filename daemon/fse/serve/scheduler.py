@@ -167,14 +167,22 @@ class Scheduler:
         with self._wake:
             self._accepting = False
 
-    def shutdown(self) -> None:
-        """End every stream still running or waiting with guard `shutdown`, then stop."""
+    def shutdown(self, timeout: float | None = None) -> bool:
+        """End every stream still running or waiting with guard `shutdown`, then stop.
+
+        False if the decode thread did not stop within `timeout` (a llama_decode that
+        never returns): its context is then left alone, as freeing it under a running
+        decode would crash; the process is about to exit anyway."""
         with self._wake:
             self._accepting = False
             self._stopping = True
             self._wake.notify()
-        self._thread.join()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.error("decode.stuck_at_shutdown", seconds=timeout)
+            return False
         self.ctx.close()
+        return True
 
     # -- scheduler thread -----------------------------------------------------
 

@@ -277,8 +277,9 @@ class GuardService:
             message=verdict.message or None,
         )
 
-    def shutdown(self) -> None:
-        self.scheduler.shutdown()
+    def shutdown(self, timeout: float | None = None) -> bool:
+        """Stop the scheduler; False if its decode thread is stuck (see Scheduler)."""
+        return self.scheduler.shutdown(timeout)
 
     def heartbeat_age(self) -> float:
         """Seconds the decode thread has been inside one step (0 while idle)."""

@@ -7,6 +7,7 @@ than their own share.
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -58,6 +59,11 @@ def main() -> int:
         f"start to SERVING {d['seconds_to_serving']:.2f} s; peak RSS {d['peak_rss_mib']:.0f} MiB "
         f"(model file {d['model_file_mib']:.0f} MiB + {d['rss_over_model_mib']:.0f} MiB)"
     )
+    # The standalone benchmarks print their own summaries.
+    here = Path(__file__).resolve().parent
+    for script in ("bench_oversized.py", "bench_audit.py"):
+        print(f"\n## {script}", flush=True)
+        subprocess.run([sys.executable, str(here / script)], check=True)
     return 0
 
 

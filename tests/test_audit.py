@@ -262,6 +262,14 @@ def test_rotation_continues_the_chain_across_files(tmp_path: Path) -> None:
     assert "starts at seq" in cli.stdout
 
 
+def test_timestamps_never_go_backwards_across_rotation(tmp_path: Path) -> None:
+    path = tmp_path / "fse-audit.jsonl"
+    write_log(path, 120, rotate_bytes=4096, keep=3)
+    files = [rotated(path, 3), rotated(path, 2), rotated(path, 1), path]
+    stamps = [r["ts"] for f in files for r in audit_records(f)]
+    assert stamps == sorted(stamps)  # RFC 3339 UTC with fixed digits sorts as text
+
+
 def test_verify_names_the_file_and_line_across_rotated_files(tmp_path: Path) -> None:
     path = tmp_path / "fse-audit.jsonl"
     write_log(path, 120, rotate_bytes=4096, keep=3)

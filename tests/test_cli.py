@@ -539,3 +539,13 @@ def test_stop_sequence_completes_without_the_stop_text(stop: str, expected: str)
     assert run.verdict["text"] == expected
     assert stop not in run.text
     assert len(run.tokens) < 24
+
+
+def test_hang_fault_is_refused_in_process() -> None:
+    """hang@K blocks the daemon's decode thread (the watchdog test); in this process it
+    would block the command itself, so --local refuses it by name."""
+    run = run_fse("generate", "--local", "hi", "--debug-fault", "hang@1")
+    assert run.returncode == 2
+    assert run.stderr.strip() == (
+        "fse generate: error: --debug-fault: hang@K blocks the daemon's decode thread; use --addr"
+    )

@@ -385,6 +385,8 @@ def test_seed_is_echoed_and_reported(main_channel: grpc.Channel) -> None:
     given = generate(main_channel, [start(max_tokens=8, temperature=0.8, seed=4242)])
     assert_well_formed(given, 8)
     assert given.started.seed == 4242
+    greedy = generate(main_channel, [start(max_tokens=2, temperature=0.0, seed=4242)])
+    assert greedy.started.seed == 0  # greedy samples nothing: no seed is in use
     again = generate(main_channel, [start(max_tokens=8, temperature=0.8, seed=4242)])
     assert again.ids == given.ids  # same seed, same tokens
     # Unset seed: a random one is drawn, reported in Started, and replays the stream.

@@ -18,7 +18,7 @@ import fse_client
 import grpc
 import pytest
 from certs import Pair, issue, make_ca, server_pair
-from conftest import FSE, Daemon, audit_records
+from conftest import FSE, Daemon, audit_records, run_fse
 from fse.core.engine import Model, TooManyTokens
 from fse_client.v1 import fse_pb2, fse_pb2_grpc
 
@@ -105,6 +105,23 @@ def test_missing_or_wrong_token_is_unauthenticated_and_audited(
     denied = [r for r in tls_daemon.audit()[before:] if r["event"] == "auth.denied"]
     assert len(denied) == 1 and denied[0]["client"].startswith("tcp:")
     assert not [r for r in tls_daemon.audit()[before:] if r["event"] == "stream.started"]
+
+
+def test_fse_generate_speaks_tls_and_tokens(
+    tls_daemon: Daemon, pki: dict[str, Pair], tmp_path: Path
+) -> None:
+    token = tmp_path / "token"
+    token.write_text(TOKENS["bob"] + "\n")
+    tls = ["--addr", tls_daemon.addrs[1], "--tls-ca", str(pki["ca"].cert), "--token-file"]
+    ok = run_fse("generate", *tls, str(token), "--temperature", "0", "--max-tokens", "2", "Hi")
+    assert ok.returncode == 0, ok.stderr
+    token.write_text("wrong\n")
+    denied = run_fse("generate", *tls, str(token), "--max-tokens", "2", "Hi")
+    assert denied.returncode == 1
+    assert denied.stderr.startswith("fse generate: error: UNAUTHENTICATED: ")
+    token.write_text("\n")
+    empty = run_fse("generate", *tls, str(token), "Hi")
+    assert empty.returncode == 2 and "--token-file" in empty.stderr and "empty" in empty.stderr
 
 
 def test_unix_socket_needs_no_token_by_default(tls_daemon: Daemon) -> None:

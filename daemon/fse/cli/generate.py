@@ -7,6 +7,7 @@ import signal
 import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from fse.cli.common import (
@@ -47,9 +48,24 @@ def add_parser(commands: Any) -> None:
         action="append",
         default=[],
         metavar="SPEC",
-        help="debug only: inject a fault (nan@K, inf@K, scale@K:F, guard-error@K)",
+        help="debug only: inject a fault (nan@K, inf@K, scale@K:F, guard-error@K; "
+        "hang@K with --addr)",
+    )
+    gen.add_argument("--tls-ca", type=Path, metavar="FILE", help="with --addr: TLS, this CA")
+    gen.add_argument(
+        "--token-file", type=Path, metavar="FILE", help="with --addr: bearer token (first line)"
     )
     gen.set_defaults(func=cmd_generate)
+
+
+def _read_first_line(flag: str, path: Path) -> str:
+    try:
+        lines = path.read_text(encoding="utf-8").strip().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{flag}: {path}: cannot read: {exc}") from None
+    if not lines or not lines[0].strip():
+        raise InputError(f"{flag}: {path}: empty; accepted: the token on the first line")
+    return lines[0].strip()
 
 
 def local_events(args: argparse.Namespace, request: Any, cancel: threading.Event) -> Iterator[Any]:
@@ -60,6 +76,8 @@ def local_events(args: argparse.Namespace, request: Any, cancel: threading.Event
         faults = Faults.parse(args.debug_fault)
     except ValueError as exc:
         raise InputError(f"--debug-fault: {exc}") from None
+    if faults.hang_at is not None:
+        raise InputError("--debug-fault: hang@K blocks the daemon's decode thread; use --addr")
     positive("--threads", args.threads, MAX_THREADS)
     policy = resolve_policy(request.policy, args.policies_dir, "--policy")
     with load_model(args.model, args.verbose) as model:
@@ -93,8 +111,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.addr:
         from fse.tools.remote import ClientError, RemoteStream
 
+        token = _read_first_line("--token-file", args.token_file) if args.token_file else None
         try:
-            stream = RemoteStream(args.addr, request, args.debug_fault)
+            ca = args.tls_ca.read_bytes() if args.tls_ca else None
+        except OSError as exc:
+            raise InputError(f"--tls-ca: {args.tls_ca}: cannot read: {exc.strerror}") from None
+        try:
+            stream = RemoteStream(args.addr, request, args.debug_fault, tls_ca=ca, token=token)
         except ValueError as exc:
             raise InputError(f"--addr: {exc}") from None
         signal.signal(signal.SIGINT, lambda signum, frame: stream.cancel())

@@ -414,9 +414,9 @@ class AuditLog:
         record: Record = fields
         for step in self._steps:
             record = step(record)
-        entry = Entry(now_rfc3339(), event, encode_fields(record))
-        with self._lock:
-            self._pending.append(entry)
+        fields_json = encode_fields(record)
+        with self._lock:  # stamped under the lock: ts never goes backwards along the chain
+            self._pending.append(Entry(now_rfc3339(), event, fields_json))
             return self._flush()
 
     def retry(self) -> bool:
@@ -452,7 +452,9 @@ class AuditLog:
             try:
                 if self._should_rotate(len(line) + 1):
                     self._rotate()
-                    self._pending.appendleft(Entry(now_rfc3339(), ROTATED, _rotated_fields(self)))
+                    # Stamped as the line that caused it, so ts stays in order across files.
+                    stamp = self._pending[0].ts
+                    self._pending.appendleft(Entry(stamp, ROTATED, _rotated_fields(self)))
                     continue
                 self._append(line + b"\n")
             except OSError as exc:

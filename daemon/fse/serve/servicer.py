@@ -138,7 +138,8 @@ class GuardServicer(fse_pb2_grpc.GuardServicer):
                 policy=handle.policy.name,
                 policy_sha256=handle.policy.sha256,
                 prompt_tokens=len(handle.prompt),
-                seed=handle.request.sampling.seed or 0,  # prepare drew one if needed
+                # The seed in use (prepare drew one if needed); greedy uses none.
+                seed=0 if handle.request.sampling.greedy else handle.request.sampling.seed or 0,
                 model=service.model.name,
             )
         )

@@ -26,6 +26,14 @@ from fse_client.v1 import fse_pb2, fse_pb2_grpc
 Event = TokenEvent | Verdict
 
 
+def _until_none(
+    outgoing: queue.SimpleQueue[fse_pb2.GenerateClientMessage | None],
+) -> Iterator[fse_pb2.GenerateClientMessage]:
+    """The request stream: what is put on the queue, until None (a blocking get, no poll)."""
+    while (message := outgoing.get()) is not None:
+        yield message
+
+
 class Generation:
     """One Generate stream. Iterating yields token events, then the verdict, and ends.
 
@@ -45,13 +53,12 @@ class Generation:
             queue.SimpleQueue()
         )
         self._outgoing.put(start)
-        self._call: Any = stub.Generate(self._requests(), metadata=metadata)
+        # The request stream must not refer back to this object: grpc's call object would
+        # then sit in a reference cycle, and its __del__, run by the cyclic collector at
+        # any moment, takes a lock that the interrupted code may hold (a hang at exit).
+        self._call: Any | None = stub.Generate(_until_none(self._outgoing), metadata=metadata)
         self.started: Started | None = None
         self.verdict: Verdict | None = None
-
-    def _requests(self) -> Iterator[fse_pb2.GenerateClientMessage]:
-        while (message := self._outgoing.get()) is not None:
-            yield message
 
     def cancel(self) -> None:
         """Send a Cancel message; the daemon ends the stream within one decode step."""
@@ -60,9 +67,13 @@ class Generation:
     def close(self) -> None:
         """Abandon the call (the daemon sees the client go away and cancels it)."""
         self._outgoing.put(None)
-        self._call.cancel()
+        if self._call is not None:
+            self._call.cancel()
+            self._call = None
 
     def __iter__(self) -> Iterator[Event]:
+        if self._call is None:
+            raise FseError(grpc.StatusCode.CANCELLED, "this generation was closed or read")
         try:
             for message in self._call:
                 kind = message.WhichOneof("kind")
@@ -72,11 +83,15 @@ class Generation:
                     yield wire.token_from_wire(message.token)
                 elif kind == "verdict":
                     self.verdict = wire.verdict_from_wire(message.verdict)
+                    self._outgoing.put(None)  # nothing more to send: half-close now
                     yield self.verdict
         except grpc.RpcError as exc:
             raise error_from_rpc(exc, self._addr) from None
         finally:
-            self._outgoing.put(None)
+            # Done with the call (or abandoned: cancel it). grpc's call object must not
+            # outlive its use: freed at interpreter exit, its __del__ can wait forever on
+            # a lock held by one of grpc's threads that exit has already frozen.
+            self.close()
         if self.verdict is None:
             raise FseError(
                 grpc.StatusCode.UNKNOWN,

@@ -29,13 +29,18 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=min(os.cpu_count() or 2, 8))
+    parser.add_argument(
+        "--daemon-python",
+        default=sys.executable,
+        help="the python whose `-m fse.cli serve` to measure (another checkout's, to compare)",
+    )
     args = parser.parse_args()
     path = default_model_path()
     ratios: list[float] = []
     loop_ms: list[float] = []  # CPU per step (one token of every stream)
     client_ms: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
-        process, addr, _ = start_daemon(Path(tmp), args.threads)
+        process, addr, _ = start_daemon(Path(tmp), args.threads, args.daemon_python)
         try:
             asyncio.run(daemon_aggregate(addr, args.parallel, 16))  # warm-up
             for _ in range(args.repeats):

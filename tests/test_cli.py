@@ -1,7 +1,7 @@
 """End-to-end tests of the `fse` command line: real subprocesses, the real model.
 
 Every `fse generate --json` run goes through `generate_json`, which checks the
-JSON-lines contract of DESIGN.md on its output before the test looks further.
+JSON-lines contract of docs/protocol.md on its output before the test looks further.
 Generations are greedy or seeded, so each run is reproducible on this machine.
 """
 

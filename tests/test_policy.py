@@ -96,7 +96,7 @@ def test_pro_extends_default() -> None:
 
 
 def test_builtin_matches_design_example() -> None:
-    # The DESIGN.md example is the pro policy: same canonical form, same hash.
+    # The pro policy written out in full (PRO_TEXT): same canonical form, same hash.
     assert parse_policy(PRO_TEXT).sha256 == builtin_policy("pro").sha256
 
 

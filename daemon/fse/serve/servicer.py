@@ -149,7 +149,9 @@ class GuardServicer(fse_pb2_grpc.GuardServicer):
             while True:
                 event = await handle.events.get()
                 if violation:  # nothing more goes out after a protocol error
-                    service.record_rejection(request.request_id, "invalid_argument", violation[0])
+                    service.record_rejection(
+                        request.request_id, "invalid_argument", violation[0], client=caller
+                    )
                     self.metrics.rejected("INVALID_ARGUMENT")
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, violation[0])
                 if isinstance(event, TokenEvent):

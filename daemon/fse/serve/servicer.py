@@ -22,6 +22,7 @@ from fse.serve.scheduler import Handle, NotAccepting, Overloaded
 from fse.serve.service import AuditUnavailable, GuardService
 from fse.serve.wire import (
     faults_from_metadata,
+    info_to_wire,
     request_from_wire,
     token_to_wire,
     verdict_to_wire,
@@ -178,33 +179,13 @@ class GuardServicer(fse_pb2_grpc.GuardServicer):
             self.metrics.rejected("UNAVAILABLE")
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
             raise AssertionError  # abort raises
-        m = service.model_info
-        limits = service.limits
-        return fse_pb2.Info(
-            version=service.version,
-            model=fse_pb2.ModelInfo(
-                name=m.name,
-                sha256=self.model_sha256,
-                description=m.description,
-                vocab_size=m.vocab_size,
-                context_size=m.context_size,
-                train_context_size=m.train_context_size,
-                size_bytes=m.size_bytes,
-                chat_template=m.chat_template,
-            ),
-            policies=[
-                fse_pb2.PolicyInfo(
-                    name=p.name, sha256=p.sha256, builtin=p.name in ("default", "pro")
-                )
-                for p in sorted(service.policies.values(), key=lambda p: p.name)
-            ],
-            limits=fse_pb2.Limits(
-                max_streams=limits.max_streams,
-                max_queue=limits.max_queue,
-                max_tokens=limits.max_tokens,
-                max_prompt_tokens=limits.ctx_per_stream - 1,
-                max_message_bytes=MAX_MESSAGE_BYTES,
-            ),
+        return info_to_wire(
+            service.version,
+            service.model_info,
+            self.model_sha256,
+            service.policies.values(),
+            service.limits,
+            MAX_MESSAGE_BYTES,
         )
 
 

@@ -7,11 +7,13 @@ the `deadline` verdict before gRPC cuts the stream).
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 from fse_client.v1 import fse_pb2
 
 from fse.core.engine import Faults
+from fse.core.policy import Policy, builtin_names
 from fse.core.types import (
     CANCELLED,
     COMPLETED,
@@ -22,6 +24,10 @@ from fse.core.types import (
     TokenEvent,
     Verdict,
 )
+
+if TYPE_CHECKING:
+    from fse.serve.scheduler import Limits
+    from fse.serve.service import ModelInfo
 
 # Debug faults travel in metadata, never in the public message, and only a daemon
 # started with --allow-debug-faults accepts them.
@@ -113,3 +119,38 @@ def verdict_to_wire(verdict: Verdict) -> fse_pb2.GenerateServerMessage:
 def faults_from_metadata(metadata: Any) -> Faults:
     specs = [value for key, value in (metadata or ()) if key == FAULT_METADATA]
     return Faults.parse(specs) if specs else Faults()
+
+
+def info_to_wire(
+    version: str,
+    model: ModelInfo,
+    model_sha256: str,
+    policies: Iterable[Policy],
+    limits: Limits,
+    max_message_bytes: int,
+) -> fse_pb2.Info:
+    """GetInfo's answer. The model's file path stays on the server."""
+    return fse_pb2.Info(
+        version=version,
+        model=fse_pb2.ModelInfo(
+            name=model.name,
+            sha256=model_sha256,
+            description=model.description,
+            vocab_size=model.vocab_size,
+            context_size=model.context_size,
+            train_context_size=model.train_context_size,
+            size_bytes=model.size_bytes,
+            chat_template=model.chat_template,
+        ),
+        policies=[
+            fse_pb2.PolicyInfo(name=p.name, sha256=p.sha256, builtin=p.name in builtin_names())
+            for p in sorted(policies, key=lambda p: p.name)
+        ],
+        limits=fse_pb2.Limits(
+            max_streams=limits.max_streams,
+            max_queue=limits.max_queue,
+            max_tokens=limits.max_tokens,
+            max_prompt_tokens=limits.ctx_per_stream - 1,
+            max_message_bytes=max_message_bytes,
+        ),
+    )

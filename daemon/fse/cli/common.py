@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from fse.core.engine import MAX_THREADS
 from fse.core.errors import InputError
 from fse.core.types import Status, Verdict
 
@@ -16,8 +17,6 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_HALTED = 3
 EXIT_CANCELLED = 4
-# ggml's GGML_MAX_N_THREADS; far more threads make llama.cpp abort (std::bad_alloc).
-MAX_THREADS = 512
 
 
 def flag_message(message: str) -> str:

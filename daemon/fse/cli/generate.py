@@ -12,7 +12,6 @@ from typing import Any
 
 from fse.cli.common import (
     EXIT_ERROR,
-    MAX_THREADS,
     add_generation_flags,
     add_local_flags,
     exit_code,
@@ -21,6 +20,7 @@ from fse.cli.common import (
     request_from_args,
     resolve_policy,
 )
+from fse.core.engine import MAX_THREADS
 from fse.core.errors import InputError
 
 

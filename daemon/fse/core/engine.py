@@ -24,7 +24,7 @@ from fse.core.metrics import PerplexityWindow
 from fse.core.models import ModelError, check_gguf
 from fse.core.types import Sampling, StepMetrics
 
-# ggml's GGML_MAX_N_THREADS.
+# ggml's GGML_MAX_N_THREADS; far more threads make llama.cpp abort (std::bad_alloc).
 MAX_THREADS = 512
 
 _backend_lock = threading.Lock()

@@ -19,10 +19,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from fse.core.engine import MAX_THREADS
 from fse.core.errors import InputError
 
-# ggml's GGML_MAX_N_THREADS; far more threads make llama.cpp abort (std::bad_alloc).
-MAX_THREADS = 512
 FSYNC_MODES = ("always", "interval", "never")
 
 

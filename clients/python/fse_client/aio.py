@@ -32,13 +32,20 @@ class AsyncGeneration:
         self._addr = addr
         self.started: Started | None = None
         self.verdict: Verdict | None = None
+        self._cancel_sent = False
 
     async def cancel(self) -> None:
-        """Send a Cancel message; the stream still ends with a `cancelled` verdict."""
-        if self.verdict is None:
-            try:
-                await self._call.write(wire.CANCEL)
-            except grpc.RpcError as exc:
+        """Send a Cancel message; the stream still ends with a `cancelled` verdict.
+
+        Once sent, or once the daemon has ended the call (its verdict may still be unread
+        behind buffered tokens), there is nothing left to cancel: a no-op, not an error."""
+        if self.verdict is not None or self._cancel_sent or self._call.done():
+            return
+        self._cancel_sent = True
+        try:
+            await self._call.write(wire.CANCEL)
+        except grpc.RpcError as exc:
+            if not self._call.done():
                 raise error_from_rpc(exc, self._addr) from None
 
     def close(self) -> None:

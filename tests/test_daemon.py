@@ -1217,3 +1217,16 @@ def test_chat_messages_use_the_models_template(
     assert outcome.messages[0].started.prompt_tokens == len(expected_tokens)
     assert verdict.status == fse_pb2.STATUS_COMPLETED
     assert verdict.tokens > 0
+
+
+def test_chat_template_keeps_every_role_across_many_renders(templated_model: Path) -> None:
+    """The role and content strings handed to llama_chat_apply_template must stay alive
+    for the call: over temporaries they were sometimes freed and rendered empty."""
+    from fse.core.engine import Model
+
+    with Model(templated_model) as model:
+        for i in range(300):
+            junk = [bytes(64) * (i % 7) for _ in range(50)]  # churn the allocator
+            rendered = model.apply_chat_template([("user", f"question {i}")])
+            assert rendered.startswith(f"<start_of_turn>user\nquestion {i}<end_of_turn>"), i
+            del junk

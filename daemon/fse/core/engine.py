@@ -273,11 +273,14 @@ class Model(_Closing):
         assistant's turn. Raises ValueError when the model has no (supported) template."""
         if self.chat_template is None:
             raise ValueError("messages: this model has no chat template; send a raw prompt")
-        keep = [(r.encode(), c.encode()) for r, c in messages]
+        # NUL-terminated C strings owned by this list, alive until the call returns. (A
+        # from_buffer over a temporary `role + b"\0"` dangled: the template sometimes read
+        # freed memory and rendered an empty role.)
+        keep = [(ffi.new("char[]", r.encode()), ffi.new("char[]", c.encode())) for r, c in messages]
         chat = ffi.new("llama_chat_message[]", len(keep))
         for i, (role, content) in enumerate(keep):
-            chat[i].role = ffi.from_buffer(role + b"\0")
-            chat[i].content = ffi.from_buffer(content + b"\0")
+            chat[i].role = role
+            chat[i].content = content
         size = 2 * sum(len(r) + len(c) for r, c in keep) + 256
         for _ in range(2):
             buf = ffi.new("char[]", size)

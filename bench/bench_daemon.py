@@ -5,6 +5,8 @@ One run measures, interleaved over rounds and reported as medians:
     in pairs run back to back in random order (the shared host drifts by 10% over
     minutes), with the CPU that the daemon's event loop and this client spend per
     token (on 2 cores it comes out of the decode's share);
+  - the unix socket, which passes through the daemon's SO_PEERCRED relay, against
+    loopback TCP, which does not (a third run in each pair, same order shuffle);
   - added latency per token: p50/p99 of the gap between consecutive tokens as the
     client sees them, daemon vs in-process;
   - aggregate tokens/s with 1, 2, 4, 8 concurrent streams vs llama-batched-bench
@@ -26,6 +28,7 @@ import json
 import os
 import random
 import resource
+import socket
 import statistics
 import subprocess
 import sys
@@ -148,9 +151,10 @@ async def daemon_aggregate(addr: str, parallel: int, n_tokens: int) -> float:
 
 
 def start_daemon(
-    workdir: Path, threads: int, python: str = sys.executable
+    workdir: Path, threads: int, python: str = sys.executable, also: tuple[str, ...] = ()
 ) -> tuple[subprocess.Popen[bytes], str, float]:
-    """`python -m fse.cli serve` on a unix socket in workdir, once it reports SERVING."""
+    """`python -m fse.cli serve` on a unix socket in workdir (and on the addresses in
+    `also`), once it reports SERVING."""
     addr = f"unix:{workdir / 'bench.sock'}"
     began = time.perf_counter()
     process = subprocess.Popen(
@@ -161,6 +165,7 @@ def start_daemon(
             "serve",
             "--listen",
             addr,
+            *(x for a in also for x in ("--listen", a)),
             "--threads",
             str(threads),
             "--max-streams",
@@ -185,6 +190,12 @@ def start_daemon(
                     raise RuntimeError("daemon exited; see its log") from None
             time.sleep(0.01)
     return process, addr, time.perf_counter() - began
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -219,20 +230,32 @@ class SingleStream:
     local_tps: list[float] = field(default_factory=list)
     daemon_tps: list[float] = field(default_factory=list)
     ratios: list[float] = field(default_factory=list)  # one per pair, from the same minute
+    # The unix socket goes through the daemon's SO_PEERCRED relay, loopback TCP does not:
+    # unix tokens/s over TCP tokens/s, one per pair, is what the relay costs.
+    relay_ratios: list[float] = field(default_factory=list)
     loop_ms: list[float] = field(default_factory=list)  # daemon event-loop thread CPU per token
     client_ms: list[float] = field(default_factory=list)  # this process's CPU per token
 
     def pair(
-        self, model: Model, ctx: Context, process: subprocess.Popen[bytes], addr: str, n_tokens: int
+        self,
+        model: Model,
+        ctx: Context,
+        process: subprocess.Popen[bytes],
+        addrs: tuple[str, str],
+        n_tokens: int,
     ) -> None:
-        """One in-process run and one daemon run, in random order (the host drifts)."""
-        order = ["local", "daemon"]
+        """An in-process run, a daemon run on the unix socket and one on loopback TCP, in
+        random order (the host drifts)."""
+        addr, tcp_addr = addrs
+        order = ["local", "daemon", "tcp"]
         random.shuffle(order)
         tps: dict[str, float] = {}
         for which in order:
             if which == "local":
                 gaps = in_process_gaps(model, ctx, n_tokens)
                 self.local_gaps += gaps
+            elif which == "tcp":
+                gaps = asyncio.run(daemon_single_gaps(tcp_addr, n_tokens))
             else:
                 before, own = thread_cpu_seconds(process.pid), own_cpu_seconds()
                 gaps = asyncio.run(daemon_single_gaps(addr, n_tokens))
@@ -246,6 +269,7 @@ class SingleStream:
         self.local_tps.append(tps["local"])
         self.daemon_tps.append(tps["daemon"])
         self.ratios.append(tps["daemon"] / tps["local"])
+        self.relay_ratios.append(tps["daemon"] / tps["tcp"])
 
 
 def measure(
@@ -262,14 +286,15 @@ def measure(
     rss_refusal: list[float] = []
     for _ in range(rounds):
         with tempfile.TemporaryDirectory() as tmp:
-            process, addr, seconds = start_daemon(Path(tmp), threads)
+            tcp_addr = f"127.0.0.1:{free_port()}"
+            process, addr, seconds = start_daemon(Path(tmp), threads, also=(tcp_addr,))
             try:
                 serving.append(seconds)
                 with Model(path) as model, Context(model, n_ctx=1024, n_threads=threads) as ctx:
                     in_process_gaps(model, ctx, 16)  # warm-up
                     asyncio.run(daemon_single_gaps(addr, 16))
                     for _ in range(pairs):
-                        single.pair(model, ctx, process, addr, n_tokens)
+                        single.pair(model, ctx, process, (addr, tcp_addr), n_tokens)
                 for p in PARALLEL:
                     aggregate[p].append(asyncio.run(daemon_aggregate(addr, p, 64)))
                 # Peak RSS of serving, taken before the 1 MiB refusal below,
@@ -293,6 +318,7 @@ def measure(
         "single_daemon_tps": median(single.daemon_tps),
         "single_ratio": median(single.ratios),
         "single_ratio_quartiles": statistics.quantiles(single.ratios, n=4),
+        "relay_ratio": median(single.relay_ratios),
         "daemon_loop_cpu_ms_per_token": median(single.loop_ms),
         "client_cpu_ms_per_token": median(single.client_ms),
         "gap_ms_in_process": {
@@ -337,6 +363,7 @@ def main() -> int:
         f"(median of {r['pairs']} interleaved pairs, quartiles {q[0]:.3f}..{q[2]:.3f}; "
         "target >= 0.97)"
     )
+    print(f"  unix socket (through the SO_PEERCRED relay) / loopback TCP: {r['relay_ratio']:.3f}")
     print(
         f"  CPU per token beside the decode: daemon event loop "
         f"{r['daemon_loop_cpu_ms_per_token']:.2f} ms, Python gRPC client "

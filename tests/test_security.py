@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import signal
 import socket
 import stat
 import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +24,7 @@ import pytest
 from certs import Pair, issue, make_ca, server_pair
 from conftest import FSE, Daemon, audit_records, run_fse
 from fse.core.engine import Model, TooManyTokens
+from fse.serve.relay import private_location
 from fse_client.v1 import fse_pb2, fse_pb2_grpc
 
 THREADS = ("--threads", "1")
@@ -128,7 +133,94 @@ def test_unix_socket_needs_no_token_by_default(tls_daemon: Daemon) -> None:
     with fse_client.Client(tls_daemon.addr) as client:
         assert one_generation(client).status == fse_client.Status.COMPLETED
     started = [r for r in tls_daemon.audit() if r["event"] == "stream.started"]
-    assert started[-1]["client"] == "unix"
+    assert started[-1]["client"] == f"uid:{os.getuid()}"  # SO_PEERCRED, through the relay
+
+
+def private_dirs(public: Path) -> list[Path]:
+    """The relay's private directories for the socket `public`."""
+    base, prefix = private_location(public)
+    return list(base.glob(f"{prefix}*"))
+
+
+# Imports first, as root (the interpreter lives under /root), then the switch to the uid.
+CALL_AS_OTHER_USER = """
+import os, sys, fse_client
+uid = int(sys.argv[3])
+os.setgroups([]); os.setgid(uid); os.setuid(uid)
+with fse_client.Client(sys.argv[1]) as client:
+    events = list(client.generate("Hi", max_tokens=1, request_id=sys.argv[2]))
+print(events[-1].status.name)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching to another uid needs root")
+def test_a_unix_caller_is_named_by_its_uid(start_daemon: Callable[..., Daemon]) -> None:
+    """The kernel's word (SO_PEERCRED), not the client's: another user is named as such,
+    and cannot reach gRPC's own socket to pass itself off as somebody else."""
+    shared = Path(tempfile.mkdtemp(prefix="fse-uid-"))
+    try:
+        shared.chmod(0o755)
+        sock = shared / "fse.sock"
+        daemon = start_daemon(*THREADS, "--listen", f"unix:{sock}", "--socket-mode", "0666")
+        nobody = 65534
+        for uid, request_id in ((nobody, "as-nobody"), (os.getuid(), "as-me")):
+            done = subprocess.run(
+                [sys.executable, "-c", CALL_AS_OTHER_USER, f"unix:{sock}", request_id, str(uid)],
+                capture_output=True, text=True, timeout=120, cwd=shared,
+            )  # fmt: skip
+            assert done.stdout.strip() == "COMPLETED", done.stderr
+        clients = {
+            r["request_id"]: r["client"] for r in daemon.audit() if r["event"] == "stream.started"
+        }
+        assert clients == {"as-nobody": f"uid:{nobody}", "as-me": f"uid:{os.getuid()}"}
+        # gRPC's socket sits in a directory only the daemon's user can enter.
+        (private,) = private_dirs(sock)
+        assert stat.S_IMODE(private.stat().st_mode) == 0o700
+        inner = str(private / "grpc.sock")
+        probe = f"import os, socket as s; os.setuid({nobody}); s.socket(1).connect({inner!r})"
+        intruder = subprocess.run(
+            [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60
+        )
+        assert intruder.returncode == 1 and "PermissionError" in intruder.stderr
+        daemon.stop()
+        assert not list(shared.iterdir()) and not private_dirs(sock), "left behind"
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+def test_a_killed_daemons_private_directory_is_cleared_by_the_next_start(
+    start_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    sock = tmp_path / "fse.sock"
+    first = start_daemon(*THREADS, "--listen", f"unix:{sock}")
+    (left,) = private_dirs(sock)
+    first.stop(signal.SIGKILL)
+    assert left.is_dir() and sock.exists()  # what kill -9 leaves behind
+    second = start_daemon(*THREADS, "--listen", f"unix:{sock}")
+    (private,) = private_dirs(sock)
+    assert private != left
+    with fse_client.Client(f"unix:{sock}") as client:
+        assert one_generation(client).status == fse_client.Status.COMPLETED
+    assert second.stop() == 0
+    assert not sock.exists() and not private_dirs(sock)
+
+
+def test_a_silent_or_vanishing_unix_client_costs_nothing(tls_daemon: Daemon) -> None:
+    """Connections that send nothing, garbage, or half a request and vanish do not stop
+    the relay from serving the next caller."""
+    path = tls_daemon.addr.removeprefix("unix:")
+    idle = [socket.socket(socket.AF_UNIX) for _ in range(20)]
+    for conn in idle:
+        conn.connect(path)
+    for payload in (b"garbage\r\n\r\n", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00"):
+        with socket.socket(socket.AF_UNIX) as conn:
+            conn.connect(path)
+            conn.sendall(payload)
+    with fse_client.Client(tls_daemon.addr) as client:
+        assert one_generation(client).status == fse_client.Status.COMPLETED
+    for conn in idle:
+        conn.close()
+    assert tls_daemon.process.poll() is None
 
 
 def test_plain_text_and_an_untrusted_ca_cannot_connect(

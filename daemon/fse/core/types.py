@@ -124,6 +124,10 @@ class Request:
     request_id: str = ""
     timeout: float | None = None  # seconds from admission; None = no deadline
 
+    def text_length(self) -> int:
+        """Characters of prompt and messages: what tokenizing will cost, in O(1) per part."""
+        return len(self.prompt) + sum(len(role) + len(content) for role, content in self.messages)
+
 
 @dataclass(slots=True)
 class TokenEvent:

@@ -88,14 +88,29 @@ def bearer_token(metadata: Any) -> str | None:
     return None
 
 
-def _peer_identity(context: grpc.aio.ServicerContext[Any, Any]) -> str:
-    """cert:SUBJECT for an mTLS peer, unix for a local socket, tcp:ADDRESS otherwise."""
+UnixUid = Callable[[str], "int | None"]  # gRPC peer name -> the uid the relay saw, if any
+
+
+def _no_uid(peer: str) -> int | None:
+    return None
+
+
+def _peer_identity(context: grpc.aio.ServicerContext[Any, Any], unix_uid: UnixUid) -> str:
+    """cert:SUBJECT for an mTLS peer, uid:N for a local socket (from the relay's
+    SO_PEERCRED), tcp:ADDRESS otherwise; `unix` if a unix peer's uid is unknown."""
     auth = context.auth_context() or {}
     subject = auth.get("x509_subject_name") or auth.get("x509_common_name")
     if subject:
         return f"cert:{subject[0].decode('utf-8', 'replace')}"
     peer = context.peer() or ""
-    return "unix" if peer.startswith("unix:") else f"tcp:{peer.removeprefix('ipv4:')}"
+    if not peer.startswith("unix:"):
+        return f"tcp:{peer.removeprefix('ipv4:')}"
+    uid = unix_uid(peer)
+    return "unix" if uid is None else f"uid:{uid}"
+
+
+def _is_unix(context: grpc.aio.ServicerContext[Any, Any]) -> bool:
+    return (context.peer() or "").startswith("unix:")
 
 
 Deny = Callable[[str, str], None]  # (caller, reason): audit an `auth.denied`
@@ -105,10 +120,17 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Checks the bearer token of every fse.v1.Guard call (on unix sockets only when
     `require_on_unix`); a missing or wrong token gets UNAUTHENTICATED, the same words."""
 
-    def __init__(self, tokens: TokenTable | None, require_on_unix: bool, on_deny: Deny) -> None:
+    def __init__(
+        self,
+        tokens: TokenTable | None,
+        require_on_unix: bool,
+        on_deny: Deny,
+        unix_uid: UnixUid = _no_uid,
+    ) -> None:
         self.tokens = tokens
         self.require_on_unix = require_on_unix
         self.on_deny = on_deny
+        self.unix_uid = unix_uid
 
     async def intercept_service(
         self,
@@ -120,22 +142,29 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return handler
         return _wrapped(handler, self._admit)
 
-    async def _admit(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        peer = _peer_identity(context)
-        needs_token = self.tokens is not None and (self.require_on_unix or peer != "unix")
+    async def _admit(self, context: grpc.aio.ServicerContext[Any, Any]) -> bool:
+        """Whether the call may go on; if not, its status is set (UNAUTHENTICATED).
+
+        The status is set rather than raised with context.abort(), whose exception
+        grpcio keeps, with the handler's frame, in a cycle the garbage collector cannot
+        see: a stream of denied calls would leak memory (see GuardServicer._refuse)."""
+        peer = _peer_identity(context, self.unix_uid)
+        needs_token = self.tokens is not None and (self.require_on_unix or not _is_unix(context))
         if not needs_token:
             _set_caller(context, peer)
-            return
+            return True
         assert self.tokens is not None
         token = bearer_token(context.invocation_metadata())
         name = None if token is None else self.tokens.name_of(token)
         if name is None:
             self.on_deny(peer, "missing token" if token is None else "wrong token")
-            await context.abort(
-                grpc.StatusCode.UNAUTHENTICATED,
-                "a valid bearer token is required (metadata authorization: Bearer TOKEN)",
+            context.set_code(grpc.StatusCode.UNAUTHENTICATED)
+            context.set_details(
+                "a valid bearer token is required (metadata authorization: Bearer TOKEN)"
             )
+            return False
         _set_caller(context, f"token:{name}")
+        return True
 
 
 def _set_caller(context: grpc.aio.ServicerContext[Any, Any], caller: str) -> None:
@@ -144,18 +173,19 @@ def _set_caller(context: grpc.aio.ServicerContext[Any, Any], caller: str) -> Non
 
 def caller_of(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     """The caller's name as the interceptor established it (audit field `client`)."""
-    return _caller.get(None) or _peer_identity(context)
+    return _caller.get(None) or _peer_identity(context, _no_uid)
 
 
 def _wrapped(
     handler: grpc.RpcMethodHandler,
-    admit: Callable[[grpc.aio.ServicerContext[Any, Any]], Awaitable[None]],
+    admit: Callable[[grpc.aio.ServicerContext[Any, Any]], Awaitable[bool]],
 ) -> grpc.RpcMethodHandler:
     if handler.stream_stream is not None:
         inner_ss = handler.stream_stream
 
         async def stream_stream(requests: Any, context: Any) -> Any:
-            await admit(context)
+            if not await admit(context):
+                return
             async for reply in inner_ss(requests, context):
                 yield reply
 
@@ -166,7 +196,8 @@ def _wrapped(
         inner_uu = handler.unary_unary
 
         async def unary_unary(request: Any, context: Any) -> Any:
-            await admit(context)
+            if not await admit(context):
+                return None
             return await inner_uu(request, context)
 
         return grpc.unary_unary_rpc_method_handler(

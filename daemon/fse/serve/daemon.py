@@ -9,9 +9,11 @@ open; nothing is accepted after SIGTERM; every stream ends with a verdict.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import os
 import shutil
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -33,14 +35,15 @@ from fse.serve.listeners import (
     StartupError,
     bind,
     check_plain_tcp,
+    open_unix_socket,
     parse_listen,
     private_umask,
-    set_socket_access,
     tls_credentials,
 )
 from fse.serve.logs import configure_logging
 from fse.serve.metrics import MetricsSink, start_metrics
 from fse.serve.notify import Notifier
+from fse.serve.relay import UnixRelay
 from fse.serve.scheduler import Limits
 from fse.serve.service import GuardService
 from fse.serve.servicer import MAX_MESSAGE_BYTES, GuardServicer
@@ -127,138 +130,162 @@ async def serve(settings: Settings) -> int:
         metrics.rejected("UNAUTHENTICATED")
         audit.write("auth.denied", client=caller, reason=reason)
 
-    interceptors = [AuthInterceptor(tokens, settings.auth.require_on_unix, denied)]
-    server = grpc.aio.server(
-        interceptors=interceptors,
-        options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.so_reuseport", 0),
-        ],
-    )
-    servicer = GuardServicer(per_client_streams=server_cfg.per_client_streams)
-    servicer.metrics = metrics
-    fse_pb2_grpc.add_GuardServicer_to_server(servicer, server)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
-    await report(NOT_SERVING)
-    with private_umask():
+    # gRPC serves each unix socket through a relay that knows the caller's uid.
+    relays: list[tuple[UnixRelay, socket.socket]] = []
+    try:
         for listener in listeners:
-            bind(server, listener, creds)
-        await server.start()
-    for listener in listeners:
-        set_socket_access(listener, server_cfg)
-    log.info("server.listening", listen=targets, tls=creds is not None, auth=tokens is not None)
+            if listener.socket_path is not None:
+                public = open_unix_socket(listener, server_cfg)
+                try:
+                    relays.append((UnixRelay(listener.socket_path), public))
+                except (ValueError, OSError) as exc:
+                    public.close()
+                    raise StartupError(f"--listen {listener.target}: {exc}") from None
 
-    notify.send(f"STATUS=loading {model_path.name}")
-    model = await asyncio.to_thread(Model, model_path, verbose=settings.verbose)
-    if settings.model.chat_template:
-        model.use_chat_template(settings.model.chat_template)
-    limits = Limits(
-        server_cfg.max_streams,
-        server_cfg.max_queue,
-        server_cfg.ctx_per_stream,
-        server_cfg.max_tokens_limit,
-    )
-    service = GuardService(
-        model,
-        policies,
-        limits,
-        n_threads=server_cfg.threads,
-        allow_faults=settings.allow_debug_faults,
-        audit=audit,
-    )
-    service.scheduler.metrics = metrics
-    metrics.watch(lambda: service.scheduler.load)
-    service.start()
-    servicer.service = service
-    audit.write("policy.loaded", policies={p.name: p.sha256 for p in policies.values()})
-    audit.write(
-        "server.started",
-        version=service.version,
-        listen=targets,
-        model=str(model_path),
-        pid=os.getpid(),
-        max_streams=limits.max_streams,
-        tls=creds is not None,
-        auth=tokens is not None,
-        allow_debug_faults=settings.allow_debug_faults,
-    )
-    serving = True
-    if audit.healthy:
-        await report(SERVING)
-    background = [loop.create_task(_retry_audit(audit))]
-    log.info(
-        "server.started",
-        listen=targets,
-        model=str(model_path),
-        policies=sorted(policies),
-        max_streams=limits.max_streams,
-        audit_log=audit_path,
-        seconds_to_serving=round(time.monotonic() - began, 3),
-    )
-    print(
-        f"fse: serving {model.name} on {', '.join(targets)}; audit log {audit_path}\n"
-        f'try: {_executable()} generate --addr {targets[0]} "The capital of France is"',
-        file=sys.stderr,
-        flush=True,
-    )
-    asyncio.get_running_loop().run_in_executor(None, _hash_model, servicer, model_path, metrics)
-    notify.send("READY=1", service.status())
-    background += notify.tasks(service)
+        def unix_uid(peer: str) -> int | None:
+            return next((uid for r, _ in relays if (uid := r.peer_uid(peer)) is not None), None)
 
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        interceptors = [AuthInterceptor(tokens, settings.auth.require_on_unix, denied, unix_uid)]
+        server = grpc.aio.server(
+            interceptors=interceptors,
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        servicer = GuardServicer(per_client_streams=server_cfg.per_client_streams)
+        servicer.metrics = metrics
+        fse_pb2_grpc.add_GuardServicer_to_server(servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        await report(NOT_SERVING)
+        with private_umask():
+            for relay, _ in relays:
+                bind(server, relay.inner_target, None, f"unix:{relay.public}")
+            for listener in listeners:
+                if not listener.is_unix:
+                    bind(server, listener.target, creds, listener.target)
+            await server.start()
+        for relay, public in relays:
+            await relay.start(public)
+        log.info("server.listening", listen=targets, tls=creds is not None, auth=tokens is not None)
 
-    def reload() -> None:
-        notify.reloading()
-        _reload_policies(service, audit, settings.policies.dir)
+        notify.send(f"STATUS=loading {model_path.name}")
+        model = await asyncio.to_thread(Model, model_path, verbose=settings.verbose)
+        if settings.model.chat_template:
+            model.use_chat_template(settings.model.chat_template)
+        limits = Limits(
+            server_cfg.max_streams,
+            server_cfg.max_queue,
+            server_cfg.ctx_per_stream,
+            server_cfg.max_tokens_limit,
+        )
+        service = GuardService(
+            model,
+            policies,
+            limits,
+            n_threads=server_cfg.threads,
+            allow_faults=settings.allow_debug_faults,
+            audit=audit,
+        )
+        service.scheduler.metrics = metrics
+        metrics.watch(lambda: service.scheduler.load)
+        service.start()
+        servicer.service = service
+        audit.write("policy.loaded", policies={p.name: p.sha256 for p in policies.values()})
+        audit.write(
+            "server.started",
+            version=service.version,
+            listen=targets,
+            model=str(model_path),
+            pid=os.getpid(),
+            max_streams=limits.max_streams,
+            tls=creds is not None,
+            auth=tokens is not None,
+            allow_debug_faults=settings.allow_debug_faults,
+        )
+        serving = True
+        if audit.healthy:
+            await report(SERVING)
+        background = [loop.create_task(_retry_audit(audit))]
+        log.info(
+            "server.started",
+            listen=targets,
+            model=str(model_path),
+            policies=sorted(policies),
+            max_streams=limits.max_streams,
+            audit_log=audit_path,
+            seconds_to_serving=round(time.monotonic() - began, 3),
+        )
+        print(
+            f"fse: serving {model.name} on {', '.join(targets)}; audit log {audit_path}\n"
+            f'try: {_executable()} generate --addr {targets[0]} "The capital of France is"',
+            file=sys.stderr,
+            flush=True,
+        )
+        asyncio.get_running_loop().run_in_executor(None, _hash_model, servicer, model_path, metrics)
         notify.send("READY=1", service.status())
+        background += notify.tasks(service)
 
-    loop.add_signal_handler(signal.SIGHUP, reload)
-    await stop.wait()
-    # No reload while stopping: a READY=1 after STOPPING=1 would tell systemd it runs again.
-    loop.add_signal_handler(signal.SIGHUP, lambda: log.warning("reload.ignored", why="stopping"))
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
 
-    drain = server_cfg.drain_seconds
-    notify.send("STOPPING=1", f"STATUS=draining for up to {drain:g} s")
-    log.info("server.stopping", drain_seconds=drain)
-    audit.write("server.stopping", drain_seconds=drain)
-    serving = False
-    await report(NOT_SERVING)
-    service.scheduler.stop_accepting()
-    # A second SIGTERM or SIGINT cuts the drain short: what runs halts with `shutdown`.
-    stop.clear()
-    drain_until = time.monotonic() + drain
-    while service.scheduler.load != (0, 0) and time.monotonic() < drain_until:
-        if stop.is_set():
-            log.warning("server.drain_cut_short")
-            break
-        await asyncio.sleep(0.05)
-    # What is left halts with guard `shutdown`. A decode thread stuck in llama_decode
-    # (the watchdog's case) cannot be stopped: exit without it; its streams' clients see
-    # UNAVAILABLE and the next start records them as orphans.
-    stopped = await asyncio.to_thread(service.shutdown, SHUTDOWN_SECONDS)
-    await server.stop(grace=2.0)
-    if stopped:
-        model.close()
-    for task in background:
-        task.cancel()
-    written = audit.retry()  # a last try for lines kept while the log failed
-    audit.close()
-    await asyncio.to_thread(metrics.close)
-    # The chain's head, for checking later that no line was cut off the end.
-    log.info("audit.head", path=audit_path, seq=audit.head.seq, sha256=audit.head.hash)
-    if not written:
-        log.error("audit.lost", path=audit_path, error=audit.error)
-        return 1
-    if not stopped:
-        return 1
-    log.info("server.stopped")
-    return 0
+        def reload() -> None:
+            notify.reloading()
+            _reload_policies(service, audit, settings.policies.dir)
+            notify.send("READY=1", service.status())
+
+        loop.add_signal_handler(signal.SIGHUP, reload)
+        await stop.wait()
+        # No reload while stopping: a READY=1 after STOPPING=1 would tell systemd it runs again.
+        loop.add_signal_handler(
+            signal.SIGHUP, lambda: log.warning("reload.ignored", why="stopping")
+        )
+
+        drain = server_cfg.drain_seconds
+        notify.send("STOPPING=1", f"STATUS=draining for up to {drain:g} s")
+        log.info("server.stopping", drain_seconds=drain)
+        audit.write("server.stopping", drain_seconds=drain)
+        serving = False
+        await report(NOT_SERVING)
+        service.scheduler.stop_accepting()
+        # A second SIGTERM or SIGINT cuts the drain short: what runs halts with `shutdown`.
+        stop.clear()
+        drain_until = time.monotonic() + drain
+        while service.scheduler.load != (0, 0) and time.monotonic() < drain_until:
+            if stop.is_set():
+                log.warning("server.drain_cut_short")
+                break
+            await asyncio.sleep(0.05)
+        # What is left halts with guard `shutdown`. A decode thread stuck in llama_decode
+        # (the watchdog's case) cannot be stopped: exit without it; its streams' clients see
+        # UNAVAILABLE and the next start records them as orphans.
+        stopped = await asyncio.to_thread(service.shutdown, SHUTDOWN_SECONDS)
+        await server.stop(grace=2.0)
+        if stopped:
+            model.close()
+        for task in background:
+            task.cancel()
+        written = audit.retry()  # a last try for lines kept while the log failed
+        audit.close()
+        await asyncio.to_thread(metrics.close)
+        # The chain's head, for checking later that no line was cut off the end.
+        log.info("audit.head", path=audit_path, seq=audit.head.seq, sha256=audit.head.hash)
+        if not written:
+            log.error("audit.lost", path=audit_path, error=audit.error)
+            return 1
+        if not stopped:
+            return 1
+        log.info("server.stopped")
+        return 0
+    finally:
+        for relay, public in relays:
+            await relay.close()
+            public.close()  # if the relay never started
 
 
 async def _retry_audit(audit: AuditLog, every: float = 0.5) -> None:
@@ -289,8 +316,31 @@ def _reload_policies(service: GuardService, audit: AuditLog, policies_dir: Path 
     audit.write("policy.loaded", policies=hashes)
 
 
+# glibc's M_MMAP_THRESHOLD (malloc.h).
+M_MMAP_THRESHOLD = -3
+# Blocks this large or larger get a mapping of their own, returned to the system at free.
+MMAP_THRESHOLD_BYTES = 256 << 10
+
+
+def keep_large_blocks_out_of_the_heap() -> None:
+    """Stop glibc from keeping a burst of large requests' memory after it is freed.
+
+    glibc raises its mmap threshold each time a mapped block is freed (up to 32 MiB), so
+    after the first ~1 MiB request buffers, the next ones come from the heap, and a
+    fragmented heap keeps them: each burst of 64 refused 1 MiB prompts left RSS ~55 MiB
+    higher, for good. A fixed threshold turns the adaptation off (bench_oversized.py: RSS
+    back at its level before the second burst). Nothing per token is that large; on a
+    libc without mallopt this does nothing."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+
+
 def run(settings: Settings) -> int:
     configure_logging()
+    keep_large_blocks_out_of_the_heap()
     try:
         return asyncio.run(serve(settings))
     except (StartupError, ModelError, InputError, EngineError) as exc:

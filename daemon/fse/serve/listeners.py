@@ -23,6 +23,8 @@ import grpc
 
 from fse.serve.config import ServerSettings, TlsSettings
 
+BACKLOG = 256  # connections the kernel queues before the daemon accepts them
+
 
 class StartupError(Exception):
     """The daemon cannot start; the message says why (printed, exit code 1)."""
@@ -121,23 +123,43 @@ def private_umask() -> Iterator[None]:
         os.umask(old)
 
 
-def bind(server: grpc.aio.Server, listener: Listener, creds: grpc.ServerCredentials | None) -> None:
-    if listener.socket_path is not None:
-        remove_stale_socket(listener.socket_path)
+def bind(
+    server: grpc.aio.Server, target: str, creds: grpc.ServerCredentials | None, shown: str
+) -> None:
+    """gRPC listens on `target`; errors name `shown`, the address the operator gave."""
     try:
-        if creds is not None and not listener.is_unix:
-            server.add_secure_port(listener.target, creds)
+        if creds is not None:
+            server.add_secure_port(target, creds)
         else:
-            server.add_insecure_port(listener.target)
+            server.add_insecure_port(target)
     except RuntimeError as exc:
-        raise StartupError(f"--listen {listener.target}: cannot bind: {exc}") from None
+        raise StartupError(f"--listen {shown}: cannot bind: {exc}") from None
 
 
-def set_socket_access(listener: Listener, server: ServerSettings) -> None:
-    """The configured mode and group on a bound unix socket."""
+def open_unix_socket(listener: Listener, server: ServerSettings) -> socket.socket:
+    """The public unix socket, listening, with the configured mode and group (the daemon
+    accepts on it itself: see fse.serve.relay)."""
     path = listener.socket_path
-    if path is None:
-        return
+    assert path is not None
+    remove_stale_socket(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with private_umask():
+            sock.bind(str(path))
+        set_socket_access(path, server)
+        sock.listen(BACKLOG)
+    except OSError as exc:
+        sock.close()
+        raise StartupError(f"--listen {listener.target}: cannot bind: {exc}") from None
+    except StartupError:
+        sock.close()
+        path.unlink(missing_ok=True)
+        raise
+    return sock
+
+
+def set_socket_access(path: Path, server: ServerSettings) -> None:
+    """The configured mode and group on a bound unix socket."""
     try:
         if server.socket_group:
             os.chown(path, -1, grp.getgrnam(server.socket_group).gr_gid)
@@ -147,4 +169,4 @@ def set_socket_access(listener: Listener, server: ServerSettings) -> None:
             f"server.socket_group: {server.socket_group!r} is not a group on this host"
         ) from None
     except OSError as exc:
-        raise StartupError(f"--listen {listener.target}: cannot set its access: {exc}") from None
+        raise StartupError(f"--listen unix:{path}: cannot set its access: {exc}") from None

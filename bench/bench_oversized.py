@@ -7,7 +7,8 @@ any full tokenization) without slowing the honest stream or keeping the memory.
 Rounds interleave a quiet run (the honest stream alone) with a burst run (the same
 stream, the 64 prompts fired at its 20th token); medians over rounds:
   - the honest stream's token gaps, p50 and max, quiet vs burst;
-  - the daemon's RSS (VmRSS) before and after the burst, and its peak (VmHWM).
+  - the daemon's RSS (VmRSS) before and after the burst, and its peak (VmHWM);
+  - the RSS before the first burst and after the last (what bursts keep adds up).
 
     .venv/bin/python bench/bench_oversized.py [--rounds 3] [--burst 64]
 """
@@ -117,6 +118,13 @@ def main() -> int:
     print(
         f"  daemon RSS: {med(rss_before):.0f} MiB before, {med(rss_after):.0f} MiB after "
         f"(+{med(rss_after) - med(rss_before):.0f}); peak raised by {med(peak_added):.0f} MiB"
+    )
+    # Memory a burst keeps adds up over the rounds: the medians above would hide it.
+    rounds = ", ".join(f"{a:.0f}->{b:.0f}" for a, b in zip(rss_before, rss_after, strict=True))
+    print(
+        f"  daemon RSS over all {args.rounds} bursts: {rss_before[0]:.0f} MiB before the first, "
+        f"{rss_after[-1]:.0f} MiB after the last (+{rss_after[-1] - rss_before[0]:.0f}); "
+        f"each burst, before->after: {rounds}"
     )
     return 0
 

@@ -253,6 +253,30 @@ def test_per_caller_stream_limit(tls_daemon: Daemon, pki: dict[str, Pair]) -> No
         assert one_generation(alice).status == fse_client.Status.COMPLETED  # freed again
 
 
+def test_per_caller_limit_on_the_unix_socket_is_per_uid(
+    tls_daemon: Daemon, pki: dict[str, Pair]
+) -> None:
+    me = f"uid:{os.getuid()}"
+    with (
+        fse_client.Client(tls_daemon.addr) as local,
+        tls_client(tls_daemon, pki, TOKENS["alice"]) as alice,
+    ):
+        running = local.generate("Write a long story.", max_tokens=300, sampling=GREEDY)
+        events = iter(running)
+        next(events)
+        before = len(tls_daemon.audit())
+        with pytest.raises(fse_client.FseError) as second:
+            list(local.generate("x" * 500_000, max_tokens=2, request_id="never-read"))
+        assert second.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert f"per-caller limit: {me} already runs 1 streams" in second.value.message
+        assert one_generation(alice).status == fse_client.Status.COMPLETED  # another caller
+        running.cancel()
+        list(events)
+    (refused,) = [r for r in tls_daemon.audit()[before:] if r["event"] == "input.rejected"]
+    # Refused as the call opened: its message (and so its request id) was never read.
+    assert refused["client"] == me and refused["request_id"] == ""
+
+
 def test_mtls_requires_a_certificate_from_the_client_ca(
     start_daemon: Callable[..., Daemon], pki: dict[str, Pair]
 ) -> None:

@@ -48,37 +48,50 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
 
 
 class _Half(asyncio.Protocol):
-    """One side of a relayed connection: what it receives is written to the other side."""
+    """One side of a relayed connection: what it receives is written to its peer's side."""
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
-        self.other: asyncio.Transport | None = None
+        self.peer: _Half | None = None
+        self.eof = False  # this side will send nothing more
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
 
+    def _peer_transport(self) -> asyncio.Transport | None:
+        return None if self.peer is None else self.peer.transport
+
     def data_received(self, data: bytes) -> None:
-        if self.other is not None:
-            self.other.write(data)
+        if (other := self._peer_transport()) is not None:
+            other.write(data)
 
     def eof_received(self) -> bool:
-        if self.other is not None and self.other.can_write_eof():
-            self.other.write_eof()
-        return True  # keep the other direction open (HTTP/2 may still answer)
+        """Pass a half-close on; once both sides are done, close both, or the sockets
+        (and gRPC's connection with all it holds) would wait for the garbage collector."""
+        self.eof = True
+        other = self._peer_transport()
+        if other is None or self.peer is None or self.peer.eof or not other.can_write_eof():
+            if other is not None:
+                other.close()
+            return False  # closes this side
+        other.write_eof()
+        return True  # the other direction may still carry data
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.other is not None:
-            self.other.close()
+        other = self._peer_transport()
+        self.peer, self.transport = None, None  # no cycle left for the collector
+        if other is not None:
+            other.close()
 
     # Our transport's write buffer is full: stop reading from the side that fills it.
     def pause_writing(self) -> None:
-        if self.other is not None:
-            self.other.pause_reading()
+        if (other := self._peer_transport()) is not None:
+            other.pause_reading()
 
     def resume_writing(self) -> None:
-        if self.other is not None:
-            self.other.resume_reading()
+        if (other := self._peer_transport()) is not None:
+            other.resume_reading()
 
 
 class _Outer(_Half):
@@ -163,8 +176,7 @@ class UnixRelay:
             log.warning("relay.connect_failed", error=str(exc))
             transport.close()
             return
-        inner.other = transport
-        outer.other = inner_transport
+        inner.peer, outer.peer = outer, inner
         if transport.is_closing():  # the client left while we connected
             inner_transport.close()
             return

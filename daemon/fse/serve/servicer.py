@@ -61,7 +61,7 @@ class GuardServicer(fse_pb2_grpc.GuardServicer):
 
     async def Generate(
         self,
-        request_iterator: AsyncIterator[fse_pb2.GenerateClientMessage],
+        request_iterator: AsyncIterator[fse_pb2.GenerateClientMessage],  # unused: see _read
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[fse_pb2.GenerateServerMessage]:
         service = self.service
@@ -84,7 +84,10 @@ class GuardServicer(fse_pb2_grpc.GuardServicer):
             service.record_rejection("", code.name.lower(), message, client=caller)
             self._refuse(context, code, message)
             return
-        first = await anext(aiter(request_iterator), None)
+        # context.read(), not request_iterator: grpcio's iterator is an async generator
+        # that keeps the last message it yielded in a reference cycle with the call, so
+        # every refused 1 MiB prompt stayed in memory until the next full collection.
+        first = await _read(context)
         if first is None or first.WhichOneof("kind") != "start":
             message = "start: the first message of a Generate stream must be `start`"
             service.record_rejection("", "invalid_argument", message, client=caller)
@@ -142,7 +145,7 @@ class GuardServicer(fse_pb2_grpc.GuardServicer):
             )
         )
         violation: list[str] = []
-        watcher = asyncio.create_task(_watch_client(request_iterator, handle, violation))
+        watcher = asyncio.create_task(_watch_client(context, handle, violation))
         try:
             while True:
                 event = await handle.events.get()
@@ -210,12 +213,21 @@ class GuardServicer(fse_pb2_grpc.GuardServicer):
         )
 
 
+async def _read(
+    context: grpc.aio.ServicerContext[Any, Any],
+) -> fse_pb2.GenerateClientMessage | None:
+    """The client's next message; None once it is done sending."""
+    message = await context.read()
+    return None if message is grpc.aio.EOF else message
+
+
 async def _watch_client(
-    requests: AsyncIterator[fse_pb2.GenerateClientMessage], handle: Handle, violation: list[str]
+    context: grpc.aio.ServicerContext[Any, Any], handle: Handle, violation: list[str]
 ) -> None:
     """Later client messages: `cancel` stops the stream; another `start` is a protocol error."""
-    with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
-        async for msg in requests:
+    # The call ending (the client gone, or the stream over) ends the watch.
+    with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError, grpc.aio.UsageError):
+        while (msg := await _read(context)) is not None:
             kind = msg.WhichOneof("kind")
             if kind == "cancel":
                 handle.cancel()

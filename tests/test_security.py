@@ -205,6 +205,23 @@ def test_a_killed_daemons_private_directory_is_cleared_by_the_next_start(
     assert not sock.exists() and not private_dirs(sock)
 
 
+def test_a_temporary_directory_too_deep_for_the_private_socket_is_a_clear_error(
+    tmp_path: Path,
+) -> None:
+    deep = tmp_path / ("d" * 60)
+    deep.mkdir()
+    env = {**os.environ, "TMPDIR": str(deep)}
+    env.pop("RUNTIME_DIRECTORY", None)
+    done = subprocess.run(
+        [*FSE, "serve", *THREADS, "--listen", f"unix:{tmp_path / 'fse.sock'}"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env,
+    )  # fmt: skip
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "too long a path for the daemon's private sockets" in done.stderr
+    assert "set TMPDIR to a shorter directory" in done.stderr
+    assert not (tmp_path / "fse.sock").exists() and not list(deep.iterdir())
+
+
 def test_a_silent_or_vanishing_unix_client_costs_nothing(tls_daemon: Daemon) -> None:
     """Connections that send nothing, garbage, or half a request and vanish do not stop
     the relay from serving the next caller."""

@@ -140,6 +140,7 @@ async def serve(settings: Settings) -> int:
                     relays.append((UnixRelay(listener.socket_path), public))
                 except (ValueError, OSError) as exc:
                     public.close()
+                    listener.socket_path.unlink(missing_ok=True)
                     raise StartupError(f"--listen {listener.target}: {exc}") from None
 
         def unix_uid(peer: str) -> int | None:

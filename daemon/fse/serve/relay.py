@@ -11,8 +11,10 @@ name, as nobody else can reach gRPC's socket.
 
 The relay copies bytes and nothing else, with asyncio protocols on the daemon's event
 loop (no task or coroutine per chunk). Back-pressure runs both ways: when one side's
-write buffer fills, reading from the other side pauses. Measured in bench_daemon: a
-token costs one extra loop wake-up and one small write.
+write buffer fills, reading from the other side pauses. A token costs one more
+wake-up of the loop and one small write: bench_daemon.py measured a single stream over
+the unix socket at 0.975 of one over loopback TCP (0.97 to 1.0 over four runs; 1.01
+before the relay), about 2% on two cores.
 """
 
 from __future__ import annotations
@@ -172,10 +174,13 @@ class UnixRelay:
             except BaseException:
                 sock.close()
                 raise
-        except (OSError, asyncio.CancelledError) as exc:
+        except OSError as exc:  # gRPC's socket is gone (stopping), or out of descriptors
             log.warning("relay.connect_failed", error=str(exc))
             transport.close()
             return
+        except asyncio.CancelledError:
+            transport.close()
+            raise
         inner.peer, outer.peer = outer, inner
         if transport.is_closing():  # the client left while we connected
             inner_transport.close()

@@ -5,6 +5,7 @@ Real daemons, real certificates made by openssl in the test, real gRPC clients."
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import shutil
@@ -283,15 +284,14 @@ def test_per_caller_limit_on_the_unix_socket_is_per_uid(
         next(events)
         before = len(tls_daemon.audit())
         with pytest.raises(fse_client.FseError) as second:
-            list(local.generate("x" * 500_000, max_tokens=2, request_id="never-read"))
+            list(local.generate("Hi", max_tokens=2, request_id="second"))
         assert second.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert f"per-caller limit: {me} already runs 1 streams" in second.value.message
         assert one_generation(alice).status == fse_client.Status.COMPLETED  # another caller
         running.cancel()
         list(events)
     (refused,) = [r for r in tls_daemon.audit()[before:] if r["event"] == "input.rejected"]
-    # Refused as the call opened: its message (and so its request id) was never read.
-    assert refused["client"] == me and refused["request_id"] == ""
+    assert refused["client"] == me and refused["request_id"] == "second"
 
 
 def test_mtls_requires_a_certificate_from_the_client_ca(
@@ -400,12 +400,33 @@ def test_overload_is_refused_before_a_large_prompt_is_tokenized(
         events = iter(running)
         next(events)
         with pytest.raises(fse_client.FseError) as refused:
-            list(client.generate("a " * (500 << 10), max_tokens=8))
+            list(client.generate("a " * (500 << 10), max_tokens=8, request_id="big"))
         assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        # Several at once from grpc's asyncio client, which reports a stream reset while
+        # it still sends as INTERNAL: the refusal must come after the message is read.
+        assert asyncio.run(_big_prompts_at_once(daemon.addr, 6)) == ["RESOURCE_EXHAUSTED"] * 6
         running.cancel()
         list(events)
     rejected = [r for r in daemon.audit() if r["event"] == "input.rejected"]
-    assert rejected[-1]["reason"] == "resource_exhausted"
+    assert rejected[0]["reason"] == "resource_exhausted" and rejected[0]["request_id"] == "big"
+    assert len(rejected) == 7
+
+
+async def _big_prompts_at_once(addr: str, n: int) -> list[str]:
+    start = fse_pb2.GenerateRequest(prompt="a " * (500 << 10), max_tokens=8)
+    message = fse_pb2.GenerateClientMessage(start=start)
+
+    async def one(stub: fse_pb2_grpc.GuardStub) -> str:
+        try:
+            async for _ in stub.Generate(iter([message])):
+                pass
+        except grpc.aio.AioRpcError as exc:
+            return str(exc.code().name)
+        return "OK"
+
+    async with grpc.aio.insecure_channel(addr) as channel:
+        stub = fse_pb2_grpc.GuardStub(channel)
+        return list(await asyncio.gather(*(one(stub) for _ in range(n))))
 
 
 def test_an_oversized_prompt_is_refused_from_its_prefix(model: Model) -> None:

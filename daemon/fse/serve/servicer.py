@@ -74,16 +74,6 @@ class GuardServicer(fse_pb2_grpc.GuardServicer):
             self._refuse(context, grpc.StatusCode.UNAVAILABLE, audit_refusal(exc))
             return
         caller = caller_of(context)
-        # Refused before a byte of the request is read: a burst of large prompts against
-        # a full daemon costs their headers, not their bodies (gRPC resets the streams).
-        try:
-            self._check_room(service, caller)
-        except (PerCallerLimit, Overloaded) as exc:
-            code = grpc.StatusCode.RESOURCE_EXHAUSTED
-            message = f"overloaded: {exc}" if isinstance(exc, Overloaded) else str(exc)
-            service.record_rejection("", code.name.lower(), message, client=caller)
-            self._refuse(context, code, message)
-            return
         # context.read(), not request_iterator: grpcio's iterator is an async generator
         # that keeps the last message it yielded in a reference cycle with the call, so
         # every refused 1 MiB prompt stayed in memory until the next full collection.
@@ -95,7 +85,11 @@ class GuardServicer(fse_pb2_grpc.GuardServicer):
             return
         code, message = grpc.StatusCode.OK, ""
         try:
-            self._check_room(service, caller)  # again: others may have come in meanwhile
+            # Overload is refused before any work: requests still being tokenized count
+            # as load too, so a burst of large prompts cannot all be tokenized at once.
+            # (Not before reading the message: a stream refused while its client still
+            # sends is reset, and grpc's asyncio client then reports INTERNAL.)
+            self._check_room(service, caller)
             request = request_from_wire(first.start, context.time_remaining())
             faults = faults_from_metadata(context.invocation_metadata())
             self._preparing += 1
@@ -186,8 +180,7 @@ class GuardServicer(fse_pb2_grpc.GuardServicer):
         context.set_details(message)
 
     def _check_room(self, service: GuardService, caller: str) -> None:
-        """Raise PerCallerLimit or Overloaded. Requests still being tokenized count as
-        load too, so a burst of large prompts cannot all be tokenized at once."""
+        """Raise PerCallerLimit or Overloaded (requests being tokenized count as load)."""
         limit = self.per_client_streams
         if limit and self._streams_of[caller] >= limit:
             raise PerCallerLimit(

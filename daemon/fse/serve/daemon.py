@@ -13,7 +13,6 @@ import ctypes
 import os
 import shutil
 import signal
-import socket
 import sys
 import time
 from pathlib import Path
@@ -131,20 +130,20 @@ async def serve(settings: Settings) -> int:
         audit.write("auth.denied", client=caller, reason=reason)
 
     # gRPC serves each unix socket through a relay that knows the caller's uid.
-    relays: list[tuple[UnixRelay, socket.socket]] = []
+    relays: list[UnixRelay] = []
     try:
         for listener in listeners:
             if listener.socket_path is not None:
                 public = open_unix_socket(listener, server_cfg)
                 try:
-                    relays.append((UnixRelay(listener.socket_path), public))
+                    relays.append(UnixRelay(listener.socket_path, public))
                 except (ValueError, OSError) as exc:
                     public.close()
                     listener.socket_path.unlink(missing_ok=True)
                     raise StartupError(f"--listen {listener.target}: {exc}") from None
 
         def unix_uid(peer: str) -> int | None:
-            return next((uid for r, _ in relays if (uid := r.peer_uid(peer)) is not None), None)
+            return next((uid for r in relays if (uid := r.peer_uid(peer)) is not None), None)
 
         interceptors = [AuthInterceptor(tokens, settings.auth.require_on_unix, denied, unix_uid)]
         server = grpc.aio.server(
@@ -164,14 +163,14 @@ async def serve(settings: Settings) -> int:
         )
         await report(NOT_SERVING)
         with private_umask():
-            for relay, _ in relays:
+            for relay in relays:
                 bind(server, relay.inner_target, None, f"unix:{relay.public}")
             for listener in listeners:
                 if not listener.is_unix:
                     bind(server, listener.target, creds, listener.target)
             await server.start()
-        for relay, public in relays:
-            await relay.start(public)
+        for relay in relays:
+            await relay.start()
         log.info("server.listening", listen=targets, tls=creds is not None, auth=tokens is not None)
 
         notify.send(f"STATUS=loading {model_path.name}")
@@ -284,9 +283,8 @@ async def serve(settings: Settings) -> int:
         log.info("server.stopped")
         return 0
     finally:
-        for relay, public in relays:
+        for relay in relays:
             await relay.close()
-            public.close()  # if the relay never started
 
 
 async def _retry_audit(audit: AuditLog, every: float = 0.5) -> None:

@@ -111,10 +111,13 @@ class _Outer(_Half):
 
 
 class UnixRelay:
-    """A public unix socket in front of gRPC's private one; `inner_target` is for gRPC."""
+    """A public unix socket in front of gRPC's private one; `inner_target` is for gRPC.
 
-    def __init__(self, public: Path) -> None:
+    `listening` is the public socket at `public`, bound and listening; the relay owns it."""
+
+    def __init__(self, public: Path, listening: socket.socket) -> None:
         self.public = public
+        self._listening = listening
         # Private to the daemon's user; removed by close(). A daemon killed with -9
         # leaves it behind: the next start on the same socket removes it.
         remove_leftovers(public)
@@ -144,10 +147,10 @@ class UnixRelay:
             return None
         return int(match.group(1))
 
-    async def start(self, listening: socket.socket) -> None:
-        """Serve `listening` (bound and listening) until close()."""
+    async def start(self) -> None:
+        """Accept on the public socket until close()."""
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_unix_server(self._accepted, sock=listening)
+        self._server = await loop.create_unix_server(self._accepted, sock=self._listening)
 
     def _accepted(self) -> _Outer:
         return _Outer(self._spawn_inner)
@@ -192,6 +195,7 @@ class UnixRelay:
             self._server.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 1.0)
+        self._listening.close()  # closed already if the relay started; not if it did not
         self.public.unlink(missing_ok=True)
         shutil.rmtree(self.private, ignore_errors=True)
 

@@ -1,13 +1,23 @@
-"""64 concurrent oversized prompts against a running stream: latency and memory.
+"""64 concurrent oversized prompts against a running stream: latency, memory and CPU.
 
 An attacker (or a buggy client) sends 64 prompts of ~1 MiB at once while one honest
 stream is generating. The daemon must refuse them (overload first, then size, before
 any full tokenization) without slowing the honest stream or keeping the memory.
 
-Rounds interleave a quiet run (the honest stream alone) with a burst run (the same
-stream, the 64 prompts fired at its 20th token); medians over rounds:
-  - the honest stream's token gaps, p50 and max, quiet vs burst;
-  - the daemon's RSS (VmRSS) before and after the burst, and its peak (VmHWM);
+The attacker is a separate process, fired at the honest stream's 20th token: in the
+honest client's process it would time that client's own event loop, busy sending
+64 MiB, not the daemon. On a 2-core machine the attacker's own CPU (serializing and
+writing 64 MiB) also competes with llama.cpp's two decode threads, which slows any
+decode whatever the daemon does, as any busy neighbour would. So each round runs the
+burst twice: from an attacker at nice 19, whose CPU comes from idle time only (what
+remains is the daemon's own handling of the burst), and at nice 0 (the attacker's
+CPU included). Per run it counts the CPU time the daemon and the attacker spent.
+
+Rounds interleave a quiet run (the honest stream alone) with the two burst runs;
+medians over rounds:
+  - the honest stream's token gaps, p50 and max, quiet vs each burst;
+  - the burst's wall time, the attacker's CPU, and the daemon's CPU beyond a quiet run;
+  - the daemon's RSS (VmRSS) before and 1 s after the burst, and its peak (VmHWM);
   - the RSS before the first burst and after the last (what bursts keep adds up).
 
     .venv/bin/python bench/bench_oversized.py [--rounds 3] [--burst 64]
@@ -19,19 +29,27 @@ import argparse
 import asyncio
 import collections
 import itertools
+import json
+import os
+import resource
 import statistics
+import subprocess
 import sys
 import tempfile
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_daemon import SINGLE_PROMPT, start_daemon, stream_stamps
+from fse.serve.memory import TRIM_DELAY
 from fse_client.v1 import fse_pb2, fse_pb2_grpc
 
 N_TOKENS = 150
 FIRE_AT = 20
+TICK = os.sysconf("SC_CLK_TCK")
 
 
 def rss_mib(pid: int, field: str) -> float:
@@ -41,8 +59,15 @@ def rss_mib(pid: int, field: str) -> float:
     return float("nan")
 
 
-async def honest_gaps(addr: str, burst: int) -> tuple[list[float], collections.Counter[str]]:
-    """The honest stream's gaps; with burst > 0, that many ~1 MiB prompts at token 20."""
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK  # utime, stime
+
+
+async def burst(addr: str, count: int) -> dict[str, object]:
+    """The attacker: `count` ~1 MiB prompts at once, each on its own stream, once told
+    on stdin. Returns the outcomes by status code, the burst's wall time and its CPU."""
     big = fse_pb2.GenerateClientMessage(
         start=fse_pb2.GenerateRequest(prompt="a " * (500 << 10), max_tokens=8)
     )
@@ -57,16 +82,143 @@ async def honest_gaps(addr: str, burst: int) -> tuple[list[float], collections.C
             outcomes[exc.code().name] += 1
 
     async with grpc.aio.insecure_channel(addr) as channel:
+        await channel.channel_ready()
         stub = fse_pb2_grpc.GuardStub(channel)
-        tasks: list[asyncio.Task[None]] = []
+        print("ready", flush=True)
+        await asyncio.to_thread(sys.stdin.readline)
+        began, cpu = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+        await asyncio.gather(*(send_big(stub) for _ in range(count)))
+        wall, end = time.perf_counter() - began, resource.getrusage(resource.RUSAGE_SELF)
+    used = end.ru_utime + end.ru_stime - cpu.ru_utime - cpu.ru_stime
+    return {"outcomes": dict(outcomes), "wall": wall, "cpu": used}
 
-        def fire(count: int) -> None:
-            if count == FIRE_AT:
-                tasks.extend(asyncio.create_task(send_big(stub)) for _ in range(burst))
 
+def spin(seconds: float) -> dict[str, object]:
+    """The busy neighbour: no request at all, one core's worth of CPU for `seconds`,
+    once told on stdin."""
+    print("ready", flush=True)
+    sys.stdin.readline()
+    began, cpu = time.perf_counter(), time.process_time()
+    while time.perf_counter() - began < seconds:
+        pass
+    return {"outcomes": {}, "wall": seconds, "cpu": time.process_time() - cpu}
+
+
+def attacker(addr: str, count: int, nice: int, spin: float = 0) -> subprocess.Popen[str]:
+    """The attacker process (or with `spin`, the busy neighbour), waiting for the word."""
+    role = ["--spin", str(spin)] if spin else ["--attack", addr, "--burst", str(count)]
+    process = subprocess.Popen(
+        [sys.executable, __file__, *role],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: os.nice(nice),
+    )
+    assert process.stdout is not None
+    if process.stdout.readline().strip() != "ready":
+        raise RuntimeError("the attacker process could not connect")
+    return process
+
+
+@dataclass
+class Runs:
+    """One kind of run (quiet, or a burst at one nice level), a value per round."""
+
+    p50: list[float] = field(default_factory=list)
+    max: list[float] = field(default_factory=list)
+    daemon_cpu: list[float] = field(default_factory=list)
+    wall: list[float] = field(default_factory=list)
+    attacker_cpu: list[float] = field(default_factory=list)
+    rss_before: list[float] = field(default_factory=list)
+    rss_after: list[float] = field(default_factory=list)
+    peak_added: list[float] = field(default_factory=list)
+    outcomes: collections.Counter[str] = field(default_factory=collections.Counter)
+
+
+async def honest_stream(addr: str, process: subprocess.Popen[str] | None) -> list[float]:
+    """The honest stream's token gaps; the attacker, if any, fires at token FIRE_AT."""
+
+    def fire(count: int) -> None:
+        if count == FIRE_AT and process is not None:
+            assert process.stdin is not None
+            process.stdin.write("go\n")
+            process.stdin.flush()
+
+    async with grpc.aio.insecure_channel(addr) as channel:
+        stub = fse_pb2_grpc.GuardStub(channel)
         stamps = await stream_stamps(stub, SINGLE_PROMPT, N_TOKENS, fire)
-        await asyncio.gather(*tasks)
-    return [b - a for a, b in itertools.pairwise(stamps)], outcomes
+    return [b - a for a, b in itertools.pairwise(stamps)]
+
+
+def run_once(
+    pid: int, addr: str, burst: int, nice: int | None, into: Runs, spin: float = 0
+) -> None:
+    """One honest stream, alone (nice None) or with a burst from an attacker at `nice`
+    (with `spin`, the busy neighbour instead)."""
+    process = attacker(addr, burst, nice, spin) if nice is not None else None
+    before, peak, cpu = rss_mib(pid, "VmRSS"), rss_mib(pid, "VmHWM"), cpu_seconds(pid)
+    gaps = asyncio.run(honest_stream(addr, process))
+    if process is not None:
+        out, _ = process.communicate()
+        report = json.loads(out)
+        into.outcomes.update(report["outcomes"])
+        into.wall.append(report["wall"])
+        into.attacker_cpu.append(report["cpu"])
+    into.daemon_cpu.append(cpu_seconds(pid) - cpu)
+    time.sleep(2 * TRIM_DELAY)  # RSS once the daemon has handed the freed buffers back
+    into.p50.append(statistics.median(gaps))
+    into.max.append(max(gaps))
+    into.rss_before.append(before)
+    into.rss_after.append(rss_mib(pid, "VmRSS"))
+    into.peak_added.append(rss_mib(pid, "VmHWM") - peak)
+
+
+def report(
+    burst: int,
+    rounds: int,
+    quiet: Runs,
+    bursts: dict[int, Runs],
+    history: list[tuple[float, float]],
+    neighbour: Runs,
+) -> None:
+    med = statistics.median
+    print(f"{burst} concurrent ~1 MiB prompts at token {FIRE_AT} of a running stream, "
+          f"{rounds} rounds, medians:")  # fmt: skip
+    q50, qmax = med(quiet.p50), med(quiet.max)
+    print(f"  quiet: gap p50 {1e3 * q50:.1f} ms, max {1e3 * qmax:.1f} ms")
+    for nice, runs in bursts.items():
+        b50, bmax = med(runs.p50), med(runs.max)
+        extra = med(runs.daemon_cpu) - med(quiet.daemon_cpu)
+        print(f"  burst from an attacker at nice {nice}: refusals {dict(runs.outcomes)}")
+        print(
+            f"    gap p50 {1e3 * b50:.1f} ms (x{b50 / q50:.2f}), "
+            f"max {1e3 * bmax:.1f} ms (x{bmax / qmax:.2f})"
+        )
+        print(
+            f"    burst {1e3 * med(runs.wall):.0f} ms wall; CPU: attacker "
+            f"{1e3 * med(runs.attacker_cpu):.0f} ms, daemon {1e3 * extra:+.0f} ms beyond quiet"
+        )
+        print(
+            f"    daemon RSS {med(runs.rss_before):.0f} MiB before, {med(runs.rss_after):.0f} "
+            f"after (+{med(runs.rss_after) - med(runs.rss_before):.0f}); "
+            f"peak raised by {med(runs.peak_added):.0f} MiB"
+        )
+    n50, nmax = med(neighbour.p50), med(neighbour.max)
+    print(
+        f"  no burst, a busy neighbour at nice 0 instead (one core for as long as the burst "
+        f"at nice 0 took, {1e3 * med(neighbour.wall):.0f} ms):"
+    )
+    print(
+        f"    gap p50 {1e3 * n50:.1f} ms (x{n50 / q50:.2f}), "
+        f"max {1e3 * nmax:.1f} ms (x{nmax / qmax:.2f})"
+    )
+    # Memory a burst keeps adds up over the rounds: the medians above would hide it.
+    first, last = history[0][0], history[-1][1]
+    each = ", ".join(f"{a:.0f}->{b:.0f}" for a, b in history)
+    print(
+        f"  daemon RSS over all {len(history)} bursts: {first:.0f} MiB before the first, "
+        f"{last:.0f} MiB after the last (+{last - first:.0f}); each, before->after: {each}"
+    )
 
 
 def main() -> int:
@@ -74,58 +226,40 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--burst", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--attack", metavar="ADDR", help=argparse.SUPPRESS)  # see attacker()
+    parser.add_argument("--spin", type=float, help=argparse.SUPPRESS)  # see spin()
     parser.add_argument(
         "--daemon-python",
         help="the python whose `-m fse.cli serve` to measure (default: this one); "
         "e.g. another checkout's .venv/bin/python, to compare two versions",
     )
     args = parser.parse_args()
-    quiet_p50, quiet_max, burst_p50, burst_max = [], [], [], []
-    rss_before, rss_after, peak_added = [], [], []
-    outcomes: collections.Counter[str] = collections.Counter()
+    if args.attack:
+        print(json.dumps(asyncio.run(burst(args.attack, args.burst))))
+        return 0
+    if args.spin:
+        print(json.dumps(spin(args.spin)))
+        return 0
+    quiet = Runs()
+    bursts = {19: Runs(), 0: Runs()}
+    history: list[tuple[float, float]] = []  # RSS (before, after) of every burst, in order
+    neighbour = Runs()  # a busy process instead of the attacker: what any CPU load costs
     with tempfile.TemporaryDirectory() as tmp:
         python = args.daemon_python or sys.executable
         process, addr, _ = start_daemon(Path(tmp), args.threads, python)
         try:
-            asyncio.run(honest_gaps(addr, 0))  # warm-up
+            run_once(process.pid, addr, 0, None, Runs())  # warm-up
             for _ in range(args.rounds):
-                gaps, _ = asyncio.run(honest_gaps(addr, 0))
-                quiet_p50.append(statistics.median(gaps))
-                quiet_max.append(max(gaps))
-                before, peak = rss_mib(process.pid, "VmRSS"), rss_mib(process.pid, "VmHWM")
-                gaps, seen = asyncio.run(honest_gaps(addr, args.burst))
-                outcomes.update(seen)
-                burst_p50.append(statistics.median(gaps))
-                burst_max.append(max(gaps))
-                rss_before.append(before)
-                rss_after.append(rss_mib(process.pid, "VmRSS"))
-                peak_added.append(rss_mib(process.pid, "VmHWM") - peak)
+                run_once(process.pid, addr, 0, None, quiet)
+                for nice, runs in bursts.items():
+                    run_once(process.pid, addr, args.burst, nice, runs)
+                    history.append((runs.rss_before[-1], runs.rss_after[-1]))
+                # As long as the burst at nice 0 just took, with no request at all.
+                run_once(process.pid, addr, 0, 0, neighbour, spin=bursts[0].wall[-1])
         finally:
             process.terminate()
             process.wait()
-    med = statistics.median
-    print(f"{args.burst} concurrent ~1 MiB prompts at token {FIRE_AT} of a running stream, "
-          f"{args.rounds} rounds, medians:")  # fmt: skip
-    print(f"  refusals by code (all rounds): {dict(outcomes)}")
-    print(
-        f"  honest stream gap p50: quiet {1e3 * med(quiet_p50):.1f} ms, "
-        f"burst {1e3 * med(burst_p50):.1f} ms (x{med(burst_p50) / med(quiet_p50):.2f})"
-    )
-    print(
-        f"  honest stream gap max: quiet {1e3 * med(quiet_max):.1f} ms, "
-        f"burst {1e3 * med(burst_max):.1f} ms (x{med(burst_max) / med(quiet_max):.2f})"
-    )
-    print(
-        f"  daemon RSS: {med(rss_before):.0f} MiB before, {med(rss_after):.0f} MiB after "
-        f"(+{med(rss_after) - med(rss_before):.0f}); peak raised by {med(peak_added):.0f} MiB"
-    )
-    # Memory a burst keeps adds up over the rounds: the medians above would hide it.
-    rounds = ", ".join(f"{a:.0f}->{b:.0f}" for a, b in zip(rss_before, rss_after, strict=True))
-    print(
-        f"  daemon RSS over all {args.rounds} bursts: {rss_before[0]:.0f} MiB before the first, "
-        f"{rss_after[-1]:.0f} MiB after the last (+{rss_after[-1] - rss_before[0]:.0f}); "
-        f"each burst, before->after: {rounds}"
-    )
+    report(args.burst, args.rounds, quiet, bursts, history, neighbour)
     return 0
 
 

@@ -9,7 +9,6 @@ open; nothing is accepted after SIGTERM; every stream ends with a verdict.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import os
 import shutil
 import signal
@@ -40,6 +39,7 @@ from fse.serve.listeners import (
     tls_credentials,
 )
 from fse.serve.logs import configure_logging
+from fse.serve.memory import HeapTrimmer, keep_request_buffers_in_the_heap
 from fse.serve.metrics import MetricsSink, start_metrics
 from fse.serve.notify import Notifier
 from fse.serve.relay import UnixRelay
@@ -154,7 +154,7 @@ async def serve(settings: Settings) -> int:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        servicer = GuardServicer(per_client_streams=server_cfg.per_client_streams)
+        servicer = GuardServicer(server_cfg.per_client_streams, HeapTrimmer())
         servicer.metrics = metrics
         fse_pb2_grpc.add_GuardServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -315,31 +315,9 @@ def _reload_policies(service: GuardService, audit: AuditLog, policies_dir: Path 
     audit.write("policy.loaded", policies=hashes)
 
 
-# glibc's M_MMAP_THRESHOLD (malloc.h).
-M_MMAP_THRESHOLD = -3
-# Blocks this large or larger get a mapping of their own, returned to the system at free.
-MMAP_THRESHOLD_BYTES = 256 << 10
-
-
-def keep_large_blocks_out_of_the_heap() -> None:
-    """Stop glibc from keeping a burst of large requests' memory after it is freed.
-
-    glibc raises its mmap threshold each time a mapped block is freed (up to 32 MiB), so
-    after the first ~1 MiB request buffers the next ones come from the heap, and a
-    fragmented heap keeps them. A fixed threshold turns the adaptation off: in
-    bench_oversized.py, four bursts of 64 refused 1 MiB prompts left RSS 8 MiB above
-    idle with it, 30 MiB without. Nothing per token is that large; on a libc without
-    mallopt this does nothing."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return
-    mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
-
-
 def run(settings: Settings) -> int:
     configure_logging()
-    keep_large_blocks_out_of_the_heap()
+    keep_request_buffers_in_the_heap(MAX_MESSAGE_BYTES)
     try:
         return asyncio.run(serve(settings))
     except (StartupError, ModelError, InputError, EngineError) as exc:

@@ -17,6 +17,7 @@ from fse_client.v1 import fse_pb2, fse_pb2_grpc
 from fse.core.errors import EngineError, InputError
 from fse.core.types import ERROR, TokenEvent
 from fse.serve.auth import caller_of
+from fse.serve.memory import HeapTrimmer
 from fse.serve.metrics import NO_METRICS, MetricsSink
 from fse.serve.scheduler import Handle, NotAccepting, Overloaded
 from fse.serve.service import AuditUnavailable, GuardService
@@ -50,7 +51,7 @@ def audit_refusal(exc: AuditUnavailable) -> str:
 class GuardServicer(fse_pb2_grpc.GuardServicer):
     """fse.v1.Guard: wire in, GuardService, wire out."""
 
-    def __init__(self, per_client_streams: int = 0) -> None:
+    def __init__(self, per_client_streams: int = 0, heap: HeapTrimmer | None = None) -> None:
         self.service: GuardService | None = None  # set once the model is loaded
         self.model_sha256 = ""
         self.metrics: MetricsSink = NO_METRICS  # every refusal is counted by its code
@@ -58,6 +59,7 @@ class GuardServicer(fse_pb2_grpc.GuardServicer):
         self._streams_of: collections.Counter[str] = collections.Counter()
         self._preparing = 0  # requests being validated and tokenized right now
         self._tokenizing = asyncio.Semaphore(1)
+        self.heap = heap or HeapTrimmer()  # hands a refused burst's buffers back
 
     async def Generate(
         self,
@@ -162,6 +164,7 @@ class GuardServicer(fse_pb2_grpc.GuardServicer):
             # A client that went away (or any exit above) stops generation at the next step.
             handle.cancel()
             watcher.cancel()
+            self.heap.call_ended()
             self._streams_of[caller] -= 1
             if not self._streams_of[caller]:
                 del self._streams_of[caller]
@@ -178,6 +181,7 @@ class GuardServicer(fse_pb2_grpc.GuardServicer):
         self.metrics.rejected(code.name)
         context.set_code(code)
         context.set_details(message)
+        self.heap.call_ended()
 
     def _check_room(self, service: GuardService, caller: str) -> None:
         """Raise PerCallerLimit or Overloaded (requests being tokenized count as load)."""

@@ -1,0 +1,97 @@
+"""Request buffers and glibc's malloc: reuse them within a burst, hand them back after.
+
+A 1 MiB prompt passes through about five buffers of its size (the relay's reads,
+gRPC's message, the parsed string, the Python str, its UTF-8 bytes). How glibc
+serves them decides what a burst of such requests costs:
+
+- A block above M_MMAP_THRESHOLD gets a mapping of its own, unmapped at free; the
+  heap's top above M_TRIM_THRESHOLD is given back at free too. Either way the next
+  buffer faults in fresh zeroed pages, and each unmap interrupts the decode threads
+  on the other cores to flush their TLBs. With the mmap threshold at 256 KiB, 16
+  refused 1 MiB prompts faulted in 102 MiB of pages, and in bench_oversized.py `perf`
+  put 40% of the daemon's CPU for a burst in page faults and munmap.
+- Blocks kept in the heap are reused without faults, but a heap fragmented by small
+  live objects keeps the freed ones: left alone, RSS crept up ~30 MiB in six bursts.
+
+So request buffers stay in the heap (fixed thresholds above the largest message gRPC
+accepts, which also turns off glibc's adaptive ones; the same 16 prompts now fault in
+5-7 MiB), and a HeapTrimmer gives the freed memory back with malloc_trim(0) shortly
+after calls end, at most once per TRIM_DELAY and only when the process has grown. On a
+libc without these functions (musl) both do nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import os
+from collections.abc import Callable
+
+import structlog
+
+log = structlog.get_logger("fse.serve.memory")
+
+M_TRIM_THRESHOLD = -1  # mallopt parameters (malloc.h)
+M_MMAP_THRESHOLD = -3
+TRIM_DELAY = 0.5  # seconds after a call ends; a burst's calls end within it
+TRIM_ABOVE = 8 << 20  # growth of the resident set worth handing back
+
+
+def _libc_function(name: str) -> Callable[..., int] | None:
+    try:
+        function: Callable[..., int] = getattr(ctypes.CDLL(None), name)
+    except (OSError, AttributeError):
+        return None
+    return function
+
+
+def keep_request_buffers_in_the_heap(largest_message: int) -> None:
+    """Serve blocks up to twice the largest accepted message from the heap, and keep
+    the heap's top until malloc_trim (glibc's own adaptive values, fixed)."""
+    mallopt = _libc_function("mallopt")
+    if mallopt is not None:
+        mallopt(M_MMAP_THRESHOLD, 2 * largest_message)
+        mallopt(M_TRIM_THRESHOLD, 4 * largest_message)
+
+
+class HeapTrimmer:
+    """Gives freed request buffers back to the system soon after calls end."""
+
+    def __init__(self) -> None:
+        self._trim = _libc_function("malloc_trim")
+        self._pending: asyncio.TimerHandle | None = None
+        self._resident_after_trim = resident_bytes()
+        self.trims = 0  # how many times memory was handed back (for tests and logs)
+
+    def call_ended(self) -> None:
+        """A call is over and its buffers freed: check the heap in TRIM_DELAY seconds.
+        Later calls within that time share the check (under steady load it still runs
+        twice a second, never once per call)."""
+        if self._trim is None or self._pending is not None:
+            return
+        self._pending = asyncio.get_running_loop().call_later(TRIM_DELAY, self._check)
+
+    def _check(self) -> None:
+        self._pending = None
+        # The process grew since the last trim: a burst's buffers, most likely. (glibc
+        # cannot say how much of its free memory is still resident.)
+        if resident_bytes() > self._resident_after_trim + TRIM_ABOVE:
+            # madvise over the free pages takes a few ms: off the event loop.
+            asyncio.get_running_loop().run_in_executor(None, self._hand_back)
+
+    def _hand_back(self) -> None:
+        assert self._trim is not None
+        before = resident_bytes()
+        self._trim(0)
+        self._resident_after_trim = after = resident_bytes()
+        self.trims += 1
+        log.debug("heap.trimmed", rss_before=before, rss_after=after)
+
+
+def resident_bytes() -> int:
+    """This process's resident set size."""
+    with open("/proc/self/statm", "rb") as statm:
+        return int(statm.read().split()[1]) * PAGE
+
+
+PAGE = os.sysconf("SC_PAGE_SIZE")

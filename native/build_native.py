@@ -125,7 +125,7 @@ FSE_H = (NATIVE / "fse.h").read_text()
 # fse.h is plain C; cffi's cdef does not take preprocessor lines or comments-with-#.
 CDEF += "\n".join(line for line in FSE_H.splitlines() if not line.startswith("#"))
 
-SOURCES = ["fse_stats.c", "fse_loop.c", "fse_log.c"]
+SOURCES = ["fse_stats.c", "fse_loop.c", "fse_log.c", "fse_vocab.c"]
 
 
 def _include_dirs() -> list[str]:

@@ -33,3 +33,9 @@ int32_t    fse_loop_push(fse_loop * loop, int32_t token, int32_t * span);
 // error line is kept so a failed load can be reported in one clear sentence.
 void         fse_log_install(int verbose);
 const char * fse_log_last_error(void);
+
+// The most bytes of text one token of this vocabulary can stand for, so that a prompt of
+// B bytes needs at least B / that many tokens; 0 where no such bound holds (a tokenizer
+// that normalizes text, or tokens that swallow whitespace). Walks the vocabulary once.
+struct llama_vocab;
+int32_t fse_vocab_max_token_bytes(const struct llama_vocab * vocab);

@@ -381,15 +381,17 @@ def test_human_renderer_honours_no_color(monkeypatch: pytest.MonkeyPatch) -> Non
 def test_json_on_a_non_utf8_stdout_escapes_instead_of_crashing() -> None:
     """Model text is arbitrary Unicode; an ASCII stdout must still get every line and
     the verdict (JSON \\u escapes), not a UnicodeEncodeError halfway through."""
-    prompt = "In Japanese, thank you is written as"  # greedy: " <i><b>yōkai</b></i>"
+    # Greedy Gemma answers with romaji (" <i><b>yōkai</b></i>" or " <i>kōyō</i>," by CPU:
+    # llama.cpp's kernels differ in their last bits), non-ASCII either way.
+    prompt = "In Japanese, thank you is written as"
     args = ("--json", *GREEDY, "--max-tokens", "8", "--threads", "2")
     result = run_fse("generate", "--local", prompt, *args, env={"PYTHONIOENCODING": "ascii"})
     assert result.returncode == 0, result.stderr
     assert result.stdout.isascii()
-    assert "\\u014d" in result.stdout
     verdict = json.loads(result.stdout.splitlines()[-1])
     assert verdict["status"] == "completed"
-    assert "yōkai" in verdict["text"]
+    assert not verdict["text"].isascii()  # escaped on the way out, whole on the way in
+    assert "\\u" in result.stdout
 
 
 def test_human_verdict_line_names_the_halting_guard() -> None:

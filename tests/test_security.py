@@ -429,14 +429,49 @@ async def _big_prompts_at_once(addr: str, n: int) -> list[str]:
         return list(await asyncio.gather(*(one(stub) for _ in range(n))))
 
 
-def test_an_oversized_prompt_is_refused_from_its_prefix(model: Model) -> None:
+def test_an_oversized_prompt_is_refused_from_its_length_or_a_prefix(model: Model) -> None:
+    longest = model.max_token_bytes
+    assert longest == 48  # the embedded Gemma 3 vocabulary (SPM, no whitespace-eating tokens)
+    # Far too long: refused on its length, nothing tokenized (the count says which way).
+    big = "a " * (500 << 10)
     with pytest.raises(TooManyTokens) as refused:
-        model.tokenize("a " * (500 << 10), max_tokens=255)
-    assert refused.value.at_least and refused.value.n_tokens > 255
+        model.tokenize(big, max_tokens=255)
+    assert refused.value.at_least and refused.value.n_tokens == -(-len(big) // longest)
+    multibyte = "é" * (255 * longest // 2 + 1)  # few enough characters, too many bytes
+    with pytest.raises(TooManyTokens) as refused:
+        model.tokenize(multibyte, max_tokens=255)
+    assert refused.value.n_tokens == -(-len(multibyte.encode()) // longest)
+    # Under that bound but over 8 bytes a token: refused from a 2 KiB prefix.
+    with pytest.raises(TooManyTokens) as prefix:
+        model.tokenize("a " * 3000, max_tokens=255)
+    assert prefix.value.at_least and 255 < prefix.value.n_tokens < 3000
     # Just over the limit, the exact count still comes from the whole text.
     with pytest.raises(TooManyTokens) as exact:
         model.tokenize("word " * 400, max_tokens=255)
     assert not exact.value.at_least and exact.value.n_tokens == len(model.tokenize("word " * 400))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        " " * 5000,
+        "\n" * 3000 + "\t" * 3000,
+        "=" * 4000 + "-" * 4000 + "#" * 4000,
+        "abcdefghij" * 800,
+        "<start_of_turn>user\n" * 300,
+        "".join(chr(c) for c in range(0x20, 0x3000, 7)) * 3,
+        "🦙" * 2000,
+    ],
+    ids=["spaces", "newlines-tabs", "runs", "letters", "special", "unicode", "emoji"],
+)
+@pytest.mark.parametrize("parse_special", [False, True])
+def test_no_token_stands_for_more_bytes_than_the_bound(
+    model: Model, text: str, parse_special: bool
+) -> None:
+    """The length refusal is only sound if every token covers at most max_token_bytes of
+    the text: runs of one character are where a vocabulary's longest pieces are."""
+    tokens = model.tokenize(text, add_special=False, parse_special=parse_special)
+    assert len(tokens) * model.max_token_bytes >= len(text.encode())
 
 
 def _proc_stat(pid: int) -> list[str]:
@@ -528,3 +563,26 @@ def test_the_heap_trimmer_hands_back_what_a_burst_left() -> None:
     idle_trims, trims, freed_alone, handed_back = map(int, out.splitlines()[-1].split())
     assert (idle_trims, trims) == (0, 1)
     assert freed_alone < 8 and handed_back >= 40, out
+
+
+def test_bursts_of_large_prompts_leave_the_memory_where_it_was(
+    start_daemon: Callable[..., Daemon],
+) -> None:
+    """Six bursts of 32 concurrent ~1 MiB prompts: after each, once the calls are over,
+    RSS is back where the first left it. gRPC's threads and the worker threads each had a
+    heap of their own, whose tops malloc_trim cannot give back: RSS crept up burst after
+    burst."""
+    daemon = start_daemon(*THREADS)
+    pid = daemon.process.pid
+
+    def settled() -> float:
+        time.sleep(1.5)  # the trimmer runs half a second after the calls end
+        return _rss_mib(pid)
+
+    assert asyncio.run(_big_prompts_at_once(daemon.addr, 32)) == ["INVALID_ARGUMENT"] * 32
+    first = settled()
+    after = []
+    for _ in range(5):
+        assert asyncio.run(_big_prompts_at_once(daemon.addr, 32)) == ["INVALID_ARGUMENT"] * 32
+        after.append(settled())
+    assert max(after) <= first + 2, f"RSS after the first burst {first:.0f} MiB, then {after}"

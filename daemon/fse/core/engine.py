@@ -37,7 +37,8 @@ class ContextOverflow(EngineError):
 
 class TooManyTokens(ValueError):
     """A text needs more tokens than the caller allows (n_tokens says how many; with
-    at_least, the text was refused from a prefix and needs n_tokens or more)."""
+    at_least, the text was refused from its length or a prefix and needs n_tokens or
+    more)."""
 
     def __init__(self, n_tokens: int, limit: int, at_least: bool = False) -> None:
         super().__init__(f"{'at least ' if at_least else ''}{n_tokens} tokens; at most {limit}")
@@ -158,6 +159,8 @@ class Model(_Closing):
         self._vocab = lib.llama_model_get_vocab(handle)
         self.n_vocab: int = lib.llama_vocab_n_tokens(self._vocab)
         self.n_ctx_train: int = lib.llama_model_n_ctx_train(handle)
+        # No token stands for more bytes of text than this (0: no such bound here).
+        self.max_token_bytes: int = lib.fse_vocab_max_token_bytes(self._vocab)
         self.name = self._meta("general.name") or self.path.stem
         buf = ffi.new("char[]", 256)
         lib.llama_model_desc(handle, buf, 256)
@@ -199,7 +202,14 @@ class Model(_Closing):
 
         With max_tokens, a longer text raises TooManyTokens without building the
         token list: a 1 MiB prompt would otherwise cost ~20 MiB of Python ints."""
+        longest = self.max_token_bytes
+        if max_tokens is not None and longest and len(text) > max_tokens * longest:
+            # Refused on its length alone (characters <= bytes), nothing tokenized and
+            # nothing encoded: see fse_vocab.c.
+            raise TooManyTokens(-(-len(text) // longest), max_tokens, at_least=True)
         data = text.encode("utf-8")
+        if max_tokens is not None and longest and len(data) > max_tokens * longest:
+            raise TooManyTokens(-(-len(data) // longest), max_tokens, at_least=True)
         if max_tokens is not None and len(data) > max_tokens * PREFIX_BYTES_PER_TOKEN:
             self._refuse_from_prefix(data, max_tokens, add_special, parse_special)
         capacity = len(data) + 8  # a token covers at least one byte, bar BOS/EOS

@@ -528,25 +528,43 @@ from fse.serve import memory
 memory.keep_request_buffers_in_the_heap(4 << 20)
 
 
-async def main() -> None:
-    trimmer = memory.HeapTrimmer()
-    trimmer.call_ended()
-    await asyncio.sleep(2 * memory.TRIM_DELAY)
-    idle_trims = trimmer.trims  # nothing grew: nothing to hand back
-    # 48 MiB of request-sized buffers, each followed by a small block that stays: the
-    # freed buffers are holes in the heap, which free() alone never gives back.
+def grow() -> tuple[list[bytearray], list[bytearray]]:
+    # 48 MiB of request-sized buffers, each followed by a small block that stays: once
+    # the buffers are freed they are holes in the heap, which free() never gives back.
     buffers, pinned = [], []
     for _ in range(48):
         buffers.append(bytearray(1 << 20))
         buffers[-1][::4096] = b"x" * 256  # resident: every page touched
         pinned.append(bytearray(4096))
+    return buffers, pinned
+
+
+async def calls_ending(trimmer: memory.HeapTrimmer, seconds: float) -> None:
+    for _ in range(int(seconds / 0.1)):
+        trimmer.call_ended()
+        await asyncio.sleep(0.1)
+
+
+async def main() -> None:
+    trimmer = memory.HeapTrimmer()
+    trimmer.call_ended()
+    await asyncio.sleep(2 * memory.TRIM_DELAY)
+    idle = trimmer.trims  # nothing grew: nothing to hand back
+    buffers, pinned = grow()
     grown = memory.resident_bytes()
     del buffers
     kept = memory.resident_bytes()
-    trimmer.call_ended()
-    trimmer.call_ended()  # calls ending together share one check
+    await calls_ending(trimmer, 3 * memory.TRIM_DELAY)
+    during = trimmer.trims  # not while calls keep ending
     await asyncio.sleep(2 * memory.TRIM_DELAY)
-    print(idle_trims, trimmer.trims, (grown - kept) >> 20, (grown - memory.resident_bytes()) >> 20)
+    after = trimmer.trims
+    handed_back = grown - memory.resident_bytes()
+    memory.TRIM_AT_LEAST_EVERY = 1.0
+    buffers, more = grow()
+    del buffers
+    await calls_ending(trimmer, 2.0)
+    steady = trimmer.trims - after  # calls that never stop ending still get one
+    print(idle, during, after, steady, (grown - kept) >> 20, handed_back >> 20)
 
 
 asyncio.run(main())
@@ -555,13 +573,13 @@ asyncio.run(main())
 
 def test_the_heap_trimmer_hands_back_what_a_burst_left() -> None:
     """Freed request buffers between live blocks stay resident until malloc_trim; the
-    trimmer hands them back once calls end, and does nothing while the process has not
-    grown."""
+    trimmer hands them back once calls stop ending (or every TRIM_AT_LEAST_EVERY
+    seconds while they do not), and does nothing while the process has not grown."""
     out = subprocess.run(
         [sys.executable, "-c", TRIMMER], capture_output=True, text=True, check=True
     ).stdout
-    idle_trims, trims, freed_alone, handed_back = map(int, out.splitlines()[-1].split())
-    assert (idle_trims, trims) == (0, 1)
+    idle, during, after, steady, freed_alone, handed_back = map(int, out.splitlines()[-1].split())
+    assert (idle, during, after, steady) == (0, 0, 1, 1), out
     assert freed_alone < 8 and handed_back >= 40, out
 
 

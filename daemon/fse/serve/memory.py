@@ -12,18 +12,18 @@ serves them decides what a burst of such requests costs:
   put 40% of the daemon's CPU for a burst in page faults and munmap.
 - Blocks kept in the heap are reused without faults, but a heap fragmented by small
   live objects keeps the freed ones: left alone, RSS crept up ~30 MiB in six bursts.
-
-- malloc_trim(0) gives back the free pages anywhere in the main heap, but only those
-  inside the other threads' heaps (glibc's arenas), never their tops: with gRPC's
-  threads and the worker threads each on a heap of its own, RSS crept up ~20 MiB over
-  ten bursts. The daemon's threads allocate little besides (the decode path nothing
-  per token; the GIL serializes the Python ones), so one heap costs no contention.
+- malloc_trim(0) gives back the free pages anywhere in the main heap, but in the other
+  threads' heaps (glibc's arenas) never their tops: with gRPC's threads and the worker
+  threads each on a heap of its own, RSS still crept up ~2 MiB a burst. The daemon's
+  threads allocate little (the decode path nothing per token, and the GIL serializes
+  the Python ones), so one heap for all costs no contention: 1 and 8 streams ran as
+  fast as before, in six interleaved rounds.
 
 So request buffers stay in the one heap (fixed thresholds above the largest message
 gRPC accepts, which also turns off glibc's adaptive ones; the same 16 prompts now
-fault in 5-7 MiB), and a HeapTrimmer gives the freed memory back with malloc_trim(0) shortly
-after calls end, at most once per TRIM_DELAY and only when the process has grown. On a
-libc without these functions (musl) both do nothing.
+fault in 5-7 MiB), and a HeapTrimmer gives the freed memory back with malloc_trim(0)
+once a burst of calls is over, and only when the process has grown. On a libc without
+these functions (musl) all of this does nothing.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import os
+import time
 from collections.abc import Callable
 
 import structlog
@@ -40,7 +41,8 @@ log = structlog.get_logger("fse.serve.memory")
 M_TRIM_THRESHOLD = -1  # mallopt parameters (malloc.h)
 M_MMAP_THRESHOLD = -3
 M_ARENA_MAX = -8
-TRIM_DELAY = 0.5  # seconds after a call ends; a burst's calls end within it
+TRIM_DELAY = 0.5  # seconds without a call ending: the burst is over
+TRIM_AT_LEAST_EVERY = 5.0  # seconds, under steady load (calls always ending)
 TRIM_ABOVE = 1 << 20  # growth of the resident set worth handing back
 
 
@@ -64,37 +66,49 @@ def keep_request_buffers_in_the_heap(largest_message: int) -> None:
 
 
 class HeapTrimmer:
-    """Gives freed request buffers back to the system soon after calls end."""
+    """Gives freed request buffers back to the system once a burst of calls is over.
+
+    malloc_trim holds the heap's lock while it walks the free blocks (a few ms after a
+    burst), so it waits for TRIM_DELAY without a call ending, not for the first one to
+    end: once after a burst, not every half second during it. Calls that never stop
+    ending still get a trim every TRIM_AT_LEAST_EVERY seconds."""
 
     def __init__(self) -> None:
         self._trim = _libc_function("malloc_trim")
         self._pending: asyncio.TimerHandle | None = None
+        self._first_ended = 0.0  # loop time of the first call end the pending check serves
         self._resident_after_trim = resident_bytes()
         self.trims = 0  # how many times memory was handed back (for tests and logs)
 
     def call_ended(self) -> None:
-        """A call is over and its buffers freed: check the heap in TRIM_DELAY seconds.
-        Later calls within that time share the check (under steady load it still runs
-        twice a second, never once per call)."""
-        if self._trim is None or self._pending is not None:
+        """A call is over and its buffers freed: check the heap once calls stop ending."""
+        if self._trim is None:
             return
-        self._pending = asyncio.get_running_loop().call_later(TRIM_DELAY, self._check)
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if self._pending is None:
+            self._first_ended = now
+        else:
+            self._pending.cancel()
+        due = min(now + TRIM_DELAY, self._first_ended + TRIM_AT_LEAST_EVERY)
+        self._pending = loop.call_at(due, self._check)
 
     def _check(self) -> None:
         self._pending = None
         # The process grew since the last trim: a burst's buffers, most likely. (glibc
         # cannot say how much of its free memory is still resident.)
         if resident_bytes() > self._resident_after_trim + TRIM_ABOVE:
-            # madvise over the free pages takes a few ms: off the event loop.
+            # Off the event loop: the madvise calls take a few ms.
             asyncio.get_running_loop().run_in_executor(None, self._hand_back)
 
     def _hand_back(self) -> None:
         assert self._trim is not None
-        before = resident_bytes()
+        before, began = resident_bytes(), time.perf_counter()
         self._trim(0)
+        took = time.perf_counter() - began
         self._resident_after_trim = after = resident_bytes()
         self.trims += 1
-        log.debug("heap.trimmed", rss_before=before, rss_after=after)
+        log.debug("heap.trimmed", rss_before=before, rss_after=after, seconds=round(took, 4))
 
 
 def resident_bytes() -> int:

@@ -11,12 +11,15 @@ writing 64 MiB) also competes with llama.cpp's two decode threads, which slows a
 decode whatever the daemon does, as any busy neighbour would. So each round runs the
 burst twice: from an attacker at nice 19, whose CPU comes from idle time only (what
 remains is the daemon's own handling of the burst), and at nice 0 (the attacker's
-CPU included). Per run it counts the CPU time the daemon and the attacker spent.
+CPU included); and, for scale, a busy neighbour with no request at all: one process
+spinning a core for as long as the burst at nice 0 took.
 
 Rounds interleave a quiet run (the honest stream alone) with the two burst runs;
 medians over rounds:
   - the honest stream's token gaps, p50 and max, quiet vs each burst;
-  - the burst's wall time, the attacker's CPU, and the daemon's CPU beyond a quiet run;
+  - the burst's wall time and the attacker's CPU;
+  - the daemon's CPU to refuse one burst while no stream runs (the decode threads'
+    own CPU swings by more than a burst costs, so it is measured apart);
   - the daemon's RSS (VmRSS) before and 1 s after the burst, and its peak (VmHWM);
   - the RSS before the first burst and after the last (what bursts keep adds up).
 
@@ -126,7 +129,7 @@ class Runs:
 
     p50: list[float] = field(default_factory=list)
     max: list[float] = field(default_factory=list)
-    daemon_cpu: list[float] = field(default_factory=list)
+    max_at: list[int] = field(default_factory=list)  # the token that ended the longest gap
     wall: list[float] = field(default_factory=list)
     attacker_cpu: list[float] = field(default_factory=list)
     rss_before: list[float] = field(default_factory=list)
@@ -156,7 +159,7 @@ def run_once(
     """One honest stream, alone (nice None) or with a burst from an attacker at `nice`
     (with `spin`, the busy neighbour instead)."""
     process = attacker(addr, burst, nice, spin) if nice is not None else None
-    before, peak, cpu = rss_mib(pid, "VmRSS"), rss_mib(pid, "VmHWM"), cpu_seconds(pid)
+    before, peak = rss_mib(pid, "VmRSS"), rss_mib(pid, "VmHWM")
     gaps = asyncio.run(honest_stream(addr, process))
     if process is not None:
         out, _ = process.communicate()
@@ -164,13 +167,33 @@ def run_once(
         into.outcomes.update(report["outcomes"])
         into.wall.append(report["wall"])
         into.attacker_cpu.append(report["cpu"])
-    into.daemon_cpu.append(cpu_seconds(pid) - cpu)
     time.sleep(2 * TRIM_DELAY)  # RSS once the daemon has handed the freed buffers back
     into.p50.append(statistics.median(gaps))
     into.max.append(max(gaps))
+    into.max_at.append(gaps.index(max(gaps)) + 2)  # gaps[0] ends at token 2
     into.rss_before.append(before)
     into.rss_after.append(rss_mib(pid, "VmRSS"))
     into.peak_added.append(rss_mib(pid, "VmHWM") - peak)
+
+
+def refusal_cpu(pid: int, addr: str, burst: int) -> float:
+    """The daemon's CPU seconds to refuse one burst with no stream running: what the
+    burst itself costs it, without the decode threads' share (a running stream's CPU
+    swings by more than that from run to run)."""
+    process = attacker(addr, burst, 0)
+    cpu = cpu_seconds(pid)
+    assert process.stdin is not None
+    process.stdin.write("go\n")
+    process.stdin.flush()
+    process.communicate()
+    time.sleep(2 * TRIM_DELAY)  # the heap trim after the burst counts too
+    return cpu_seconds(pid) - cpu
+
+
+def longest(runs: Runs) -> str:
+    """Each round's longest gap and the token that ended it (the burst starts at 20)."""
+    each = ", ".join(f"{1e3 * m:.0f}@{i}" for m, i in zip(runs.max, runs.max_at, strict=True))
+    return f"by round, ms@token: {each}"
 
 
 def report(
@@ -180,29 +203,34 @@ def report(
     bursts: dict[int, Runs],
     history: list[tuple[float, float]],
     neighbour: Runs,
+    refusing: list[float],
 ) -> None:
     med = statistics.median
     print(f"{burst} concurrent ~1 MiB prompts at token {FIRE_AT} of a running stream, "
           f"{rounds} rounds, medians:")  # fmt: skip
     q50, qmax = med(quiet.p50), med(quiet.max)
-    print(f"  quiet: gap p50 {1e3 * q50:.1f} ms, max {1e3 * qmax:.1f} ms")
+    print(f"  quiet: gap p50 {1e3 * q50:.1f} ms, max {1e3 * qmax:.1f} ms; {longest(quiet)}")
     for nice, runs in bursts.items():
         b50, bmax = med(runs.p50), med(runs.max)
-        extra = med(runs.daemon_cpu) - med(quiet.daemon_cpu)
         print(f"  burst from an attacker at nice {nice}: refusals {dict(runs.outcomes)}")
         print(
             f"    gap p50 {1e3 * b50:.1f} ms (x{b50 / q50:.2f}), "
-            f"max {1e3 * bmax:.1f} ms (x{bmax / qmax:.2f})"
+            f"max {1e3 * bmax:.1f} ms (x{bmax / qmax:.2f}); {longest(runs)}"
         )
         print(
-            f"    burst {1e3 * med(runs.wall):.0f} ms wall; CPU: attacker "
-            f"{1e3 * med(runs.attacker_cpu):.0f} ms, daemon {1e3 * extra:+.0f} ms beyond quiet"
+            f"    burst {1e3 * med(runs.wall):.0f} ms wall, attacker CPU "
+            f"{1e3 * med(runs.attacker_cpu):.0f} ms"
         )
         print(
             f"    daemon RSS {med(runs.rss_before):.0f} MiB before, {med(runs.rss_after):.0f} "
             f"after (+{med(runs.rss_after) - med(runs.rss_before):.0f}); "
             f"peak raised by {med(runs.peak_added):.0f} MiB"
         )
+    print(
+        f"  daemon CPU to refuse one burst, no stream running: {1e3 * med(refusing):.0f} ms "
+        f"({1e3 * med(refusing) / burst:.1f} ms a prompt); by round, ms: "
+        + ", ".join(f"{1e3 * c:.0f}" for c in refusing)
+    )
     n50, nmax = med(neighbour.p50), med(neighbour.max)
     print(
         f"  no burst, a busy neighbour at nice 0 instead (one core for as long as the burst "
@@ -210,7 +238,7 @@ def report(
     )
     print(
         f"    gap p50 {1e3 * n50:.1f} ms (x{n50 / q50:.2f}), "
-        f"max {1e3 * nmax:.1f} ms (x{nmax / qmax:.2f})"
+        f"max {1e3 * nmax:.1f} ms (x{nmax / qmax:.2f}); {longest(neighbour)}"
     )
     # Memory a burst keeps adds up over the rounds: the medians above would hide it.
     first, last = history[0][0], history[-1][1]
@@ -244,6 +272,7 @@ def main() -> int:
     bursts = {19: Runs(), 0: Runs()}
     history: list[tuple[float, float]] = []  # RSS (before, after) of every burst, in order
     neighbour = Runs()  # a busy process instead of the attacker: what any CPU load costs
+    refusing: list[float] = []  # the daemon's CPU for a burst alone
     with tempfile.TemporaryDirectory() as tmp:
         python = args.daemon_python or sys.executable
         process, addr, _ = start_daemon(Path(tmp), args.threads, python)
@@ -256,10 +285,11 @@ def main() -> int:
                     history.append((runs.rss_before[-1], runs.rss_after[-1]))
                 # As long as the burst at nice 0 just took, with no request at all.
                 run_once(process.pid, addr, 0, 0, neighbour, spin=bursts[0].wall[-1])
+                refusing.append(refusal_cpu(process.pid, addr, args.burst))
         finally:
             process.terminate()
             process.wait()
-    report(args.burst, args.rounds, quiet, bursts, history, neighbour)
+    report(args.burst, args.rounds, quiet, bursts, history, neighbour, refusing)
     return 0
 
 

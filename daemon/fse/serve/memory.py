@@ -21,7 +21,7 @@ serves them decides what a burst of such requests costs:
 
 So request buffers stay in the one heap (fixed thresholds above the largest message
 gRPC accepts, which also turns off glibc's adaptive ones; the same 16 prompts now
-fault in 5-7 MiB), and a HeapTrimmer gives the freed memory back with malloc_trim(0)
+fault in 4-7 MiB), and a HeapTrimmer gives the freed memory back with malloc_trim(0)
 once a burst of calls is over, and only when the process has grown. On a libc without
 these functions (musl) all of this does nothing.
 """

@@ -22,7 +22,7 @@ from fse._native import ffi, lib
 from fse.core.errors import EngineError, InputError
 from fse.core.metrics import PerplexityWindow
 from fse.core.models import ModelError, check_gguf
-from fse.core.types import Sampling, StepMetrics
+from fse.core.types import Sampling, StepMetrics, utf8_length
 
 # ggml's GGML_MAX_N_THREADS; far more threads make llama.cpp abort (std::bad_alloc).
 MAX_THREADS = 512
@@ -203,13 +203,14 @@ class Model(_Closing):
         With max_tokens, a longer text raises TooManyTokens without building the
         token list: a 1 MiB prompt would otherwise cost ~20 MiB of Python ints."""
         longest = self.max_token_bytes
-        if max_tokens is not None and longest and len(text) > max_tokens * longest:
-            # Refused on its length alone (characters <= bytes), nothing tokenized and
-            # nothing encoded: see fse_vocab.c.
-            raise TooManyTokens(-(-len(text) // longest), max_tokens, at_least=True)
+        if (
+            max_tokens is not None
+            and longest
+            and (size := utf8_length(text)) > max_tokens * longest
+        ):
+            # Refused on its length alone, nothing tokenized: see fse_vocab.c.
+            raise TooManyTokens(-(-size // longest), max_tokens, at_least=True)
         data = text.encode("utf-8")
-        if max_tokens is not None and longest and len(data) > max_tokens * longest:
-            raise TooManyTokens(-(-len(data) // longest), max_tokens, at_least=True)
         if max_tokens is not None and len(data) > max_tokens * PREFIX_BYTES_PER_TOKEN:
             self._refuse_from_prefix(data, max_tokens, add_special, parse_special)
         capacity = len(data) + 8  # a token covers at least one byte, bar BOS/EOS

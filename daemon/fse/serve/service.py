@@ -32,6 +32,7 @@ from fse.core.runner import prompt_tokens
 from fse.core.types import (
     Request,
     Verdict,
+    utf8_length,
 )
 from fse.serve.audit import AuditLog
 from fse.serve.scheduler import Handle, Limits, Scheduler
@@ -58,11 +59,6 @@ class Prepared:
     policy: Policy
     prompt: list[int]
     faults: Faults
-
-
-def utf8_length(text: str) -> int:
-    """Bytes of text in UTF-8; without a copy when it is ASCII (CPython knows that)."""
-    return len(text) if text.isascii() else len(text.encode())
 
 
 def check_request(request: Request, limits: Limits) -> None:

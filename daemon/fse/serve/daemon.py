@@ -39,7 +39,7 @@ from fse.serve.listeners import (
     tls_credentials,
 )
 from fse.serve.logs import configure_logging
-from fse.serve.memory import HeapTrimmer, keep_request_buffers_in_the_heap
+from fse.serve.memory import keep_request_buffers_in_the_heap
 from fse.serve.metrics import MetricsSink, start_metrics
 from fse.serve.notify import Notifier
 from fse.serve.relay import UnixRelay
@@ -154,7 +154,7 @@ async def serve(settings: Settings) -> int:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        servicer = GuardServicer(server_cfg.per_client_streams, HeapTrimmer())
+        servicer = GuardServicer(per_client_streams=server_cfg.per_client_streams)
         servicer.metrics = metrics
         fse_pb2_grpc.add_GuardServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -44,6 +44,7 @@ M_ARENA_MAX = -8
 TRIM_DELAY = 0.5  # seconds without a call ending: the burst is over
 TRIM_AT_LEAST_EVERY = 5.0  # seconds, under steady load (calls always ending)
 TRIM_ABOVE = 1 << 20  # growth of the resident set worth handing back
+PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 def _libc_function(name: str) -> Callable[..., int] | None:
@@ -115,6 +116,3 @@ def resident_bytes() -> int:
     """This process's resident set size."""
     with open("/proc/self/statm", "rb") as statm:
         return int(statm.read().split()[1]) * PAGE
-
-
-PAGE = os.sysconf("SC_PAGE_SIZE")

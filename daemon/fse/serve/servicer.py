@@ -51,7 +51,7 @@ def audit_refusal(exc: AuditUnavailable) -> str:
 class GuardServicer(fse_pb2_grpc.GuardServicer):
     """fse.v1.Guard: wire in, GuardService, wire out."""
 
-    def __init__(self, per_client_streams: int = 0, heap: HeapTrimmer | None = None) -> None:
+    def __init__(self, per_client_streams: int = 0) -> None:
         self.service: GuardService | None = None  # set once the model is loaded
         self.model_sha256 = ""
         self.metrics: MetricsSink = NO_METRICS  # every refusal is counted by its code
@@ -59,7 +59,7 @@ class GuardServicer(fse_pb2_grpc.GuardServicer):
         self._streams_of: collections.Counter[str] = collections.Counter()
         self._preparing = 0  # requests being validated and tokenized right now
         self._tokenizing = asyncio.Semaphore(1)
-        self.heap = heap or HeapTrimmer()  # hands a refused burst's buffers back
+        self.heap = HeapTrimmer()  # hands a refused burst's buffers back
 
     async def Generate(
         self,

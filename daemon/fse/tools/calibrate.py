@@ -1,87 +1,9 @@
 """`fse calibrate`: thresholds measured on the operator's own model.
 
-The thresholds of the original status report were measured on TinyLlama 1.1B. Some
-metrics mean the same on every model and some do not: logits are log-probabilities
-up to an additive constant, so anything derived from probabilities (perplexity, max
-probability) or from differences of logits (variance, in nats squared) is comparable
-across models, while the L2 norm of the raw logit vector depends on the model's
-logit scale and offset (TinyLlama ~380, Gemma 3 270M 2,000-6,000). Calibration
-runs healthy generations at the operator's sampling settings, records every metric
-at every step, and writes a policy whose thresholds sit at stated quantiles of that
-healthy distribution times a margin, clamped to hard limits.
-
-How a threshold is chosen (q = ``--quantile``, default 0.999; m = ``--margin``,
-default 1.5; base = the guards of ``--policy``, default ``pro``):
-
-- perplexity: max(p_q(windowed ppl of armed steps) x m, 100); limit: <= 400.
-- l2_norm: p_q(L2 norm) x m; limit: <= 100 x sqrt(n_vocab).
-- logit_variance: p_(1-q)(variance) / m; limit: >= 0.1.
-- loop: min_repeats and max_period are kept; min_span = 1 + p_q(longest tail cycle
-  of >= min_repeats repeats, per non-looping generation), at least the base's;
-  limit: <= 32.
-- max_prob: the threshold is kept (0.99); consecutive = 1 + p_q(longest run above it,
-  per non-looping generation), at least the base's; limit: <= 32.
-- non_finite: always on (not configurable).
-
-Why these limits:
-
-- perplexity <= 400: perplexity is a statement about probabilities, so the report's
-  red line means the same on any model: the model gives its own tokens less than
-  1/400 of probability on average over the window. Calibration may tighten the guard
-  (Gemma 3 270M's healthy text: p99.9 about 22) but never past that line. The floor of 100
-  keeps a narrow or greedy corpus from producing a hair trigger; a floor, unlike the
-  limit, is only a default and may be below the data (then the report warns).
-- l2_norm <= 100 x sqrt(n_vocab): the norm scales with the model, so the only limit
-  that holds for every model is physical: a logit vector whose RMS exceeds 100 nats
-  puts every token but the top ones below exp(-100), beneath float32's normal range;
-  the distribution no longer carries information.
-- logit_variance >= 0.1: logits are in nats, so a variance of 0.1 nats^2 (a spread
-  of about 0.3 nats) is a nearly flat distribution on any model: collapse.
-- max_prob <= 1 is enforced by the policy itself; the 0.99 threshold is kept (the
-  report's finding: rarely exceeded, even in loops) and only the run length adapts.
-- loop and max_prob are event guards, judged per generation (with few generations
-  p_q is their maximum): their base values (3 repeats over 12 tokens, 0.99 for 8
-  steps) are the smallest the design trusts, so calibration only raises them, to one
-  above the healthy maximum (the tightest setting under which every healthy
-  generation passes; a multiplicative margin on a count of tokens would loosen them
-  far more than the continuous thresholds), and never above 32 tokens or steps. A
-  generation whose tail cycle covers 32 tokens or more is a loop by that limit, whatever the
-  corpus says: small models loop in ordinary generations (Gemma 3 270M: 9 of the 40
-  built-in prompts at 128 tokens), and letting those set the threshold would switch
-  the guard off. Such generations are left out of the loop and max_prob statistics,
-  counted as halts in the expected false-halt rate and listed for the operator to read.
-- non_finite stays on: it is not configurable.
-
-Upper quantiles use numpy's "higher" method and lower ones "lower" (the result is an
-observed value, never an interpolation past the data). Thresholds are rounded to
-three significant digits in the looser direction, then clamped to the limits.
-Health bands: red_above = the perplexity threshold, green_below = min(the base
-policy's green_below, half of it) (the report's 200/400 ratio).
-
-Expected false-halt rate: every calibration generation is replayed, step by step,
-through a fresh GuardChain of the written policy (windowed perplexity recomputed from
-the recorded nll for the policy's window); the rate is the fraction that any halting
-guard would have stopped.
-
-Data collection runs each generation under an observe-only policy (no configurable
-guard; non_finite stays on), so every step's metrics come back in TokenEvent.metrics.
-In-process by default; with ``--addr`` through the daemon, which must then serve such
-a policy under the name ``calibration`` (a file ``calibration.toml`` holding just
-``name = "calibration"`` in its --policies-dir). The token that ends a generation
-(end of generation) is not released, so its metrics are not part of the data.
-
-Corpus (``--corpus``): a text file holds one prompt per line (blank lines skipped); a
-``.jsonl``/``.ndjson`` file holds one JSON object per line with either ``"prompt"``
-(a string) or ``"messages"`` (a list of ``{"role", "content"}``, rendered with the
-model's chat template). Without ``--corpus`` the built-in prompt set
-(``fse/data/calibration_prompts.txt``, 40 everyday prompts) is used.
-
-Which guards are calibrated, and by which rule, is read from fse.core.registry: each
-entry's ``measure`` names the key it sets, the metric measured, the tail and the hard
-limit (the limits above), and the rule. A new guard whose threshold sits on one tail of
-a per-step metric uses the generic ``"quantile"`` rule and needs nothing here; a guard
-without a ``measure`` keeps the base policy's setting. The flags are parsed by
-fse.cli.calibrate; the runners, replay and the progress bar are fse.tools.runner's.
+The rules (which quantile, margin and hard limit each guard gets, and why) are written
+once, in docs/calibration.md; each guard's entry in fse.core.registry carries its
+`measure`. This module reads the corpus, collects the data, applies the rules and
+reports; the flags are fse.cli.calibrate's and the runners fse.tools.runner's.
 """
 
 from __future__ import annotations

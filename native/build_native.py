@@ -126,6 +126,8 @@ FSE_H = (NATIVE / "fse.h").read_text()
 CDEF += "\n".join(line for line in FSE_H.splitlines() if not line.startswith("#"))
 
 SOURCES = ["fse_stats.c", "fse_loop.c", "fse_log.c", "fse_vocab.c"]
+# Included by the sources: listed so that editing one alone rebuilds the extension.
+HEADERS = ["fse.h", "fse_stats_width.h"]
 
 
 def _include_dirs() -> list[str]:
@@ -146,6 +148,7 @@ ffibuilder.set_source(
     '#include "llama.h"\n#include "fse.h"\n',
     # setuptools insists on paths relative to setup.py.
     sources=[os.path.relpath(NATIVE / s) for s in SOURCES],
+    depends=[os.path.relpath(NATIVE / h) for h in HEADERS],
     include_dirs=[str(NATIVE), *_include_dirs()],
     library_dirs=[str(PACKAGE_LIBS)],
     libraries=["llama"],

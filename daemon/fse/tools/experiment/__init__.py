@@ -83,11 +83,12 @@ from fse.tools.experiment.report import (
     summary_text,
     table_rows,
 )
-from fse.tools.experiment.run import CellRun, report_doc, run_count, run_suite, write_reports
+from fse.tools.experiment.run import report_doc, run_count, run_suite, write_reports
 from fse.tools.experiment.suite import (
     DEFAULT_MAX_TOKENS,
     DEFAULT_SEEDS,
     Category,
+    CellRun,
     Suite,
     SuiteError,
     apply_override,

@@ -17,8 +17,7 @@ from fse.tools.experiment.suite import apply_override
 
 if TYPE_CHECKING:
     from fse.core.policy import Policy
-    from fse.tools.experiment.run import CellRun
-    from fse.tools.experiment.suite import Category, Suite
+    from fse.tools.experiment.suite import Category, CellRun, Suite
     from fse.tools.runner import Run
 
 HEALTH_GREEN = 200.0  # the report's health bands, shaded in ppl.png

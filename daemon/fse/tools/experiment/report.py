@@ -13,8 +13,7 @@ from fse.tools.runner import steps_json
 
 if TYPE_CHECKING:
     from fse.core.policy import Policy
-    from fse.tools.experiment.run import CellRun
-    from fse.tools.experiment.suite import Category, Suite
+    from fse.tools.experiment.suite import Category, CellRun, Suite
 
 ARMED_FROM = 3  # first token index counted in the ranges (the perplexity guard's default arming)
 

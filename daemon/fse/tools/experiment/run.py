@@ -6,26 +6,16 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fse.core.errors import InputError
 from fse.tools.experiment.report import _clean, rates, render_markdown, run_json, table_rows
-from fse.tools.experiment.suite import Category, Suite, apply_override, sampling_for
+from fse.tools.experiment.suite import Category, CellRun, Suite, apply_override, sampling_for
 from fse.tools.runner import Progress, Prompt, Run, Runner, observe_policy, replay, write_atomic
 
 if TYPE_CHECKING:
     from fse.core.policy import Policy
-
-
-@dataclass(slots=True)
-class CellRun:
-    category: Category
-    policy: Policy  # the policy as compared (the row's label); the observe-only one for references
-    effective: Policy  # with the category's override applied
-    run: Run
-    reference: bool = False  # an unguarded run (plots only)
 
 
 def run_suite(

@@ -19,6 +19,7 @@ from fse.core.registry import GUARDS
 if TYPE_CHECKING:
     from fse.core.policy import Policy
     from fse.core.types import Sampling
+    from fse.tools.runner import Run
 
 DEFAULT_MAX_TOKENS = 96
 DEFAULT_SEEDS = 3
@@ -225,3 +226,14 @@ def sampling_for(category: Category, seed: int) -> Sampling:
     from fse.core.types import Sampling
 
     return dataclasses.replace(Sampling(**category.sampling), seed=seed)  # type: ignore[arg-type]
+
+
+@dataclass(slots=True)
+class CellRun:
+    """One generation of the suite: a category's prompt and seed under one policy."""
+
+    category: Category
+    policy: Policy  # the policy as compared (the row's label); the observe-only one for references
+    effective: Policy  # with the category's override applied
+    run: Run
+    reference: bool = False  # an unguarded run (plots only)

@@ -62,7 +62,14 @@ clients-test: clients
 test: setup lint clients-test
 	$(PY) -m pytest -q
 
-lint: setup
+# buf, the proto linter, built from the version proto/lint/go.mod pins (Go's module cache
+# and build cache are reused).
+BUF := build/tools/buf
+$(BUF): proto/lint/go.mod proto/lint/go.sum
+	cd proto/lint && go build -o $(CURDIR)/$(BUF) github.com/bufbuild/buf/cmd/buf
+
+lint: setup $(BUF)
+	cd proto && $(CURDIR)/$(BUF) lint
 	$(PY) -m ruff check daemon tests bench native clients/python
 	$(PY) -m ruff format --check daemon tests bench native clients/python
 	$(PY) -m mypy

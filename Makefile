@@ -4,15 +4,15 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-PIP    := $(PY) -m pip --quiet --disable-pip-version-check
+PIP    := $(PY) -m pip --quiet --disable-pip-version-check --constraint requirements.lock
 FSE    := $(VENV)/bin/fse
 STAMP  := $(VENV)/.fse-installed
 SOCKET ?= $(CURDIR)/fse.sock
 
-BUILD_INPUTS := $(wildcard native/*.c native/*.h native/*.py proto/fse/v1/*.proto) setup.py pyproject.toml \
+BUILD_INPUTS := $(wildcard native/*.c native/*.h native/*.py proto/fse/v1/*.proto) setup.py pyproject.toml requirements.lock \
                 clients/python/setup.py clients/python/pyproject.toml
 
-.PHONY: setup run test lint bench clean system-deps clients clients-test
+.PHONY: setup run test lint bench clean system-deps clients clients-test lock
 
 setup: $(STAMP)
 	@$(FSE) model path >/dev/null
@@ -75,6 +75,11 @@ lint: setup $(BUF)
 	$(PY) -m mypy
 	$(VENV)/bin/lint-imports
 
+# After changing a dependency in pyproject.toml: install it, then pin what the venv holds.
+lock: setup
+	{ sed -n '1,2p' requirements.lock; $(PY) -m pip freeze --exclude-editable --all | grep -v '^pip=='; } > requirements.lock.new
+	mv requirements.lock.new requirements.lock
+
 bench: setup
 	$(PY) bench/run_all.py
 
@@ -93,7 +98,7 @@ DESTDIR ?=
 INSTALL_PIP_FLAGS ?=
 FSE_LIB     := $(DESTDIR)$(PREFIX)/lib/fse
 FSE_VENV    := $(FSE_LIB)/venv
-FSE_VPIP    := $(FSE_VENV)/bin/python -m pip --quiet --disable-pip-version-check $(INSTALL_PIP_FLAGS)
+FSE_VPIP    := $(FSE_VENV)/bin/python -m pip --quiet --disable-pip-version-check --constraint $(CURDIR)/requirements.lock $(INSTALL_PIP_FLAGS)
 FSE_UNITDIR := $(DESTDIR)$(PREFIX)/lib/systemd/system
 FSE_CONFDIR := $(DESTDIR)/etc/fse
 

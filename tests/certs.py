@@ -27,11 +27,16 @@ def make_ca(folder: Path, name: str) -> Pair:
     return ca
 
 
-def issue(ca: Pair, folder: Path, name: str, san: str | None = None) -> Pair:
-    """A certificate for CN=name signed by ca (with subjectAltName san, for servers)."""
-    pair, csr = Pair(folder / f"{name}.pem", folder / f"{name}.key"), folder / f"{name}.csr"
-    _openssl("req", *_EC, "-keyout", pair.key, "-out", csr, "-subj", f"/CN={name}")
-    ext = folder / f"{name}.ext"
+def issue(
+    ca: Pair, folder: Path, name: str, san: str | None = None, org: str | None = None
+) -> Pair:
+    """A certificate for CN=name (and O=org, if given) signed by ca (with subjectAltName
+    san, for servers). Its files are named after the org and the name."""
+    stem = f"{org}-{name}" if org else name
+    pair, csr = Pair(folder / f"{stem}.pem", folder / f"{stem}.key"), folder / f"{stem}.csr"
+    subject = f"/O={org}/CN={name}" if org else f"/CN={name}"
+    _openssl("req", *_EC, "-keyout", pair.key, "-out", csr, "-subj", subject)
+    ext = folder / f"{stem}.ext"
     ext.write_text(f"subjectAltName={san}\n" if san else "basicConstraints=CA:FALSE\n")
     _openssl("x509", "-req", "-in", csr, "-CA", ca.cert, "-CAkey", ca.key, "-CAcreateserial",
              "-out", pair.cert, "-days", "2", "-extfile", ext)  # fmt: skip

@@ -14,6 +14,8 @@ def configure_logging() -> None:
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
             structlog.processors.EventRenamer("event"),
+            # log.exception(...) writes the traceback (key `exception`), not `"exc_info": true`.
+            structlog.processors.format_exc_info,
             structlog.processors.JSONRenderer(sort_keys=False),
         ],
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),

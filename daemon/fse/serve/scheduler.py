@@ -76,9 +76,36 @@ class Handle:
     cancelled: bool = False  # set from the asyncio side; read by the scheduler each step
     stream_id: int = 0  # the daemon's own number for the stream (audit log)
     client: str = ""  # who asked: token:NAME, cert:SUBJECT, unix (audit log)
+    # What the servicer sent (tokens, characters of text), counted on the event loop;
+    # read by the verdict record once the servicer withheld the rest (a protocol error).
+    sent: int = 0
+    sent_chars: int = 0
+    withheld: bool = False
+    ended: bool = False  # the verdict is being recorded: too late to withhold anything
 
     def cancel(self) -> None:
         self.cancelled = True
+
+    def withhold(self) -> bool:
+        """From now on nothing more is sent (event loop). False if the stream's verdict
+        is already recorded: then everything it released must still go out."""
+        with _ENDING:
+            if self.ended:
+                return False
+            self.withheld = True
+            return True
+
+    def end(self) -> tuple[int, int] | None:
+        """The stream's verdict is about to be recorded (decode thread): (tokens, chars)
+        sent if the servicer withheld the rest, else None (all released goes out)."""
+        with _ENDING:
+            self.ended = True
+            return (self.sent, self.sent_chars) if self.withheld else None
+
+
+# withhold() and end() decide together whether a verdict counts what was released or
+# only what was sent; one lock for all streams, taken once or twice per stream.
+_ENDING = threading.Lock()
 
 
 @dataclass(eq=False)
@@ -132,8 +159,11 @@ class Scheduler:
             return len(self._active), len(self._waiting)
 
     def check_capacity(self, extra: int = 0) -> None:
-        """Raise Overloaded if `extra` more streams would not fit (running + waiting)."""
+        """Raise NotAccepting while draining, Overloaded if `extra` more streams and one
+        would not fit (running + waiting)."""
         with self._wake:
+            if not self._accepting:  # a drain wins over a full queue: come back elsewhere
+                raise NotAccepting("the daemon is shutting down")
             busy = len(self._active) + len(self._waiting) + extra
             if busy >= self.limits.max_streams + self.limits.max_queue:
                 raise Overloaded(

@@ -35,6 +35,7 @@ from fse.core.types import (
     utf8_length,
 )
 from fse.serve.audit import AuditLog
+from fse.serve.refusals import ECHO_BYTES, ERROR_BYTES, RefusalLog, bounded, clip
 from fse.serve.scheduler import Handle, Limits, Scheduler
 
 MAX_STOP_SEQUENCES = 16
@@ -110,6 +111,7 @@ class GuardService:
         n_threads: int,
         allow_faults: bool = False,
         audit: AuditLog | None = None,
+        refusals: RefusalLog | None = None,
     ) -> None:
         if "default" not in policies:
             raise ValueError("policies: the built-in 'default' policy is missing")
@@ -118,6 +120,11 @@ class GuardService:
         self.limits = limits
         self.allow_faults = allow_faults
         self.audit = audit
+        # Refusals go to the audit log within bounds; the daemon shares its own with the
+        # token check, so that one peer's denials and rejections are counted together.
+        if refusals is None and audit is not None:
+            refusals = RefusalLog(audit.write)
+        self.refusals = refusals
         self.scheduler = Scheduler(model, limits, n_threads)
         self.scheduler.on_stream_end = self._record_verdict
         self.version = __version__
@@ -162,7 +169,8 @@ class GuardService:
         policy = self.policies.get(request.policy or "default")
         if policy is None:
             known = ", ".join(sorted(self.policies))
-            raise InvalidRequest(f"policy: unknown policy {request.policy!r}; accepted: {known}")
+            name = clip(request.policy, ECHO_BYTES)  # the caller's text: echoed within bounds
+            raise InvalidRequest(f"policy: unknown policy {name!r}; accepted: {known}")
         context = self.limits.ctx_per_stream
         try:
             tokens = prompt_tokens(self.model, request, max_tokens=context - 1)
@@ -227,14 +235,16 @@ class GuardService:
     def record_rejection(
         self, request_id: str, reason: str, message: str, client: str = ""
     ) -> None:
-        """Audit a request refused before it started (bad input, overload...)."""
-        if self.audit is not None:
-            self.audit.write(
+        """Audit a request refused before it started (bad input, overload...), within
+        bounds: the request id and the message are cut to a fixed size, and a flood
+        from one peer is counted into summaries (fse.serve.refusals)."""
+        if self.refusals is not None:
+            self.refusals.record(
                 "input.rejected",
-                request_id=request_id,
-                client=client or None,
-                reason=reason,
-                error=message,
+                client,
+                reason,
+                **bounded("request_id", request_id),
+                error=clip(message, ERROR_BYTES),
             )
 
     def _record_start(self, handle: Handle) -> bool:
@@ -257,9 +267,16 @@ class GuardService:
         )
 
     def _record_verdict(self, handle: Handle, verdict: Verdict) -> None:
-        """Called on the decode thread once per stream, as it ends."""
+        """Called on the decode thread once per stream, as it ends. After a protocol
+        error the servicer sends nothing more: then the record counts what was sent,
+        and `withheld` the tokens released but never sent."""
+        sent = handle.end()
         if self.audit is None:
             return
+        tokens, output, withheld = verdict.tokens, verdict.text, None
+        if sent is not None:
+            tokens, output = sent[0], verdict.text[: sent[1]]
+            withheld = verdict.tokens - tokens
         self.audit.write(
             "stream.verdict",
             stream=handle.stream_id,
@@ -270,10 +287,11 @@ class GuardService:
             value=verdict.value,
             threshold=verdict.threshold,
             token_index=verdict.token_index,
-            tokens=verdict.tokens,
+            tokens=tokens,
+            withheld=withheld,
             policy=verdict.policy,
             policy_sha256=verdict.policy_sha256,
-            output=verdict.text,
+            output=output,
             message=verdict.message or None,
         )
 

@@ -22,8 +22,10 @@ from fse.serve.metrics import NO_METRICS, MetricsSink
 from fse.serve.scheduler import Handle, NotAccepting, Overloaded
 from fse.serve.service import AuditUnavailable, GuardService
 from fse.serve.wire import (
+    Undecodable,
     faults_from_metadata,
     info_to_wire,
+    lenient,
     request_from_wire,
     token_to_wire,
     verdict_to_wire,
@@ -36,6 +38,14 @@ MAX_MESSAGE_BYTES = 4 << 20
 # worker thread so that other streams keep flowing; smaller ones inline, where a
 # thread hop would cost more than it saves.
 INLINE_PREPARE_CHARS = 16 << 10
+# A Generate call must send its `start` this soon after it opens: a call waiting for it
+# holds a place (of its caller and of the daemon), so it cannot wait for ever.
+FIRST_MESSAGE_SECONDS = 10.0
+# Calls that found no place when they opened still have their `start` read before they
+# are refused (a stream refused while its client still sends is reset, and grpc's asyncio
+# client then reports INTERNAL instead of the status); at most this many at a time, the
+# next ones are refused at once, so callers that never send cannot pile up.
+MAX_CALLS_WITHOUT_PLACE = 64
 
 log = structlog.get_logger("fse.servicer")
 
@@ -48,22 +58,51 @@ def audit_refusal(exc: AuditUnavailable) -> str:
     return f"audit log: {exc}; new streams are refused until it can be written again"
 
 
+def add_to_server(servicer: GuardServicer, server: grpc.aio.Server) -> None:
+    """Serve fse.v1.Guard as fse_pb2_grpc.add_GuardServicer_to_server does, but with
+    request deserializers that cannot raise: a message protobuf refuses (a string field
+    that is not UTF-8, a broken wire format) reaches the method as `Undecodable`, to be
+    refused INVALID_ARGUMENT naming the field and audited."""
+    handlers = {
+        "Generate": grpc.stream_stream_rpc_method_handler(
+            servicer.Generate,
+            request_deserializer=lenient(fse_pb2.GenerateClientMessage),
+            response_serializer=fse_pb2.GenerateServerMessage.SerializeToString,
+        ),
+        "GetInfo": grpc.unary_unary_rpc_method_handler(
+            servicer.GetInfo,
+            request_deserializer=lenient(fse_pb2.GetInfoRequest),
+            response_serializer=fse_pb2.Info.SerializeToString,
+        ),
+    }
+    name = fse_pb2.DESCRIPTOR.services_by_name["Guard"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+    server.add_registered_method_handlers(name, handlers)
+
+
 class GuardServicer(fse_pb2_grpc.GuardServicer):
-    """fse.v1.Guard: wire in, GuardService, wire out."""
+    """fse.v1.Guard: wire in, GuardService, wire out.
+
+    A Generate call holds a place from the moment it opens until it ends, whether it
+    waits for its `start`, is being prepared or runs: one of its caller's
+    per_client_streams, and (until the scheduler has it) one of the daemon's
+    max_streams + max_queue. A call that finds no place is refused once its `start`
+    is read, unless a place came free meanwhile."""
 
     def __init__(self, per_client_streams: int = 0) -> None:
         self.service: GuardService | None = None  # set once the model is loaded
         self.model_sha256 = ""
         self.metrics: MetricsSink = NO_METRICS  # every refusal is counted by its code
         self.per_client_streams = per_client_streams  # 0 = no per-caller limit
-        self._streams_of: collections.Counter[str] = collections.Counter()
-        self._preparing = 0  # requests being validated and tokenized right now
+        self._calls_of: collections.Counter[str] = collections.Counter()  # places held
+        self._pending = 0  # places held by calls the scheduler does not have yet
+        self._without_place = 0  # calls without a place waiting for their `start`
         self._tokenizing = asyncio.Semaphore(1)
         self.heap = HeapTrimmer()  # hands a refused burst's buffers back
 
     async def Generate(
         self,
-        request_iterator: AsyncIterator[fse_pb2.GenerateClientMessage],  # unused: see _read
+        request_iterator: AsyncIterator[Any],  # unused: see _read
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[fse_pb2.GenerateServerMessage]:
         service = self.service
@@ -76,59 +115,79 @@ class GuardServicer(fse_pb2_grpc.GuardServicer):
             self._refuse(context, grpc.StatusCode.UNAVAILABLE, audit_refusal(exc))
             return
         caller = caller_of(context)
-        # context.read(), not request_iterator: grpcio's iterator is an async generator
-        # that keeps the last message it yielded in a reference cycle with the call, so
-        # every refused 1 MiB prompt stayed in memory until the next full collection.
-        first = await _read(context)
-        if first is None or first.WhichOneof("kind") != "start":
-            message = "start: the first message of a Generate stream must be `start`"
-            service.record_rejection("", "invalid_argument", message, client=caller)
-            self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, message)
+        no_room = self._no_room(service, caller)
+        if no_room is not None and self._without_place >= MAX_CALLS_WITHOUT_PLACE:
+            code, message = _room_status(no_room)
+            service.record_rejection("", code.name.lower(), message, client=caller)
+            self._refuse(context, code, message)
             return
-        code, message = grpc.StatusCode.OK, ""
+        held = pending = no_room is None
+        if held:
+            self._hold(caller)
         try:
-            # Overload is refused before any work: requests still being tokenized count
-            # as load too, so a burst of large prompts cannot all be tokenized at once.
-            # (Not before reading the message: a stream refused while its client still
-            # sends is reset, and grpc's asyncio client then reports INTERNAL.)
-            self._check_room(service, caller)
-            request = request_from_wire(first.start, context.time_remaining())
-            faults = faults_from_metadata(context.invocation_metadata())
-            self._preparing += 1
+            first = await self._first_message(context, held)
+            if isinstance(first, str):
+                service.record_rejection("", "invalid_argument", first, client=caller)
+                self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, first)
+                return
+            code, message = grpc.StatusCode.OK, ""
             try:
+                if not held:  # a place may have come free since the call opened
+                    no_room = self._no_room(service, caller)
+                    if no_room is not None:
+                        raise no_room
+                    self._hold(caller)
+                    held = pending = True
+                request = request_from_wire(first.start, context.time_remaining())
+                faults = faults_from_metadata(context.invocation_metadata())
                 if request.text_length() > INLINE_PREPARE_CHARS:
                     async with self._tokenizing:  # one large prompt at a time, off the loop
                         prepared = await asyncio.to_thread(service.prepare, request, faults)
                 else:
                     prepared = service.prepare(request, faults)
+                handle = service.admit(prepared, client=caller)
+            except InputError as exc:
+                code, message = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+            except (PerCallerLimit, Overloaded, NotAccepting) as exc:
+                code, message = _room_status(exc)
+            except AuditUnavailable as exc:
+                self._refuse(context, grpc.StatusCode.UNAVAILABLE, audit_refusal(exc))
+                return
+            except EngineError as exc:  # llama.cpp failed on this prompt: our failure, not theirs
+                log.error("prepare.failed", error=str(exc), client=caller)
+                code, message = grpc.StatusCode.INTERNAL, f"prompt: the engine failed: {exc}"
+            except Exception:  # a bug of ours: fail closed, and keep the internals in our log
+                log.exception("prepare.crashed", client=caller)
+                code, message = grpc.StatusCode.INTERNAL, "internal error (see the daemon's log)"
             finally:
-                self._preparing -= 1
-            handle = service.admit(prepared, client=caller)
-        except InputError as exc:
-            code, message = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-        except PerCallerLimit as exc:
-            code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
-        except Overloaded as exc:
-            code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, f"overloaded: {exc}"
-        except NotAccepting as exc:
-            code, message = grpc.StatusCode.UNAVAILABLE, str(exc)
-        except AuditUnavailable as exc:
-            self._refuse(context, grpc.StatusCode.UNAVAILABLE, audit_refusal(exc))
-            return
-        except EngineError as exc:  # llama.cpp failed on this prompt: our failure, not theirs
-            log.error("prepare.failed", error=str(exc), client=caller)
-            code, message = grpc.StatusCode.INTERNAL, f"prompt: the engine failed: {exc}"
-        except Exception:  # a bug of ours: fail closed, and keep the internals in our log
-            log.exception("prepare.crashed", client=caller)
-            code, message = grpc.StatusCode.INTERNAL, "internal error (see the daemon's log)"
-        if code != grpc.StatusCode.OK:
-            service.record_rejection(
-                first.start.request_id, code.name.lower(), message, client=caller
-            )
-            self._refuse(context, code, message)
-            return
-        self._streams_of[caller] += 1
+                if pending:  # the scheduler has it now (or it was refused)
+                    self._pending -= 1
+                    pending = False
+            if code != grpc.StatusCode.OK:
+                service.record_rejection(
+                    first.start.request_id, code.name.lower(), message, client=caller
+                )
+                self._refuse(context, code, message)
+                return
+            async for reply in self._stream(service, context, handle, caller):
+                yield reply
+        finally:
+            if pending:  # the call ended while it waited for its start
+                self._pending -= 1
+            if held:
+                self._calls_of[caller] -= 1
+                if not self._calls_of[caller]:
+                    del self._calls_of[caller]
 
+    async def _stream(
+        self,
+        service: GuardService,
+        context: grpc.aio.ServicerContext[Any, Any],
+        handle: Handle,
+        caller: str,
+    ) -> AsyncIterator[fse_pb2.GenerateServerMessage]:
+        """An admitted stream: Started, its tokens, its verdict."""
+        request = handle.request
         yield fse_pb2.GenerateServerMessage(
             started=fse_pb2.Started(
                 request_id=request.request_id,
@@ -136,7 +195,7 @@ class GuardServicer(fse_pb2_grpc.GuardServicer):
                 policy_sha256=handle.policy.sha256,
                 prompt_tokens=len(handle.prompt),
                 # The seed in use (prepare drew one if needed); greedy uses none.
-                seed=0 if handle.request.sampling.greedy else handle.request.sampling.seed or 0,
+                seed=0 if request.sampling.greedy else request.sampling.seed or 0,
                 model=service.model.name,
             )
         )
@@ -152,6 +211,10 @@ class GuardServicer(fse_pb2_grpc.GuardServicer):
                     self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, violation[0])
                     return
                 if isinstance(event, TokenEvent):
+                    # Counted for the verdict's record, should a protocol error withhold
+                    # the rest (see Handle.withhold).
+                    handle.sent += 1
+                    handle.sent_chars += len(event.text)
                     yield token_to_wire(event)
                     continue
                 yield verdict_to_wire(event)
@@ -165,9 +228,33 @@ class GuardServicer(fse_pb2_grpc.GuardServicer):
             handle.cancel()
             watcher.cancel()
             self.heap.call_ended()
-            self._streams_of[caller] -= 1
-            if not self._streams_of[caller]:
-                del self._streams_of[caller]
+
+    async def _first_message(
+        self, context: grpc.aio.ServicerContext[Any, Any], held: bool
+    ) -> fse_pb2.GenerateClientMessage | str:
+        """The call's `start` message, or why there is none (INVALID_ARGUMENT)."""
+        if not held:
+            self._without_place += 1
+        try:
+            # context.read(), not request_iterator: grpcio's iterator is an async
+            # generator that keeps the last message it yielded in a reference cycle with
+            # the call, so every refused 1 MiB prompt stayed in memory until the next
+            # full collection.
+            async with asyncio.timeout(FIRST_MESSAGE_SECONDS):
+                first = await _read(context)
+        except TimeoutError:
+            return (
+                f"start: none within {FIRST_MESSAGE_SECONDS:g} s of the call opening; "
+                "the first message of a Generate stream must be `start`"
+            )
+        finally:
+            if not held:
+                self._without_place -= 1
+        if isinstance(first, Undecodable):
+            return first.error
+        if first is None or first.WhichOneof("kind") != "start":
+            return "start: the first message of a Generate stream must be `start`"
+        return first
 
     def _refuse(
         self, context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusCode, message: str
@@ -183,20 +270,39 @@ class GuardServicer(fse_pb2_grpc.GuardServicer):
         context.set_details(message)
         self.heap.call_ended()
 
-    def _check_room(self, service: GuardService, caller: str) -> None:
-        """Raise PerCallerLimit or Overloaded (requests being tokenized count as load)."""
+    def _no_room(
+        self, service: GuardService, caller: str
+    ) -> PerCallerLimit | Overloaded | NotAccepting | None:
+        """Why a new call gets no place (a drain first, then the per-caller limit, then
+        overload: places held by calls the scheduler does not have yet count as load)."""
         limit = self.per_client_streams
-        if limit and self._streams_of[caller] >= limit:
-            raise PerCallerLimit(
+        try:
+            service.scheduler.check_capacity(extra=self._pending)
+        except NotAccepting as exc:
+            return exc
+        except Overloaded as exc:
+            if not (limit and self._calls_of[caller] >= limit):
+                return exc
+        if limit and self._calls_of[caller] >= limit:
+            return PerCallerLimit(
                 f"per-caller limit: {caller} already runs {limit} streams "
                 f"(per_client_streams {limit})"
             )
-        service.scheduler.check_capacity(extra=self._preparing)
+        return None
+
+    def _hold(self, caller: str) -> None:
+        self._calls_of[caller] += 1
+        self._pending += 1
 
     async def GetInfo(
-        self, request: fse_pb2.GetInfoRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self,
+        request: fse_pb2.GetInfoRequest | Undecodable,
+        context: grpc.aio.ServicerContext[Any, Any],
     ) -> fse_pb2.Info | None:
         service = self.service
+        if isinstance(request, Undecodable):
+            self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, request.error)
+            return None
         if service is None:
             self._refuse(context, grpc.StatusCode.UNAVAILABLE, "the model is still loading")
             return None
@@ -210,10 +316,20 @@ class GuardServicer(fse_pb2_grpc.GuardServicer):
         )
 
 
+def _room_status(exc: Exception) -> tuple[grpc.StatusCode, str]:
+    """The status of a call refused for want of a place: a drain is UNAVAILABLE."""
+    if isinstance(exc, NotAccepting):
+        return grpc.StatusCode.UNAVAILABLE, str(exc)
+    if isinstance(exc, Overloaded):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, f"overloaded: {exc}"
+    return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+
+
 async def _read(
     context: grpc.aio.ServicerContext[Any, Any],
-) -> fse_pb2.GenerateClientMessage | None:
-    """The client's next message; None once it is done sending."""
+) -> fse_pb2.GenerateClientMessage | Undecodable | None:
+    """The client's next message (Undecodable if protobuf refused it); None once it is
+    done sending."""
     message = await context.read()
     return None if message is grpc.aio.EOF else message
 
@@ -221,17 +337,23 @@ async def _read(
 async def _watch_client(
     context: grpc.aio.ServicerContext[Any, Any], handle: Handle, violation: list[str]
 ) -> None:
-    """Later client messages: `cancel` stops the stream; another `start` is a protocol error."""
+    """Later client messages: `cancel` stops the stream; anything else is a protocol error."""
     # The call ending (the client gone, or the stream over) ends the watch.
     with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError, grpc.aio.UsageError):
         while (msg := await _read(context)) is not None:
-            kind = msg.WhichOneof("kind")
-            if kind == "cancel":
+            if isinstance(msg, Undecodable):
+                error = msg.error
+            elif (kind := msg.WhichOneof("kind")) == "cancel":
                 handle.cancel()
+                continue
             else:
-                violation.append(
+                error = (
                     f"{kind or 'message'}: only one `start` per stream; "
                     "later messages may only cancel"
                 )
+            # A protocol error: nothing more is sent, unless the verdict is already
+            # recorded (then all it counts still goes out, and the late message is moot).
+            if handle.withhold():
+                violation.append(error)
                 handle.cancel()
-                return
+            return

@@ -7,10 +7,12 @@ the `deadline` verdict before gRPC cuts the stream).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fse_client.v1 import fse_pb2
+from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
 
 from fse.core.engine import Faults
 from fse.core.policy import Policy, builtin_names
@@ -156,3 +158,99 @@ def info_to_wire(
             max_message_bytes=max_message_bytes,
         ),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Undecodable:
+    """A request message protobuf could not parse; `error` names the field if it can."""
+
+    error: str
+
+
+def lenient(message_type: Any) -> Callable[[bytes], Any]:
+    """A gRPC request deserializer that cannot raise: a message protobuf refuses becomes
+    an Undecodable for the method to refuse (gRPC would answer UNKNOWN, "Unexpected
+    <class 'DecodeError'>", before the method could name the field or audit it)."""
+
+    def parse(data: bytes) -> Any:
+        try:
+            return message_type.FromString(data)
+        except DecodeError as exc:
+            return Undecodable(explain_undecodable(data, message_type.DESCRIPTOR, str(exc)))
+
+    return parse
+
+
+# The descriptor of fse.v1 nests three levels deep; anything deeper is not ours.
+_MAX_DEPTH = 8
+
+
+class _Corrupt(Exception):
+    """Not protobuf's wire format."""
+
+
+def explain_undecodable(data: bytes, descriptor: Any, reason: str = "") -> str:
+    """Why protobuf refused `data`: the string field that is not UTF-8, named as the
+    other request errors name fields (`request_id`, `messages[1].content`), or the
+    message whose wire format is broken."""
+    try:
+        path = _bad_utf8(data, descriptor, "", 0)
+    except (_Corrupt, RecursionError):
+        path = None
+    if path is not None:
+        return f"{path.removeprefix('start.')}: not valid UTF-8; string fields must be UTF-8"
+    if "UTF-8" in reason:
+        return f"{descriptor.name}: a string field is not valid UTF-8; string fields must be UTF-8"
+    return f"{descriptor.name}: not a valid protobuf message (its wire format is corrupt)"
+
+
+def _bad_utf8(data: bytes, descriptor: Any, prefix: str, depth: int) -> str | None:
+    """The path of the first string field in `data` that is not UTF-8, or None. Walks the
+    wire format by the descriptor (error path only: the message was already refused)."""
+    seen: dict[int, int] = {}  # occurrences of each repeated field so far
+    pos = 0
+    while pos < len(data):
+        key, pos = _varint(data, pos)
+        number, wire_type = key >> 3, key & 7
+        if wire_type == 0:
+            _, pos = _varint(data, pos)
+            continue
+        if wire_type in (1, 5):
+            pos += 8 if wire_type == 1 else 4
+            continue
+        if wire_type != 2:
+            raise _Corrupt
+        size, pos = _varint(data, pos)
+        chunk, pos = data[pos : pos + size], pos + size
+        if pos > len(data):
+            raise _Corrupt
+        field = descriptor.fields_by_number.get(number)
+        if field is None:
+            continue
+        name = f"{prefix}{field.name}"
+        if field.is_repeated:
+            seen[number] = seen.get(number, -1) + 1
+            name += f"[{seen[number]}]"
+        if field.type == field.TYPE_STRING:
+            try:
+                chunk.decode("utf-8")
+            except UnicodeDecodeError:
+                return name
+        elif field.type == field.TYPE_MESSAGE and depth < _MAX_DEPTH:
+            found = _bad_utf8(chunk, field.message_type, f"{name}.", depth + 1)
+            if found is not None:
+                return found
+    return None
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = 0
+    for shift in range(0, 70, 7):
+        if pos >= len(data):
+            raise _Corrupt
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+    raise _Corrupt

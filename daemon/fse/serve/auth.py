@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
+import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -97,11 +98,20 @@ def _no_uid(peer: str) -> int | None:
 
 def _peer_identity(context: grpc.aio.ServicerContext[Any, Any], unix_uid: UnixUid) -> str:
     """cert:SUBJECT for an mTLS peer, uid:N for a local socket (from the relay's
-    SO_PEERCRED), tcp:ADDRESS otherwise; `unix` if a unix peer's uid is unknown."""
+    SO_PEERCRED), tcp:ADDRESS otherwise; `unix` if a unix peer's uid is unknown.
+
+    SUBJECT is the certificate's whole subject as an RFC 4514 string ("CN=alice,O=org",
+    special characters escaped), never its CN alone: CN=alice from another O is another
+    caller. A certificate with an empty subject is named by its fingerprint,
+    cert:sha256:HEX (of its DER form)."""
     auth = context.auth_context() or {}
-    subject = auth.get("x509_subject_name") or auth.get("x509_common_name")
-    if subject:
+    subject = auth.get("x509_subject")
+    if subject and subject[0]:
         return f"cert:{subject[0].decode('utf-8', 'replace')}"
+    pem = auth.get("x509_pem_cert")
+    if pem and pem[0]:
+        der = ssl.PEM_cert_to_DER_cert(pem[0].decode("ascii", "replace"))
+        return f"cert:sha256:{hashlib.sha256(der).hexdigest()}"
     peer = context.peer() or ""
     if not peer.startswith("unix:"):
         return f"tcp:{peer.removeprefix('ipv4:')}"

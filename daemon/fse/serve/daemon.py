@@ -18,7 +18,7 @@ from pathlib import Path
 
 import grpc
 import structlog
-from fse_client.v1 import fse_pb2, fse_pb2_grpc
+from fse_client.v1 import fse_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -42,10 +42,11 @@ from fse.serve.logs import configure_logging
 from fse.serve.memory import keep_request_buffers_in_the_heap
 from fse.serve.metrics import MetricsSink, start_metrics
 from fse.serve.notify import Notifier
+from fse.serve.refusals import RefusalLog
 from fse.serve.relay import UnixRelay
 from fse.serve.scheduler import Limits
 from fse.serve.service import GuardService
-from fse.serve.servicer import MAX_MESSAGE_BYTES, GuardServicer
+from fse.serve.servicer import MAX_MESSAGE_BYTES, GuardServicer, add_to_server
 
 log = structlog.get_logger("fse.serve")
 
@@ -124,10 +125,13 @@ async def serve(settings: Settings) -> int:
         log.warning("audit.orphans", path=audit_path, streams=audit.orphans)
         audit.write("audit.orphans", streams=audit.orphans)
 
+    # Denials and rejections reach the audit log within bounds (fse.serve.refusals).
+    refusals = RefusalLog(audit.write)
+
     def denied(caller: str, reason: str) -> None:
-        log.warning("auth.denied", client=caller, reason=reason)
         metrics.rejected("UNAUTHENTICATED")
-        audit.write("auth.denied", client=caller, reason=reason)
+        if refusals.record("auth.denied", caller, reason):
+            log.warning("auth.denied", client=caller, reason=reason)
 
     # gRPC serves each unix socket through a relay that knows the caller's uid.
     relays: list[UnixRelay] = []
@@ -156,7 +160,7 @@ async def serve(settings: Settings) -> int:
         )
         servicer = GuardServicer(per_client_streams=server_cfg.per_client_streams)
         servicer.metrics = metrics
-        fse_pb2_grpc.add_GuardServicer_to_server(servicer, server)
+        add_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
@@ -190,6 +194,7 @@ async def serve(settings: Settings) -> int:
             n_threads=server_cfg.threads,
             allow_faults=settings.allow_debug_faults,
             audit=audit,
+            refusals=refusals,
         )
         service.scheduler.metrics = metrics
         metrics.watch(lambda: service.scheduler.load)
@@ -270,6 +275,7 @@ async def serve(settings: Settings) -> int:
             model.close()
         for task in background:
             task.cancel()
+        refusals.flush()  # the last window's summaries: no refusal goes uncounted
         written = audit.retry()  # a last try for lines kept while the log failed
         audit.close()
         await asyncio.to_thread(metrics.close)

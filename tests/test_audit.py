@@ -287,6 +287,24 @@ def test_verify_names_the_file_and_line_across_rotated_files(tmp_path: Path) -> 
     assert f"BROKEN: {rotated(path, 1)} line 1: seq is " in broken.stdout, broken.stdout
 
 
+def test_a_rotation_cut_short_is_finished_when_the_log_is_reopened(tmp_path: Path) -> None:
+    """A crash after the active file got its second name (NAME.1), or after the new
+    NAME was created: reopening neither reads the file twice nor starts a file without
+    its audit.rotated line, and the chain verifies."""
+    path = tmp_path / "audit.jsonl"
+    write_log(path, 3, rotate_bytes=4096)
+    os.link(path, rotated(path, 1))  # stopped after the link: one file, two names
+    write_log(path, 1, rotate_bytes=4096)
+    assert not rotated(path, 1).exists()
+    assert [d["seq"] for d in audit_records(path)] == [1, 2, 3, 4]
+    path.rename(rotated(path, 1))  # stopped after the new, empty NAME took the name
+    path.touch(0o640)
+    write_log(path, 1, rotate_bytes=4096)
+    assert [d["event"] for d in audit_records(path)] == ["audit.rotated", "stream.verdict"]
+    result = verify(tmp_path)
+    assert result.ok and result.head.seq == 6, result.problem
+
+
 def test_a_log_whose_first_lines_are_cut_off_is_broken(tmp_path: Path) -> None:
     """Only a file that starts with audit.rotated may start past seq 1."""
     path = tmp_path / "audit.jsonl"

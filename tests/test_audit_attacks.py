@@ -33,6 +33,7 @@ PROMPT = "The capital of France is"
 LIVE = 60
 NOBODY = 65534
 EXIT_INCOMPLETE = 3
+GuardStub: Any = fse_pb2_grpc.GuardStub  # generated, untyped
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="plays root and another uid")
 
@@ -43,12 +44,13 @@ def call(daemon: Daemon, prompt: str = PROMPT, **fields: Any) -> grpc.StatusCode
     with daemon.channel() as channel:
         try:
             replies = list(
-                fse_pb2_grpc.GuardStub(channel).Generate(
+                GuardStub(channel).Generate(
                     iter([fse_pb2.GenerateClientMessage(start=request)]), timeout=LIVE
                 )
             )
         except grpc.RpcError as exc:
-            return exc.code()  # type: ignore[no-any-return]
+            code: grpc.StatusCode = exc.code()
+            return code
     assert replies[-1].WhichOneof("kind") == "verdict"
     return grpc.StatusCode.OK
 
@@ -66,12 +68,35 @@ def chain(directory: Path) -> list[tuple[Path, dict[str, Any]]]:
     return [(f, r) for f in audit.chain_files(directory) for r in audit_records(f)]
 
 
-def as_nobody(*command: str) -> None:
-    subprocess.run(
-        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *command],
-        check=True,
+# The attacker: uid 65534, with a handle on the directory it may write (opened before
+# dropping root, as if it could reach it: pytest's temporary directories are root's).
+PLANT = textwrap.dedent(
+    """
+    import os, sys
+    directory, name, kind, value = sys.argv[1:]
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    os.setgroups([])
+    os.setgid(65534)
+    os.setuid(65534)
+    if kind == "symlink":
+        os.symlink(value, name, dir_fd=fd)
+    else:
+        out = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=fd)
+        os.write(out, value.encode())
+    """
+)
+
+
+def plant(directory: Path, name: str, kind: str, value: str) -> None:
+    """As uid 65534: a symlink (`kind` "symlink", to `value`) or a file holding `value`."""
+    run = subprocess.run(
+        [sys.executable, "-c", PLANT, str(directory), name, kind, value],
+        capture_output=True,
+        text=True,
         timeout=LIVE,
     )
+    assert run.returncode == 0, run.stderr
+    assert (directory / name).lstat().st_uid == NOBODY
 
 
 def refused(start_daemon: Callable[..., Daemon], log: Path) -> str:
@@ -136,7 +161,8 @@ def test_a_request_id_longer_than_rotate_bytes_is_refused_and_the_daemon_goes_on
     assert health(daemon) == health_pb2.HealthCheckResponse.SERVING
     assert daemon.stop(timeout=LIVE) == 0
     records = chain(logs)
-    assert 1 <= sum(r["event"] == "audit.rotated" for _, r in records) <= 4
+    # (Rotated at most twice, or not at all where the refusal no longer echoes it whole.)
+    assert sum(r["event"] == "audit.rotated" for _, r in records) <= 4
     assert [r["request_id"][:1] for _, r in records if r["event"] == "input.rejected"] == ["r"]
     check = run_fse("audit", "verify", str(logs))
     assert check.returncode == 0, check.stdout
@@ -252,6 +278,13 @@ def test_pruned_files_are_recorded_and_a_chain_missing_its_start_is_incomplete(
     assert anchored.returncode == 0, anchored.stdout
     wrong = ("--from-seq", str(start["seq"] - 1), "--from-hash", "f" * 64)
     assert run_fse("audit", "verify", *wrong, str(tmp_path)).returncode == EXIT_INCOMPLETE
+    # An anchor inside the chain must match its line; one past its end means a cut tail.
+    head = audit_records(path)[-1]
+    edited = ("--from-seq", str(head["seq"]), "--from-hash", "f" * 64)
+    assert run_fse("audit", "verify", *edited, str(tmp_path)).returncode == 1
+    beyond = ("--from-seq", str(head["seq"] + 1), "--from-hash", "f" * 64)
+    cut_tail = run_fse("audit", "verify", *beyond, str(tmp_path))
+    assert cut_tail.returncode == EXIT_INCOMPLETE and "before the anchored seq" in cut_tail.stdout
 
 
 def test_a_log_without_its_first_files_is_incomplete_whoever_wrote_it(tmp_path: Path) -> None:
@@ -296,7 +329,6 @@ def attacker_dir(tmp_path: Path, mode: int) -> Path:
     directory = tmp_path / "shared"
     directory.mkdir()
     directory.chmod(mode)
-    tmp_path.chmod(0o755)  # the attacker can reach it
     return directory
 
 
@@ -320,14 +352,19 @@ def test_a_symlink_planted_at_the_lock_file_is_not_followed(
 def test_a_dangling_symlink_planted_at_the_log_is_not_followed(
     start_daemon: Callable[..., Daemon], tmp_path: Path
 ) -> None:
-    """The attacker (uid 65534) plants NAME -> a path of its choosing in a sticky
-    directory it can write: a root daemon must not create (and fill) the target."""
-    shared = attacker_dir(tmp_path, 0o1777)
+    """NAME -> a path of the planter's choosing: a root daemon must not create (and
+    fill) the target. In the daemon's own directory (the kernel's fs.protected_symlinks
+    does not cover it), and planted by uid 65534 in a sticky directory."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
     target = tmp_path / "created-by-root"
-    as_nobody("ln", "-s", str(target), str(shared / "audit.jsonl"))
-    line = refused(start_daemon, shared / "audit.jsonl")
-    assert f"--audit-log {shared / 'audit.jsonl'}: a symbolic link" in line, line
-    assert not target.exists() and not target.is_symlink()
+    (logs / "audit.jsonl").symlink_to(target)
+    shared = attacker_dir(tmp_path, 0o1777)
+    plant(shared, "audit.jsonl", "symlink", str(target))
+    for log in (logs / "audit.jsonl", shared / "audit.jsonl"):
+        line = refused(start_daemon, log)
+        assert f"--audit-log {log}: a symbolic link (to {target})" in line, line
+        assert not target.exists() and not target.is_symlink()
 
 
 @needs_root
@@ -338,7 +375,7 @@ def test_a_log_planted_by_another_user_is_refused(
     first start: a regular file, but not the daemon's."""
     shared = attacker_dir(tmp_path, 0o1777)
     forged = json.dumps({"ts": "2025-01-01T00:00:00Z", "seq": 1, "event": "x", "prev": "0" * 64})
-    as_nobody("sh", "-c", f"printf '%s\\n' '{forged}' > {shared / 'audit.jsonl'}")
+    plant(shared, "audit.jsonl", "file", forged + "\n")
     line = refused(start_daemon, shared / "audit.jsonl")
     assert f"--audit-log {shared / 'audit.jsonl'}: owned by uid {NOBODY}" in line, line
 

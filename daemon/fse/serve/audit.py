@@ -866,7 +866,7 @@ def _open_checked(path: Path, flags: int, label: str) -> int:
     try:
         fd = os.open(path, flags | _OPEN_FLAGS, 0o640)
     except OSError as exc:
-        if exc.errno == errno.ELOOP and os.path.islink(path):
+        if os.path.islink(path):  # ELOOP, or EACCES in a sticky directory (protected_*)
             raise AuditError(
                 f"{label}: a symbolic link (to {os.readlink(path)}); not followed: an "
                 "audit log's files must be regular files"

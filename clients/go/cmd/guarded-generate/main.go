@@ -1,17 +1,19 @@
 // Command guarded-generate streams one guarded generation from the libfse daemon,
 // with the flags, output and exit codes that every libfse client's example keeps
-// (clients/README.md): a thin command line over package fse.
+// (clients/README.md): a thin command line over package fse, parsed by package flag.
 package main
 
 import (
-	"bufio"
 	"context"
 	"crypto/x509"
 	"errors"
+	"flag"
 	"fmt"
 	"io"
+	"math"
 	"os"
 	"os/signal"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -19,14 +21,91 @@ import (
 	"libfse/clients/go/fse"
 )
 
-// Exit codes of the contract.
-const (
-	exitCompleted = 0
-	exitError     = 1
-	exitUsage     = 2
-	exitHalted    = 3
-	exitCancelled = 4
-)
+// Exit codes of the contract: a verdict's, or 1 for an error, 2 for bad usage.
+const exitError, exitUsage = 1, 2
+
+var exitCodes = map[fse.Status]int{fse.StatusCompleted: 0, fse.StatusHalted: 3, fse.StatusCancelled: 4}
+
+// options are the parsed command line: the request as it will be sent (defaults are
+// llama.cpp's CLI defaults, as every client's guarded-generate has them) and the rest.
+type options struct {
+	addr, tlsCA, tokenFile string
+	json, info             bool
+	cancelAfter            uint32 // 0 = never
+	req                    fse.Request
+}
+
+// parseArgs parses the flags with package flag, which reports its own errors
+// (naming the flag) on stderr. Only what building a request needs is checked:
+// the daemon judges every range it knows better.
+func parseArgs(args []string, stderr io.Writer) (*options, error) {
+	s := fse.Sampling{Temperature: new(0.8), TopK: new(int32(40)), TopP: new(0.95), MinP: new(0.05)}
+	o := &options{req: fse.Request{MaxTokens: 256, Sampling: s}}
+	fs := flag.NewFlagSet("guarded-generate", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.StringVar(&o.addr, "addr", "", "unix:/abs/path or HOST:PORT (required)")
+	fs.StringVar(&o.tlsCA, "tls-ca", "", "use TLS, checking the server against the PEM CA in `FILE`")
+	fs.StringVar(&o.tokenFile, "token-file", "", "send the first line of `FILE` as a bearer token")
+	fs.BoolVar(&o.json, "json", false, "JSON lines on stdout: one per token, then the verdict")
+	fs.BoolVar(&o.info, "info", false, "print the daemon's model, policies and limits as JSON")
+	fs.StringVar(&o.req.Policy, "policy", "", "a policy the daemon serves (default the daemon's)")
+	fs.Func("max-tokens", "tokens to generate at most, >= 1 (default 256)", uintFlag(&o.req.MaxTokens, 1))
+	fs.Float64Var(s.Temperature, "temperature", *s.Temperature, "0 = greedy")
+	fs.Func("top-k", "0 = off (default 40)", func(v string) error {
+		k, err := strconv.ParseInt(v, 10, 32)
+		*s.TopK = int32(k)
+		return err
+	})
+	fs.Float64Var(s.TopP, "top-p", *s.TopP, "1 = off")
+	fs.Float64Var(s.MinP, "min-p", *s.MinP, "0 = off")
+	fs.Func("seed", "sampling seed, 0 .. 2^32-1 (default random)", func(v string) error {
+		o.req.Sampling.Seed = new(uint32)
+		return uintFlag(o.req.Sampling.Seed, 0)(v)
+	})
+	fs.Func("stop", "a stop sequence (repeatable)", func(v string) error {
+		o.req.Stop = append(o.req.Stop, v)
+		return nil
+	})
+	fs.Func("timeout", "generation budget in `SECONDS`, > 0", func(v string) error {
+		sec, err := strconv.ParseFloat(v, 64)
+		ms := math.RoundToEven(sec * 1000) // timeout_ms = max(1, round(SECONDS * 1000)), as Python rounds
+		if err != nil || !(sec > 0) || ms > math.MaxUint32 {
+			return errors.New("must be a number of seconds > 0")
+		}
+		o.req.Timeout = time.Duration(max(1, ms)) * time.Millisecond
+		return nil
+	})
+	fs.Func("cancel-after", "send Cancel after the `N`-th token, >= 1", uintFlag(&o.cancelAfter, 1))
+	err := fs.Parse(args)
+	o.req.Prompt = fs.Arg(0)
+	switch {
+	case err != nil:
+		return nil, err
+	case o.addr == "":
+		err = errors.New("flag -addr is required")
+	case fs.NArg() > 1:
+		err = fmt.Errorf("PROMPT: %d arguments given, want one (quote it; flags go before it)", fs.NArg())
+	case !o.info && o.req.Prompt == "":
+		err = errors.New("PROMPT: must not be empty")
+	default:
+		return o, nil
+	}
+	fmt.Fprintln(stderr, err) // as package flag reports its own errors
+	fs.Usage()
+	return nil, err
+}
+
+// uintFlag parses a decimal uint32 of at least least.
+func uintFlag(dst *uint32, least uint64) func(string) error {
+	return func(v string) error {
+		n, err := strconv.ParseUint(v, 10, 32)
+		if err != nil || n < least {
+			return fmt.Errorf("must be an integer >= %d", least)
+		}
+		*dst = uint32(n)
+		return nil
+	}
+}
 
 func main() {
 	// A reader that went away (`| head`) makes writes fail instead of killing us.
@@ -36,33 +115,38 @@ func main() {
 
 // run is the whole program but the process: testable with any writers.
 func run(args []string, stdout, stderr io.Writer) int {
-	fail := func(code int, err error) int {
-		fmt.Fprintf(stderr, "guarded-generate: error: %s\n", oneLine(err.Error()))
-		return code
-	}
-	o, err := parseArgs(args)
-	if err != nil {
-		return fail(exitUsage, err)
-	}
-	if o.help {
-		fmt.Fprint(stdout, usage)
+	o, err := parseArgs(args, stderr)
+	if errors.Is(err, flag.ErrHelp) {
 		return 0
+	} else if err != nil {
+		return exitUsage
 	}
 	clientOpts, err := o.clientOptions()
 	if err != nil {
-		return fail(exitUsage, err)
+		fmt.Fprintf(stderr, "guarded-generate: %v\n", err)
+		return exitUsage
 	}
 	client, err := fse.NewClient(o.addr, clientOpts...)
 	if err != nil {
-		return fail(exitUsage, invalid("--addr", o.addr, valueHelp["--addr"]))
+		fmt.Fprintf(stderr, "guarded-generate: flag -addr: %v\n", err)
+		return exitUsage
 	}
 	defer client.Close()
+	fail := func(err error) int {
+		// One line, whatever the server's message holds.
+		line := strings.Join(strings.Fields(err.Error()), " ")
+		fmt.Fprintf(stderr, "guarded-generate: error: %s\n", line)
+		if errors.Is(err, fse.ErrInvalidArgument) {
+			return exitUsage
+		}
+		return exitError
+	}
 
 	ctx := context.Background()
 	if o.info {
 		info, err := client.Info(ctx)
 		if err != nil {
-			return failRPC(fail, o.addr, err)
+			return fail(err)
 		}
 		if writeJSON(stdout, infoDoc(info)) != nil {
 			return exitError
@@ -70,34 +154,32 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return 0
 	}
 
-	stream, err := client.Generate(ctx, o.request())
+	stream, err := client.Generate(ctx, o.req)
 	if err != nil {
-		return failRPC(fail, o.addr, err)
+		return fail(err)
 	}
 	defer stream.Close()
 	// The first Ctrl-C cancels (verdict cancelled, exit 4); a second one kills.
-	interrupts, finished := make(chan os.Signal, 1), make(chan struct{})
+	interrupts := make(chan os.Signal, 1)
 	signal.Notify(interrupts, os.Interrupt)
 	go func() {
-		select {
-		case <-interrupts:
-			signal.Reset(os.Interrupt)
-			stream.Cancel()
-		case <-finished:
-		}
-	}()
-	defer func() {
-		signal.Stop(interrupts)
-		close(finished)
+		<-interrupts
+		signal.Reset(os.Interrupt)
+		stream.Cancel()
 	}()
 
-	var r renderer = jsonRenderer{stdout}
-	if !o.json {
-		r = textRenderer{out: stdout, err: stderr, colour: useColour(stdout)}
-	}
-	seen := 0
+	colour := !o.json && useColour(stdout)
+	var seen uint32
 	for tok := range stream.Tokens() {
-		if r.token(tok) != nil {
+		if c, ok := colours[tok.Health]; ok && colour {
+			tok.Text = c + tok.Text + "\x1b[0m"
+		}
+		if o.json {
+			err = writeJSON(stdout, tokenDoc(tok))
+		} else {
+			_, err = io.WriteString(stdout, tok.Text)
+		}
+		if err != nil {
 			return exitError // stdout is gone: nobody to tell
 		}
 		if seen++; seen == o.cancelAfter {
@@ -106,138 +188,51 @@ func run(args []string, stdout, stderr io.Writer) int {
 	}
 	verdict, err := stream.Verdict()
 	if err != nil {
-		return failRPC(fail, o.addr, err)
+		return fail(err)
 	}
-	if r.verdict(verdict) != nil {
-		return exitError
+	if o.json {
+		err = writeJSON(stdout, verdictDoc(verdict))
+	} else if _, err = io.WriteString(stdout, "\n"); err == nil {
+		fmt.Fprintln(stderr, verdictLine(verdict))
 	}
-	return exitCode(verdict.Status)
-}
-
-func exitCode(s fse.Status) int {
-	switch s {
-	case fse.StatusCompleted:
-		return exitCompleted
-	case fse.StatusHalted:
-		return exitHalted
-	case fse.StatusCancelled:
-		return exitCancelled
+	if code, ok := exitCodes[verdict.Status]; ok && err == nil {
+		return code
 	}
 	return exitError
 }
 
-// failRPC reports a failed call: INVALID_ARGUMENT is the user's input (exit 2),
-// anything else exit 1; an unreachable daemon says where it looked.
-func failRPC(fail func(int, error) int, addr string, err error) int {
-	var e *fse.Error
-	if !errors.As(err, &e) {
-		return fail(exitError, err)
-	}
-	switch {
-	case errors.Is(e, fse.ErrInvalidArgument):
-		return fail(exitUsage, e)
-	case errors.Is(e, fse.ErrUnavailable) && unreachable(e.Message):
-		return fail(exitError, fmt.Errorf("UNAVAILABLE: cannot reach the daemon at %s (%s)", addr, e.Message))
-	}
-	return fail(exitError, e)
-}
-
-// unreachable tells grpc-go's own Unavailable (no connection: dial, TLS
-// handshake, resolver) from the daemon's ("the model is still loading").
-func unreachable(message string) bool {
-	for _, mark := range []string{"connection error", "error while dialing", "name resolver",
-		"produced zero addresses", "connection refused", "no such file", "handshake"} {
-		if strings.Contains(strings.ToLower(message), mark) {
-			return true
-		}
-	}
-	return false
-}
-
-// oneLine keeps an error to the one line the contract allows.
-func oneLine(s string) string {
-	return strings.NewReplacer("\r\n", " ", "\n", " ", "\r", " ").Replace(s)
-}
-
-func (o *options) request() fse.Request {
-	return fse.Request{
-		Prompt:    o.prompt,
-		MaxTokens: o.maxTokens,
-		Sampling: fse.Sampling{
-			Temperature: &o.temperature,
-			TopK:        &o.topK,
-			TopP:        &o.topP,
-			MinP:        &o.minP,
-			Seed:        o.seed,
-		},
-		Policy:  o.policy,
-		Stop:    o.stop,
-		Timeout: time.Duration(o.timeoutMS) * time.Millisecond,
-	}
-}
-
-// clientOptions reads the CA and token files: unreadable ones are bad usage.
+// clientOptions reads the CA and the token file (its first line, trimmed).
 func (o *options) clientOptions() ([]fse.Option, error) {
 	var opts []fse.Option
 	if o.tlsCA != "" {
 		pem, err := os.ReadFile(o.tlsCA)
 		if err != nil {
-			return nil, &usageError{what: "--tls-ca", problem: cannotRead(o.tlsCA, err)}
+			return nil, fmt.Errorf("flag -tls-ca: %w", err)
 		}
 		pool := x509.NewCertPool()
 		if !pool.AppendCertsFromPEM(pem) {
-			return nil, &usageError{"--tls-ca", o.tlsCA + ": no PEM certificate", valueHelp["--tls-ca"]}
+			return nil, fmt.Errorf("flag -tls-ca: %s: no PEM certificate", o.tlsCA)
 		}
 		opts = append(opts, fse.WithRootCAs(pool))
 	}
 	if o.tokenFile != "" {
-		token, err := readToken(o.tokenFile)
+		data, err := os.ReadFile(o.tokenFile)
 		if err != nil {
-			return nil, &usageError{what: "--token-file", problem: cannotRead(o.tokenFile, err)}
+			return nil, fmt.Errorf("flag -token-file: %w", err)
 		}
-		if token == "" {
-			return nil, &usageError{"--token-file", o.tokenFile + ": no token on its first line", valueHelp["--token-file"]}
+		line, _, _ := strings.Cut(string(data), "\n")
+		if strings.TrimSpace(line) == "" {
+			return nil, fmt.Errorf("flag -token-file: %s: no token on its first line", o.tokenFile)
 		}
-		opts = append(opts, fse.WithToken(token))
+		opts = append(opts, fse.WithToken(strings.TrimSpace(line)))
 	}
 	return opts, nil
-}
-
-// readToken is the file's first line, whitespace trimmed.
-func readToken(path string) (string, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return "", err
-	}
-	defer f.Close()
-	line, err := bufio.NewReader(f).ReadString('\n')
-	if err != nil && !errors.Is(err, io.EOF) {
-		return "", err
-	}
-	return strings.TrimSpace(line), nil
-}
-
-// cannotRead is "PATH: cannot read: No such file or directory", the errno's text
-// as C's strerror (and so the Python client) spells it.
-func cannotRead(path string, err error) string {
-	var pe *os.PathError
-	if errors.As(err, &pe) {
-		err = pe.Err
-	}
-	why := err.Error()
-	if why != "" {
-		why = strings.ToUpper(why[:1]) + why[1:]
-	}
-	return path + ": cannot read: " + why
 }
 
 // useColour: only on a terminal, and never when NO_COLOR is set (to anything).
 func useColour(w io.Writer) bool {
 	f, ok := w.(*os.File)
-	if !ok {
-		return false
-	}
-	if _, set := os.LookupEnv("NO_COLOR"); set {
+	if _, set := os.LookupEnv("NO_COLOR"); !ok || set {
 		return false
 	}
 	st, err := f.Stat()

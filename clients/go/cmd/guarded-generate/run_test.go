@@ -128,34 +128,37 @@ func TestRunNoVerdict(t *testing.T) {
 func TestRunUnreachable(t *testing.T) {
 	var out, errOut bytes.Buffer
 	code := run([]string{"--addr", "unix:/nonexistent/fse.sock", "p"}, &out, &errOut)
-	want := "guarded-generate: error: UNAVAILABLE: cannot reach the daemon at unix:/nonexistent/fse.sock ("
-	if code != 1 || !strings.HasPrefix(errOut.String(), want) || strings.Count(errOut.String(), "\n") != 1 {
+	if code != 1 || !strings.HasPrefix(errOut.String(), "guarded-generate: error: UNAVAILABLE: ") ||
+		strings.Count(errOut.String(), "\n") != 1 {
 		t.Errorf("exit %d, stderr %q", code, errOut.String())
 	}
 }
 
+// Bad usage exits 2 before any connection, naming the flag.
 func TestRunUsage(t *testing.T) {
-	var out, errOut bytes.Buffer
-	if code := run([]string{"--addr", "unix:/s", "--max-tokens", "0", "p"}, &out, &errOut); code != 2 ||
-		errOut.String() != "guarded-generate: error: --max-tokens: 0 is invalid; accepted: >= 1\n" {
-		t.Errorf("exit %d, stderr %q", code, errOut.String())
-	}
-	errOut.Reset()
 	missing := filepath.Join(t.TempDir(), "none")
-	if code := run([]string{"--addr", "unix:/s", "--token-file", missing, "p"}, &out, &errOut); code != 2 ||
-		errOut.String() != "guarded-generate: error: --token-file: "+missing+
-			": cannot read: No such file or directory\n" {
-		t.Errorf("exit %d, stderr %q", code, errOut.String())
-	}
-	errOut.Reset()
 	notPEM := filepath.Join(t.TempDir(), "ca.pem")
 	_ = os.WriteFile(notPEM, []byte("hello"), 0o600)
-	if code := run([]string{"--addr", "localhost:1", "--tls-ca", notPEM, "p"}, &out, &errOut); code != 2 ||
-		!strings.Contains(errOut.String(), "--tls-ca: "+notPEM+": no PEM certificate") {
-		t.Errorf("exit %d, stderr %q", code, errOut.String())
+	empty := filepath.Join(t.TempDir(), "token")
+	_ = os.WriteFile(empty, []byte("\nsecond line\n"), 0o600)
+	for _, tc := range []struct {
+		args []string
+		flag string
+	}{
+		{[]string{"--max-tokens", "0", "p"}, "-max-tokens"},
+		{[]string{"--token-file", missing, "p"}, "-token-file"},
+		{[]string{"--token-file", empty, "p"}, "-token-file"},
+		{[]string{"--tls-ca", missing, "p"}, "-tls-ca"},
+		{[]string{"--tls-ca", notPEM, "p"}, "-tls-ca"},
+	} {
+		var out, errOut bytes.Buffer
+		code := run(append([]string{"--addr", "unix:/nonexistent/fse.sock"}, tc.args...), &out, &errOut)
+		if code != 2 || out.Len() != 0 || !strings.Contains(errOut.String(), tc.flag) {
+			t.Errorf("%q: exit %d, stderr %q", tc.args, code, errOut.String())
+		}
 	}
-	out.Reset()
-	if code := run([]string{"--help"}, &out, &errOut); code != 0 || !strings.HasPrefix(out.String(), "usage:") {
+	var out, errOut bytes.Buffer
+	if code := run([]string{"--help"}, &out, &errOut); code != 0 || !strings.Contains(errOut.String(), "-addr") {
 		t.Errorf("--help: exit %d", code)
 	}
 }

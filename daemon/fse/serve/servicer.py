@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import grpc
@@ -169,8 +169,11 @@ class GuardServicer(fse_pb2_grpc.GuardServicer):
                 )
                 self._refuse(context, code, message)
                 return
-            async for reply in self._stream(service, context, handle, caller):
-                yield reply
+            # aclosing: however this call ends, the stream's own cleanup (cancelling the
+            # generation) runs now, not whenever the collector finds the generator.
+            async with contextlib.aclosing(self._stream(service, context, handle, caller)) as out:
+                async for reply in out:
+                    yield reply
         finally:
             if pending:  # the call ended while it waited for its start
                 self._pending -= 1
@@ -185,7 +188,7 @@ class GuardServicer(fse_pb2_grpc.GuardServicer):
         context: grpc.aio.ServicerContext[Any, Any],
         handle: Handle,
         caller: str,
-    ) -> AsyncIterator[fse_pb2.GenerateServerMessage]:
+    ) -> AsyncGenerator[fse_pb2.GenerateServerMessage, None]:
         """An admitted stream: Started, its tokens, its verdict."""
         request = handle.request
         yield fse_pb2.GenerateServerMessage(

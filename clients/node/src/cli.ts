@@ -1,93 +1,127 @@
 #!/usr/bin/env node
 /**
  * guarded-generate: a thin command line over the library (clients/README.md fixes its
- * flags, output, exit codes and error lines).
+ * flags, output and exit codes). Flags are read by node:util's parseArgs; bad usage is
+ * its error (or ours for a value, in its style), naming the flag, exit 2.
  */
 
 import { X509Certificate } from "node:crypto";
 import { readFileSync } from "node:fs";
+import { parseArgs } from "node:util";
 
 import { status } from "@grpc/grpc-js";
 
-import { parseArgs, UsageError, USAGE, type Args } from "./args";
-import { connect, GuardError, type Guard } from "./guard";
-import { exitCode, infoJson, tokenJson, tokenText, toJson, verdictJson, verdictLine } from "./render";
+import { connect, GuardError, type GenerateRequest, type Guard } from "./guard";
+import { exitCode, infoJson, toJson, tokenJson, tokenText, verdictJson, verdictLine } from "./render";
 
-const PROG = "guarded-generate";
 export const EXIT_ERROR = 1;
 export const EXIT_USAGE = 2;
 
-/** What to print on stderr (always one line), and the exit code, for an error that ends the program. */
-export function describeError(err: unknown, addr: string): { line: string; code: number } {
-  const { line, code } = describe(err, addr);
-  return { line: oneLine(line), code };
+/** Bad usage: printed as `guarded-generate: MESSAGE`, exit code 2. */
+export class UsageError extends Error {}
+
+const OPTIONS = {
+  addr: { type: "string" }, // unix:/abs/path or HOST:PORT; required
+  "tls-ca": { type: "string" }, // TLS, checking the server against this PEM CA
+  "token-file": { type: "string" }, // bearer token: the file's first line
+  json: { type: "boolean" }, // JSON lines on stdout
+  info: { type: "boolean" }, // the daemon's model, policies and limits as one JSON line
+  policy: { type: "string" },
+  "max-tokens": { type: "string", default: "256" },
+  temperature: { type: "string", default: "0.8" },
+  "top-k": { type: "string", default: "40" },
+  "top-p": { type: "string", default: "0.95" },
+  "min-p": { type: "string", default: "0.05" },
+  seed: { type: "string" },
+  stop: { type: "string", multiple: true },
+  timeout: { type: "string" },
+  "cancel-after": { type: "string" },
+  help: { type: "boolean", short: "h" },
+} as const;
+
+export const USAGE = `usage: guarded-generate --addr unix:PATH|HOST:PORT [--tls-ca FILE] [--token-file FILE]
+         [--json] [--policy NAME] [--max-tokens N] [--temperature T] [--top-k K] [--top-p P]
+         [--min-p M] [--seed S] [--stop TEXT]... [--timeout SECONDS] [--cancel-after N] PROMPT
+       guarded-generate --addr unix:PATH|HOST:PORT [--tls-ca FILE] [--token-file FILE] --info
+Exit codes: 0 completed, 3 halted, 4 cancelled, 1 error, 2 bad usage or INVALID_ARGUMENT.
+`;
+
+export interface Args {
+  readonly addr: string;
+  readonly tlsCa: string | undefined;
+  readonly tokenFile: string | undefined;
+  readonly json: boolean;
+  readonly info: boolean;
+  readonly help: boolean;
+  readonly cancelAfter: number | undefined;
+  readonly request: GenerateRequest;
 }
 
-// grpc-js's wording when no connection could be made at all (as opposed to an
-// UNAVAILABLE the daemon itself answers, e.g. while shutting down).
-const UNREACHABLE_MARKS = ["no connection established", "name resolution failed", "failed to connect", "econnrefused", "enoent"];
-
-function unreachable(details: string): boolean {
-  const lower = details.toLowerCase();
-  return UNREACHABLE_MARKS.some((mark) => lower.includes(mark));
-}
-
-/** OpenSSL's messages, for one, end in a newline. */
-function oneLine(text: string): string {
-  return text.replace(/\s*[\r\n]+\s*/g, " ").trim();
-}
-
-function describe(err: unknown, addr: string): { line: string; code: number } {
-  if (err instanceof UsageError) return { line: `${PROG}: error: ${err.message}`, code: EXIT_USAGE };
-  if (err instanceof GuardError) {
-    if (err.code === status.UNAVAILABLE && unreachable(err.details)) {
-      // grpc-js ends its detail with an empty "Resolution note: " for unix sockets.
-      const detail = oneLine(err.details).replace(/\s*\.?\s*Resolution note:$/, "");
-      return {
-        line: `${PROG}: error: UNAVAILABLE: cannot reach the daemon at ${addr} (${detail})`,
-        code: EXIT_ERROR,
-      };
+/** Reads argv (without node and the script); throws parseArgs' TypeError or a UsageError. */
+export function readArgs(argv: readonly string[]): Args {
+  const { values: v, positionals } = parseArgs({ args: [...argv], options: OPTIONS, allowPositionals: true });
+  // A number (an integer in low..high when integer), or a UsageError naming the flag.
+  const num = (flag: keyof typeof OPTIONS, integer = false, low = -(2 ** 31), high = 2 ** 32 - 1): number | undefined => {
+    const raw = v[flag];
+    if (typeof raw !== "string") return undefined;
+    const x = raw.trim() === "" ? NaN : Number(raw);
+    if (Number.isNaN(x) || (integer && !(Number.isInteger(x) && x >= low && x <= high))) {
+      const what = integer ? `an integer in ${String(low)}..${String(high)}` : "a number";
+      throw new UsageError(`Option '--${flag}' takes ${what}, got '${raw}'`);
     }
-    const code = err.code === status.INVALID_ARGUMENT ? EXIT_USAGE : EXIT_ERROR;
-    return { line: `${PROG}: error: ${err.codeName}: ${oneLine(err.details)}`, code };
+    return x;
+  };
+  const info = v.info ?? false;
+  const prompt = positionals[0] ?? "";
+  if (v.help !== true && (v.addr ?? "") === "") throw new UsageError("Option '--addr' is required");
+  if (positionals.length > 1) throw new UsageError(`PROMPT: one expected (quote it), got ${String(positionals.length)}`);
+  if (v.help !== true && !info && prompt === "") throw new UsageError("PROMPT: must not be empty");
+  const seconds = num("timeout");
+  if (seconds !== undefined && !(seconds > 0 && seconds * 1000 <= 0xffffffff)) {
+    throw new UsageError(`Option '--timeout' takes seconds > 0, got '${v.timeout ?? ""}'`);
   }
-  // Not expected: still one line, never a stack trace.
-  const message = err instanceof Error ? err.message : String(err);
-  return { line: `${PROG}: error: INTERNAL: ${message}`, code: EXIT_ERROR };
+  return {
+    addr: v.addr ?? "",
+    tlsCa: v["tls-ca"],
+    tokenFile: v["token-file"],
+    json: v.json ?? false,
+    info,
+    help: v.help ?? false,
+    cancelAfter: num("cancel-after", true, 1),
+    request: {
+      prompt,
+      maxTokens: num("max-tokens", true, 1),
+      sampling: { temperature: num("temperature"), topK: num("top-k", true, -(2 ** 31), 2 ** 31 - 1), topP: num("top-p"), minP: num("min-p"), seed: num("seed", true, 0) },
+      policy: v.policy,
+      stop: v.stop ?? [],
+      // timeout_ms = max(1, round(SECONDS * 1000))
+      timeoutMs: seconds === undefined ? undefined : Math.max(1, Math.round(seconds * 1000)),
+    },
+  };
 }
 
-/** A file the user named, or a UsageError naming the flag. */
-function readUserFile(flag: string, path: string): Buffer {
+/** A file named by a flag; failing to read it is bad usage naming the flag. */
+function readFlagFile(flag: string, path: string): Buffer {
   try {
     return readFileSync(path);
   } catch (err) {
-    const why = (err as NodeJS.ErrnoException).code ?? (err instanceof Error ? err.message : String(err));
-    throw new UsageError(`${flag}: cannot read ${path} (${why}); accepted: a readable file`);
+    throw new UsageError(`Option '--${flag}': ${err instanceof Error ? err.message : String(err)}`);
   }
-}
-
-/** The bearer token: the file's first line, whitespace trimmed. */
-export function tokenFromFile(contents: string): string | undefined {
-  const token = (contents.split(/\r?\n/, 1)[0] ?? "").trim();
-  return token === "" ? undefined : token;
 }
 
 function open(args: Args): Guard {
   let token: string | undefined;
   if (args.tokenFile !== undefined) {
-    token = tokenFromFile(readUserFile("--token-file", args.tokenFile).toString("utf8"));
-    if (token === undefined) {
-      throw new UsageError(`--token-file: ${args.tokenFile} has an empty first line; accepted: a file whose first line is the token`);
-    }
+    token = (readFlagFile("token-file", args.tokenFile).toString("utf8").split(/\r?\n/, 1)[0] ?? "").trim();
+    if (token === "") throw new UsageError(`Option '--token-file': ${args.tokenFile} has no token on its first line`);
   }
   let tlsCa: Buffer | undefined;
   if (args.tlsCa !== undefined) {
-    tlsCa = readUserFile("--tls-ca", args.tlsCa);
-    // Node's TLS takes a file without any certificate and then trusts nothing: say so now.
+    tlsCa = readFlagFile("tls-ca", args.tlsCa);
     try {
-      new X509Certificate(tlsCa);
+      new X509Certificate(tlsCa); // Node's TLS would take a file without one and trust nothing
     } catch {
-      throw new UsageError(`--tls-ca: ${args.tlsCa} holds no certificate; accepted: a PEM CA certificate file`);
+      throw new UsageError(`Option '--tls-ca': ${args.tlsCa} holds no PEM certificate`);
     }
   }
   return connect(args.addr, { tlsCa, token });
@@ -105,67 +139,51 @@ async function generate(guard: Guard, args: Args): Promise<number> {
     output.closed = true;
     abort.abort();
   });
-  const generation = guard.generate(
-    {
-      prompt: args.prompt,
-      maxTokens: args.maxTokens,
-      sampling: {
-        temperature: args.temperature,
-        topK: args.topK,
-        topP: args.topP,
-        minP: args.minP,
-        seed: args.seed,
-      },
-      policy: args.policy,
-      stop: args.stop,
-      timeoutMs: args.timeoutMs,
-    },
-    { signal: abort.signal },
-  );
+  const generation = guard.generate(args.request, { signal: abort.signal });
   const colour = !args.json && process.stdout.isTTY && process.env.NO_COLOR === undefined;
   let tokens = 0;
   for await (const event of generation) {
-    switch (event.type) {
-      case "started":
-        break;
-      case "token":
-        process.stdout.write(args.json ? `${toJson(tokenJson(event))}\n` : tokenText(event, colour));
-        tokens++;
-        if (tokens === args.cancelAfter) generation.cancel();
-        break;
-      case "verdict":
-        if (args.json) {
-          process.stdout.write(`${toJson(verdictJson(event))}\n`);
-        } else {
-          process.stdout.write("\n");
-          process.stderr.write(`${verdictLine(event)}\n`);
-        }
-        return output.closed ? EXIT_ERROR : exitCode(event.status);
+    if (event.type === "token") {
+      process.stdout.write(args.json ? `${toJson(tokenJson(event))}\n` : tokenText(event, colour));
+      if (++tokens === args.cancelAfter) generation.cancel();
+    } else if (event.type === "verdict") {
+      if (args.json) {
+        process.stdout.write(`${toJson(verdictJson(event))}\n`);
+      } else {
+        process.stdout.write("\n");
+        process.stderr.write(`${verdictLine(event)}\n`);
+      }
+      return output.closed ? EXIT_ERROR : exitCode(event.status);
     }
   }
   // The library throws when the stream ends without a verdict; this is not reached.
-  throw new GuardError(status.UNKNOWN, `the daemon at ${guard.addr} ended the stream without a verdict`);
+  return EXIT_ERROR;
+}
+
+/** The error line (one line, no stack trace) and exit code for what ended the program. */
+export function describeError(err: unknown): { line: string; code: number } {
+  if (err instanceof UsageError || (err instanceof TypeError && "code" in err && String(err.code).startsWith("ERR_PARSE_ARGS"))) {
+    return { line: `guarded-generate: ${err.message}`, code: EXIT_USAGE };
+  }
+  const code = err instanceof GuardError && err.code === status.INVALID_ARGUMENT ? EXIT_USAGE : EXIT_ERROR;
+  const what = err instanceof GuardError ? `${err.codeName}: ${err.details}` : `INTERNAL: ${err instanceof Error ? err.message : String(err)}`;
+  return { line: `guarded-generate: error: ${what.replace(/\s*[\r\n]+\s*/g, " ").trim()}`, code };
 }
 
 export async function main(argv: readonly string[]): Promise<number> {
-  let addr = "";
   let guard: Guard | undefined;
   try {
-    const parsed = parseArgs(argv);
-    if (parsed.kind === "help") {
+    const args = readArgs(argv);
+    if (args.help) {
       process.stdout.write(USAGE);
       return 0;
     }
-    const args = parsed.args;
-    addr = args.addr;
     guard = open(args);
-    if (args.info) {
-      process.stdout.write(`${toJson(infoJson(await guard.info()))}\n`);
-      return 0;
-    }
-    return await generate(guard, args);
+    if (!args.info) return await generate(guard, args);
+    process.stdout.write(`${toJson(infoJson(await guard.info()))}\n`);
+    return 0;
   } catch (err) {
-    const { line, code } = describeError(err, addr);
+    const { line, code } = describeError(err);
     process.stderr.write(`${line}\n`);
     return code;
   } finally {
@@ -175,8 +193,7 @@ export async function main(argv: readonly string[]): Promise<number> {
 
 if (require.main === module) {
   // grpc-js names the TLS server by the host of --addr, an IP address included (checked
-  // against the certificate's IP SANs); Node warns about such a server name on stderr,
-  // which must carry nothing but the verdict or the error line.
+  // against the certificate's IP SANs); Node warns about such a server name on stderr.
   process.noDeprecation = true;
   // A closed stdout (`| head`) ends the output, not the program with a stack trace.
   process.stdout.on("error", () => undefined);

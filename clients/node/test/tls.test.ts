@@ -131,12 +131,12 @@ describe("TLS and bearer tokens", () => {
   it("guarded-generate names an unreadable CA or token file, exit 2", async () => {
     const r = await run(["--addr", `localhost:${String(port)}`, "--tls-ca", join(dir, "missing.pem"), "--info"]);
     assert.equal(r.code, 2);
-    assert.match(r.stderr, /^guarded-generate: error: --tls-ca: cannot read .*missing\.pem \(ENOENT\); accepted: a readable file\n$/);
+    assert.match(r.stderr, /^guarded-generate: Option '--tls-ca': .*missing\.pem.*\n$/);
     const garbage = await run(["--addr", `localhost:${String(port)}`, "--tls-ca", join(dir, "token"), "--info"]);
     assert.equal(garbage.code, 2);
-    assert.match(garbage.stderr, /^guarded-generate: error: --tls-ca: .* holds no certificate; accepted: a PEM CA certificate file\n$/);
+    assert.match(garbage.stderr, /^guarded-generate: Option '--tls-ca': .* holds no PEM certificate\n$/);
     const t = await run(["--addr", `localhost:${String(port)}`, "--token-file", join(dir, "missing"), "hello"]);
     assert.equal(t.code, 2);
-    assert.match(t.stderr, /^guarded-generate: error: --token-file: cannot read /);
+    assert.match(t.stderr, /^guarded-generate: Option '--token-file': /);
   });
 });

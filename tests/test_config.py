@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -109,3 +111,96 @@ def test_the_example_config_is_valid() -> None:
         pytest.fail("daemon/systemd/fse.toml is missing")
     checked = run_fse("config", "check", str(example))
     assert checked.returncode == 0, checked.stderr
+
+
+# -- a config others may write, a FIFO, TOML nested too deeply (issue 18) ----------------
+
+DEEP = "x = " + "[" * 1000 + "]" * 1000 + "\n"  # deeper than tomllib can recurse
+
+
+def one_error_line(result: subprocess.CompletedProcess[str], command: str) -> str:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"fse {command}: error: ")
+    return line
+
+
+@pytest.mark.parametrize("command", [("config", "check"), ("serve", "--config")])
+def test_a_config_others_can_write_is_refused(tmp_path: Path, command: tuple[str, str]) -> None:
+    """Whoever can write the config can point the daemon at their own tokens or policies."""
+    path = write(tmp_path, "[server]\nmax_queue = 2\n")
+    path.chmod(0o666)
+    line = one_error_line(run_fse(*command, str(path)), command[0])
+    assert line.endswith(
+        f"{path}: writable by its group and others (mode 0666), who could change what the "
+        f"daemon trusts; accepted: writable by its owner only (chmod go-w {path})"
+    )
+    path.chmod(0o644)  # its owner may write it (the default umask's 0644)
+    assert run_fse("config", "check", str(path)).returncode == 0
+
+
+@pytest.mark.parametrize("command", [("config", "check"), ("serve", "--config")])
+def test_a_fifo_as_the_config_is_refused(tmp_path: Path, command: tuple[str, str]) -> None:
+    """A FIFO used to hang the command until somebody wrote to it."""
+    path = tmp_path / "fse.toml"
+    os.mkfifo(path, 0o600)
+    line = one_error_line(run_fse(*command, str(path), timeout=60), command[0])
+    assert line.endswith(f"{path}: a FIFO, not a regular file; accepted: a regular file "
+                         "(or a symlink to one)")  # fmt: skip
+
+
+def test_a_symlinked_config_is_followed_and_its_target_checked(tmp_path: Path) -> None:
+    """A config under /etc that links elsewhere is normal; the target is what counts."""
+    target = tmp_path / "real.toml"
+    target.write_text("[server]\nmax_queue = 3\n")
+    link = tmp_path / "fse.toml"
+    link.symlink_to(target)
+    assert read_file(link)["server.max_queue"] == 3
+    target.chmod(0o664)
+    with pytest.raises(InputError, match=r"writable by its group \(mode 0664\)"):
+        read_file(link)
+
+
+@pytest.mark.parametrize("command", [("config", "check"), ("serve", "--config")])
+def test_toml_nested_too_deeply_is_one_line(tmp_path: Path, command: tuple[str, str]) -> None:
+    """Finding 6: a RecursionError traceback, exit 1, from both commands."""
+    path = write(tmp_path, DEEP)
+    line = one_error_line(run_fse(*command, str(path)), command[0])
+    assert line.endswith(f"{path}: invalid TOML: arrays or tables nested too deeply")
+
+
+def test_a_rejected_value_is_shown_bounded(tmp_path: Path) -> None:
+    """Errors quote what the file held, but never all of a huge or deeply nested value."""
+    path = write(tmp_path, f'[server]\nsocket_mode = "{"7" * 100_000}"\n')
+    with pytest.raises(InputError) as bad:
+        load(path, {})
+    assert "server.socket_mode: '777" in str(bad.value) and len(str(bad.value)) < 400
+    nested = write(tmp_path, "[server]\nlisten = " + "[" * 200 + "]" * 200 + "\n")
+    with pytest.raises(InputError) as deep:
+        load(nested, {})
+    assert "server.listen: [[[[...]]]] is out of range" in str(deep.value)
+
+
+# -- listen addresses -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("address", ["unix:", "unix://", "localhost", "host:port", ":80",
+                                     "127.0.0.1:65536"])  # fmt: skip
+def test_a_listen_address_is_checked_with_the_config(tmp_path: Path, address: str) -> None:
+    """`unix:` (an empty socket path) passed `fse config check`; serve then refused it."""
+    path = write(tmp_path, f'[server]\nlisten = ["unix:/run/fse/fse.sock", "{address}"]\n')
+    line = one_error_line(run_fse("config", "check", str(path)), "config")
+    assert line == (
+        f"fse config: error: {path}: server.listen: ['unix:/run/fse/fse.sock', '{address}'] "
+        "is out of range; accepted: a non-empty list of unix:PATH (PATH not empty) or "
+        "HOST:PORT (PORT 0..65535)"
+    )
+    flag = one_error_line(run_fse("serve", "--listen", address), "serve")
+    assert flag.startswith(f"fse serve: error: --listen: ['{address}'] is out of range")
+
+
+@pytest.mark.parametrize("address", ["unix:fse.sock", "unix:///run/fse.sock", "127.0.0.1:0",
+                                     "[::1]:7000", "example.org:443"])  # fmt: skip
+def test_listen_addresses_that_are_accepted(address: str) -> None:
+    assert load(None, {"server.listen": [address]}).server.listen == (address,)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from pathlib import Path
 
 import pytest
+from conftest import run_fse
 from fse.core.policy import (
     DEFAULT_PPL_WINDOW,
     HealthBands,
@@ -438,10 +440,10 @@ def test_load_policy_file(tmp_path: Path) -> None:
 
 def test_unreadable_file(tmp_path: Path) -> None:
     missing = tmp_path / "missing.toml"
-    with pytest.raises(PolicyError, match=r"missing\.toml: cannot read policy file"):
+    with pytest.raises(PolicyError, match=r"missing\.toml: cannot read: No such file"):
         load_policy_file(missing)
-    with pytest.raises(PolicyError, match="cannot read policy file"):
-        load_policy_file(tmp_path)  # a directory
+    with pytest.raises(PolicyError, match="a directory, not a regular file"):
+        load_policy_file(tmp_path)
     binary = tmp_path / "binary.toml"
     binary.write_bytes(b'name = "\xff"\n')
     with pytest.raises(PolicyError, match=r"binary\.toml: not UTF-8"):
@@ -564,3 +566,91 @@ def test_every_registry_guard_is_a_policy_field_and_a_table() -> None:
     fixed = {"name", "health", "description", "sha256"}
     fields = [f.name for f in dataclasses.fields(Policy) if f.name not in fixed]
     assert fields == [g.name for g in GUARDS]
+
+
+# --- files the daemon trusts (issue 18) ---------------------------------------------------
+
+DEEP = 'name = "deep"\nx = ' + "[" * 1000 + "]" * 1000 + "\n"  # deeper than tomllib recurses
+
+
+def test_toml_nested_too_deeply_is_a_policy_error(tmp_path: Path) -> None:
+    with pytest.raises(PolicyError, match=r"^test\.toml: invalid TOML: .* nested too deeply$"):
+        parse_policy(DEEP, "test.toml")
+    (tmp_path / "deep.toml").write_text(DEEP)
+    with pytest.raises(PolicyError, match=r"deep\.toml: invalid TOML: .* nested too deeply$"):
+        load_policies(tmp_path)
+
+
+def test_policy_check_of_deep_toml_is_one_line(tmp_path: Path) -> None:
+    """Finding 6: `fse policy check` ended in a RecursionError traceback."""
+    path = tmp_path / "deep.toml"
+    path.write_text(DEEP)
+    checked = run_fse("policy", "check", str(path))
+    assert checked.returncode == 2 and "Traceback" not in checked.stderr
+    assert checked.stderr.strip().splitlines() == [
+        f"fse policy: error: {path}: invalid TOML: arrays or tables nested too deeply"
+    ]
+
+
+def test_policy_check_of_a_fifo_is_refused(tmp_path: Path) -> None:
+    """Finding 5: reading a FIFO waited for a writer that never came."""
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo)
+    checked = run_fse("policy", "check", str(fifo), timeout=60)
+    assert checked.returncode == 2 and "Traceback" not in checked.stderr
+    assert checked.stderr.strip().splitlines() == [
+        f"fse policy: error: {fifo}: a FIFO, not a regular file; accepted: a regular file "
+        "(or a symlink to one)"
+    ]
+
+
+def test_a_symlinked_policy_is_followed_and_its_target_checked(tmp_path: Path) -> None:
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    target = tmp_path / "elsewhere.toml"
+    target.write_text('name = "linked"\n')
+    (policies / "linked.toml").symlink_to(target)
+    assert "linked" in load_policies(policies)
+    target.chmod(0o666)
+    with pytest.raises(PolicyError, match=r"linked\.toml: writable by its group and others"):
+        load_policies(policies)
+
+
+@pytest.mark.parametrize(("what", "mode", "words"), [
+    ("dir", 0o777, "writable by its group and others (mode 0777)"),
+    ("dir", 0o1777, "writable by its group and others (mode 1777)"),  # sticky: still open
+    ("dir", 0o775, "writable by its group (mode 0775)"),
+    ("file", 0o646, "writable by others (mode 0646)"),
+    ("file", 0o664, "writable by its group (mode 0664)"),
+])  # fmt: skip
+def test_policies_others_can_write_are_refused(
+    tmp_path: Path, what: str, mode: int, words: str
+) -> None:
+    """Finding 9: whoever can write in the policies directory decides what halts."""
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    strict = policies / "strict.toml"
+    strict.write_text('name = "strict"\n')
+    target = policies if what == "dir" else strict
+    target.chmod(mode)
+    with pytest.raises(PolicyError) as refused:
+        load_policies(policies)
+    assert str(refused.value) == (
+        f"{target}: {words}, who could change what the daemon trusts; "
+        f"accepted: writable by its owner only (chmod go-w {target})"
+    )
+    with pytest.raises(PolicyError, match="chmod go-w"):  # by name, as `fse generate` does
+        resolve_policy("strict", policies)
+    target.chmod(0o755 if what == "dir" else 0o644)
+    assert "strict" in load_policies(policies)
+
+
+def test_a_policy_file_given_by_path_is_not_held_to_the_directory_rules(tmp_path: Path) -> None:
+    """`fse policy check FILE` and `--policy FILE` validate content: the owner/mode rules
+    are for what the daemon serves (the policies directory)."""
+    path = tmp_path / "mine.toml"
+    path.write_text('name = "mine"\n')
+    path.chmod(0o666)
+    assert load_policy_file(path).name == "mine"
+    with pytest.raises(PolicyError, match="writable by its group and others"):
+        load_policy_file(path, private=True)

@@ -49,6 +49,11 @@ Decisions the rest of the code relies on:
   directory as ``<name>.toml``; anything containing a path separator or ending in
   ``.toml`` is a file path. A file in the policies directory may not shadow a
   built-in name, and its ``name`` must match its file stem (the name is the lookup key).
+- Files are read through :mod:`fse.core.files`: a regular file only (a FIFO is refused,
+  never waited on). The policies directory and every file in it must not be writable
+  by group or others, since whoever writes them decides what halts. The built-ins are
+  package data and are not checked. A TOML document nested too deeply for the parser
+  is a PolicyError like any other invalid TOML.
 """
 
 from __future__ import annotations
@@ -67,6 +72,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from fse.core.files import FileRefused, check_trusted_dir, read_trusted
 from fse.core.registry import (
     ALWAYS_ON,
     GUARDS,
@@ -316,21 +322,26 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
     """Parse and validate policy TOML. Errors are prefixed with ``source`` (a file name)."""
     try:
         doc = tomllib.loads(text)
+        return _from_document(doc)
     except tomllib.TOMLDecodeError as exc:
         raise PolicyError(f"{source}: invalid TOML: {exc}") from None
-    try:
-        return _from_document(doc)
     except PolicyError as exc:
         raise PolicyError(f"{source}: {exc}", exc.key) from None
+    except RecursionError:  # tomllib recurses once per level: [[[[...]]]] exhausts the stack
+        raise PolicyError(f"{source}: invalid TOML: arrays or tables nested too deeply") from None
 
 
-def load_policy_file(path: str | os.PathLike[str]) -> Policy:
-    """Read and validate one policy file; an unreadable file is a PolicyError naming it."""
-    path = Path(path)
+def load_policy_file(path: str | os.PathLike[str], *, private: bool = False) -> Policy:
+    """Read and validate one policy file; an unreadable file is a PolicyError naming it.
+
+    Only a regular file is read (a FIFO is refused, never waited on). `private` also
+    refuses a file its group or others may write (fse.core.files), as for every file in
+    the policies directory the daemon serves.
+    """
     try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise PolicyError(f"{path}: cannot read policy file: {exc.strerror or exc}") from None
+        data = read_trusted(path, private=private)
+    except FileRefused as exc:
+        raise PolicyError(str(exc)) from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -362,7 +373,8 @@ def builtin_policy(name: str) -> Policy:
 
 
 def _dir_policy(path: Path) -> Policy:
-    policy = load_policy_file(path)
+    _check_dir(path.parent)
+    policy = load_policy_file(path, private=True)
     if policy.name != path.stem:
         raise PolicyError(
             f"{path}: name {policy.name!r} does not match the file name; "
@@ -377,13 +389,23 @@ def _dir_policy(path: Path) -> Policy:
     return policy
 
 
+def _check_dir(policies_dir: Path) -> None:
+    try:
+        check_trusted_dir(policies_dir)
+    except FileRefused as exc:
+        raise PolicyError(str(exc)) from None
+
+
 def load_policies(policies_dir: Path | None = None) -> dict[str, Policy]:
     """Every policy a daemon serves: the built-ins plus each ``*.toml`` in policies_dir.
 
-    Any invalid file fails the whole load (the caller keeps its last good set).
+    Any invalid file fails the whole load (the caller keeps its last good set), and so
+    does a directory or file its group or others may write. Reads files: call it off the
+    event loop.
     """
     out = {name: builtin_policy(name) for name in builtin_names()}
     if policies_dir is not None:
+        _check_dir(Path(policies_dir))
         try:
             files = sorted(Path(policies_dir).glob("*.toml"))
         except OSError as exc:

@@ -25,6 +25,7 @@ from typing import Any
 import grpc
 
 from fse.core.errors import InputError
+from fse.core.files import FileRefused, read_trusted
 
 _NAME = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
 _HEX = re.compile(r"[0-9a-f]{64}")
@@ -41,10 +42,16 @@ class TokenTable:
 
     @classmethod
     def load(cls, path: Path) -> TokenTable:
+        """The table in `path`: a regular file that only its owner may write (whoever can
+        add a line can let themselves in; fse.core.files), of valid lines, at least one."""
         try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise InputError(f"auth.tokens_file: {path}: cannot read: {exc}") from None
+            text = read_trusted(path).decode("utf-8")
+        except FileRefused as exc:
+            raise InputError(f"auth.tokens_file: {exc}") from None
+        except UnicodeDecodeError as exc:
+            raise InputError(
+                f"auth.tokens_file: {path}: not UTF-8 ({exc.reason} at byte {exc.start})"
+            ) from None
         digests: dict[str, bytes] = {}
         for number, raw in enumerate(text.splitlines(), 1):
             line = raw.split("#", 1)[0].strip()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import reprlib
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
@@ -21,6 +22,7 @@ from typing import Any
 
 from fse.core.engine import MAX_THREADS
 from fse.core.errors import InputError
+from fse.core.files import FileRefused, read_trusted
 
 FSYNC_MODES = ("always", "interval", "never")
 
@@ -50,12 +52,24 @@ def _mode(v: str) -> bool:
     return len(v) in (3, 4) and all(c in "01234567" for c in v)
 
 
+def listen_error(addr: str) -> str | None:
+    """Why `addr` is not a listen address (unix:PATH or HOST:PORT), or None if it is one.
+    The one check of the form, for the config file, the flags and fse.serve.listeners."""
+    if addr.startswith("unix:"):
+        return None if addr.removeprefix("unix:").removeprefix("//") else "empty socket path"
+    host, sep, port = addr.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        return "neither unix:PATH nor HOST:PORT"
+    return None
+
+
 def _address_list(v: list[str]) -> bool:
-    return len(v) >= 1 and all(isinstance(a, str) and a for a in v)
+    return len(v) >= 1 and all(isinstance(a, str) and listen_error(a) is None for a in v)
 
 
 KEYS: tuple[Key, ...] = (
-    Key("server", "listen", list, ["unix:fse.sock"], "a non-empty list of unix:PATH or HOST:PORT",
+    Key("server", "listen", list, ["unix:fse.sock"],
+        "a non-empty list of unix:PATH (PATH not empty) or HOST:PORT (PORT 0..65535)",
         _address_list, "--listen"),
     Key("server", "socket_mode", str, "0660", 'an octal string such as "0660"', _mode,
         "--socket-mode"),
@@ -180,10 +194,16 @@ _KIND_WORDS = {bool: "a boolean", int: "an integer", float: "a number", str: "a 
                list: "an array"}  # fmt: skip
 
 
+# A rejected value as errors show it: bounded, whatever the file held (a 1 MB string,
+# an array nested hundreds deep).
+_SHOWN = reprlib.Repr()
+_SHOWN.maxlevel, _SHOWN.maxlist, _SHOWN.maxstring, _SHOWN.maxother = 3, 8, 80, 80
+
+
 def _describe(value: object) -> str:
     kinds = {bool: "a boolean", int: "an integer", float: "a float", str: "a string"}
     kind = kinds.get(type(value), "a table" if isinstance(value, dict) else "an array")
-    return f"{kind} ({value!r})" if not isinstance(value, dict | list) else kind
+    return f"{kind} ({_SHOWN.repr(value)})" if not isinstance(value, dict | list) else kind
 
 
 def _checked(key: Key, value: object, where: str) -> Any:
@@ -206,20 +226,27 @@ def _checked(key: Key, value: object, where: str) -> Any:
         if not math.isfinite(value):
             raise InputError(f"{where}: {value!r} is out of range; accepted: {key.accepted}")
     if not key.check(value):
-        raise InputError(f"{where}: {value!r} is out of range; accepted: {key.accepted}")
+        shown = _SHOWN.repr(value)
+        raise InputError(f"{where}: {shown} is out of range; accepted: {key.accepted}")
     return value
 
 
 def read_file(path: Path) -> dict[str, Any]:
-    """The file's keys as {dotted: value}, each checked; unknown ones are errors."""
+    """The file's keys as {dotted: value}, each checked; unknown ones are errors.
+
+    The file is read as fse.core.files reads every trusted file: a regular file only,
+    and refused if its group or others may write it (it names the tokens file, the TLS
+    files and the policies)."""
     try:
-        doc = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read: {exc.strerror or exc}") from None
+        doc = tomllib.loads(read_trusted(path).decode("utf-8"))
+    except FileRefused as exc:
+        raise InputError(str(exc)) from None
     except UnicodeDecodeError as exc:
         raise InputError(f"{path}: not UTF-8 ({exc.reason} at byte {exc.start})") from None
     except tomllib.TOMLDecodeError as exc:
         raise InputError(f"{path}: invalid TOML: {exc}") from None
+    except RecursionError:  # tomllib recurses once per level: [[[[...]]]] exhausts the stack
+        raise InputError(f"{path}: invalid TOML: arrays or tables nested too deeply") from None
     values: dict[str, Any] = {}
     for section, table in doc.items():
         if section not in SECTIONS:

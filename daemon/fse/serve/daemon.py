@@ -44,6 +44,7 @@ from fse.serve.metrics import MetricsSink, start_metrics
 from fse.serve.notify import Notifier
 from fse.serve.refusals import RefusalLog
 from fse.serve.relay import UnixRelay
+from fse.serve.reload import PolicyReloader
 from fse.serve.scheduler import Limits
 from fse.serve.service import GuardService
 from fse.serve.servicer import MAX_MESSAGE_BYTES, GuardServicer, add_to_server
@@ -57,9 +58,10 @@ SERVICE_NAME = fse_pb2.DESCRIPTOR.services_by_name["Guard"].full_name
 SHUTDOWN_SECONDS = 5.0
 
 
-def load_policy_set(policies_dir: Path | None) -> dict[str, Policy]:
+async def load_policy_set(policies_dir: Path | None) -> dict[str, Policy]:
+    """The policies to serve, read in a worker thread (never on the event loop)."""
     try:
-        return load_policies(policies_dir)
+        return await asyncio.to_thread(load_policies, policies_dir)
     except PolicyError as exc:
         raise StartupError(f"policies: {exc}") from None
 
@@ -83,7 +85,7 @@ async def serve(settings: Settings) -> int:
         log.warning("listen.insecure_tcp", listen=exposed, reason="allow_insecure_tcp")
     tokens = TokenTable.load(settings.auth.tokens_file) if settings.auth.tokens_file else None
     targets = [lst.target for lst in listeners]
-    policies = load_policy_set(settings.policies.dir)  # invalid at start: serve nothing
+    policies = await load_policy_set(settings.policies.dir)  # invalid at start: serve nothing
     model_path = settings.model.path or default_model_path()
     check_gguf(model_path)
     metrics = start_metrics(settings.metrics.listen)  # off when empty; bind errors stop here
@@ -135,6 +137,7 @@ async def serve(settings: Settings) -> int:
 
     # gRPC serves each unix socket through a relay that knows the caller's uid.
     relays: list[UnixRelay] = []
+    server: grpc.aio.Server | None = None
     try:
         for listener in listeners:
             if listener.socket_path is not None:
@@ -187,15 +190,29 @@ async def serve(settings: Settings) -> int:
             server_cfg.ctx_per_stream,
             server_cfg.max_tokens_limit,
         )
-        service = GuardService(
-            model,
-            policies,
-            limits,
-            n_threads=server_cfg.threads,
-            allow_faults=settings.allow_debug_faults,
-            audit=audit,
-            refusals=refusals,
-        )
+        if limits.ctx_per_stream > model.n_ctx_train:
+            log.warning(
+                "config.ctx_beyond_training",
+                ctx_per_stream=limits.ctx_per_stream,
+                n_ctx_train=model.n_ctx_train,
+            )
+        try:
+            service = GuardService(
+                model,
+                policies,
+                limits,
+                n_threads=server_cfg.threads,
+                allow_faults=settings.allow_debug_faults,
+                audit=audit,
+                refusals=refusals,
+            )
+        except EngineError as exc:  # the context for every stream is allocated here, at once
+            raise StartupError(
+                f"server.ctx_per_stream x server.max_streams: {limits.ctx_per_stream} x "
+                f"{limits.max_streams} = {limits.ctx_per_stream * limits.max_streams} tokens "
+                f"of context cannot be allocated ({exc}); accepted: a smaller ctx_per_stream "
+                "or max_streams"
+            ) from None
         service.scheduler.metrics = metrics
         metrics.watch(lambda: service.scheduler.load)
         service.start()
@@ -239,17 +256,16 @@ async def serve(settings: Settings) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
 
-        def reload() -> None:
-            notify.reloading()
-            _reload_policies(service, audit, settings.policies.dir)
-            notify.send("READY=1", service.status())
-
-        loop.add_signal_handler(signal.SIGHUP, reload)
+        reloader = PolicyReloader(
+            settings.policies.dir, service.replace_policies, audit, notify, service.status
+        )
+        loop.add_signal_handler(signal.SIGHUP, reloader.request)
         await stop.wait()
         # No reload while stopping: a READY=1 after STOPPING=1 would tell systemd it runs again.
         loop.add_signal_handler(
             signal.SIGHUP, lambda: log.warning("reload.ignored", why="stopping")
         )
+        await reloader.stop()
 
         drain = server_cfg.drain_seconds
         notify.send("STOPPING=1", f"STATUS=draining for up to {drain:g} s")
@@ -288,6 +304,12 @@ async def serve(settings: Settings) -> int:
             return 1
         log.info("server.stopped")
         return 0
+    except BaseException:
+        # A start that fails after the server started (no model, no memory for the
+        # context) stops it here; left to its destructor, it fails once the loop is gone.
+        if server is not None:
+            await server.stop(None)
+        raise
     finally:
         for relay in relays:
             await relay.close()
@@ -306,19 +328,6 @@ def _hash_model(servicer: GuardServicer, path: Path, metrics: MetricsSink) -> No
 
     servicer.model_sha256 = file_sha256(path)
     metrics.build_info(servicer.model_sha256)
-
-
-def _reload_policies(service: GuardService, audit: AuditLog, policies_dir: Path | None) -> None:
-    try:
-        policies = load_policies(policies_dir)
-    except PolicyError as exc:
-        log.warning("policy.reload_rejected", error=str(exc))
-        audit.write("policy.reload_rejected", error=str(exc))
-        return
-    service.replace_policies(policies)
-    hashes = {p.name: p.sha256 for p in policies.values()}
-    log.info("policy.loaded", policies=hashes)
-    audit.write("policy.loaded", policies=hashes)
 
 
 def run(settings: Settings) -> int:

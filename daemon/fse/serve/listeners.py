@@ -21,7 +21,8 @@ from pathlib import Path
 
 import grpc
 
-from fse.serve.config import ServerSettings, TlsSettings
+from fse.core.files import FileRefused, read_trusted
+from fse.serve.config import ServerSettings, TlsSettings, listen_error
 
 BACKLOG = 256  # connections the kernel queues before the daemon accepts them
 
@@ -42,16 +43,17 @@ class Listener:
 
 
 def parse_listen(addr: str) -> Listener:
-    """`unix:PATH` (relative paths resolved now) or `HOST:PORT`."""
+    """`unix:PATH` (relative paths resolved now) or `HOST:PORT`; the form is checked by
+    fse.serve.config.listen_error, as when the config is loaded."""
+    why = listen_error(addr)
+    if why is not None:
+        raise StartupError(
+            f"--listen {addr}: {why}; accepted: unix:PATH (PATH not empty) or HOST:PORT"
+        )
     if addr.startswith("unix:"):
-        path = addr.removeprefix("unix:").removeprefix("//")
-        if not path:
-            raise StartupError(f"--listen {addr}: empty socket path; accepted: unix:PATH")
-        resolved = Path(path).expanduser().resolve()
+        resolved = Path(addr.removeprefix("unix:").removeprefix("//")).expanduser().resolve()
         return Listener(f"unix:{resolved}", resolved, True)
-    host, sep, port = addr.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise StartupError(f"--listen {addr}: accepted forms are unix:PATH and HOST:PORT")
+    host = addr.rpartition(":")[0]
     return Listener(addr, None, _is_loopback(host.strip("[]")))
 
 
@@ -69,10 +71,12 @@ def tls_credentials(tls: TlsSettings) -> grpc.ServerCredentials | None:
         return None
 
     def read(what: str, path: Path) -> bytes:
+        # Whoever can write these can swap the daemon's identity or, with client_ca,
+        # admit certificates of their own: read as every trusted file (fse.core.files).
         try:
-            return path.read_bytes()
-        except OSError as exc:
-            raise StartupError(f"{what}: {path}: cannot read: {exc.strerror or exc}") from None
+            return read_trusted(path)
+        except FileRefused as exc:
+            raise StartupError(f"{what}: {exc}") from None
 
     pair = (read("tls.key", tls.key), read("tls.cert", tls.cert))
     client_ca = read("tls.client_ca", tls.client_ca) if tls.client_ca else None

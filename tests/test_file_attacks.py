@@ -1,0 +1,258 @@
+"""The files the daemon trusts, attacked (issue 18, findings 5, 6 and 9, and the context
+that cannot be allocated).
+
+A FIFO where a policy or the tokens file should be, TOML nested too deeply for the
+parser, a tokens file or policies directory that others may write: each is refused with
+one line naming the file, at start (exit 1, before anything serves) and on SIGHUP (a
+`policy.reload_rejected` record, READY=1 after RELOADING=1, the old policies serving and
+health answering all along). Real daemon processes, real FIFOs, the attacker as uid 65534.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from conftest import FSE, Daemon, audit_records
+from fse_client import Client, Sampling, Status
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from test_service_unit import NotifySocket, notify_env, wait_until
+
+THREADS = ("--threads", "1")
+SMALL = ("--max-streams", "2", "--ctx-per-stream", "512")
+LIVE = 60.0  # liveness bound for what must happen at all (never a performance claim)
+NOBODY = 65534
+STRICT = 'name = "strict"\n[guards.perplexity]\nthreshold = 50.0\n'
+# 1,000 levels: deeper than tomllib can recurse (today: a RecursionError traceback).
+DEEP = 'name = "deep"\nx = ' + "[" * 1000 + "]" * 1000 + "\n"
+
+Launch = Callable[..., Daemon]
+
+
+@pytest.fixture()
+def launch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launch]:
+    """Start `fse serve` on a unix socket in a fresh directory; killed at the end."""
+    started: list[Daemon] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> Daemon:
+        workdir = tmp_path_factory.mktemp("files")
+        addr = f"unix:{workdir / 'fse.sock'}"
+        base = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "WATCHDOG_"))}
+        log_path = workdir / "daemon.log"
+        process = subprocess.Popen(
+            [*FSE, "serve", "--listen", addr, *THREADS, *SMALL, *args],
+            stdout=log_path.open("w"),
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=workdir,
+            env={**base, **(env or {})},
+        )
+        daemon = Daemon(process, addr, [addr], log_path, workdir / "fse-audit.jsonl")
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        daemon.stop(signal.SIGKILL, timeout=10)
+
+
+@pytest.fixture()
+def shared_dir() -> Iterator[Path]:
+    """A directory uid 65534 can reach (pytest's own are private to root)."""
+    path = Path(tempfile.mkdtemp(prefix="fse-files-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path)
+
+
+def as_nobody(*command: str) -> subprocess.CompletedProcess[str]:
+    """Run `command` as uid/gid 65534 with no supplementary groups: the attacker."""
+    return subprocess.run(
+        ["setpriv", "--reuid", str(NOBODY), "--regid", str(NOBODY), "--clear-groups", *command],
+        capture_output=True,
+        text=True,
+        timeout=LIVE,
+    )
+
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="acting as another uid needs root")
+
+
+def refused_at_start(daemon: Daemon) -> str:
+    """The daemon exits 1 before serving; returns its one error line."""
+    try:
+        code = daemon.process.wait(LIVE)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(
+            f"the daemon did not exit (hangs or serves):\n{daemon.log()}"
+        ) from None
+    output = daemon.log()
+    assert code == 1, output
+    assert "Traceback" not in output, output
+    errors = [line for line in output.splitlines() if line.startswith("fse serve: error:")]
+    assert len(errors) == 1, output
+    assert not Path(daemon.addr.removeprefix("unix:")).exists()  # nothing was served
+    return errors[0]
+
+
+def health(daemon: Daemon) -> int:
+    with grpc.insecure_channel(daemon.addr) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=""), timeout=10
+        )
+    return int(reply.status)
+
+
+def generate(daemon: Daemon, policy: str) -> Status:
+    with Client(daemon.addr) as client:
+        gen = client.generate("Hi", max_tokens=2, sampling=Sampling(temperature=0.0), policy=policy)
+        for _ in gen:
+            pass
+    assert gen.verdict is not None
+    return gen.verdict.status
+
+
+# -- policies: a FIFO, deep nesting ------------------------------------------------------
+
+
+@pytest.mark.parametrize("attack", ["fifo", "deep"])
+def test_a_bad_policy_file_at_start_is_one_line_naming_it(
+    launch: Launch, tmp_path: Path, attack: str
+) -> None:
+    """Finding 5 (a FIFO hung the start, silently) and 6 (a RecursionError traceback)."""
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    evil = policies / "evil.toml"
+    if attack == "fifo":
+        os.mkfifo(evil)
+    else:
+        evil.write_text(DEEP)
+    line = refused_at_start(launch("--policies-dir", str(policies)))
+    assert str(evil) in line
+    why = "a FIFO, not a regular file" if attack == "fifo" else "nested too deeply"
+    assert why in line, line
+
+
+@pytest.mark.parametrize("attack", ["fifo", "deep"])
+def test_a_bad_policy_file_on_sighup_is_rejected_and_the_daemon_keeps_serving(
+    launch: Launch, tmp_path: Path, attack: str
+) -> None:
+    """Finding 5 (a FIFO blocked the event loop: no health, no tokens, no watchdog) and
+    6 (the exception escaped: no record, RELOADING=1 never followed by READY=1)."""
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "strict.toml").write_text(STRICT)
+    notify = NotifySocket(str(tmp_path / "notify.sock"))
+    try:
+        daemon = launch("--policies-dir", str(policies), env=notify_env(notify))
+        notify.wait_for("READY=1", process=daemon.process)
+        evil = policies / "evil.toml"
+        if attack == "fifo":
+            os.mkfifo(evil)
+        else:
+            evil.write_text(DEEP)
+        mark = len(notify.received)
+        daemon.process.send_signal(signal.SIGHUP)
+        reloading = notify.wait_for("RELOADING=1", after=mark, process=daemon.process)
+        notify.wait_for("READY=1", after=reloading + 1, process=daemon.process)
+        wait_until(
+            lambda: any(r["event"] == "policy.reload_rejected" for r in daemon.audit()),
+            "policy.reload_rejected",
+        )
+        (rejected,) = [r for r in daemon.audit() if r["event"] == "policy.reload_rejected"]
+        assert str(evil) in rejected["error"]
+        assert health(daemon) == health_pb2.HealthCheckResponse.SERVING
+        assert generate(daemon, "strict") == Status.COMPLETED  # the old set still serves
+        # The watchdog's pings go on (the loop was never blocked).
+        pings = len(notify.pings())
+        wait_until(lambda: len(notify.pings()) > pings, "a watchdog ping after the reload")
+        # With the file gone, the next reload is accepted.
+        evil.unlink()
+        mark = len(notify.received)
+        daemon.process.send_signal(signal.SIGHUP)
+        notify.wait_for("READY=1", after=mark, process=daemon.process)
+        wait_until(
+            lambda: sum(r["event"] == "policy.loaded" for r in daemon.audit()) == 2,
+            "policy.loaded after the fix",
+        )
+        assert daemon.stop() == 0, daemon.log()
+        assert "Traceback" not in daemon.log()
+    finally:
+        notify.close()
+
+
+# -- files others may write ---------------------------------------------------------------
+
+
+@needs_root
+def test_a_tokens_file_others_can_write_is_refused(launch: Launch, shared_dir: Path) -> None:
+    """Finding 9: another user appended a line to a 0666 tokens file and was let in."""
+    tokens = shared_dir / "tokens"
+    tokens.write_text(f"alice {hashlib.sha256(b'alice-token').hexdigest()}\n")
+    tokens.chmod(0o666)
+    mallory = f"mallory {hashlib.sha256(b'mallory-token').hexdigest()}"
+    appended = as_nobody("sh", "-c", f"echo '{mallory}' >> {tokens}")
+    assert appended.returncode == 0, appended.stderr  # the attack itself works on the file
+    line = refused_at_start(launch("--auth-tokens", str(tokens)))
+    assert line == (
+        f"fse serve: error: auth.tokens_file: {tokens}: writable by its group and others "
+        f"(mode 0666), who could change what the daemon trusts; accepted: writable by its "
+        f"owner only (chmod go-w {tokens})"
+    )
+
+
+def test_a_fifo_as_the_tokens_file_is_refused(launch: Launch, tmp_path: Path) -> None:
+    """Finding 9: a FIFO as the tokens file hung the start."""
+    tokens = tmp_path / "tokens"
+    os.mkfifo(tokens, 0o600)
+    line = refused_at_start(launch("--auth-tokens", str(tokens)))
+    assert f"auth.tokens_file: {tokens}: a FIFO, not a regular file" in line
+
+
+@needs_root
+def test_a_policies_dir_others_can_write_is_refused(launch: Launch, shared_dir: Path) -> None:
+    """Finding 9: anyone could add a policy (or replace one) in a 0777 directory."""
+    policies = shared_dir / "policies"
+    policies.mkdir()
+    policies.chmod(0o777)
+    planted = as_nobody("sh", "-c", f"echo 'name = \"planted\"' > {policies}/planted.toml")
+    assert planted.returncode == 0, planted.stderr
+    line = refused_at_start(launch("--policies-dir", str(policies)))
+    assert f"{policies}: writable by its group and others (mode 0777)" in line
+    assert f"chmod go-w {policies}" in line
+
+
+def test_a_policy_file_others_can_write_is_refused(launch: Launch, tmp_path: Path) -> None:
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    strict = policies / "strict.toml"
+    strict.write_text(STRICT)
+    strict.chmod(0o646)
+    line = refused_at_start(launch("--policies-dir", str(policies)))
+    assert f"{strict}: writable by others (mode 0646)" in line
+
+
+# -- the context -----------------------------------------------------------------------
+
+
+def test_a_context_that_cannot_be_allocated_is_one_line(launch: Launch) -> None:
+    """2^20 tokens for each of 32 streams asks llama.cpp for about 96 GB of KV cache: one
+    line naming both keys, exit 1, and no traceback (today: a gRPC server's destructor's,
+    after an error that names neither key). 32 streams, not 256: llama.cpp's bookkeeping
+    for the cells is allocated before the KV buffer fails, 2 GB here but 16 GB for 256."""
+    daemon = launch("--ctx-per-stream", str(1 << 20), "--max-streams", "32")
+    line = refused_at_start(daemon)
+    assert line.startswith(
+        "fse serve: error: server.ctx_per_stream x server.max_streams: 1048576 x 32 = "
+        "33554432 tokens of context cannot be allocated ("
+    ), line
+    assert line.endswith("accepted: a smaller ctx_per_stream or max_streams")
+    assert all(r["event"] != "server.started" for r in audit_records(daemon.audit_path))

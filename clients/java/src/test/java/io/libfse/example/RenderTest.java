@@ -42,9 +42,7 @@ class RenderTest {
 
     @Test
     void stringsAreEscaped() {
-        StringBuilder out = new StringBuilder();
-        Json.string(out, "a\"b\\c\nd\u0001é漢😀");
-        assertEquals("\"a\\\"b\\\\c\\nd\\u0001é漢😀\"", out.toString());
+        assertEquals("\"a\\\"b\\\\c\\u000ad\\u0001é漢😀\"", Render.quote("a\"b\\c\nd\u0001é漢😀"));
     }
 
     private static Verdict halted() {
@@ -95,6 +93,17 @@ class RenderTest {
                 + "\"builtin\": true}], \"limits\": {\"max_streams\": 8, \"max_queue\": 16, "
                 + "\"max_tokens\": 2047, \"max_prompt_tokens\": 2047, \"max_message_bytes\": 4294967295}}",
                 Render.infoJson(info));
+    }
+
+    @Test
+    void g6IsCsPrintf() {
+        String[][] cases = {{"0.331084", "0.331084"}, {"2574.2", "2574.2"}, {"10", "10"}, {"1e6", "1e+06"},
+            {"123456789", "1.23457e+08"}, {"1e-5", "1e-05"}, {"0.0001", "0.0001"}, {"999999.5", "1e+06"},
+            {"-1.5", "-1.5"}, {"Infinity", "inf"}, {"NaN", "nan"}};
+        for (String[] c : cases) {
+            assertEquals(c[1], Render.g6(OptionalDouble.of(Double.parseDouble(c[0]))), c[0]);
+        }
+        assertEquals("n/a", Render.g6(OptionalDouble.empty()));
     }
 
     @Test

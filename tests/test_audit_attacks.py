@@ -342,9 +342,15 @@ def test_a_symlink_planted_at_the_lock_file_is_not_followed(
     target.write_text("root:x:0:0:root:/root:/bin/bash\n")
     logs = tmp_path / "logs"
     logs.mkdir()
-    (logs / "audit.jsonl.lock").symlink_to(target)
+    lock = logs / "audit.jsonl.lock"
+    lock.symlink_to(target)
     line = refused(start_daemon, logs / "audit.jsonl")
-    assert f"{logs / 'audit.jsonl.lock'}: a symbolic link" in line, line
+    assert f"{lock}: a symbolic link (to {target})" in line, line
+    assert target.read_text() == "root:x:0:0:root:/root:/bin/bash\n"
+    lock.unlink()
+    os.link(target, lock)  # a hard link: the daemon's own user's file, under the name
+    line = refused(start_daemon, logs / "audit.jsonl")
+    assert f"{lock}: has 2 names (hard links)" in line, line
     assert target.read_text() == "root:x:0:0:root:/root:/bin/bash\n"
 
 
@@ -438,4 +444,7 @@ def test_the_lock_follows_the_active_file_through_rotation(tmp_path: Path) -> No
     with pytest.raises(audit.AuditError, match="in use by another process"):
         AuditLog(tmp_path / "other.jsonl")
     log.close()
+    with pytest.raises(audit.AuditError, match="has 2 names"):  # someone else's file?
+        AuditLog(path)
+    (tmp_path / "other.jsonl").unlink()
     AuditLog(path).close()

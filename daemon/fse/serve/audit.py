@@ -490,6 +490,7 @@ class AuditLog:
         try:
             _write_pid_file(path)
             self._drop_half_rotated()
+            _check_single_name(self._fd, f"--audit-log {path}")
             self.head = self._resume()
             self.orphans, self.next_stream = _left_over(self._files(), path)
         except OSError as exc:
@@ -930,11 +931,23 @@ def _flock_holder(st: os.stat_result) -> str:
     return "unknown"
 
 
+def _check_single_name(fd: int, label: str) -> None:
+    """A file with a second name (a hard link) may be someone else's file planted under
+    the log's name (as root, any root-owned file): refused rather than written."""
+    links = os.fstat(fd).st_nlink
+    if links != 1:
+        raise AuditError(
+            f"{label}: has {links} names (hard links); accepted: a file with one name, "
+            "the log's (remove the other links, or move the file away)"
+        )
+
+
 def _write_pid_file(path: Path) -> None:
     """NAME.lock: the writer's pid, for the operator (the lock is on the log itself)."""
     lock_path = path.with_name(f"{path.name}.lock")
     fd = _open_checked(lock_path, os.O_RDWR | os.O_CREAT, f"--audit-log {path}: {lock_path}")
     try:
+        _check_single_name(fd, f"--audit-log {path}: {lock_path}")
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     finally:

@@ -18,13 +18,14 @@ after lines an `audit.pruned` record or the caller's anchor accounts for) and li
 the streams that never got a verdict.
 
 Opening a log checks it first: its directory writable only by its owner (the daemon's
-user or root) unless sticky; the log a regular file owned by the daemon's user, opened
-without following a symlink (the pid file `NAME.lock` and the rotated files too); not in
-use by another writer (an exclusive flock on the log file itself, so a second name for
-it, a hard link or a linked directory, finds the lock too); a tail that verifies (keyed
-or not, as this log is). It then reads back what the last run left: the streams that
-started and never got a verdict (`orphans`, a daemon killed mid-stream) and the next
-free stream number, so that stream numbers stay unique along the chain.
+user or root) unless sticky; the log a regular file of the daemon's user with one name
+(no hard link), opened without following a symlink (the pid file `NAME.lock` and the
+rotated files too); not in use by another writer (an exclusive flock on the log file
+itself, so a second name for it, a hard link or a linked directory, meets the lock
+too); a tail that verifies (keyed or not, as this log is). It then reads back what
+the last run left: the streams that started and never got a verdict (`orphans`, a
+daemon killed mid-stream) and the next free stream number, so that stream numbers stay
+unique along the chain.
 
 Writing fails closed: a line that cannot be written (disk full, file size limit,
 I/O error, a failed fsync or rotation) is kept in memory, the log reports itself
@@ -341,8 +342,9 @@ class _Walk:
             return "", "the anchor given (--from-seq/--from-hash)"
         return (
             f"the chain starts at seq {self.start_seq} ({files[0]} line 1) and nothing "
-            f"accounts for seq 1..{before}: no {PRUNED} record in the chain names them and "
-            "no anchor (--from-seq/--from-hash) was given; files were deleted, or not given",
+            f"accounts for the lines before it: no {PRUNED} record in the chain ends at seq "
+            f"{before} with the sha256 that line's prev holds, and no anchor "
+            "(--from-seq/--from-hash) does; files were deleted, or not given",
             "",
         )
 

@@ -448,3 +448,21 @@ def test_the_lock_follows_the_active_file_through_rotation(tmp_path: Path) -> No
         AuditLog(path)
     (tmp_path / "other.jsonl").unlink()
     AuditLog(path).close()
+
+
+def test_a_key_file_that_is_a_fifo_or_writable_by_others_is_refused(tmp_path: Path) -> None:
+    """A FIFO as the key file hung the start (read_bytes blocks for a writer); a key
+    that others may replace is no key."""
+    fifo = tmp_path / "key.fifo"
+    os.mkfifo(fifo, 0o600)
+    with pytest.raises(audit.AuditError, match=r"key\.fifo: a FIFO, not a regular file"):
+        audit.load_key(fifo)
+    writable = tmp_path / "key.writable"
+    writable.write_bytes(b"k" * 32)
+    writable.chmod(0o620)
+    with pytest.raises(audit.AuditError, match=r"writable by its group \(mode 0620\)"):
+        audit.load_key(writable)
+    good = tmp_path / "key"
+    good.write_bytes(b"k" * 32 + b"\n")
+    good.chmod(0o600)
+    assert audit.load_key(good) == b"k" * 32

@@ -59,6 +59,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from fse.core.files import FileRefused, read_trusted
+
 GENESIS = "0" * 64
 # Fields holding user content: hashed unless the log records text.
 CONTENT_FIELDS = ("prompt", "output")
@@ -97,11 +99,14 @@ def line_mac(key: bytes, body: bytes) -> str:
 
 
 def load_key(path: Path) -> bytes:
-    """The HMAC key in `path` (its bytes, surrounding whitespace stripped). Refused if
-    others may read it or it is shorter than 16 bytes."""
+    """The HMAC key in `path` (its bytes, surrounding whitespace stripped). Read as every
+    trusted file is (a regular file, never a FIFO or device, writable by its owner only),
+    and refused if others may read it or it is shorter than 16 bytes."""
     try:
+        key = read_trusted(path).strip()
         mode = os.stat(path).st_mode
-        key = path.read_bytes().strip()
+    except FileRefused as exc:
+        raise AuditError(f"--audit-key-file {exc}") from None
     except OSError as exc:
         raise AuditError(f"--audit-key-file {path}: cannot read: {exc.strerror}") from None
     if mode & 0o007:

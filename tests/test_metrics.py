@@ -13,6 +13,7 @@ import os
 import re
 import resource
 import socket
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -22,7 +23,7 @@ import grpc
 import pytest
 from conftest import Daemon, run_fse
 from fse import __version__
-from fse.core.models import default_model_path, file_sha256
+from fse.core.gguf import default_model_path, file_sha256
 from fse.core.types import COMPLETED, HALTED, LOOP, Verdict
 from fse.serve.audit import AuditLog
 from fse.serve.listeners import StartupError
@@ -381,6 +382,37 @@ def test_serve_and_close() -> None:
     m.close()
     with pytest.raises(urllib.error.URLError):
         fetch(port)
+
+
+def test_listener_refuses_over_its_bound_and_cuts_at_its_deadline() -> None:
+    """The bounds of the listener on their own (tests/test_metrics_attacks.py floods a
+    daemon): over `max_connections` a connection gets a 503 and is closed at once; one
+    that never finishes its request is closed `seconds` after it was accepted."""
+    m = Metrics(process=False)
+    port = int(m.serve("127.0.0.1:0", max_connections=2, seconds=1.0).rsplit(":", 1)[1])
+    try:
+        held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(2)]
+        for s in held:
+            s.sendall(b"GET /metrics HTTP/1.1\r\n")  # and never the rest
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as third:
+            refusal = third.recv(4096)  # accepted after the two: no slot left
+            assert third.recv(4096) == b""
+        assert refusal.startswith(b"HTTP/1.0 503 Service Unavailable\r\n")
+        assert refusal.endswith(b"fse metrics: too many connections\n")
+        for s in held:
+            with s:
+                assert s.recv(4096) == b""  # closed by the server, at its deadline
+        for _ in range(50):  # the workers free their slots just after closing
+            try:
+                assert "fse_tokens_total 0.0" in fetch(port)
+                break
+            except urllib.error.HTTPError as exc:
+                assert exc.code == 503
+                time.sleep(0.1)
+        else:
+            pytest.fail("no slot came back")
+    finally:
+        m.close()
 
 
 @pytest.mark.parametrize(

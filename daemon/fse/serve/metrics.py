@@ -22,13 +22,28 @@ Where each value comes from:
 The registry is a dedicated CollectorRegistry, not prometheus_client's global one: it
 holds these metrics plus, by choice, the `process_*` collector (CPU seconds, resident
 memory, open file descriptors, start time); no python_* platform or gc collectors.
+
+The listener is prometheus_client's WSGI app behind a server of our own: theirs starts a
+thread per connection and never times one out, so connections that never finish their
+request held a thread and a descriptor each until the daemon had none left for gRPC. Ours
+serves at most MAX_CONNECTIONS at once, closes any others as soon as it accepts them (a
+503 if the socket takes it), and cuts every connection CONNECTION_SECONDS after it was
+accepted, however slowly it trickles in: at most MAX_CONNECTIONS + 1 threads and
+MAX_CONNECTIONS + 2 descriptors, whatever the clients do.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import math
+import socket
+import threading
+import time
 from collections.abc import Callable, Iterable
-from wsgiref.simple_server import WSGIServer
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 import structlog
 from prometheus_client import (
@@ -38,7 +53,7 @@ from prometheus_client import (
     Histogram,
     ProcessCollector,
     disable_created_metrics,
-    start_http_server,
+    make_wsgi_app,
 )
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
@@ -58,6 +73,16 @@ STEP_BUCKETS = (
 REJECTION_CODES = ("INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "UNAVAILABLE", "UNAUTHENTICATED")
 
 Load = Callable[[], tuple[int, int]]  # (active, waiting) streams
+
+# The listener's bounds (docs/operations.md, Metrics). A scrape takes milliseconds and
+# Prometheus scrapes each target once at a time; 16 leaves room for a few scrapers.
+MAX_CONNECTIONS = 16
+CONNECTION_SECONDS = 5.0  # from accept to close, request and response together
+REFUSAL = (
+    b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain\r\nConnection: close\r\n"
+    b"\r\nfse metrics: too many connections\n"
+)
+REFUSALS_LOGGED_EVERY = 60.0  # seconds: a flood writes one log line a minute, not one a connection
 
 
 class MetricsSink:
@@ -169,7 +194,7 @@ class Metrics(MetricsSink):
         r.register(self._load)
         if process:
             ProcessCollector(registry=r)
-        self._server: WSGIServer | None = None
+        self._server: BoundedServer | None = None
 
     def verdict(self, verdict: Verdict) -> None:
         self._verdicts.labels(verdict.status, verdict.guard or "", verdict.policy).inc()
@@ -196,16 +221,28 @@ class Metrics(MetricsSink):
     def watch(self, load: Load) -> None:
         self._load.load = load
 
-    def serve(self, listen: str) -> str:
-        """Listen on HOST:PORT (prometheus_client's own HTTP server, on a daemon
-        thread); returns the address bound. Any failure is a StartupError."""
+    def serve(
+        self,
+        listen: str,
+        *,
+        max_connections: int = MAX_CONNECTIONS,
+        seconds: float = CONNECTION_SECONDS,
+    ) -> str:
+        """Listen on HOST:PORT (a BoundedServer, accepting on a daemon thread); returns
+        the address bound. Any failure is a StartupError."""
         host, port = parse_listen(listen)
         try:
-            self._server, _ = start_http_server(port, host, registry=self.registry)
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+            family = infos[0][0]
+            server = BoundedServer(
+                (host, port), family, make_wsgi_app(self.registry), max_connections, seconds
+            )
         except OSError as exc:  # in use, not ours to bind, unknown host
             reason = exc.strerror or str(exc)
             raise StartupError(f"metrics.listen {listen}: cannot listen: {reason}") from None
-        bound = self._server.server_port  # the port chosen, for port 0
+        threading.Thread(target=server.serve_forever, name="fse-metrics", daemon=True).start()
+        self._server = server
+        bound = server.server_port  # the port chosen, for port 0
         return f"[{host}]:{bound}" if ":" in host else f"{host}:{bound}"
 
     def close(self) -> None:
@@ -213,6 +250,112 @@ class Metrics(MetricsSink):
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+
+class _Handler(WSGIRequestHandler):
+    """One HTTP/1.0 request per connection, no access log. The socket timeout covers a
+    client that stops altogether; the server's deadline covers one that trickles."""
+
+    timeout = CONNECTION_SECONDS
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class BoundedServer(ThreadingMixIn, WSGIServer):
+    """A thread per connection, but at most `max_connections` of them, each closed
+    `seconds` after it was accepted.
+
+    Any connection over the bound is accepted and closed at once, so the kernel's queue
+    does not hold it either. The accepting thread enforces the deadline between accepts
+    (serve_forever wakes it at least every 0.5 s): shutdown() on the socket wakes the
+    worker blocked in recv or send, which then closes it. A socket is only shut down while
+    registered, and a worker unregisters before it closes, under one lock: the descriptor
+    number can never have been reused by then (by gRPC, say).
+    """
+
+    daemon_threads = True  # nothing to join at close: the workers end with their sockets
+    # The kernel's queue of connections not yet accepted (socketserver's default is 5): they
+    # cost the daemon no descriptor, and a burst of them no longer drops a scraper's SYN.
+    request_queue_size = 64
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        family: socket.AddressFamily,
+        app: Any,
+        max_connections: int,
+        seconds: float,
+    ) -> None:
+        self.address_family = family
+        self.max_connections = max_connections
+        self.seconds = seconds
+        self._lock = threading.Lock()
+        self._deadlines: dict[socket.socket, float] = {}  # the connections being served
+        self._refused = 0  # since the last log line
+        self._refusal_logged = -math.inf
+
+        class Handler(_Handler):
+            timeout = seconds
+
+        super().__init__(address, Handler)
+        self.set_app(app)
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        try:
+            return super().get_request()
+        except OSError:  # out of descriptors, say: the socket stays readable
+            time.sleep(0.1)  # so wait a little rather than spin on it
+            raise
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        """Take a slot, or refuse (the caller then closes the socket)."""
+        with self._lock:
+            if len(self._deadlines) < self.max_connections:
+                self._deadlines[request] = time.monotonic() + self.seconds
+                return True
+            self._refused += 1
+        # A new socket's buffer is empty: this never blocks, and may fail harmlessly.
+        with contextlib.suppress(OSError):
+            request.send(REFUSAL, socket.MSG_DONTWAIT)
+        return False
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._lock:
+            self._deadlines.pop(request, None)
+        super().shutdown_request(request)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that hung up, sent garbage or ran out of time: its problem, and
+        nothing for the daemon's log (a flood of them would be a flood of tracebacks)."""
+
+    def service_actions(self) -> None:
+        """Cut the connections past their deadline; log refusals, once a minute at most."""
+        now = time.monotonic()
+        with self._lock:
+            for sock, deadline in self._deadlines.items():
+                if deadline <= now:
+                    self._deadlines[sock] = math.inf  # once is enough
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_RDWR)
+            refused = self._refused
+            if refused and now - self._refusal_logged >= REFUSALS_LOGGED_EVERY:
+                self._refused, self._refusal_logged = 0, now
+            else:
+                refused = 0
+        if refused:
+            log.warning(
+                "metrics.connections_refused",
+                refused=refused,  # since the last such line
+                max_connections=self.max_connections,
+            )
+
+    def server_close(self) -> None:
+        super().server_close()
+        with self._lock:
+            for sock in self._deadlines:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
 
 
 def parse_listen(listen: str) -> tuple[str, int]:

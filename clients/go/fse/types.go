@@ -147,39 +147,40 @@ type Verdict struct {
 	Message      string // detail for StatusError
 }
 
-// Info describes what the daemon serves.
+// Info describes what the daemon serves. It marshals to JSON with the proto's field
+// names, less the model's path (the daemon machine's business): `guarded-generate --info`.
 type Info struct {
-	Version  string // libfse version
-	Model    ModelInfo
-	Policies []PolicyInfo
-	Limits   Limits
+	Version  string       `json:"version"` // libfse version
+	Model    ModelInfo    `json:"model"`
+	Policies []PolicyInfo `json:"policies"`
+	Limits   Limits       `json:"limits"`
 }
 
 // ModelInfo describes the served model.
 type ModelInfo struct {
-	Name             string
-	Path             string
-	SHA256           string // of the GGUF file
-	Description      string // architecture, size, quantization
-	VocabSize        uint32
-	ContextSize      uint32 // tokens per stream, prompt and generated
-	TrainContextSize uint32
-	SizeBytes        uint64 // of the GGUF file
-	ChatTemplate     bool   // whether Request.Messages are accepted
+	Name             string `json:"name"`
+	Path             string `json:"-"`
+	SHA256           string `json:"sha256"`      // of the GGUF file
+	Description      string `json:"description"` // architecture, size, quantization
+	VocabSize        uint32 `json:"vocab_size"`
+	ContextSize      uint32 `json:"context_size"` // tokens per stream, prompt and generated
+	TrainContextSize uint32 `json:"train_context_size"`
+	SizeBytes        uint64 `json:"size_bytes"`    // of the GGUF file
+	ChatTemplate     bool   `json:"chat_template"` // whether Request.Messages are accepted
 }
 
 // PolicyInfo is a policy a request may name.
 type PolicyInfo struct {
-	Name    string
-	SHA256  string
-	Builtin bool
+	Name    string `json:"name"`
+	SHA256  string `json:"sha256"`
+	Builtin bool   `json:"builtin"`
 }
 
 // Limits are the daemon's admission limits.
 type Limits struct {
-	MaxStreams      uint32 // streams decoded together
-	MaxQueue        uint32 // streams waiting for a slot before ResourceExhausted
-	MaxTokens       uint32 // upper bound of Request.MaxTokens
-	MaxPromptTokens uint32 // prompt tokens per stream
-	MaxMessageBytes uint32 // largest client message accepted
+	MaxStreams      uint32 `json:"max_streams"`       // streams decoded together
+	MaxQueue        uint32 `json:"max_queue"`         // streams waiting for a slot before ResourceExhausted
+	MaxTokens       uint32 `json:"max_tokens"`        // upper bound of Request.MaxTokens
+	MaxPromptTokens uint32 `json:"max_prompt_tokens"` // prompt tokens per stream
+	MaxMessageBytes uint32 `json:"max_message_bytes"` // largest client message accepted
 }

@@ -6,6 +6,7 @@ package main
 import (
 	"context"
 	"crypto/x509"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -148,7 +149,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		if err != nil {
 			return fail(err)
 		}
-		if writeJSON(stdout, infoDoc(info)) != nil {
+		if json.NewEncoder(stdout).Encode(info) != nil {
 			return exitError
 		}
 		return 0
@@ -169,13 +170,14 @@ func run(args []string, stdout, stderr io.Writer) int {
 	}()
 
 	colour := !o.json && useColour(stdout)
+	lines := json.NewEncoder(stdout) // one JSON line per event
 	var seen uint32
 	for tok := range stream.Tokens() {
 		if c, ok := colours[tok.Health]; ok && colour {
 			tok.Text = c + tok.Text + "\x1b[0m"
 		}
 		if o.json {
-			err = writeJSON(stdout, tokenDoc(tok))
+			err = lines.Encode(tok)
 		} else {
 			_, err = io.WriteString(stdout, tok.Text)
 		}
@@ -191,9 +193,9 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return fail(err)
 	}
 	if o.json {
-		err = writeJSON(stdout, verdictDoc(verdict))
+		err = lines.Encode(verdict)
 	} else if _, err = io.WriteString(stdout, "\n"); err == nil {
-		fmt.Fprintln(stderr, verdictLine(verdict))
+		fmt.Fprintln(stderr, verdict) // its String: "[completed] 12 tokens released · ..."
 	}
 	if code, ok := exitCodes[verdict.Status]; ok && err == nil {
 		return code
@@ -227,6 +229,10 @@ func (o *options) clientOptions() ([]fse.Option, error) {
 		opts = append(opts, fse.WithToken(strings.TrimSpace(line)))
 	}
 	return opts, nil
+}
+
+var colours = map[fse.Health]string{
+	fse.HealthGreen: "\x1b[32m", fse.HealthYellow: "\x1b[33m", fse.HealthRed: "\x1b[31m",
 }
 
 // useColour: only on a terminal, and never when NO_COLOR is set (to anything).

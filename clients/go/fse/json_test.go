@@ -1,4 +1,4 @@
-package main
+package fse
 
 import (
 	"bytes"
@@ -7,14 +7,13 @@ import (
 	"strconv"
 	"strings"
 	"testing"
-
-	"libfse/clients/go/fse"
 )
 
-func render(t *testing.T, doc object) string {
+// render is v as one JSON line, as guarded-generate writes it.
+func render(t *testing.T, v any) string {
 	t.Helper()
 	var b bytes.Buffer
-	if err := writeJSON(&b, doc); err != nil {
+	if err := json.NewEncoder(&b).Encode(v); err != nil {
 		t.Fatal(err)
 	}
 	return b.String()
@@ -43,11 +42,11 @@ func keys(t *testing.T, line string) []string {
 }
 
 func TestTokenJSON(t *testing.T) {
-	tok := fse.Token{
+	tok := Token{
 		Index: 0, ID: 15687, Text: " Berlin <&> 日本", NLL: 0.1 + 0.2, PPL: math.NaN(),
-		Variance: math.Inf(1), MaxProb: 5e-324, L2Norm: 2574.2, Health: fse.HealthGreen,
+		Variance: math.Inf(1), MaxProb: 5e-324, L2Norm: 2574.2, Health: HealthGreen,
 	}
-	line := render(t, tokenDoc(tok))
+	line := render(t, tok)
 	if !strings.HasSuffix(line, "}\n") || strings.Count(line, "\n") != 1 {
 		t.Errorf("not one line: %q", line)
 	}
@@ -68,10 +67,10 @@ func TestTokenJSON(t *testing.T) {
 		t.Errorf("text is escaped: %s", line)
 	}
 
-	tok.Health = fse.HealthUnspecified
+	tok.Health = HealthUnspecified
 	v, th := 3.5, 3.0
-	tok.Warnings = []fse.GuardTrip{{Guard: "perplexity", Value: &v, Threshold: &th}, {Guard: "loop"}}
-	line = render(t, tokenDoc(tok))
+	tok.Warnings = []GuardTrip{{Guard: "perplexity", Value: &v, Threshold: &th}, {Guard: "loop"}}
+	line = render(t, tok)
 	if !strings.Contains(line, `"health":null,"warnings":[{"guard":"perplexity","value":3.5,"threshold":3},{"guard":"loop","value":null,"threshold":null}]`) {
 		t.Errorf("warnings/health: %s", line)
 	}
@@ -79,7 +78,7 @@ func TestTokenJSON(t *testing.T) {
 
 func TestNumbersAreShortestRoundTrip(t *testing.T) {
 	for _, f := range []float64{0.17, 1.6706802200728248, 1e21, 1e-7, 123456789.125, -0.5, 0, math.MaxFloat64} {
-		out, err := encode(f)
+		out, err := number(f).MarshalJSON()
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -93,17 +92,17 @@ func TestNumbersAreShortestRoundTrip(t *testing.T) {
 
 func TestVerdictJSON(t *testing.T) {
 	value, threshold, at := 2574.2, 10.0, uint32(0)
-	halted := fse.Verdict{
-		Status: fse.StatusHalted, Guard: "l2_norm", Value: &value, Threshold: &threshold,
+	halted := Verdict{
+		Status: StatusHalted, Guard: "l2_norm", Value: &value, Threshold: &threshold,
 		TokenIndex: &at, Policy: "test", PolicySHA256: "abc",
 	}
 	want := `{"type":"verdict","status":"halted","guard":"l2_norm","value":2574.2,"threshold":10,"token_index":0,"tokens":0,"text":"","policy":"test","policy_sha256":"abc"}` + "\n"
-	if got := render(t, verdictDoc(halted)); got != want {
+	if got := render(t, halted); got != want {
 		t.Errorf("got  %s want %s", got, want)
 	}
-	errored := fse.Verdict{Status: fse.StatusError, Tokens: 3, Text: "abc", Message: "boom"}
+	errored := Verdict{Status: StatusError, Tokens: 3, Text: "abc", Message: "boom"}
 	want = `{"type":"verdict","status":"error","guard":null,"value":null,"threshold":null,"token_index":null,"tokens":3,"text":"abc","policy":"","policy_sha256":"","message":"boom"}` + "\n"
-	if got := render(t, verdictDoc(errored)); got != want {
+	if got := render(t, errored); got != want {
 		t.Errorf("got  %s want %s", got, want)
 	}
 }
@@ -112,44 +111,46 @@ func TestVerdictLine(t *testing.T) {
 	value, threshold, at := 2574.2, 10.0, uint32(0)
 	sha := "0123456789abcdef"
 	for _, tc := range []struct {
-		v    fse.Verdict
+		v    Verdict
 		want string
 	}{
-		{fse.Verdict{Status: fse.StatusCompleted, Tokens: 12, Policy: "default", PolicySHA256: sha},
+		{Verdict{Status: StatusCompleted, Tokens: 12, Policy: "default", PolicySHA256: sha},
 			"[completed] 12 tokens released · policy default (0123456789ab)"},
-		{fse.Verdict{Status: fse.StatusHalted, Guard: "l2_norm", Value: &value, Threshold: &threshold,
+		{Verdict{Status: StatusHalted, Guard: "l2_norm", Value: &value, Threshold: &threshold,
 			TokenIndex: &at, Policy: "test", PolicySHA256: sha},
 			"[halted by l2_norm: value 2574.2, threshold 10, at token 0] 0 tokens released · policy test (0123456789ab)"},
-		{fse.Verdict{Status: fse.StatusHalted, Guard: "shutdown", Policy: "test", PolicySHA256: sha},
+		{Verdict{Status: StatusHalted, Guard: "shutdown", Policy: "test", PolicySHA256: sha},
 			"[halted by shutdown: value n/a, threshold n/a, at token n/a] 0 tokens released · policy test (0123456789ab)"},
-		{fse.Verdict{Status: fse.StatusError, Tokens: 3, Message: "MESSAGE", Policy: "default", PolicySHA256: sha},
+		{Verdict{Status: StatusError, Tokens: 3, Message: "MESSAGE", Policy: "default", PolicySHA256: sha},
 			"[error: MESSAGE] 3 tokens released · policy default (0123456789ab)"},
-		{fse.Verdict{Status: fse.StatusCancelled, Tokens: 2, Policy: "default"},
+		{Verdict{Status: StatusCancelled, Tokens: 2, Policy: "default"},
 			"[cancelled] 2 tokens released · policy default ()"},
 	} {
-		if got := verdictLine(tc.v); got != tc.want {
+		if got := tc.v.String(); got != tc.want {
 			t.Errorf("got  %s\nwant %s", got, tc.want)
 		}
 	}
 }
 
-func TestCG(t *testing.T) {
+func TestFormatG6(t *testing.T) {
 	for f, want := range map[float64]string{
 		0.331084: "0.331084", 2574.2: "2574.2", 10: "10", 1e6: "1e+06", 123456789: "1.23457e+08",
 		1e-5: "1e-05", 0.0001: "0.0001", math.Inf(1): "inf", math.Inf(-1): "-inf", math.NaN(): "nan",
 	} {
-		if got := cG(&f); got != want {
-			t.Errorf("cG(%v) = %s, want %s", f, got, want)
+		if got := formatG6(&f); got != want {
+			t.Errorf("formatG6(%v) = %s, want %s", f, got, want)
 		}
 	}
-	if cG(nil) != "n/a" {
+	if formatG6(nil) != "n/a" {
 		t.Error("unset")
 	}
 }
 
 func TestInfoJSONLeavesOutThePath(t *testing.T) {
-	info := &fse.Info{Version: "0.1.0", Model: fse.ModelInfo{Name: "m", Path: "/secret/m.gguf", SizeBytes: 253113024}}
-	line := render(t, infoDoc(info))
+	// As the wire gives it: Policies is never nil.
+	info := &Info{Version: "0.1.0", Model: ModelInfo{Name: "m", Path: "/secret/m.gguf", SizeBytes: 253113024},
+		Policies: []PolicyInfo{}}
+	line := render(t, info)
 	if strings.Contains(line, "path") || strings.Join(keys(t, line), ",") != "version,model,policies,limits" {
 		t.Errorf("info: %s", line)
 	}

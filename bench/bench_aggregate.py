@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_daemon import daemon_aggregate, start_daemon, thread_cpu_seconds
 from common import llama_batched_bench
-from fse.core.models import default_model_path
+from fse.core.gguf import default_model_path
 
 
 def main() -> int:

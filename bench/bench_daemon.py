@@ -43,8 +43,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import llama_batched_bench, median
-from fse.core.engine import Context, Model
-from fse.core.models import default_model_path
+from fse.core.engine import Context
+from fse.core.gguf import default_model_path
+from fse.core.model import Model
 from fse.core.policy import builtin_policy
 from fse.core.runner import run_local
 from fse.core.types import Request, Sampling, TokenEvent

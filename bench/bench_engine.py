@@ -19,8 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import llama_bench_tg, median
-from fse.core.engine import Context, Model
-from fse.core.models import default_model_path
+from fse.core.engine import Context
+from fse.core.gguf import default_model_path
+from fse.core.model import Model
 from fse.core.policy import Policy, builtin_policy
 from fse.core.runner import run_local
 from fse.core.types import Request, Sampling, TokenEvent

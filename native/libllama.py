@@ -76,7 +76,7 @@ def log(message: str) -> None:
 def cache_root() -> Path:
     """$FSE_CACHE_DIR, else $XDG_CACHE_HOME/fse, else ~/.cache/fse.
 
-    Same rule as fse.models.cache_dir: this script runs before the package is built,
+    Same rule as fse.core.gguf.cache_dir: this script runs before the package is built,
     so it cannot import it."""
     if env := os.environ.get("FSE_CACHE_DIR"):
         return Path(env).expanduser()

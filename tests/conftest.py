@@ -15,8 +15,9 @@ from typing import Any
 
 import grpc
 import pytest
-from fse.core.engine import Context, Model
-from fse.core.models import default_model_path
+from fse.core.engine import Context
+from fse.core.gguf import default_model_path
+from fse.core.model import Model
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 FSE = [sys.executable, "-m", "fse.cli"]

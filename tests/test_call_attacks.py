@@ -367,8 +367,8 @@ def test_a_message_protobuf_refuses_is_invalid_argument_naming_the_field(
 CRASHING_PREPARE = """
 import asyncio, sys
 import fse_client, grpc
-from fse.core.engine import Model
-from fse.core.models import default_model_path
+from fse.core.model import Model
+from fse.core.gguf import default_model_path
 from fse.core.policy import load_policies
 from fse.serve.logs import configure_logging
 from fse.serve.scheduler import Limits

@@ -37,7 +37,7 @@ import grpc
 import pytest
 from conftest import FSE, Daemon, audit_records, run_fse
 from fse import __version__
-from fse.core.models import default_model_path
+from fse.core.gguf import default_model_path
 from fse.core.policy import load_policies
 from fse.serve.audit import AuditLog, verify
 from fse_client.v1 import fse_pb2, fse_pb2_grpc
@@ -1190,7 +1190,7 @@ def templated_model(model_path: Path, tmp_path_factory: pytest.TempPathFactory) 
 def test_chat_messages_use_the_models_template(
     start_daemon: Callable[..., Daemon], templated_model: Path, tmp_path: Path
 ) -> None:
-    from fse.core.engine import Model
+    from fse.core.model import Model
 
     messages = [("user", "What is the capital of France?")]
     with Model(templated_model) as model:
@@ -1222,7 +1222,7 @@ def test_chat_messages_use_the_models_template(
 def test_chat_template_keeps_every_role_across_many_renders(templated_model: Path) -> None:
     """The role and content strings handed to llama_chat_apply_template must stay alive
     for the call: over temporaries they were sometimes freed and rendered empty."""
-    from fse.core.engine import Model
+    from fse.core.model import Model
 
     with Model(templated_model) as model:
         for i in range(300):

@@ -16,19 +16,11 @@ import pytest
 from conftest import run_fse
 from fse._native import ffi, lib
 from fse.cli.common import exit_code
-from fse.core.engine import (
-    NO_FAULTS,
-    Context,
-    ContextOverflow,
-    Faults,
-    Model,
-    Slot,
-    Step,
-    TooManyTokens,
-    generate,
-)
+from fse.core.engine import Context, ContextOverflow, Slot, Step, generate
 from fse.core.errors import EngineError
-from fse.core.models import GGUF_MAGIC, ModelError
+from fse.core.faults import NO_FAULTS, Faults
+from fse.core.gguf import GGUF_MAGIC, ModelError
+from fse.core.model import Model, TooManyTokens
 from fse.core.policy import builtin_policy
 from fse.core.runner import run_local
 from fse.core.types import COMPLETED, ERROR, Request, Sampling, TokenEvent, Verdict

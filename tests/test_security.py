@@ -24,7 +24,7 @@ import grpc
 import pytest
 from certs import Pair, issue, make_ca, server_pair
 from conftest import FSE, Daemon, audit_records, run_fse
-from fse.core.engine import Model, TooManyTokens
+from fse.core.model import Model, TooManyTokens
 from fse.serve.relay import private_location
 from fse_client.v1 import fse_pb2, fse_pb2_grpc
 

@@ -11,7 +11,7 @@ import threading
 from collections.abc import Iterator
 
 import pytest
-from fse.core.engine import Model
+from fse.core.model import Model
 from fse.core.policy import load_policies
 from fse.core.types import COMPLETED, Request, Sampling, TokenEvent, Verdict
 from fse.serve.scheduler import Limits

@@ -32,7 +32,7 @@ from typing import Any
 
 import pytest
 from conftest import FSE, Daemon, audit_records, wait_serving
-from fse.core.models import cache_dir
+from fse.core.gguf import cache_dir
 from fse.serve.config import KEYS
 from fse_client import Client, Sampling, Status, Verdict
 

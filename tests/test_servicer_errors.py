@@ -19,8 +19,8 @@ import fse_client
 import grpc
 import pytest
 from conftest import audit_records
-from fse.core.engine import Model
 from fse.core.errors import EngineError
+from fse.core.model import Model
 from fse.core.policy import load_policies
 from fse.core.types import Request
 from fse.serve.audit import AuditLog

@@ -101,8 +101,8 @@ def resolve_policy(name: str, policies_dir: Path | None, flag: str = "") -> Any:
 
 
 def load_model(path: Path | None, verbose: bool) -> Any:
-    from fse.core.engine import Model
-    from fse.core.models import ModelError, default_model_path
+    from fse.core.gguf import ModelError, default_model_path
+    from fse.core.model import Model
 
     try:
         return Model(path if path is not None else default_model_path(), verbose=verbose)

@@ -69,7 +69,8 @@ def _read_first_line(flag: str, path: Path) -> str:
 
 
 def local_events(args: argparse.Namespace, request: Any, cancel: threading.Event) -> Iterator[Any]:
-    from fse.core.engine import Context, Faults
+    from fse.core.engine import Context
+    from fse.core.faults import Faults
     from fse.core.runner import prompt_tokens, run_local
 
     try:

@@ -17,7 +17,7 @@ def add_parser(commands: Any) -> None:
 
 
 def cmd_model_path(args: argparse.Namespace) -> int:
-    from fse.core.models import ModelError, default_model_path
+    from fse.core.gguf import ModelError, default_model_path
 
     try:
         print(default_model_path())

@@ -1,9 +1,11 @@
-"""The engine: a llama.cpp model and context, stepped one token at a time.
+"""The engine: a llama.cpp context over a Model, stepped one token at a time.
 
-Owns every libllama object through fse._native and frees them deterministically.
-Per decode step and per sequence it reads the logits in place, runs the fused C
-kernel over them, samples with llama.cpp's own sampler chain and yields the
-token with its metrics. It knows nothing of guards, policies or gRPC.
+A Context holds the sequences and one reusable batch; a Slot is one sequence. Per
+decode step and per sequence the Slot reads the logits in place, runs the fused C
+kernel over them, samples with llama.cpp's own sampler chain and yields the token
+with its metrics, freeing every libllama object it owns deterministically. The
+model itself is fse.core.model, debug faults fse.core.faults. It knows nothing of
+guards, policies or gRPC.
 """
 
 from __future__ import annotations
@@ -11,308 +13,26 @@ from __future__ import annotations
 import codecs
 import math
 import random
-import threading
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 from fse._native import ffi, lib
-from fse.core.errors import EngineError, InputError
+from fse.core.errors import EngineError
+from fse.core.faults import NO_FAULTS, Faults
 from fse.core.metrics import PerplexityWindow
-from fse.core.models import ModelError, check_gguf
-from fse.core.types import Sampling, StepMetrics, utf8_length
+from fse.core.model import Closing, Model, last_llama_error
+from fse.core.types import Sampling, StepMetrics
 
 # ggml's GGML_MAX_N_THREADS; far more threads make llama.cpp abort (std::bad_alloc).
 MAX_THREADS = 512
-
-_backend_lock = threading.Lock()
-_backend_ready = False
 
 
 class ContextOverflow(EngineError):
     """A sequence would outgrow its share of the context window."""
 
 
-class TooManyTokens(ValueError):
-    """A text needs more tokens than the caller allows (n_tokens says how many; with
-    at_least, the text was refused from its length or a prefix and needs n_tokens or
-    more)."""
-
-    def __init__(self, n_tokens: int, limit: int, at_least: bool = False) -> None:
-        super().__init__(f"{'at least ' if at_least else ''}{n_tokens} tokens; at most {limit}")
-        self.n_tokens = n_tokens
-        self.limit = limit
-        self.at_least = at_least
-
-
-# A prefix of max_tokens * this many bytes holds more than max_tokens tokens of any
-# ordinary text (about 4 bytes a token here), so an oversized prompt is refused after
-# tokenizing 16 KiB instead of all of it: 1 MiB took ~0.2 s of a core.
-PREFIX_BYTES_PER_TOKEN = 8
-
-
-def init_backend(verbose: bool = False) -> None:
-    """Route llama.cpp's log (quiet unless verbose) and initialise its backend once."""
-    global _backend_ready
-    with _backend_lock:
-        lib.fse_log_install(1 if verbose else 0)
-        if not _backend_ready:
-            lib.llama_backend_init()
-            _backend_ready = True
-
-
-def _last_llama_error(default: str) -> str:
-    message: str = ffi.string(lib.fse_log_last_error()).decode("utf-8", "replace")
-    return message or default
-
-
-_FAULT_FIELDS = {
-    "nan": "nan_at",
-    "inf": "inf_at",
-    "scale": "scale_at",
-    "guard-error": "guard_error_at",
-    "hang": "hang_at",
-}
-
-
-@dataclass(frozen=True, slots=True)
-class Faults:
-    """Debug-only fault injection, to prove the fail-closed paths. Off by default."""
-
-    nan_at: int | None = None  # write a NaN into the logits at this step
-    inf_at: int | None = None  # write +Inf into the logits at this step
-    scale_at: int | None = None  # multiply the logits by `scale` at this step
-    scale: float = 1.0
-    guard_error_at: int | None = None  # a guard raises at this step (used by the guard chain)
-    hang_at: int | None = None  # the decode thread blocks before this step (the watchdog test)
-
-    @classmethod
-    def parse(cls, specs: Sequence[str]) -> Faults:
-        """Parse `nan@K`, `inf@K`, `scale@K:FACTOR`, `guard-error@K`, `hang@K` (K = token index)."""
-        fields: dict[str, Any] = {}
-        for spec in specs:
-            kind, _, where = spec.partition("@")
-            step_text, _, factor = where.partition(":")
-            try:
-                step = int(step_text)
-                if step < 0:
-                    raise ValueError
-                if kind == "scale":
-                    fields["scale"] = float(factor)
-                elif factor:
-                    raise ValueError
-            except ValueError:
-                raise InputError(
-                    f"debug fault {spec!r} is invalid; accepted: nan@K, inf@K, "
-                    "scale@K:FACTOR, guard-error@K, hang@K with K a token index >= 0"
-                ) from None
-            key = _FAULT_FIELDS.get(kind)
-            if key is None:
-                raise InputError(
-                    f"debug fault {spec!r}: unknown kind {kind!r}; accepted: nan@K, inf@K, "
-                    "scale@K:FACTOR, guard-error@K, hang@K with K a token index >= 0"
-                )
-            fields[key] = step
-        return cls(**fields)
-
-    @property
-    def touches_logits(self) -> bool:
-        return self.nan_at is not None or self.inf_at is not None or self.scale_at is not None
-
-
-NO_FAULTS = Faults()
-
-
-class _Closing:
-    """`with` frees the llama.cpp object deterministically: close() on exit."""
-
-    def close(self) -> None:
-        raise NotImplementedError
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-
-class Model(_Closing):
-    """A GGUF model loaded by llama.cpp, with its vocabulary. Use as a context manager."""
-
-    def __init__(self, path: Path | str, *, verbose: bool = False) -> None:
-        self.path = check_gguf(Path(path))
-        init_backend(verbose)
-        params = lib.llama_model_default_params()
-        params.n_gpu_layers = 0
-        handle = lib.llama_model_load_from_file(str(self.path).encode(), params)
-        if handle == ffi.NULL:
-            reason = _last_llama_error("llama.cpp could not load it")
-            raise ModelError(f"model: {self.path}: {reason}")
-        self._handle = handle
-        self._vocab = lib.llama_model_get_vocab(handle)
-        self.n_vocab: int = lib.llama_vocab_n_tokens(self._vocab)
-        self.n_ctx_train: int = lib.llama_model_n_ctx_train(handle)
-        # No token stands for more bytes of text than this (0: no such bound here).
-        self.max_token_bytes: int = lib.fse_vocab_max_token_bytes(self._vocab)
-        self.name = self._meta("general.name") or self.path.stem
-        buf = ffi.new("char[]", 256)
-        lib.llama_model_desc(handle, buf, 256)
-        self.description: str = ffi.string(buf).decode("utf-8", "replace")
-        template = lib.llama_model_chat_template(handle, ffi.NULL)
-        self.chat_template: bytes | None = None if template == ffi.NULL else ffi.string(template)
-        # Token id -> bytes, filled lazily: token_to_piece once per distinct token.
-        self._pieces: dict[int, bytes] = {}
-        self._piece_buf = ffi.new("char[]", 256)
-
-    def _meta(self, key: str) -> str | None:
-        buf = ffi.new("char[]", 512)
-        n = lib.llama_model_meta_val_str(self.handle, key.encode(), buf, 512)
-        return ffi.string(buf).decode("utf-8", "replace") if n >= 0 else None
-
-    @property
-    def handle(self) -> Any:
-        if self._handle is None:
-            raise EngineError("model is closed")
-        return self._handle
-
-    @property
-    def vocab(self) -> Any:
-        """The model's vocabulary; freed with the model, so closed raises EngineError."""
-        if self._handle is None:
-            raise EngineError("model is closed")
-        return self._vocab
-
-    def tokenize(
-        self,
-        text: str,
-        *,
-        add_special: bool = True,
-        parse_special: bool = True,
-        max_tokens: int | None = None,
-    ) -> list[int]:
-        """Tokens for text, with the model's own BOS rule; special tokens like
-        <start_of_turn> in a rendered chat template are parsed as such.
-
-        With max_tokens, a longer text raises TooManyTokens without building the
-        token list: a 1 MiB prompt would otherwise cost ~20 MiB of Python ints."""
-        longest = self.max_token_bytes
-        if (
-            max_tokens is not None
-            and longest
-            and (size := utf8_length(text)) > max_tokens * longest
-        ):
-            # Refused on its length alone, nothing tokenized: see fse_vocab.c.
-            raise TooManyTokens(-(-size // longest), max_tokens, at_least=True)
-        data = text.encode("utf-8")
-        if max_tokens is not None and len(data) > max_tokens * PREFIX_BYTES_PER_TOKEN:
-            self._refuse_from_prefix(data, max_tokens, add_special, parse_special)
-        capacity = len(data) + 8  # a token covers at least one byte, bar BOS/EOS
-        if max_tokens is not None:
-            capacity = min(capacity, max_tokens)
-        tokens = ffi.new("llama_token[]", capacity)
-        n = lib.llama_tokenize(
-            self.vocab, data, len(data), tokens, capacity, add_special, parse_special
-        )
-        if n < 0:  # buffer too small: -n is the size needed
-            if max_tokens is not None and -n > max_tokens:
-                raise TooManyTokens(-n, max_tokens)
-            capacity = -n
-            tokens = ffi.new("llama_token[]", capacity)
-            n = lib.llama_tokenize(
-                self.vocab, data, len(data), tokens, capacity, add_special, parse_special
-            )
-        if n < 0:
-            raise EngineError(f"prompt: llama.cpp could not tokenize it ({n})")
-        return list(ffi.unpack(tokens, n))
-
-    def _refuse_from_prefix(
-        self, data: bytes, max_tokens: int, add_special: bool, parse_special: bool
-    ) -> None:
-        """TooManyTokens if a prefix of the text alone needs more than max_tokens + 1
-        tokens (the cut may split one token in two: the whole then needs > max_tokens)."""
-        cut = max_tokens * PREFIX_BYTES_PER_TOKEN
-        while cut > 0 and data[cut] & 0xC0 == 0x80:  # not inside a UTF-8 character
-            cut -= 1
-        n = lib.llama_tokenize(self.vocab, data, cut, ffi.NULL, 0, add_special, parse_special)
-        if -n > max_tokens + 1:
-            raise TooManyTokens(-n - 1, max_tokens, at_least=True)
-
-    def piece(self, token: int) -> bytes:
-        """The bytes a token stands for (special tokens render as empty)."""
-        cached = self._pieces.get(token)
-        if cached is not None:
-            return cached
-        n = lib.llama_token_to_piece(self.vocab, token, self._piece_buf, 256, 0, False)
-        result: bytes
-        if n < 0:
-            buf = ffi.new("char[]", -n)
-            n = lib.llama_token_to_piece(self.vocab, token, buf, -n, 0, False)
-            result = ffi.unpack(buf, n)
-        else:
-            result = ffi.unpack(self._piece_buf, n)
-        self._pieces[token] = result
-        return result
-
-    def detokenize(self, tokens: Sequence[int]) -> str:
-        return b"".join(self.piece(t) for t in tokens).decode("utf-8", "replace")
-
-    def is_end_of_generation(self, token: int) -> bool:
-        return bool(lib.llama_vocab_is_eog(self.vocab, token))
-
-    def use_chat_template(self, name: str) -> None:
-        """Use one of llama.cpp's built-in templates (chatml, llama3, gemma...) instead of
-        the GGUF's own; InputError when llama.cpp does not know the name."""
-        previous, self.chat_template = self.chat_template, name.encode()
-        try:
-            self.apply_chat_template([("user", "hi")])
-        except ValueError:
-            self.chat_template = previous
-            raise InputError(
-                f"model.chat_template: {name!r} is not a template llama.cpp knows; "
-                "accepted: a built-in name such as chatml, llama3, gemma, mistral-v7, phi3"
-            ) from None
-
-    def apply_chat_template(self, messages: Sequence[tuple[str, str]]) -> str:
-        """Render (role, content) messages with the model's own template, ready for the
-        assistant's turn. Raises ValueError when the model has no (supported) template."""
-        if self.chat_template is None:
-            raise ValueError("messages: this model has no chat template; send a raw prompt")
-        # NUL-terminated C strings owned by this list, alive until the call returns. (A
-        # from_buffer over a temporary `role + b"\0"` dangled: the template sometimes read
-        # freed memory and rendered an empty role.)
-        keep = [(ffi.new("char[]", r.encode()), ffi.new("char[]", c.encode())) for r, c in messages]
-        chat = ffi.new("llama_chat_message[]", len(keep))
-        for i, (role, content) in enumerate(keep):
-            chat[i].role = role
-            chat[i].content = content
-        size = 2 * sum(len(r) + len(c) for r, c in keep) + 256
-        for _ in range(2):
-            buf = ffi.new("char[]", size)
-            n = lib.llama_chat_apply_template(self.chat_template, chat, len(keep), True, buf, size)
-            if n < 0:
-                raise ValueError(
-                    "messages: the model's chat template is not supported by llama.cpp"
-                )
-            if n <= size:
-                rendered: bytes = ffi.unpack(buf, n)
-                return rendered.decode("utf-8", "replace")
-            size = n
-        raise EngineError("chat template output kept growing")
-
-    def close(self) -> None:
-        if self._handle is not None:
-            lib.llama_model_free(self._handle)
-            self._handle = None
-
-
-class Context(_Closing):
+class Context(Closing):
     """A llama.cpp context holding up to n_seq_max sequences, and one reusable batch.
 
     Each sequence gets n_ctx // n_seq_max positions. Not thread-safe: one thread
@@ -347,7 +67,7 @@ class Context(_Closing):
         params.kv_unified = n_seq_max > 1
         handle = lib.llama_init_from_model(model.handle, params)
         if handle == ffi.NULL:
-            raise EngineError(_last_llama_error("llama.cpp could not create a context"))
+            raise EngineError(last_llama_error("llama.cpp could not create a context"))
         self._handle = handle
         self.n_ctx: int = lib.llama_n_ctx(handle)
         self.n_batch: int = lib.llama_n_batch(handle)
@@ -389,7 +109,7 @@ class Context(_Closing):
         self.n_in_batch = 0
         status = lib.llama_decode(self.handle, self._batch)
         if status != 0:
-            raise EngineError(_last_llama_error(f"llama_decode failed with status {status}"))
+            raise EngineError(last_llama_error(f"llama_decode failed with status {status}"))
 
     def logits(self, batch_index: int) -> Any:
         """float* to the logits of a batch entry, valid until the next decode."""
@@ -420,7 +140,7 @@ class Step:
     end_of_generation: bool
 
 
-class Slot(_Closing):
+class Slot(Closing):
     """One sequence of a Context: its sampler chain, position and metric state.
 
     The per-token path lives here (sample): it reads the logits in place, makes

@@ -10,8 +10,10 @@ import threading
 import time
 from collections.abc import Iterator
 
-from fse.core.engine import NO_FAULTS, Context, Faults, Model, generate
+from fse.core.engine import Context, generate
 from fse.core.errors import EngineError, InputError
+from fse.core.faults import NO_FAULTS, Faults
+from fse.core.model import Model
 from fse.core.policy import Policy
 from fse.core.stream import GuardedStream
 from fse.core.types import COMPLETED, Event, Request

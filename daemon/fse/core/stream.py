@@ -12,7 +12,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from fse.core.engine import NO_FAULTS, Faults, Step
+from fse.core.engine import Step
+from fse.core.faults import NO_FAULTS, Faults
 from fse.core.guards import GuardChain
 from fse.core.policy import Policy
 from fse.core.types import (

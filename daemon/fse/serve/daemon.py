@@ -22,9 +22,9 @@ from fse_client.v1 import fse_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from fse.core.engine import Model
 from fse.core.errors import EngineError, InputError
-from fse.core.models import ModelError, check_gguf, default_model_path
+from fse.core.gguf import ModelError, check_gguf, default_model_path
+from fse.core.model import Model
 from fse.core.policy import Policy, PolicyError, load_policies
 from fse.serve.audit import AuditError, AuditLog
 from fse.serve.auth import AuthInterceptor, TokenTable
@@ -324,7 +324,7 @@ async def _retry_audit(audit: AuditLog, every: float = 0.5) -> None:
 
 
 def _hash_model(servicer: GuardServicer, path: Path, metrics: MetricsSink) -> None:
-    from fse.core.models import file_sha256
+    from fse.core.gguf import file_sha256
 
     servicer.model_sha256 = file_sha256(path)
     metrics.build_info(servicer.model_sha256)

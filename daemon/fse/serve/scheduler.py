@@ -23,8 +23,10 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from fse.core.engine import Context, Faults, Model, Slot
+from fse.core.engine import Context, Slot
 from fse.core.errors import EngineError
+from fse.core.faults import Faults
+from fse.core.model import Model
 from fse.core.policy import Policy
 from fse.core.stream import GuardedStream
 from fse.core.types import (

@@ -20,13 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fse import __version__
-from fse.core.engine import (
-    NO_FAULTS,
-    Faults,
-    Model,
-    TooManyTokens,
-)
 from fse.core.errors import InputError
+from fse.core.faults import NO_FAULTS, Faults
+from fse.core.model import Model, TooManyTokens
 from fse.core.policy import Policy
 from fse.core.runner import prompt_tokens
 from fse.core.types import (

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from fse_client.v1 import fse_pb2
 from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
 
-from fse.core.engine import Faults
+from fse.core.faults import Faults
 from fse.core.policy import Policy, builtin_names
 from fse.core.types import (
     CANCELLED,

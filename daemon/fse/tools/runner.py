@@ -20,7 +20,8 @@ from typing import IO, TYPE_CHECKING, Any, Protocol
 from fse.core.errors import InputError
 
 if TYPE_CHECKING:
-    from fse.core.engine import Context, Model
+    from fse.core.engine import Context
+    from fse.core.model import Model
     from fse.core.policy import Policy
     from fse.core.types import Request, Sampling, StepMetrics, Trip
 

@@ -1,4 +1,10 @@
-"""Model files: the embedded default model, and checking a GGUF before llama.cpp sees it."""
+"""GGUF model files, before llama.cpp loads one.
+
+Where libfse caches what it builds or assembles, the embedded default model (joined
+from its PyPI chunk packages and checked against its sha256 once), the header check
+that fails early and clearly on a path llama.cpp would reject, and a file's sha256
+(remembered per path, size and mtime).
+"""
 
 from __future__ import annotations
 

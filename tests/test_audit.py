@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from conftest import audit_records, run_fse
 from fse.serve import audit
-from fse.serve.audit import GENESIS, AuditError, AuditLog, verify
+from fse.serve.audit import GENESIS, AuditError, AuditLog, verify, writer
 
 
 def write_log(path: Path, n: int, **options: Any) -> None:
@@ -507,7 +507,7 @@ def test_a_long_log_is_checked_over_its_tail(
 ) -> None:
     """The start check reads the tail (TAIL_BYTES), naming lines by their number in the
     whole file; `fse audit verify` is the full check."""
-    monkeypatch.setattr(audit, "TAIL_BYTES", 4096)
+    monkeypatch.setattr(writer, "TAIL_BYTES", 4096)
     path = tmp_path / "audit.jsonl"
     write_log(path, 300)
     lines = path.read_bytes().splitlines(keepends=True)

@@ -57,7 +57,8 @@ def add_parser(commands: Any) -> None:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    from fse.serve.audit import AuditError, Head, chain_files, load_key, verify
+    from fse.serve.audit.format import AuditError, load_key
+    from fse.serve.audit.verify import Head, chain_files, verify
 
     files = chain_files(args.files)
     if not files:

@@ -1,5 +1,6 @@
-// guarded-generate's pure parts: arguments (getopt_long), JSON and text rendering, exit
-// codes. No I/O beyond reading the --token-file / --tls-ca files, so all of it is unit-tested.
+// guarded-generate's pure parts: arguments (getopt_long), coloured text, exit codes (the
+// JSON lines and the verdict line are the library's, fse/format.hpp). No I/O beyond reading
+// the --token-file / --tls-ca files, so all of it is unit-tested.
 #pragma once
 
 #include <cstdint>
@@ -39,15 +40,6 @@ extern const char* const kUsage;
 // Reads --tls-ca and --token-file into connect options; throws UsageError.
 fse::ConnectOptions load_credentials(const Options& options);
 
-// Shortest text that parses back to the same double; "null" for NaN and infinities.
-std::string json_number(double value);
-std::string json_string(std::string_view text);
-// One JSON line each (no trailing newline).
-std::string token_json(const fse::Token& token);
-std::string verdict_json(const fse::Verdict& verdict);
-std::string info_json(const fse::Info& info);
-// "[completed] 12 tokens released · policy default (0123456789ab)"
-std::string verdict_line(const fse::Verdict& verdict);
 // The token's text, wrapped in the ANSI colour of its health when `colour` is set.
 std::string token_text(const fse::Token& token, bool colour);
 

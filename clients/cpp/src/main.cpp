@@ -13,6 +13,7 @@
 
 #include "cli.hpp"
 #include "fse/client.hpp"
+#include "fse/format.hpp"
 
 namespace {
 
@@ -58,7 +59,7 @@ int generate(const fse::Client& client, const cli::Options& options) {
   std::uint32_t tokens = 0;
   while (std::optional<fse::Event> event = stream.next()) {
     if (const auto* token = std::get_if<fse::Token>(&*event)) {
-      std::cout << (options.json ? cli::token_json(*token) + '\n' : cli::token_text(*token, colour)) << std::flush;
+      std::cout << (options.json ? fse::to_json(*token) + '\n' : cli::token_text(*token, colour)) << std::flush;
       if (!std::cout) {  // the reader went away (`| head`): not worth an error line
         stream.abort();
         return cli::kExitError;
@@ -66,10 +67,10 @@ int generate(const fse::Client& client, const cli::Options& options) {
       if (options.cancel_after && ++tokens == *options.cancel_after) stream.cancel();
     } else if (const auto* verdict = std::get_if<fse::Verdict>(&*event)) {
       if (options.json) {
-        std::cout << cli::verdict_json(*verdict) << '\n' << std::flush;
+        std::cout << fse::to_json(*verdict) << '\n' << std::flush;
       } else {
         std::cout << '\n' << std::flush;
-        std::cerr << cli::verdict_line(*verdict) << '\n' << std::flush;
+        std::cerr << fse::to_string(*verdict) << '\n' << std::flush;
       }
       return cli::exit_code(verdict->status);
     }
@@ -105,7 +106,7 @@ int main(int argc, char** argv) {
   try {
     const fse::Client client = fse::Client::connect(options.addr, std::move(credentials));
     if (options.info) {
-      std::cout << cli::info_json(client.info()) << '\n' << std::flush;
+      std::cout << fse::to_json(client.info()) << '\n' << std::flush;
       return 0;
     }
     return generate(client, options);

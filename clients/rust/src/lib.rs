@@ -26,10 +26,15 @@
 //! Errors of every kind (the daemon unreachable, a refused request, a stream cut
 //! short) are one [`Error`] carrying the gRPC status code and the message; a
 //! policy halt is not an error but a verdict with [`Status::Halted`].
+//!
+//! A [`Verdict`] displays as the one-line verdict of `fse generate`; with the
+//! feature `json` (on by default), `Token::to_json`, `Verdict::to_json` and
+//! [`info_json`] give the JSON lines of `docs/protocol.md`.
 
 mod client;
 mod error;
 mod events;
+mod render;
 mod request;
 
 /// The generated protobuf messages and client stub of `fse.v1` (built from
@@ -43,5 +48,7 @@ pub use client::{Address, Canceller, Client, ConnectOptions, Generation};
 pub use error::{Error, code_name};
 pub use events::{Event, GuardTrip, Health, Started, Status, Token, Verdict};
 pub use pb::{Info, Limits, ModelInfo, PolicyInfo};
+#[cfg(feature = "json")]
+pub use render::info_json;
 pub use request::{ChatMessage, Request};
 pub use tonic::Code;

@@ -2,7 +2,6 @@
 //! `fse generate --addr` does (flags, output and exit codes: clients/README.md).
 
 mod args;
-mod render;
 #[cfg(test)]
 mod tests;
 
@@ -10,7 +9,7 @@ use std::io::{self, IsTerminal, Write};
 use std::process::ExitCode;
 
 use clap::Parser;
-use fse_client::{Client, Code, Error, Event, Generation, Status};
+use fse_client::{Client, Code, Error, Event, Generation, Health, Status};
 use tokio_stream::StreamExt;
 
 use crate::args::Cli;
@@ -48,8 +47,8 @@ fn main() -> ExitCode {
         let result = async {
             let client = Client::connect(&cli.addr, options).await?;
             if cli.info {
-                let line = serde_json::to_string(&render::info_json(&client.info().await?));
-                return Ok(write_line(&line.unwrap_or_default()).map_or(EXIT_ERROR, |()| 0));
+                let line = fse_client::info_json(&client.info().await?).to_string();
+                return Ok(write_line(&line).map_or(EXIT_ERROR, |()| 0));
             }
             stream(&cli, client.generate(cli.request()).await?).await
         };
@@ -86,17 +85,17 @@ async fn stream(cli: &Cli, mut generation: Generation) -> Result<u8, Error> {
                     generation.cancel();
                 }
                 if cli.json {
-                    write_line(&render::token_json(&token).to_string())
+                    write_line(&token.to_json().to_string())
                 } else {
-                    let colour = colour.then(|| render::colour(token.health)).flatten();
+                    let colour = colour.then(|| ansi(token.health)).flatten();
                     write_text(&token.text, colour)
                 }
             }
             Event::Verdict(verdict) => {
                 let written = if cli.json {
-                    write_line(&render::verdict_json(&verdict).to_string())
+                    write_line(&verdict.to_json().to_string())
                 } else {
-                    write_text("\n", None).map(|()| eprintln!("{}", render::verdict_line(&verdict)))
+                    write_text("\n", None).map(|()| eprintln!("{verdict}"))
                 };
                 return Ok(written.map_or(EXIT_ERROR, |()| status_exit(verdict.status)));
             }
@@ -106,6 +105,15 @@ async fn stream(cli: &Cli, mut generation: Generation) -> Result<u8, Error> {
         }
     }
     Ok(EXIT_ERROR)
+}
+
+/// ANSI colour of a health band, for text on a terminal.
+fn ansi(health: Option<Health>) -> Option<&'static str> {
+    match health? {
+        Health::Green => Some("\x1b[32m"),
+        Health::Yellow => Some("\x1b[33m"),
+        Health::Red => Some("\x1b[31m"),
+    }
 }
 
 /// One line on stdout, flushed: a reader sees each event as it arrives.

@@ -11,11 +11,31 @@ import { parseArgs } from "node:util";
 
 import { status } from "@grpc/grpc-js";
 
-import { connect, GuardError, type GenerateRequest, type Guard } from "./guard";
-import { exitCode, infoJson, toJson, tokenJson, tokenText, verdictJson, verdictLine } from "./render";
+import { infoJson, toJson, tokenJson, verdictJson, verdictLine } from "./format";
+import {
+  connect,
+  GuardError,
+  type GenerateRequest,
+  type Guard,
+  type Health,
+  type TokenEvent,
+  type VerdictStatus,
+} from "./guard";
 
 export const EXIT_ERROR = 1;
 export const EXIT_USAGE = 2;
+
+const COLOURS: Readonly<Record<Health, string>> = { green: "\x1b[32m", yellow: "\x1b[33m", red: "\x1b[31m" };
+
+/** A token's text for a terminal, coloured by its health when `colour` is on. */
+export function tokenText(t: TokenEvent, colour: boolean): string {
+  return !colour || t.health === undefined ? t.text : `${COLOURS[t.health]}${t.text}\x1b[0m`;
+}
+
+/** The exit code for a verdict (clients/README.md, "Exit codes"). */
+export function exitCode(outcome: VerdictStatus): number {
+  return { completed: 0, halted: 3, cancelled: 4, error: 1 }[outcome];
+}
 
 /** Bad usage: printed as `guarded-generate: MESSAGE`, exit code 2. */
 export class UsageError extends Error {}

@@ -22,4 +22,5 @@ export {
   type Verdict,
   type VerdictStatus,
 } from "./guard";
+export { formatG, infoJson, tokenJson, toJson, verdictJson, verdictLine } from "./format";
 export { status } from "@grpc/grpc-js";

@@ -3,8 +3,8 @@ import { describe, it } from "node:test";
 
 import { status } from "@grpc/grpc-js";
 
-import { describeError, EXIT_ERROR, EXIT_USAGE, readArgs, UsageError } from "../src/cli";
-import { GuardError } from "../src/guard";
+import { describeError, EXIT_ERROR, EXIT_USAGE, exitCode, readArgs, tokenText, UsageError } from "../src/cli";
+import { GuardError, type TokenEvent } from "../src/guard";
 
 /** The usage error readArgs throws for argv, as main would print it (exit 2). */
 function usage(...argv: string[]): string {
@@ -119,5 +119,25 @@ describe("describeError", () => {
 
   it("keeps anything else to one line", () => {
     assert.deepEqual(describeError(new Error("odd")), { line: "guarded-generate: error: INTERNAL: odd", code: EXIT_ERROR });
+  });
+});
+
+describe("text and exit codes", () => {
+  const token: TokenEvent = {
+    type: "token", index: 0, id: 15687, piece: new Uint8Array([0x20]), text: " Ber", nll: 0.17, ppl: 1.19,
+    pplCumulative: 1.19, variance: 19.7, maxProb: 0.84, l2Norm: 2574.2, health: "green", warnings: [],
+  };
+
+  it("colours text by health only when asked", () => {
+    assert.equal(tokenText(token, false), " Ber");
+    assert.equal(tokenText(token, true), "\x1b[32m Ber\x1b[0m");
+    assert.equal(tokenText({ ...token, health: "red" }, true), "\x1b[31m Ber\x1b[0m");
+  });
+
+  it("maps verdicts to exit codes", () => {
+    assert.equal(exitCode("completed"), 0);
+    assert.equal(exitCode("halted"), 3);
+    assert.equal(exitCode("cancelled"), 4);
+    assert.equal(exitCode("error"), 1);
   });
 });

@@ -2,7 +2,7 @@ import assert from "node:assert/strict";
 import { describe, it } from "node:test";
 
 import type { TokenEvent, Verdict } from "../src/guard";
-import { exitCode, formatG, infoJson, tokenJson, tokenText, toJson, verdictJson, verdictLine } from "../src/render";
+import { formatG, infoJson, tokenJson, toJson, verdictJson, verdictLine } from "../src/format";
 
 const token: TokenEvent = {
   type: "token",
@@ -132,18 +132,5 @@ describe("text", () => {
       verdictLine({ ...halted, value: undefined, threshold: undefined }),
       "[halted by l2_norm: value n/a, threshold n/a, at token 0] 0 tokens released · policy test (0123456789ab)",
     );
-  });
-
-  it("colours text by health only when asked", () => {
-    assert.equal(tokenText(token, false), " Ber");
-    assert.equal(tokenText(token, true), "\x1b[32m Ber\x1b[0m");
-    assert.equal(tokenText({ ...token, health: "red" }, true), "\x1b[31m Ber\x1b[0m");
-  });
-
-  it("maps verdicts to exit codes", () => {
-    assert.equal(exitCode("completed"), 0);
-    assert.equal(exitCode("halted"), 3);
-    assert.equal(exitCode("cancelled"), 4);
-    assert.equal(exitCode("error"), 1);
   });
 });

@@ -1,9 +1,10 @@
 /**
- * How `guarded-generate` prints events: JSON lines for programs, text for people
- * (clients/README.md, "Output"). Pure functions, so the unit tests cover them.
+ * How events look outside a program: the JSON lines of docs/protocol.md (what
+ * `fse generate --json` and every client's guarded-generate print) and the one-line
+ * verdict of `fse generate`. Pure functions.
  */
 
-import type { Health, Info, TokenEvent, Verdict, VerdictStatus } from "./guard";
+import type { Info, TokenEvent, Verdict } from "./guard";
 
 /**
  * One JSON line. Numbers print in ECMAScript's shortest round-trip form, NaN and the
@@ -13,6 +14,7 @@ export function toJson(value: unknown): string {
   return JSON.stringify(value, (_key, v: unknown) => (typeof v === "bigint" ? Number(v) : v));
 }
 
+/** The token's JSON line as an object: `warnings` only when there are any. */
 export function tokenJson(t: TokenEvent): Record<string, unknown> {
   const doc: Record<string, unknown> = {
     type: "token",
@@ -32,6 +34,7 @@ export function tokenJson(t: TokenEvent): Record<string, unknown> {
   return doc;
 }
 
+/** The verdict's JSON line as an object: `message` only when it is not empty. */
 export function verdictJson(v: Verdict): Record<string, unknown> {
   const doc: Record<string, unknown> = {
     type: "verdict",
@@ -96,16 +99,4 @@ export function verdictLine(v: Verdict): string {
   }
   const detail = v.message !== "" ? `: ${v.message}` : "";
   return `[${what}${detail}] ${String(v.tokens)} tokens released · policy ${v.policy} (${v.policySha256.slice(0, 12)})`;
-}
-
-const COLOURS: Readonly<Record<Health, string>> = { green: "\x1b[32m", yellow: "\x1b[33m", red: "\x1b[31m" };
-
-/** A token's text for a terminal, coloured by its health when `colour` is on. */
-export function tokenText(t: TokenEvent, colour: boolean): string {
-  return !colour || t.health === undefined ? t.text : `${COLOURS[t.health]}${t.text}\x1b[0m`;
-}
-
-/** The exit code for a verdict (clients/README.md, "Exit codes"). */
-export function exitCode(status: VerdictStatus): number {
-  return { completed: 0, halted: 3, cancelled: 4, error: 1 }[status];
 }

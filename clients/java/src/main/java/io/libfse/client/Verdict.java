@@ -1,6 +1,10 @@
 package io.libfse.client;
 
 import fse.v1.Fse;
+import java.math.BigDecimal;
+import java.math.MathContext;
+import java.math.RoundingMode;
+import java.util.Locale;
 import java.util.Optional;
 import java.util.OptionalDouble;
 import java.util.OptionalLong;
@@ -42,6 +46,42 @@ public record Verdict(Status status, Optional<String> guard, OptionalDouble valu
                 default -> ERROR;
             };
         }
+    }
+
+    /**
+     * The verdict as one line for people, as {@code fse generate} prints it: {@code [completed] 12
+     * tokens released · policy default (0123456789ab)}, or for a halt {@code [halted by l2_norm: value
+     * 2574.2, threshold 10, at token 0] ...} (value and threshold as C's {@code %.6g}, n/a when unset).
+     *
+     * @return the line, without a newline
+     */
+    public String summary() {
+        String what = status.name().toLowerCase(Locale.ROOT);
+        if (status == Status.HALTED) {
+            what = "halted by " + guard.orElse("n/a") + ": value " + g6(value) + ", threshold " + g6(threshold)
+                    + ", at token " + (tokenIndex.isPresent() ? Long.toString(tokenIndex.getAsLong()) : "n/a");
+        }
+        String detail = message.isEmpty() ? "" : ": " + message;
+        String hash = policySha256.substring(0, Math.min(12, policySha256.length()));
+        return "[" + what + detail + "] " + tokens + " tokens released · policy " + policy + " (" + hash + ")";
+    }
+
+    /** C's {@code printf("%.6g", value)}, "n/a" when unset. */
+    static String g6(OptionalDouble value) {
+        double x = value.orElse(Double.NaN);
+        if (value.isEmpty() || Double.isNaN(x) || Double.isInfinite(x)) {
+            return value.isEmpty() ? "n/a" : Double.isNaN(x) ? "nan" : x > 0 ? "inf" : "-inf";
+        } else if (x == 0) {
+            return 1 / x < 0 ? "-0" : "0";
+        }
+        BigDecimal d = new BigDecimal(x).round(new MathContext(6, RoundingMode.HALF_EVEN)).stripTrailingZeros();
+        int exp = d.precision() - d.scale() - 1;
+        if (exp >= -4 && exp < 6) {
+            return d.toPlainString();
+        }
+        String digits = d.unscaledValue().abs().toString();
+        String mantissa = digits.length() == 1 ? digits : digits.charAt(0) + "." + digits.substring(1);
+        return (x < 0 ? "-" : "") + mantissa + String.format("e%s%02d", exp < 0 ? "-" : "+", Math.abs(exp));
     }
 
     static Verdict fromWire(Fse.Verdict v) {

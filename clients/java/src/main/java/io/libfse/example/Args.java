@@ -56,14 +56,11 @@ record Args(String addr, Path tlsCa, Path tokenFile, boolean json, boolean info,
         Long seed = null;
         List<String> prompts = new ArrayList<>();
         for (int i = 0; i < argv.length; i++) {
-            String arg = argv[i];
+            String arg = argv[i].equals("-h") ? "--help" : argv[i];
             if (arg.equals("--")) {
                 prompts.addAll(List.of(argv).subList(i + 1, argv.length));
                 break;
             } else if (!arg.startsWith("--")) {
-                if (arg.equals("-h")) {
-                    return new Args(null, null, null, false, false, true, 0, null);
-                }
                 prompts.add(arg);
                 continue;
             }

@@ -6,6 +6,7 @@ import io.libfse.client.GenerationStream;
 import io.libfse.client.GuardClient;
 import io.libfse.client.GuardException;
 import io.libfse.client.Health;
+import io.libfse.client.JsonLines;
 import io.libfse.client.TokenEvent;
 import io.libfse.client.Verdict;
 import java.io.FileDescriptor;
@@ -73,7 +74,7 @@ public final class GuardedGenerate {
         }
         try (client) {
             if (args.info()) {
-                out.println(Render.infoJson(client.info()));
+                out.println(JsonLines.info(client.info()));
                 out.flush();
                 return EXIT_OK;
             }
@@ -93,23 +94,19 @@ public final class GuardedGenerate {
             for (Event event : stream) {
                 if (event instanceof TokenEvent token) {
                     if (args.json()) {
-                        out.println(Render.tokenJson(token));
+                        out.println(JsonLines.token(token));
                     } else {
                         out.print(colour ? colour(token.health()) + token.text() + RESET : token.text());
                     }
                     out.flush();
-                    tokens++;
-                    if (tokens == args.cancelAfter()) {
+                    if (++tokens == args.cancelAfter()) {
                         stream.cancel();
                     }
                 } else if (event instanceof Verdict verdict) {
-                    if (args.json()) {
-                        out.println(Render.verdictJson(verdict));
-                        out.flush();
-                    } else {
-                        out.println();
-                        out.flush();
-                        err.println(Render.verdictLine(verdict));
+                    out.println(args.json() ? JsonLines.verdict(verdict) : ""); // text mode: end the line
+                    out.flush();
+                    if (!args.json()) {
+                        err.println(verdict.summary());
                     }
                     return exitCode(verdict.status());
                 }

@@ -1,14 +1,8 @@
-package io.libfse.example;
+package io.libfse.client;
 
 import static org.junit.jupiter.api.Assertions.assertEquals;
 
 import fse.v1.Fse;
-import io.grpc.Status;
-import io.libfse.client.GuardException;
-import io.libfse.client.GuardTrip;
-import io.libfse.client.Health;
-import io.libfse.client.TokenEvent;
-import io.libfse.client.Verdict;
 import java.nio.charset.StandardCharsets;
 import java.util.List;
 import java.util.Optional;
@@ -16,7 +10,7 @@ import java.util.OptionalDouble;
 import java.util.OptionalLong;
 import org.junit.jupiter.api.Test;
 
-class RenderTest {
+class JsonLinesTest {
     private static final String SHA = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 
     private static TokenEvent token(Health health, List<GuardTrip> warnings) {
@@ -28,7 +22,7 @@ class RenderTest {
     void tokenJsonHasTheContractsKeysInOrder() {
         assertEquals("{\"type\": \"token\", \"index\": 0, \"id\": 15687, \"text\": \" Berlin\", \"nll\": 0.17, "
                 + "\"ppl\": 1.19, \"variance\": 19.7, \"max_prob\": 0.84, \"l2_norm\": 2574.2, "
-                + "\"health\": \"green\"}", Render.tokenJson(token(Health.GREEN, List.of())));
+                + "\"health\": \"green\"}", JsonLines.token(token(Health.GREEN, List.of())));
     }
 
     @Test
@@ -37,12 +31,12 @@ class RenderTest {
         assertEquals("{\"type\": \"token\", \"index\": 0, \"id\": 15687, \"text\": \" Berlin\", \"nll\": 0.17, "
                 + "\"ppl\": 1.19, \"variance\": 19.7, \"max_prob\": 0.84, \"l2_norm\": 2574.2, "
                 + "\"health\": null, \"warnings\": [{\"guard\": \"perplexity\", \"value\": 80.5, "
-                + "\"threshold\": null}]}", Render.tokenJson(token(Health.UNSPECIFIED, List.of(trip))));
+                + "\"threshold\": null}]}", JsonLines.token(token(Health.UNSPECIFIED, List.of(trip))));
     }
 
     @Test
     void stringsAreEscaped() {
-        assertEquals("\"a\\\"b\\\\c\\u000ad\\u0001é漢😀\"", Render.quote("a\"b\\c\nd\u0001é漢😀"));
+        assertEquals("\"a\\\"b\\\\c\\u000ad\\u0001é漢😀\"", JsonLines.quote("a\"b\\c\nd\u0001é漢😀"));
     }
 
     private static Verdict halted() {
@@ -54,26 +48,26 @@ class RenderTest {
     void verdictJson() {
         assertEquals("{\"type\": \"verdict\", \"status\": \"halted\", \"guard\": \"l2_norm\", \"value\": 2574.2, "
                 + "\"threshold\": 10.0, \"token_index\": 0, \"tokens\": 0, \"text\": \"\", \"policy\": \"test\", "
-                + "\"policy_sha256\": \"" + SHA + "\"}", Render.verdictJson(halted()));
+                + "\"policy_sha256\": \"" + SHA + "\"}", JsonLines.verdict(halted()));
         Verdict error = new Verdict(Verdict.Status.ERROR, Optional.empty(), OptionalDouble.empty(),
                 OptionalDouble.empty(), OptionalLong.empty(), 3, "abc", "default", SHA, "boom");
         assertEquals("{\"type\": \"verdict\", \"status\": \"error\", \"guard\": null, \"value\": null, "
                 + "\"threshold\": null, \"token_index\": null, \"tokens\": 3, \"text\": \"abc\", "
                 + "\"policy\": \"default\", \"policy_sha256\": \"" + SHA + "\", \"message\": \"boom\"}",
-                Render.verdictJson(error));
+                JsonLines.verdict(error));
     }
 
     @Test
     void verdictLines() {
         assertEquals("[halted by l2_norm: value 2574.2, threshold 10, at token 0] 0 tokens released · "
-                + "policy test (0123456789ab)", Render.verdictLine(halted()));
+                + "policy test (0123456789ab)", halted().summary());
         Verdict done = new Verdict(Verdict.Status.COMPLETED, Optional.empty(), OptionalDouble.empty(),
                 OptionalDouble.empty(), OptionalLong.empty(), 12, "x", "default", SHA, "");
-        assertEquals("[completed] 12 tokens released · policy default (0123456789ab)", Render.verdictLine(done));
+        assertEquals("[completed] 12 tokens released · policy default (0123456789ab)", done.summary());
         Verdict error = new Verdict(Verdict.Status.ERROR, Optional.empty(), OptionalDouble.empty(),
                 OptionalDouble.empty(), OptionalLong.empty(), 3, "x", "default", SHA, "MESSAGE");
         assertEquals("[error: MESSAGE] 3 tokens released · policy default (0123456789ab)",
-                Render.verdictLine(error));
+                error.summary());
     }
 
     @Test
@@ -92,7 +86,7 @@ class RenderTest {
                 + "\"chat_template\": false}, \"policies\": [{\"name\": \"default\", \"sha256\": \"cd\", "
                 + "\"builtin\": true}], \"limits\": {\"max_streams\": 8, \"max_queue\": 16, "
                 + "\"max_tokens\": 2047, \"max_prompt_tokens\": 2047, \"max_message_bytes\": 4294967295}}",
-                Render.infoJson(info));
+                JsonLines.info(info));
     }
 
     @Test
@@ -101,19 +95,8 @@ class RenderTest {
             {"123456789", "1.23457e+08"}, {"1e-5", "1e-05"}, {"0.0001", "0.0001"}, {"999999.5", "1e+06"},
             {"-1.5", "-1.5"}, {"Infinity", "inf"}, {"NaN", "nan"}};
         for (String[] c : cases) {
-            assertEquals(c[1], Render.g6(OptionalDouble.of(Double.parseDouble(c[0]))), c[0]);
+            assertEquals(c[1], Verdict.g6(OptionalDouble.of(Double.parseDouble(c[0]))), c[0]);
         }
-        assertEquals("n/a", Render.g6(OptionalDouble.empty()));
-    }
-
-    @Test
-    void exitCodes() {
-        assertEquals(0, GuardedGenerate.exitCode(Verdict.Status.COMPLETED));
-        assertEquals(3, GuardedGenerate.exitCode(Verdict.Status.HALTED));
-        assertEquals(4, GuardedGenerate.exitCode(Verdict.Status.CANCELLED));
-        assertEquals(1, GuardedGenerate.exitCode(Verdict.Status.ERROR));
-        assertEquals(2, GuardedGenerate.exitCode(new GuardException(Status.Code.INVALID_ARGUMENT, "x")));
-        assertEquals(1, GuardedGenerate.exitCode(new GuardException(Status.Code.UNAUTHENTICATED, "x")));
-        assertEquals(1, GuardedGenerate.exitCode(new GuardException(Status.Code.UNAVAILABLE, "x")));
+        assertEquals("n/a", Verdict.g6(OptionalDouble.empty()));
     }
 }

@@ -1,21 +1,20 @@
-package io.libfse.example;
+package io.libfse.client;
 
 import fse.v1.Fse;
-import io.libfse.client.Health;
-import io.libfse.client.TokenEvent;
-import io.libfse.client.Verdict;
-import java.math.BigDecimal;
-import java.math.MathContext;
-import java.math.RoundingMode;
 import java.util.Locale;
 import java.util.Optional;
 import java.util.OptionalDouble;
 import java.util.OptionalLong;
 import java.util.StringJoiner;
 
-/** The contract's output: JSON lines, the text-mode verdict line, and the Info document. */
-final class Render {
-    private Render() {
+/**
+ * The JSON lines of docs/protocol.md, as {@code fse generate --json} and every client's
+ * guarded-generate print them: keys in the protocol's order, spaced as Python's json.dumps spaces
+ * them; doubles as {@link Double#toString} prints them (they parse back to the same double), NaN and
+ * infinities as null; strings with their text raw (write them as UTF-8).
+ */
+public final class JsonLines {
+    private JsonLines() {
     }
 
     /** A value already rendered as JSON (a nested object or array). */
@@ -23,7 +22,7 @@ final class Render {
     }
 
     /** A JSON object of key, value pairs in order, spaced as Python's json.dumps spaces it. */
-    static String object(Object... keysAndValues) {
+    private static String object(Object... keysAndValues) {
         StringJoiner out = new StringJoiner(", ", "{", "}");
         for (int i = 0; i < keysAndValues.length; i += 2) {
             out.add(quote((String) keysAndValues[i]) + ": " + value(keysAndValues[i + 1]));
@@ -64,7 +63,14 @@ final class Render {
         return out.append('"').toString();
     }
 
-    static String tokenJson(TokenEvent t) {
+    /**
+     * The token's JSON line: type, index, id, text, nll, ppl, variance, max_prob, l2_norm, health (null
+     * when unspecified), and warnings only when there are any.
+     *
+     * @param t a token event
+     * @return one JSON object, without a newline
+     */
+    public static String token(TokenEvent t) {
         String health = t.health() == Health.UNSPECIFIED ? null : t.health().name().toLowerCase(Locale.ROOT);
         String doc = object("type", "token", "index", t.index(), "id", t.id(), "text", t.text(), "nll", t.nll(),
                 "ppl", t.ppl(), "variance", t.variance(), "max_prob", t.maxProb(), "l2_norm", t.l2Norm(),
@@ -78,7 +84,14 @@ final class Render {
         return doc.substring(0, doc.length() - 1) + ", \"warnings\": " + trips + "}";
     }
 
-    static String verdictJson(Verdict v) {
+    /**
+     * The verdict's JSON line: type, status, guard, value, threshold, token_index (each null when
+     * unset), tokens, text, policy, policy_sha256, and message only when it is not empty.
+     *
+     * @param v a verdict
+     * @return one JSON object, without a newline
+     */
+    public static String verdict(Verdict v) {
         String doc = object("type", "verdict", "status", v.status().name().toLowerCase(Locale.ROOT), "guard",
                 v.guard(), "value", v.value(), "threshold", v.threshold(), "token_index", v.tokenIndex(),
                 "tokens", v.tokens(), "text", v.text(), "policy", v.policy(), "policy_sha256", v.policySha256());
@@ -86,8 +99,13 @@ final class Render {
                 + quote(v.message()) + "}";
     }
 
-    /** GetInfo as one JSON object with the proto field names (model.path left out). */
-    static String infoJson(Fse.Info info) {
+    /**
+     * GetInfo's answer with the proto's field names, less model.path (the daemon machine's business).
+     *
+     * @param info what {@link GuardClient#info()} returned
+     * @return one JSON object, without a newline
+     */
+    public static String info(Fse.Info info) {
         Fse.ModelInfo m = info.getModel();
         Fse.Limits l = info.getLimits();
         StringJoiner policies = new StringJoiner(", ", "[", "]");
@@ -106,36 +124,5 @@ final class Render {
                 "max_tokens", Integer.toUnsignedLong(l.getMaxTokens()),
                 "max_prompt_tokens", Integer.toUnsignedLong(l.getMaxPromptTokens()),
                 "max_message_bytes", Integer.toUnsignedLong(l.getMaxMessageBytes()))));
-    }
-
-    /** The text-mode verdict line, e.g. {@code [completed] 12 tokens released · policy ...}. */
-    static String verdictLine(Verdict v) {
-        String what = v.status().name().toLowerCase(Locale.ROOT);
-        if (v.status() == Verdict.Status.HALTED) {
-            what = "halted by " + v.guard().orElse("n/a") + ": value " + g6(v.value()) + ", threshold "
-                    + g6(v.threshold()) + ", at token "
-                    + (v.tokenIndex().isPresent() ? Long.toString(v.tokenIndex().getAsLong()) : "n/a");
-        }
-        String detail = v.message().isEmpty() ? "" : ": " + v.message();
-        String hash = v.policySha256().substring(0, Math.min(12, v.policySha256().length()));
-        return "[" + what + detail + "] " + v.tokens() + " tokens released · policy " + v.policy() + " (" + hash + ")";
-    }
-
-    /** C's {@code printf("%.6g", value)}, "n/a" when unset. */
-    static String g6(OptionalDouble value) {
-        double x = value.orElse(Double.NaN);
-        if (value.isEmpty() || Double.isNaN(x) || Double.isInfinite(x)) {
-            return value.isEmpty() ? "n/a" : Double.isNaN(x) ? "nan" : x > 0 ? "inf" : "-inf";
-        } else if (x == 0) {
-            return 1 / x < 0 ? "-0" : "0";
-        }
-        BigDecimal d = new BigDecimal(x).round(new MathContext(6, RoundingMode.HALF_EVEN)).stripTrailingZeros();
-        int exp = d.precision() - d.scale() - 1;
-        if (exp >= -4 && exp < 6) {
-            return d.toPlainString();
-        }
-        String digits = d.unscaledValue().abs().toString();
-        String mantissa = digits.length() == 1 ? digits : digits.charAt(0) + "." + digits.substring(1);
-        return (x < 0 ? "-" : "") + mantissa + String.format("e%s%02d", exp < 0 ? "-" : "+", Math.abs(exp));
     }
 }

@@ -84,6 +84,9 @@ class Handle:
     sent_chars: int = 0
     withheld: bool = False
     ended: bool = False  # the verdict is being recorded: too late to withhold anything
+    # Set once the verdict's audit line has been written (or kept for a retry): the
+    # servicer sends the verdict only then, so a client never sees an unrecorded one.
+    recorded: asyncio.Event = field(default_factory=asyncio.Event)
 
     def cancel(self) -> None:
         self.cancelled = True

@@ -9,6 +9,7 @@ stream in this process (`fse generate --local`). Neither knows about gRPC.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -17,6 +18,7 @@ import random
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from fse import __version__
@@ -263,18 +265,19 @@ class GuardService:
         )
 
     def _record_verdict(self, handle: Handle, verdict: Verdict) -> None:
-        """Called on the decode thread once per stream, as it ends. After a protocol
-        error the servicer sends nothing more: then the record counts what was sent,
-        and `withheld` the tokens released but never sent."""
+        """Called on the decode thread once per stream, as it ends: posted, so that a slow
+        audit device never stalls decoding (the line keeps its place in the chain). After
+        a protocol error the servicer sends nothing more: then the record counts what was
+        sent, and `withheld` the tokens released but never sent."""
         sent = handle.end()
         if self.audit is None:
+            _set_from_thread(handle)
             return
         tokens, output, withheld = verdict.tokens, verdict.text, None
         if sent is not None:
             tokens, output = sent[0], verdict.text[: sent[1]]
             withheld = verdict.tokens - tokens
-        self.audit.write(
-            "stream.verdict",
+        fields = dict(
             stream=handle.stream_id,
             request_id=handle.request.request_id,
             client=handle.client or None,
@@ -289,6 +292,11 @@ class GuardService:
             policy_sha256=verdict.policy_sha256,
             output=output,
             message=verdict.message or None,
+        )
+        self.audit.post(
+            "stream.verdict",
+            fields,
+            then=partial(_set_from_thread, handle),
         )
 
     def shutdown(self, timeout: float | None = None) -> bool:
@@ -316,3 +324,9 @@ def _fault_fields(faults: Faults) -> dict[str, object]:
         for f in dataclasses.fields(faults)
         if getattr(faults, f.name) != f.default
     }
+
+
+def _set_from_thread(handle: Handle) -> None:
+    """Tell the servicer (on the handle's loop) that the verdict is recorded."""
+    with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
+        handle.loop.call_soon_threadsafe(handle.recorded.set)

@@ -220,6 +220,7 @@ class GuardServicer(fse_pb2_grpc.GuardServicer):
                     handle.sent_chars += len(event.text)
                     yield token_to_wire(event)
                     continue
+                await handle.recorded.wait()  # the verdict is in the audit log first
                 yield verdict_to_wire(event)
                 if event.status == ERROR:
                     self._refuse(

@@ -62,9 +62,11 @@ CLOSE_WAIT = 5.0
 
 
 class AuditLog:
-    """Appends chained JSON lines to one file (rotating it by size); thread-safe (the
-    decode thread and the event loop both write). Call `write` for each event; check
-    `healthy`. `orphans` and `next_stream` tell what the last run left behind."""
+    """Appends chained JSON lines to one file (rotating it by size); thread-safe. Call
+    `write` for an event that must be on disk before the caller goes on (a stream's start)
+    and `post` for one that must only be in order (a verdict, from the decode thread,
+    which must never wait on the disk); check `healthy`. `orphans` and `next_stream` tell
+    what the last run left behind."""
 
     def __init__(
         self,
@@ -113,6 +115,10 @@ class AuditLog:
             self._release()
             raise
         self._stop = threading.Event()
+        self._posted = threading.Event()  # set by post(): the writer thread has lines
+        self._then: list[Callable[[], None]] = []  # post()'s callbacks, once attempted
+        self._writer = threading.Thread(target=self._write_posted, name="audit-writer", daemon=True)
+        self._writer.start()
         self._syncer: threading.Thread | None = None
         if fsync == "interval":
             self._syncer = threading.Thread(
@@ -133,13 +139,29 @@ class AuditLog:
         """Record an event. False if it (or an earlier one) could not be written yet:
         it is kept and retried, and the log is unhealthy until then. ValueError for a
         reserved field name or a non-finite number (nothing is kept then)."""
-        record: Record = fields
+        self._enqueue(event, fields)
+        return self._flush_waiting()
+
+    def post(self, event: str, fields: Record, then: Callable[[], None] | None = None) -> None:
+        """Record an event without waiting for the disk: it is queued in order with every
+        other line and written by the log's writer thread, which then calls `then` (also
+        when the line could not be written and is kept for a retry). A line that cannot
+        be written makes the log unhealthy, as with `write`; one still queued when the
+        process dies is lost (a stream's verdict: the next start names it an orphan).
+        ValueError as for `write` (nothing is queued, `then` is not called)."""
+        self._enqueue(event, dict(fields))
+        with self._queue:
+            if then is not None:
+                self._then.append(then)
+        self._posted.set()
+
+    def _enqueue(self, event: str, fields: Record) -> None:
+        record = fields
         for step in self._steps:
             record = step(record)
         fields_json = encode_fields(record)
         with self._queue:  # stamped in queue order: ts never goes backwards along the chain
             self._pending.append(Entry(now_rfc3339(), event, fields_json))
-        return self._flush_waiting()
 
     def retry(self) -> bool:
         """Try the kept lines (and a failed fsync) again; True once all is written."""
@@ -151,6 +173,8 @@ class AuditLog:
         on a stalled disk is not waited for past CLOSE_WAIT (the process's exit then
         closes the file and releases the lock)."""
         self._stop.set()
+        self._posted.set()
+        self._writer.join(CLOSE_WAIT)
         if self._syncer is not None:
             self._syncer.join(CLOSE_WAIT)
         if not self._lock.acquire(timeout=CLOSE_WAIT):
@@ -171,6 +195,23 @@ class AuditLog:
                 setattr(self, name, -1)
 
     # -- writing --
+
+    def _write_posted(self) -> None:
+        """The writer thread: writes what `post` queued (and anything queued before it),
+        waiting for the writer's lock as long as it takes, so no caller of `post` does;
+        then tells each poster its line was attempted."""
+        while True:
+            self._posted.wait()
+            self._posted.clear()
+            if self._stop.is_set():
+                return
+            with self._queue:  # their lines are queued already: this flush attempts them
+                callbacks, self._then = self._then, []
+            with self._lock:
+                if self._fd >= 0:
+                    self._flush()
+            for callback in callbacks:
+                callback()
 
     def _flush_waiting(self) -> bool:
         """Flush under the writer's lock, waiting for another writer at most LOCK_WAIT

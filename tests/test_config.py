@@ -182,11 +182,46 @@ def test_a_rejected_value_is_shown_bounded(tmp_path: Path) -> None:
     assert "server.listen: [[[[...]]]] is out of range" in str(deep.value)
 
 
+def test_an_integer_too_large_for_a_float_is_out_of_range(tmp_path: Path) -> None:
+    """It was an OverflowError traceback; the policy's checks, now shared, said this."""
+    path = write(tmp_path, f"[server]\ndrain_seconds = 1{'0' * 400}\n")
+    line = one_error_line(run_fse("config", "check", str(path)), "config")
+    assert line.startswith(f"fse config: error: {path}: server.drain_seconds: 1000")
+    assert line.endswith("is out of range; accepted: seconds 0..3600")
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ('[server]\nmax_streams = "4"\n', 'server.max_streams: expected an integer, got a string ("4"); accepted: integer 1..256'),
+        ("[server]\nallow_insecure_tcp = 1\n", "server.allow_insecure_tcp: expected a boolean, got an integer (1); accepted: true or false"),
+        ("[server]\nmax_streams = 1979-05-27\n", "server.max_streams: expected an integer, got a date (datetime.date(1979, 5, 27))"),
+        ("[server]\nlisten = \"unix:a\"\n", 'server.listen: expected an array, got a string ("unix:a")'),
+        ("[audit]\nfsync = true\n", "audit.fsync: expected a string, got a boolean (true)"),
+        ("server = [1]\n", "server: expected a table, got an array ([1])"),
+    ],
+)  # fmt: skip
+def test_a_wrong_type_is_described_as_toml_spells_it(tmp_path: Path, text: str, words: str) -> None:
+    """The words of fse.core.values, as for policies (a date was "an array" here)."""
+    with pytest.raises(InputError) as bad:
+        load(write(tmp_path, text), {})
+    assert str(bad.value).startswith(f"{tmp_path / 'fse.toml'}: {words}")
+
+
+def test_printed_strings_escape_what_toml_forbids_raw(tmp_path: Path) -> None:
+    """A path with a newline or a quote printed an invalid config; the policy writer's
+    escapes, now shared, apply."""
+    odd = 'audit "log"\\\n\tend\x7f.jsonl'
+    printed = to_toml(load(None, {"audit.path": odd}))
+    assert 'path = "audit \\"log\\"\\\\\\n\\tend\\u007f.jsonl"' in printed
+    assert read_file(write(tmp_path, printed))["audit.path"] == odd
+
+
 # -- listen addresses -------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("address", ["unix:", "unix://", "localhost", "host:port", ":80",
-                                     "127.0.0.1:65536"])  # fmt: skip
+                                     "127.0.0.1:65536", "::1:7000", "[nope]:7000"])  # fmt: skip
 def test_a_listen_address_is_checked_with_the_config(tmp_path: Path, address: str) -> None:
     """`unix:` (an empty socket path) passed `fse config check`; serve then refused it."""
     path = write(tmp_path, f'[server]\nlisten = ["unix:/run/fse/fse.sock", "{address}"]\n')

@@ -405,6 +405,21 @@ def test_bad_name(value: str) -> None:
     assert "accepted: 1 to 64 characters of A-Z a-z 0-9 _ . -" in msg
 
 
+def test_a_refused_string_is_shown_bounded() -> None:
+    """A refused name or action was quoted whole; now as every refused value is (at most
+    40 characters, fse.core.values)."""
+    msg = _error(PRO_TEXT.replace('name = "pro"', f'name = "{"x" * 100_000}"'))
+    assert msg == (
+        f'test.toml: name: "{"x" * 36}... is not accepted; '
+        "accepted: 1 to 64 characters of A-Z a-z 0-9 _ . -"
+    )
+    msg = _error(_with("guards.loop", "action", f'"{"h" * 100_000}"'))
+    shown = f'"{"h" * 36}...'
+    assert (
+        msg == f'test.toml: guards.loop.action: {shown} is not accepted; accepted: "halt", "warn"'
+    )
+
+
 def test_bad_description() -> None:
     assert "description: expected a string" in _error('name = "x"\ndescription = 5\n')
 

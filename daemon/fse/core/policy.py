@@ -72,6 +72,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from fse.core import toml_writer
 from fse.core.files import FileRefused, check_trusted_dir, read_trusted
 from fse.core.registry import (
     ALWAYS_ON,
@@ -84,12 +85,12 @@ from fse.core.registry import (
     PerplexityGuard,
     PolicyError,
     check_float,
-    describe,
     positive,
     set_field,
     spec,
 )
 from fse.core.types import Health
+from fse.core.values import describe, not_accepted, wrong_type
 
 __all__ = [
     "DEFAULT_PPL_WINDOW",
@@ -172,11 +173,8 @@ class Policy:
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _NAME_RE.fullmatch(self.name):
-            shown = json.dumps(self.name) if isinstance(self.name, str) else describe(self.name)
-            raise PolicyError(
-                f"name: {shown} is not accepted; accepted: 1 to 64 characters of A-Z a-z 0-9 _ . -",
-                "name",
-            )
+            accepted = "1 to 64 characters of A-Z a-z 0-9 _ . -"
+            raise not_accepted("name", self.name, accepted, error=PolicyError)
         if not isinstance(self.description, str) or len(self.description) > _DESCRIPTION_MAX:
             raise PolicyError(
                 f"description: expected a string of at most {_DESCRIPTION_MAX} characters, "
@@ -211,14 +209,14 @@ class Policy:
     def to_toml(self) -> str:
         """A policy file that parses back to an equal policy (same sha256)."""
         # No sha256 comment: it would go stale when someone edits the file.
-        lines = [f"name = {_toml_str(self.name)}"]
+        top = {"name": self.name}
         if self.description:
-            lines.append(f"description = {_toml_str(self.description)}")
-        lines += ["", "[health]", *_toml_fields(dataclasses.asdict(self.health))]
+            top["description"] = self.description
+        tables = {"health": dataclasses.asdict(self.health)}
         for name, cfg in self.guards().items():
-            lines += ["", f"[guards.{name}]", *_toml_fields(dataclasses.asdict(cfg))]
-        lines += ["", f"# guards.{ALWAYS_ON}: always on, not configurable"]
-        return "\n".join(lines) + "\n"
+            tables[f"guards.{name}"] = dataclasses.asdict(cfg)
+        footer = f"# guards.{ALWAYS_ON}: always on, not configurable"
+        return toml_writer.document(top, tables, [footer])
 
 
 def _check_guard_fields() -> None:
@@ -237,37 +235,13 @@ def _check_guard_fields() -> None:
 _check_guard_fields()
 
 
-def _toml_fields(values: Mapping[str, object]) -> list[str]:
-    out = []
-    for key, value in values.items():
-        if isinstance(value, str):
-            out.append(f"{key} = {_toml_str(value)}")
-        else:  # int, or a finite float whose repr ("1e-05", "10000.0") is valid TOML
-            out.append(f"{key} = {value!r}")
-    return out
-
-
-def _toml_str(text: str) -> str:
-    """A TOML basic string. Escapes what TOML forbids raw (controls, DEL, quote, backslash)."""
-    special = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
-    out = []
-    for ch in text:
-        if ch in special:
-            out.append(special[ch])
-        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
-            out.append(f"\\u{ord(ch):04x}")
-        else:
-            out.append(ch)
-    return '"' + "".join(out) + '"'
-
-
 # ---------------------------------------------------------------------------
 # Parsing
 
 
 def _table(key: str, value: object) -> dict[str, Any]:
     if not isinstance(value, dict):
-        raise PolicyError(f"{key}: expected a table, got {describe(value)}", key)
+        raise wrong_type(key, value, dict, error=PolicyError)
     return value
 
 

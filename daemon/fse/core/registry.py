@@ -25,14 +25,11 @@ docs/guards.md says how to add a guard.
 
 from __future__ import annotations
 
-import json
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, TypeAlias, TypeVar
 
 from fse._native import ffi, lib
-from fse.core.errors import InputError
 from fse.core.types import (
     L2_NORM,
     LOGIT_VARIANCE,
@@ -45,6 +42,7 @@ from fse.core.types import (
     StepMetrics,
     Trip,
 )
+from fse.core.values import ValueRefused, check, choice
 
 __all__ = [
     "ALWAYS_ON",
@@ -72,12 +70,8 @@ ALWAYS_ON: GuardName = NON_FINITE
 Judge: TypeAlias = Callable[[StepMetrics], "Trip | None"]
 
 
-class PolicyError(InputError):
+class PolicyError(ValueRefused):
     """An invalid policy. ``key`` is the dotted key at fault, when there is one."""
-
-    def __init__(self, message: str, key: str | None = None) -> None:
-        super().__init__(message)
-        self.key = key
 
 
 class MetricNaN(Exception):
@@ -85,59 +79,25 @@ class MetricNaN(Exception):
 
 
 # ---------------------------------------------------------------------------
-# Checking a key's value (the config dataclasses below, and fse.core.policy)
-
-
-def describe(value: object) -> str:
-    """'a string ("x")', 'an integer (3)': what a rejected value was."""
-    kind = {bool: "a boolean", str: "a string", int: "an integer", float: "a float"}.get(
-        type(value), f"a {type(value).__name__}"
-    )
-    if isinstance(value, dict):
-        kind = "a table"
-    elif isinstance(value, list):
-        kind = "an array"
-    shown = json.dumps(value) if isinstance(value, str | bool) else repr(value)
-    return f"{kind} ({short(shown)})"
-
-
-def short(text: str) -> str:
-    return text if len(text) <= 40 else text[:37] + "..."
+# Checking a key's value (the config dataclasses below, and fse.core.policy), by the
+# checks of fse.core.values, raising PolicyError
 
 
 def check_float(key: str, value: object, ok: Callable[[float], bool], accepted: str) -> float:
     """A finite number for which ok() holds, as a float (an int is accepted, a bool not)."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise PolicyError(
-            f"{key}: expected a number, got {describe(value)}; accepted: {accepted}", key
-        )
-    try:
-        number = float(value) + 0.0  # + 0.0 turns -0.0 into 0.0 so both hash alike
-    except OverflowError:  # an integer too large for a float
-        number = math.inf
-    # Every range also demands a finite value; NaN fails every comparison.
-    if not (math.isfinite(number) and ok(number)):
-        raise PolicyError(f"{key}: {short(repr(value))} is out of range; accepted: {accepted}", key)
+    number: float = check(key, value, float, ok, accepted, error=PolicyError)
     return number
 
 
 def check_int(key: str, value: object, low: int, high: int, note: str = "") -> int:
     """An integer low <= value <= high (a float or a bool is not accepted)."""
     accepted = f"integer {low} <= value <= {high}{note}"
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise PolicyError(
-            f"{key}: expected an integer, got {describe(value)}; accepted: {accepted}", key
-        )
-    if not low <= value <= high:
-        raise PolicyError(f"{key}: {short(repr(value))} is out of range; accepted: {accepted}", key)
-    return value
+    number: int = check(key, value, int, lambda v: low <= v <= high, accepted, error=PolicyError)
+    return number
 
 
 def check_action(key: str, value: object) -> Action:
-    if value == "halt" or value == "warn":
-        return "halt" if value == "halt" else "warn"
-    shown = describe(value) if not isinstance(value, str) else json.dumps(value)
-    raise PolicyError(f'{key}: {shown} is not accepted; accepted: "halt", "warn"', key)
+    return "halt" if choice(key, value, ("halt", "warn"), error=PolicyError) == "halt" else "warn"
 
 
 def set_field(obj: object, name: str, value: object) -> None:

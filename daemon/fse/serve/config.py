@@ -11,20 +11,20 @@ whose sections the daemon reads; nothing else parses configuration.
 
 from __future__ import annotations
 
-import math
+import ipaddress
 import os
-import reprlib
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from fse.core import toml_writer
 from fse.core.engine import MAX_THREADS
 from fse.core.errors import InputError
 from fse.core.files import FileRefused, read_trusted
-
-FSYNC_MODES = ("always", "interval", "never")
+from fse.core.values import check, wrong_type
+from fse.serve.audit import FSYNC_MODES
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,19 +52,31 @@ def _mode(v: str) -> bool:
     return len(v) in (3, 4) and all(c in "01234567" for c in v)
 
 
-def listen_error(addr: str) -> str | None:
-    """Why `addr` is not a listen address (unix:PATH or HOST:PORT), or None if it is one.
-    The one check of the form, for the config file, the flags and fse.serve.listeners."""
+def listen_address(addr: str) -> str | tuple[str, int] | None:
+    """What a listen address names: the socket path of unix:PATH (PATH not empty), the
+    (host, port) of HOST:PORT (PORT 0..65535; an IPv6 host in brackets, [::1]:7000, given
+    back without them), or None when `addr` is neither. The one grammar of listen
+    addresses: the config file's and the flags' check, and fse.serve.listeners.parse_listen
+    (the daemon's listeners, metrics.listen). A bare IPv6 address (::1:7000) is not one:
+    gRPC would read it as another address and port."""
     if addr.startswith("unix:"):
-        return None if addr.removeprefix("unix:").removeprefix("//") else "empty socket path"
+        return addr.removeprefix("unix:").removeprefix("//") or None
     host, sep, port = addr.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            return None
+    elif ":" in host:
+        return None
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        return "neither unix:PATH nor HOST:PORT"
-    return None
+        return None
+    return host, int(port)
 
 
 def _address_list(v: list[str]) -> bool:
-    return len(v) >= 1 and all(isinstance(a, str) and listen_error(a) is None for a in v)
+    return len(v) >= 1 and all(isinstance(a, str) and listen_address(a) is not None for a in v)
 
 
 KEYS: tuple[Key, ...] = (
@@ -190,45 +202,10 @@ class Settings:
     verbose: bool = False
 
 
-_KIND_WORDS = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
-               list: "an array"}  # fmt: skip
-
-
-# A rejected value as errors show it: bounded, whatever the file held (a 1 MB string,
-# an array nested hundreds deep).
-_SHOWN = reprlib.Repr()
-_SHOWN.maxlevel, _SHOWN.maxlist, _SHOWN.maxstring, _SHOWN.maxother = 3, 8, 80, 80
-
-
-def _describe(value: object) -> str:
-    kinds = {bool: "a boolean", int: "an integer", float: "a float", str: "a string"}
-    kind = kinds.get(type(value), "a table" if isinstance(value, dict) else "an array")
-    return f"{kind} ({_SHOWN.repr(value)})" if not isinstance(value, dict | list) else kind
-
-
 def _checked(key: Key, value: object, where: str) -> Any:
-    """The value, type- and range-checked; `where` is how the error names it."""
-    kind = key.kind
-    ok_type = (
-        isinstance(value, bool)
-        if kind is bool
-        else isinstance(value, int | float) and not isinstance(value, bool)
-        if kind is float
-        else isinstance(value, kind) and not isinstance(value, bool)
-    )
-    if not ok_type:
-        raise InputError(
-            f"{where}: expected {_KIND_WORDS[kind]}, got {_describe(value)}; "
-            f"accepted: {key.accepted}"
-        )
-    if kind is float:
-        value = float(value)  # type: ignore[arg-type]
-        if not math.isfinite(value):
-            raise InputError(f"{where}: {value!r} is out of range; accepted: {key.accepted}")
-    if not key.check(value):
-        shown = _SHOWN.repr(value)
-        raise InputError(f"{where}: {shown} is out of range; accepted: {key.accepted}")
-    return value
+    """The value, type- and range-checked (fse.core.values); `where` is how the error
+    names it."""
+    return check(where, value, key.kind, key.check, key.accepted)
 
 
 def read_file(path: Path) -> dict[str, Any]:
@@ -252,7 +229,7 @@ def read_file(path: Path) -> dict[str, Any]:
         if section not in SECTIONS:
             raise InputError(f"{path}: {section}: unknown section; accepted: {', '.join(SECTIONS)}")
         if not isinstance(table, dict):
-            raise InputError(f"{path}: {section}: expected a table, got {_describe(table)}")
+            raise wrong_type(f"{path}: {section}", table, dict)
         for name, value in table.items():
             key = _BY_DOTTED.get(f"{section}.{name}")
             if key is None:
@@ -329,24 +306,9 @@ def _build(values: dict[str, Any], overrides: Mapping[str, Any], **extra: bool) 
 def to_toml(settings: Settings) -> str:
     """The effective settings as a config file. Only paths are printed, never a file's
     content, so no key, token hash or certificate ever reaches the output."""
-    lines: list[str] = []
+    tables: dict[str, dict[str, object]] = {}
     for section in SECTIONS:
-        lines += ["", f"[{section}]"] if lines else [f"[{section}]"]
         obj = getattr(settings, section)
-        for f in fields(obj):
-            value = getattr(obj, f.name)
-            if f.name == "socket_mode":
-                value = f"{value:04o}"
-            lines.append(f"{f.name} = {_toml_value(value)}")
-    return "\n".join(lines) + "\n"
-
-
-def _toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, tuple | list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    text = "" if value is None else str(value)
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        tables[section] = {f.name: getattr(obj, f.name) for f in fields(obj)}
+    tables["server"]["socket_mode"] = f"{settings.server.socket_mode:04o}"
+    return toml_writer.document({}, tables)

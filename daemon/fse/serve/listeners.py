@@ -22,9 +22,13 @@ from pathlib import Path
 import grpc
 
 from fse.core.files import FileRefused, read_trusted
-from fse.serve.config import ServerSettings, TlsSettings, listen_error
+from fse.serve.config import ServerSettings, TlsSettings, listen_address
 
 BACKLOG = 256  # connections the kernel queues before the daemon accepts them
+
+# What parse_listen's error says is accepted, with unix sockets and without.
+_ACCEPTED = "unix:PATH (PATH not empty) or HOST:PORT"
+_ACCEPTED_TCP = "HOST:PORT, such as 127.0.0.1:9464 or [::1]:9464 (empty: off)"
 
 
 class StartupError(Exception):
@@ -36,25 +40,26 @@ class Listener:
     target: str  # as gRPC spells it: unix:/abs/path or HOST:PORT
     socket_path: Path | None  # for unix listeners
     loopback: bool  # a unix socket, or a TCP address that only this host can reach
+    host: str = ""  # for TCP listeners, without an IPv6 address's brackets
+    port: int = 0  # for TCP listeners
 
     @property
     def is_unix(self) -> bool:
         return self.socket_path is not None
 
 
-def parse_listen(addr: str) -> Listener:
-    """`unix:PATH` (relative paths resolved now) or `HOST:PORT`; the form is checked by
-    fse.serve.config.listen_error, as when the config is loaded."""
-    why = listen_error(addr)
-    if why is not None:
-        raise StartupError(
-            f"--listen {addr}: {why}; accepted: unix:PATH (PATH not empty) or HOST:PORT"
-        )
-    if addr.startswith("unix:"):
-        resolved = Path(addr.removeprefix("unix:").removeprefix("//")).expanduser().resolve()
+def parse_listen(addr: str, key: str = "--listen", *, unix: bool = True) -> Listener:
+    """`unix:PATH` (relative paths resolved now; only if `unix`) or `HOST:PORT`, as
+    fse.serve.config.listen_address reads it when the config is loaded. Errors name
+    `key`: the daemon's listeners (--listen) and metrics.listen (`unix=False`)."""
+    parsed = listen_address(addr)
+    if parsed is None or (isinstance(parsed, str) and not unix):
+        raise StartupError(f"{key} {addr}: accepted: {_ACCEPTED if unix else _ACCEPTED_TCP}")
+    if isinstance(parsed, str):
+        resolved = Path(parsed).expanduser().resolve()
         return Listener(f"unix:{resolved}", resolved, True)
-    host = addr.rpartition(":")[0]
-    return Listener(addr, None, _is_loopback(host.strip("[]")))
+    host, port = parsed
+    return Listener(addr, None, _is_loopback(host), host, port)
 
 
 def _is_loopback(host: str) -> bool:

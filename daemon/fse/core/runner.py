@@ -15,7 +15,7 @@ from fse.core.errors import EngineError, InputError
 from fse.core.faults import NO_FAULTS, Faults
 from fse.core.model import Model
 from fse.core.policy import Policy
-from fse.core.stream import GuardedStream
+from fse.core.stream import Deadline, GuardedStream
 from fse.core.types import COMPLETED, Event, Request
 
 
@@ -56,11 +56,12 @@ def run_local(
     cancel: threading.Event | None = None,
 ) -> Iterator[Event]:
     """Guarded generation in this process: token events, then exactly one Verdict."""
-    stream = GuardedStream(
-        policy, request.stop, faults, max_tokens=request.max_tokens, timeout=request.timeout
-    )
     tokens = prompt_tokens(model, request)
-    started = time.monotonic()
+    # The budget runs from here, after tokenizing, as the daemon's runs from admission.
+    deadline = Deadline.start(request.timeout, time.monotonic())
+    stream = GuardedStream(
+        policy, request.stop, faults, max_tokens=request.max_tokens, deadline=deadline
+    )
     steps = generate(
         ctx,
         tokens,
@@ -72,7 +73,7 @@ def run_local(
     try:
         for step in steps:
             cancelled = cancel is not None and cancel.is_set()
-            yield from stream.before_step(cancelled, time.monotonic() - started, step.metrics.index)
+            yield from stream.before_step(cancelled, time.monotonic(), step.metrics.index)
             if stream.verdict is None:
                 yield from stream.step(step)
             if stream.verdict is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from fse.core.engine import Step
 from fse.core.faults import NO_FAULTS, Faults
@@ -30,6 +31,32 @@ from fse.core.types import (
 )
 
 
+@dataclass(frozen=True, slots=True)
+class Deadline:
+    """A stream's time budget, in one form once the stream is admitted.
+
+    Before admission the budget is relative: Request.timeout, seconds (the wire's
+    timeout_ms, or what the RPC's own deadline leaves). Admission turns it into `at`, an
+    absolute time.monotonic(), here and nowhere else (`Deadline.start`: the scheduler's
+    submit, run_local's start); from then on every check, waiting or decoding, compares
+    the clock with `at`. `started` and `seconds` are kept only for the `deadline`
+    verdict: its value is the seconds elapsed, its threshold the budget.
+    """
+
+    at: float
+    started: float
+    seconds: float
+
+    @classmethod
+    def start(cls, seconds: float | None, now: float) -> Deadline | None:
+        """The deadline of a stream admitted at `now` (time.monotonic()) with a budget of
+        `seconds` (Request.timeout; None: no deadline)."""
+        return None if seconds is None else cls(now + seconds, now, seconds)
+
+    def passed(self, now: float) -> bool:
+        return now > self.at
+
+
 class GuardedStream:
     """Per-stream judgement: guard chain, stop sequences, budgets, released text, verdict.
 
@@ -46,11 +73,11 @@ class GuardedStream:
         faults: Faults = NO_FAULTS,
         *,
         max_tokens: int | None = None,
-        timeout: float | None = None,
+        deadline: Deadline | None = None,
     ) -> None:
         self.policy = policy
         self.max_tokens = max_tokens
-        self.timeout = timeout
+        self.deadline = deadline
         self.chain = GuardChain(policy, fault_at=faults.guard_error_at)
         self.stop = tuple(s for s in stop if s)
         self._released: list[str] = []
@@ -61,13 +88,15 @@ class GuardedStream:
     def tokens(self) -> int:
         return len(self._released)
 
-    def before_step(self, cancelled: bool, elapsed: float, produced: int) -> list[TokenEvent]:
-        """Before the next token is judged: a cancel ends the stream `cancelled`, a passed
-        deadline halts it with guard `deadline` at the token it would have produced."""
+    def before_step(self, cancelled: bool, now: float, produced: int) -> list[TokenEvent]:
+        """Before the next token is judged (`now`: time.monotonic()): a cancel ends the
+        stream `cancelled`, a passed deadline halts it with guard `deadline` at the token
+        it would have produced."""
         if cancelled:
             return self.finish(CANCELLED)
-        if self.timeout is not None and elapsed > self.timeout:
-            return self.finish(HALTED, DEADLINE, elapsed, self.timeout, produced)
+        deadline = self.deadline
+        if deadline is not None and deadline.passed(now):
+            return self.finish(HALTED, DEADLINE, now - deadline.started, deadline.seconds, produced)
         return []
 
     def step(self, step: Step) -> list[TokenEvent]:

@@ -28,7 +28,7 @@ from fse.core.errors import EngineError
 from fse.core.faults import Faults
 from fse.core.model import Model
 from fse.core.policy import Policy
-from fse.core.stream import GuardedStream
+from fse.core.stream import Deadline, GuardedStream
 from fse.core.types import (
     CANCELLED,
     DEADLINE,
@@ -73,8 +73,7 @@ class Handle:
     faults: Faults
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
-    admitted_at: float = field(default_factory=time.monotonic)
-    deadline: float | None = None  # time.monotonic() when the deadline guard fires
+    deadline: Deadline | None = None  # set once, by submit: request.timeout from admission
     cancelled: bool = False  # set from the asyncio side; read by the scheduler each step
     stream_id: int = 0  # the daemon's own number for the stream (audit log)
     client: str = ""  # who asked: token:NAME, cert:SUBJECT, unix (audit log)
@@ -128,7 +127,15 @@ Deliver = list[tuple[Handle, Sequence[Event]]]
 class Scheduler:
     """Owns Model + Context on its own thread. `submit` is called from the event loop."""
 
-    def __init__(self, model: Model, limits: Limits, n_threads: int) -> None:
+    def __init__(
+        self,
+        model: Model,
+        limits: Limits,
+        n_threads: int,
+        *,
+        on_stream_end: Callable[[Handle, Verdict], None] | None = None,
+        metrics: MetricsSink = NO_METRICS,
+    ) -> None:
         self.model = model
         self.limits = limits
         self.ctx = Context(
@@ -140,17 +147,21 @@ class Scheduler:
         )
         self._waiting: collections.deque[Handle] = collections.deque()
         self._active: list[_Active] = []
+        # The active streams with the debug fault hang@K, the only ones the decode thread
+        # looks at before each step: with none (always, unless --allow-debug-faults and a
+        # call asked for it) that check is a loop over an empty list.
+        self._hang_watch: list[_Active] = []
         self._free_seqs = list(range(limits.max_streams - 1, -1, -1))
         self._wake = threading.Condition()
         self._accepting = True
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="fse-scheduler", daemon=True)
-        self.on_stream_end: Callable[[Handle, Verdict], None] | None = None
+        self.on_stream_end = on_stream_end  # with each verdict, on the decode thread
         # Read by the watchdog on the event loop: when the current step began (None while
         # idle), and the tokens released so far (for STATUS=).
         self.step_started: float | None = None
         self.tokens_released = 0
-        self.metrics: MetricsSink = NO_METRICS  # set before start(); called on this thread
+        self.metrics = metrics  # called on the decode thread
 
     # -- event-loop side ------------------------------------------------------
 
@@ -167,32 +178,32 @@ class Scheduler:
         """Raise NotAccepting while draining, Overloaded if `extra` more streams and one
         would not fit (running + waiting)."""
         with self._wake:
-            if not self._accepting:  # a drain wins over a full queue: come back elsewhere
-                raise NotAccepting("the daemon is shutting down")
-            busy = len(self._active) + len(self._waiting) + extra
-            if busy >= self.limits.max_streams + self.limits.max_queue:
-                raise Overloaded(
-                    f"{len(self._active)} streams running, {len(self._waiting)} waiting and "
-                    f"{extra} being prepared (max_streams {self.limits.max_streams}, "
-                    f"max_queue {self.limits.max_queue})"
-                )
+            self._check_capacity(extra)
+
+    def _check_capacity(self, extra: int) -> None:
+        """check_capacity, with self._wake held (submit checks and queues under it)."""
+        if not self._accepting:  # a drain wins over a full queue: come back elsewhere
+            raise NotAccepting("the daemon is shutting down")
+        running, waiting, limits = len(self._active), len(self._waiting), self.limits
+        if running + waiting + extra >= limits.max_streams + limits.max_queue:
+            load = (
+                f"{running} streams running, {waiting} waiting and {extra} being prepared"
+                if extra
+                else f"{running} streams running and {waiting} waiting"
+            )
+            raise Overloaded(
+                f"{load} (max_streams {limits.max_streams}, max_queue {limits.max_queue})"
+            )
 
     def submit(self, handle: Handle, on_queue: Callable[[], None] | None = None) -> None:
         """Queue a validated stream, or raise Overloaded / NotAccepting at once.
 
-        `on_queue` runs once the stream is sure to be queued, before the decode thread
-        can see it (the audit log's stream.started comes before anything it does)."""
+        Queued is admitted: its deadline (Deadline.start) runs from now. `on_queue` runs
+        once the stream is sure to be queued, before the decode thread can see it (the
+        audit log's stream.started comes before anything it does)."""
         with self._wake:
-            if not self._accepting:
-                raise NotAccepting("the daemon is shutting down")
-            busy = len(self._active) + len(self._waiting)
-            if busy >= self.limits.max_streams + self.limits.max_queue:
-                raise Overloaded(
-                    f"{len(self._active)} streams running and {len(self._waiting)} waiting "
-                    f"(max_streams {self.limits.max_streams}, max_queue {self.limits.max_queue})"
-                )
-            if handle.request.timeout is not None:
-                handle.deadline = handle.admitted_at + handle.request.timeout
+            self._check_capacity(0)
+            handle.deadline = Deadline.start(handle.request.timeout, time.monotonic())
             if on_queue is not None:
                 on_queue()
             self._waiting.append(handle)
@@ -263,14 +274,21 @@ class Scheduler:
                 )
                 r = handle.request
                 stream = GuardedStream(
-                    handle.policy, r.stop, handle.faults, max_tokens=r.max_tokens, timeout=r.timeout
+                    handle.policy,
+                    r.stop,
+                    handle.faults,
+                    max_tokens=r.max_tokens,
+                    deadline=handle.deadline,
                 )
                 slot.start(handle.prompt)
             except (EngineError, MemoryError, ValueError) as exc:
                 self._free_seqs.append(seq)
                 self._end_unstarted(handle, deliver, ERROR, INTERNAL, message=str(exc))
                 continue
-            self._active.append(_Active(handle, slot, stream))
+            active = _Active(handle, slot, stream)
+            self._active.append(active)
+            if handle.faults.hang_at is not None:
+                self._hang_watch.append(active)
 
     def _sweep(self, deliver: Deliver) -> None:
         """Cancelled and overdue streams end before the next decode (within one step),
@@ -280,7 +298,7 @@ class Scheduler:
             gone = [
                 h
                 for h in self._waiting
-                if h.cancelled or (h.deadline is not None and now > h.deadline)
+                if h.cancelled or (h.deadline is not None and h.deadline.passed(now))
             ]
             for h in gone:
                 self._waiting.remove(h)
@@ -288,11 +306,12 @@ class Scheduler:
             if h.cancelled:
                 self._end_unstarted(h, deliver, CANCELLED)
             else:
-                elapsed = now - h.admitted_at
-                self._end_unstarted(h, deliver, HALTED, DEADLINE, elapsed, h.request.timeout)
+                deadline = h.deadline
+                assert deadline is not None  # not cancelled: gone for its deadline
+                elapsed = now - deadline.started
+                self._end_unstarted(h, deliver, HALTED, DEADLINE, elapsed, deadline.seconds)
         for a in list(self._active):
-            h = a.handle
-            released = a.stream.before_step(h.cancelled, now - h.admitted_at, a.slot.index)
+            released = a.stream.before_step(a.handle.cancelled, now, a.slot.index)
             if a.stream.verdict is not None:
                 self._close(a, deliver, released)
 
@@ -304,10 +323,9 @@ class Scheduler:
     def _step(self, deliver: Deliver) -> None:
         ctx = self.ctx
         self.step_started = time.monotonic()
-        for a in self._active:
-            hang_at = a.handle.faults.hang_at
-            if hang_at is not None and a.slot.index == hang_at:
-                threading.Event().wait()  # debug fault hang@K: a llama_decode that never returns
+        for a in self._hang_watch:  # empty unless a stream has the debug fault hang@K
+            if a.slot.index == a.handle.faults.hang_at:
+                threading.Event().wait()  # a llama_decode that never returns (the watchdog test)
         for a in self._active:
             if a.next_token >= 0:
                 a.slot.queue_token(a.next_token)
@@ -354,6 +372,8 @@ class Scheduler:
         assert verdict is not None
         a.slot.close()  # frees the sampler and clears the sequence's KV cache
         self._active.remove(a)
+        if a.handle.faults.hang_at is not None:
+            self._hang_watch.remove(a)
         self._free_seqs.append(a.slot.seq)
         deliver.append((a.handle, [verdict]))
         self.metrics.verdict(verdict)

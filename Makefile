@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-PIP    := $(PY) -m pip --quiet --disable-pip-version-check --constraint requirements.lock
+PIP    := PIP_CONSTRAINT=$(CURDIR)/requirements.lock $(PY) -m pip --quiet --disable-pip-version-check
 FSE    := $(VENV)/bin/fse
 STAMP  := $(VENV)/.fse-installed
 SOCKET ?= $(CURDIR)/fse.sock
@@ -98,7 +98,7 @@ DESTDIR ?=
 INSTALL_PIP_FLAGS ?=
 FSE_LIB     := $(DESTDIR)$(PREFIX)/lib/fse
 FSE_VENV    := $(FSE_LIB)/venv
-FSE_VPIP    := $(FSE_VENV)/bin/python -m pip --quiet --disable-pip-version-check --constraint $(CURDIR)/requirements.lock $(INSTALL_PIP_FLAGS)
+FSE_VPIP    := PIP_CONSTRAINT=$(CURDIR)/requirements.lock $(FSE_VENV)/bin/python -m pip --quiet --disable-pip-version-check $(INSTALL_PIP_FLAGS)
 FSE_UNITDIR := $(DESTDIR)$(PREFIX)/lib/systemd/system
 FSE_CONFDIR := $(DESTDIR)/etc/fse
 

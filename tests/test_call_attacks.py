@@ -388,7 +388,7 @@ async def main(addr):
                                n_threads=1)
         service.prepare = prepare
         servicer = GuardServicer()
-        servicer.service = service
+        servicer.model_loaded(service)
         server = grpc.aio.server()
         add_to_server(servicer, server)
         server.add_insecure_port(addr)

@@ -26,8 +26,8 @@ from fse import __version__
 from fse.core.gguf import default_model_path, file_sha256
 from fse.core.types import COMPLETED, HALTED, LOOP, Verdict
 from fse.serve.audit import AuditLog
-from fse.serve.listeners import StartupError
-from fse.serve.metrics import NO_METRICS, REJECTION_CODES, Metrics, parse_listen
+from fse.serve.listeners import StartupError, parse_listen
+from fse.serve.metrics import NO_METRICS, REJECTION_CODES, Metrics
 from fse_client.v1 import fse_pb2, fse_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -424,10 +424,11 @@ def test_listener_refuses_over_its_bound_and_cuts_at_its_deadline() -> None:
     ],
 )
 def test_parse_listen(listen: str, expected: tuple[str, int]) -> None:
-    assert parse_listen(listen) == expected
+    listener = parse_listen(listen, "metrics.listen", unix=False)
+    assert (listener.host, listener.port) == expected
 
 
 @pytest.mark.parametrize("listen", ["", "9464", "::1:9464", "[nope]:1", "h:x", "h:65536", "h:-1"])
 def test_parse_listen_refuses(listen: str) -> None:
     with pytest.raises(StartupError, match=r"^metrics.listen .*: accepted: HOST:PORT"):
-        parse_listen(listen)
+        parse_listen(listen, "metrics.listen", unix=False)

@@ -67,7 +67,7 @@ def test_failures_while_preparing(
     async def call() -> fse_client.FseError:
         server = grpc.aio.server()
         servicer = GuardServicer()
-        servicer.service = service
+        servicer.model_loaded(service)
         fse_pb2_grpc.add_GuardServicer_to_server(servicer, server)
         server.add_insecure_port(addr)
         await server.start()
@@ -128,7 +128,7 @@ def test_a_refused_call_keeps_nothing(service: GuardService, tmp_path: Path, ref
         interceptors = [AuthInterceptor(tokens, True, lambda c, r: denials.append(r))]
         server = grpc.aio.server(interceptors=interceptors if refusal == "no token" else None)
         servicer = GuardServicer()
-        servicer.service = service
+        servicer.model_loaded(service)
         fse_pb2_grpc.add_GuardServicer_to_server(servicer, server)
         server.add_insecure_port(addr)
         await server.start()

@@ -1,9 +1,9 @@
 """The daemon's life: load, bind, serve, reload on SIGHUP, drain on SIGTERM, stop.
 
-`serve()` wires the parts together (policies, audit log, gRPC server and its
-servicers, model, guard service) and owns the order of events that the fail-closed
-promises depend on: nothing serves before the model is loaded and the audit log is
-open; nothing is accepted after SIGTERM; every stream ends with a verdict.
+`serve()` composes the parts in the order the fail-closed promises depend on: every
+check that needs no model runs before anything is bound; nothing serves before the
+model is loaded and the audit log is open; nothing is accepted after SIGTERM; every
+stream ends with a verdict. Each part is built whole by one function below.
 """
 
 from __future__ import annotations
@@ -14,22 +14,26 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import structlog
 from fse_client.v1 import fse_pb2
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health as grpc_health
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from fse.core.errors import EngineError, InputError
-from fse.core.gguf import ModelError, check_gguf, default_model_path
+from fse.core.gguf import ModelError, check_gguf, default_model_path, file_sha256
 from fse.core.model import Model
 from fse.core.policy import Policy, PolicyError, load_policies
 from fse.serve.audit import AuditError, AuditLog
 from fse.serve.auth import AuthInterceptor, TokenTable
 from fse.serve.config import Settings
 from fse.serve.listeners import (
+    Listener,
     StartupError,
     bind,
     check_plain_tcp,
@@ -58,6 +62,71 @@ SERVICE_NAME = fse_pb2.DESCRIPTOR.services_by_name["Guard"].full_name
 SHUTDOWN_SECONDS = 5.0
 
 
+async def serve(settings: Settings) -> int:
+    """Run the daemon until SIGTERM/SIGINT; returns the process exit code."""
+    began = time.monotonic()
+    plan = await Plan.check(settings)
+    metrics = start_metrics(settings.metrics.listen)  # off when empty; bind errors stop here
+    health = Health(asyncio.get_running_loop(), metrics, plan.audit_path)
+    audit = open_audit(settings, plan.audit_path, health.audit_changed)
+    refusals = RefusalLog(audit.write)  # denials and rejections, within bounds
+    servicer = GuardServicer(settings.server.per_client_streams, metrics)
+    notify = Notifier.from_environment()
+    relays: list[UnixRelay] = []
+    server: grpc.aio.Server | None = None
+    try:
+        open_relays(plan.listeners, settings, relays)
+        server = await start_server(plan, settings, servicer, health, refusals, metrics, relays)
+        service = await load_service(settings, plan, audit, refusals, metrics, notify)
+        servicer.model_loaded(service)
+        asyncio.get_running_loop().run_in_executor(None, _hash_model, servicer, plan, metrics)
+        announce(settings, plan, service, audit, time.monotonic() - began)
+        await health.serving(True)
+        parts = Running(plan, service, audit, refusals, server, health, notify)
+        return await parts.until_stopped(settings)
+    except BaseException:
+        # A start that fails after the server started (no model, no memory for the
+        # context) stops it here; left to its destructor, it fails once the loop is gone.
+        if server is not None:
+            await server.stop(None)
+        raise
+    finally:
+        for relay in relays:
+            await relay.close()
+        await asyncio.to_thread(metrics.close)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the settings ask for, checked before anything is bound or loaded."""
+
+    listeners: list[Listener]
+    creds: grpc.ServerCredentials | None
+    tokens: TokenTable | None
+    policies: dict[str, Policy]
+    model_path: Path
+    audit_path: str  # absolute, as logged and printed
+
+    @property
+    def targets(self) -> list[str]:
+        return [listener.target for listener in self.listeners]
+
+    @classmethod
+    async def check(cls, settings: Settings) -> Plan:
+        listeners = [parse_listen(a) for a in settings.server.listen]
+        creds = tls_credentials(settings.tls)
+        exposed = check_plain_tcp(listeners, creds is not None, settings.server.allow_insecure_tcp)
+        for target in exposed:
+            log.warning("listen.insecure_tcp", listen=target, reason="allow_insecure_tcp")
+        tokens_file = settings.auth.tokens_file
+        tokens = TokenTable.load(tokens_file) if tokens_file else None
+        policies = await load_policy_set(settings.policies.dir)  # invalid: serve nothing
+        model_path = settings.model.path or default_model_path()
+        check_gguf(model_path)
+        audit_path = str(settings.audit.path.absolute())
+        return cls(listeners, creds, tokens, policies, model_path, audit_path)
+
+
 async def load_policy_set(policies_dir: Path | None) -> dict[str, Policy]:
     """The policies to serve, read in a worker thread (never on the event loop)."""
     try:
@@ -66,196 +135,234 @@ async def load_policy_set(policies_dir: Path | None) -> dict[str, Policy]:
         raise StartupError(f"policies: {exc}") from None
 
 
-def _executable() -> str:
-    """How the operator can run `fse` again: the command on PATH, or what started us."""
-    if shutil.which("fse") == sys.argv[0]:
-        return "fse"
-    if sys.argv[0].endswith(".py"):  # python -m fse.cli
-        return f"{sys.executable} -m fse.cli"
-    return os.path.abspath(sys.argv[0])
+class Health:
+    """grpc.health.v1 for the whole daemon: SERVING only once started, until stopping,
+    and while the audit log can be written (its health changes on any thread; what is
+    reported is decided on the loop, in order with starting and stopping)."""
 
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, metrics: MetricsSink, audit_path: str
+    ) -> None:
+        self.servicer = grpc_health.aio.HealthServicer()
+        self._loop = loop
+        self._metrics = metrics
+        self._audit_path = audit_path
+        self._serving = False
+        self._audit_writable = True
 
-async def serve(settings: Settings) -> int:
-    """Run the daemon until SIGTERM/SIGINT; returns the process exit code."""
-    began = time.monotonic()
-    server_cfg = settings.server
-    listeners = [parse_listen(a) for a in server_cfg.listen]
-    creds = tls_credentials(settings.tls)
-    for exposed in check_plain_tcp(listeners, creds is not None, server_cfg.allow_insecure_tcp):
-        log.warning("listen.insecure_tcp", listen=exposed, reason="allow_insecure_tcp")
-    tokens = TokenTable.load(settings.auth.tokens_file) if settings.auth.tokens_file else None
-    targets = [lst.target for lst in listeners]
-    policies = await load_policy_set(settings.policies.dir)  # invalid at start: serve nothing
-    model_path = settings.model.path or default_model_path()
-    check_gguf(model_path)
-    metrics = start_metrics(settings.metrics.listen)  # off when empty; bind errors stop here
-    audit_path = str(settings.audit.path.absolute())  # as logged and printed
-    loop = asyncio.get_running_loop()
-    health_servicer = health.aio.HealthServicer()
-    serving = False  # what health reports while the audit log can be written
-    notify = Notifier.from_environment()
+    async def serving(self, on: bool) -> None:
+        self._serving = on
+        await self._report()
 
-    async def report(status: int) -> None:
-        for name in ("", SERVICE_NAME):
-            await health_servicer.set(name, status)
-
-    def audit_health(writable: bool, error: str) -> None:  # any thread
+    def audit_changed(self, writable: bool, error: str) -> None:  # any thread
         if writable:
-            log.info("audit.recovered", path=audit_path)
+            log.info("audit.recovered", path=self._audit_path)
         else:
-            log.error("audit.write_failed", path=audit_path, error=error)
-            metrics.audit_error()
-        loop.call_soon_threadsafe(lambda: loop.create_task(report_audit_health()))
+            log.error("audit.write_failed", path=self._audit_path, error=error)
+            self._metrics.audit_error()
+        self._audit_writable = writable
+        self._loop.call_soon_threadsafe(lambda: self._loop.create_task(self._report()))
 
-    async def report_audit_health() -> None:  # decided on the loop, in order with stopping
-        await report(SERVING if serving and audit.healthy else NOT_SERVING)
+    async def _report(self) -> None:
+        status = SERVING if self._serving and self._audit_writable else NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            await self.servicer.set(name, status)
 
+
+def open_audit(settings: Settings, path: str, on_health: Callable[[bool, str], None]) -> AuditLog:
+    """The audit log, checked and resumed; the last run's orphans recorded."""
+    cfg = settings.audit
     try:
         audit = AuditLog(
-            Path(audit_path),
-            text=settings.audit.include_text,
-            fsync=settings.audit.fsync,
-            fsync_interval_ms=settings.audit.fsync_interval_ms,
-            rotate_bytes=settings.audit.rotate_bytes,
-            keep=settings.audit.keep,
-            key_file=settings.audit.key_file,
-            on_health=audit_health,
+            Path(path),
+            text=cfg.include_text,
+            fsync=cfg.fsync,
+            fsync_interval_ms=cfg.fsync_interval_ms,
+            rotate_bytes=cfg.rotate_bytes,
+            keep=cfg.keep,
+            key_file=cfg.key_file,
+            on_health=on_health,
         )
     except AuditError as exc:
         raise StartupError(str(exc)) from None
     if audit.orphans:  # the last run's streams without a verdict (killed mid-stream)
-        log.warning("audit.orphans", path=audit_path, streams=audit.orphans)
+        log.warning("audit.orphans", path=path, streams=audit.orphans)
         audit.write("audit.orphans", streams=audit.orphans)
+    return audit
 
-    # Denials and rejections reach the audit log within bounds (fse.serve.refusals).
-    refusals = RefusalLog(audit.write)
+
+def open_relays(listeners: list[Listener], settings: Settings, relays: list[UnixRelay]) -> None:
+    """gRPC serves each unix socket through a relay that knows the caller's uid; each
+    relay is added to `relays` as it opens, so the caller closes them whatever fails."""
+    for listener in listeners:
+        if listener.socket_path is None:
+            continue
+        public = open_unix_socket(listener, settings.server)
+        try:
+            relays.append(UnixRelay(listener.socket_path, public))
+        except (ValueError, OSError) as exc:
+            public.close()
+            listener.socket_path.unlink(missing_ok=True)
+            raise StartupError(f"--listen {listener.target}: {exc}") from None
+
+
+async def start_server(
+    plan: Plan,
+    settings: Settings,
+    servicer: GuardServicer,
+    health: Health,
+    refusals: RefusalLog,
+    metrics: MetricsSink,
+    relays: list[UnixRelay],
+) -> grpc.aio.Server:
+    """The gRPC server on every listener, NOT_SERVING until the model is loaded (its
+    servicer answers UNAVAILABLE meanwhile), with the token check in front."""
 
     def denied(caller: str, reason: str) -> None:
         metrics.rejected("UNAUTHENTICATED")
         if refusals.record("auth.denied", caller, reason):
             log.warning("auth.denied", client=caller, reason=reason)
 
-    # gRPC serves each unix socket through a relay that knows the caller's uid.
-    relays: list[UnixRelay] = []
-    server: grpc.aio.Server | None = None
+    def unix_uid(peer: str) -> int | None:
+        return next((uid for r in relays if (uid := r.peer_uid(peer)) is not None), None)
+
+    auth = AuthInterceptor(plan.tokens, settings.auth.require_on_unix, denied, unix_uid)
+    server = grpc.aio.server(
+        interceptors=[auth],
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    add_to_server(servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, grpc_health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    await health.serving(False)
     try:
-        for listener in listeners:
-            if listener.socket_path is not None:
-                public = open_unix_socket(listener, server_cfg)
-                try:
-                    relays.append(UnixRelay(listener.socket_path, public))
-                except (ValueError, OSError) as exc:
-                    public.close()
-                    listener.socket_path.unlink(missing_ok=True)
-                    raise StartupError(f"--listen {listener.target}: {exc}") from None
-
-        def unix_uid(peer: str) -> int | None:
-            return next((uid for r in relays if (uid := r.peer_uid(peer)) is not None), None)
-
-        interceptors = [AuthInterceptor(tokens, settings.auth.require_on_unix, denied, unix_uid)]
-        server = grpc.aio.server(
-            interceptors=interceptors,
-            options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.so_reuseport", 0),
-            ],
-        )
-        servicer = GuardServicer(per_client_streams=server_cfg.per_client_streams)
-        servicer.metrics = metrics
-        add_to_server(servicer, server)
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
-        await report(NOT_SERVING)
         with private_umask():
             for relay in relays:
                 bind(server, relay.inner_target, None, f"unix:{relay.public}")
-            for listener in listeners:
+            for listener in plan.listeners:
                 if not listener.is_unix:
-                    bind(server, listener.target, creds, listener.target)
+                    bind(server, listener.target, plan.creds, listener.target)
             await server.start()
         for relay in relays:
             await relay.start()
-        log.info("server.listening", listen=targets, tls=creds is not None, auth=tokens is not None)
+    except BaseException:
+        await server.stop(None)
+        raise
+    log.info(
+        "server.listening",
+        listen=plan.targets,
+        tls=plan.creds is not None,
+        auth=plan.tokens is not None,
+    )
+    return server
 
-        notify.send(f"STATUS=loading {model_path.name}")
-        model = await asyncio.to_thread(Model, model_path, verbose=settings.verbose)
-        if settings.model.chat_template:
-            model.use_chat_template(settings.model.chat_template)
-        limits = Limits(
-            server_cfg.max_streams,
-            server_cfg.max_queue,
-            server_cfg.ctx_per_stream,
-            server_cfg.max_tokens_limit,
+
+async def load_service(
+    settings: Settings,
+    plan: Plan,
+    audit: AuditLog,
+    refusals: RefusalLog,
+    metrics: MetricsSink,
+    notify: Notifier,
+) -> GuardService:
+    """The model (loaded in a worker thread) and the guard service decoding it."""
+    notify.send(f"STATUS=loading {plan.model_path.name}")
+    model = await asyncio.to_thread(Model, plan.model_path, verbose=settings.verbose)
+    if settings.model.chat_template:
+        model.use_chat_template(settings.model.chat_template)
+    cfg = settings.server
+    limits = Limits(cfg.max_streams, cfg.max_queue, cfg.ctx_per_stream, cfg.max_tokens_limit)
+    if limits.ctx_per_stream > model.n_ctx_train:
+        log.warning(
+            "config.ctx_beyond_training",
+            ctx_per_stream=limits.ctx_per_stream,
+            n_ctx_train=model.n_ctx_train,
         )
-        if limits.ctx_per_stream > model.n_ctx_train:
-            log.warning(
-                "config.ctx_beyond_training",
-                ctx_per_stream=limits.ctx_per_stream,
-                n_ctx_train=model.n_ctx_train,
-            )
-        try:
-            service = GuardService(
-                model,
-                policies,
-                limits,
-                n_threads=server_cfg.threads,
-                allow_faults=settings.allow_debug_faults,
-                audit=audit,
-                refusals=refusals,
-            )
-        except EngineError as exc:  # the context for every stream is allocated here, at once
-            raise StartupError(
-                f"server.ctx_per_stream x server.max_streams: {limits.ctx_per_stream} x "
-                f"{limits.max_streams} = {limits.ctx_per_stream * limits.max_streams} tokens "
-                f"of context cannot be allocated ({exc}); accepted: a smaller ctx_per_stream "
-                "or max_streams"
-            ) from None
-        service.scheduler.metrics = metrics
-        metrics.watch(lambda: service.scheduler.load)
-        service.start()
-        servicer.service = service
-        audit.write("policy.loaded", policies={p.name: p.sha256 for p in policies.values()})
-        audit.write(
-            "server.started",
-            version=service.version,
-            listen=targets,
-            model=str(model_path),
-            pid=os.getpid(),
-            max_streams=limits.max_streams,
-            tls=creds is not None,
-            auth=tokens is not None,
-            allow_debug_faults=settings.allow_debug_faults,
+    try:
+        service = GuardService(
+            model,
+            plan.policies,
+            limits,
+            n_threads=cfg.threads,
+            allow_faults=settings.allow_debug_faults,
+            audit=audit,
+            refusals=refusals,
+            metrics=metrics,
         )
-        serving = True
-        if audit.healthy:
-            await report(SERVING)
-        background = [loop.create_task(_retry_audit(audit))]
-        log.info(
-            "server.started",
-            listen=targets,
-            model=str(model_path),
-            policies=sorted(policies),
-            max_streams=limits.max_streams,
-            audit_log=audit_path,
-            seconds_to_serving=round(time.monotonic() - began, 3),
-        )
-        print(
-            f"fse: serving {model.name} on {', '.join(targets)}; audit log {audit_path}\n"
-            f'try: {_executable()} generate --addr {targets[0]} "The capital of France is"',
-            file=sys.stderr,
-            flush=True,
-        )
-        asyncio.get_running_loop().run_in_executor(None, _hash_model, servicer, model_path, metrics)
+    except EngineError as exc:  # the context for every stream is allocated here, at once
+        raise StartupError(
+            f"server.ctx_per_stream x server.max_streams: {limits.ctx_per_stream} x "
+            f"{limits.max_streams} = {limits.ctx_per_stream * limits.max_streams} tokens "
+            f"of context cannot be allocated ({exc}); accepted: a smaller ctx_per_stream "
+            "or max_streams"
+        ) from None
+    service.start()
+    return service
+
+
+def announce(
+    settings: Settings, plan: Plan, service: GuardService, audit: AuditLog, seconds: float
+) -> None:
+    """The start, in the audit log, the daemon's log and on stderr for the operator."""
+    policies = service.policies
+    audit.write("policy.loaded", policies={p.name: p.sha256 for p in policies.values()})
+    audit.write(
+        "server.started",
+        version=service.version,
+        listen=plan.targets,
+        model=str(plan.model_path),
+        pid=os.getpid(),
+        max_streams=service.limits.max_streams,
+        tls=plan.creds is not None,
+        auth=plan.tokens is not None,
+        allow_debug_faults=settings.allow_debug_faults,
+    )
+    log.info(
+        "server.started",
+        listen=plan.targets,
+        model=str(plan.model_path),
+        policies=sorted(policies),
+        max_streams=service.limits.max_streams,
+        audit_log=plan.audit_path,
+        seconds_to_serving=round(seconds, 3),
+    )
+    print(
+        f"fse: serving {service.model.name} on {', '.join(plan.targets)}; audit log "
+        f"{plan.audit_path}\n"
+        f'try: {_executable()} generate --addr {plan.targets[0]} "The capital of France is"',
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+@dataclass(frozen=True)
+class Running:
+    """The parts of a started daemon, and how it stops."""
+
+    plan: Plan
+    service: GuardService
+    audit: AuditLog
+    refusals: RefusalLog
+    server: grpc.aio.Server
+    health: Health
+    notify: Notifier
+
+    async def until_stopped(self, settings: Settings) -> int:
+        """Serve until SIGTERM/SIGINT (SIGHUP reloads the policies), then drain and
+        stop; the exit code: 1 if a kept audit line was lost or decoding did not stop."""
+        service, audit, notify = self.service, self.audit, self.notify
+        loop = asyncio.get_running_loop()
         notify.send("READY=1", service.status())
-        background += notify.tasks(service)
-
+        background = [loop.create_task(_retry_audit(audit)), *notify.tasks(service)]
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-
         reloader = PolicyReloader(
             settings.policies.dir, service.replace_policies, audit.write, notify, service.status
         )
@@ -267,12 +374,18 @@ async def serve(settings: Settings) -> int:
         )
         await reloader.stop()
 
-        drain = server_cfg.drain_seconds
+        return await self._drain_and_stop(settings.server.drain_seconds, stop, background)
+
+    async def _drain_and_stop(
+        self, drain: float, stop: asyncio.Event, background: list[asyncio.Task[None]]
+    ) -> int:
+        """Refuse new streams, let running ones finish for up to `drain` seconds (a second
+        signal cuts that short), halt the rest, and close the audit log last."""
+        plan, service, audit, notify = self.plan, self.service, self.audit, self.notify
         notify.send("STOPPING=1", f"STATUS=draining for up to {drain:g} s")
         log.info("server.stopping", drain_seconds=drain)
         audit.write("server.stopping", drain_seconds=drain)
-        serving = False
-        await report(NOT_SERVING)
+        await self.health.serving(False)
         service.scheduler.stop_accepting()
         # A second SIGTERM or SIGINT cuts the drain short: what runs halts with `shutdown`.
         stop.clear()
@@ -286,33 +399,23 @@ async def serve(settings: Settings) -> int:
         # (the watchdog's case) cannot be stopped: exit without it; its streams' clients see
         # UNAVAILABLE and the next start records them as orphans.
         stopped = await asyncio.to_thread(service.shutdown, SHUTDOWN_SECONDS)
-        await server.stop(grace=2.0)
+        await self.server.stop(grace=2.0)
         if stopped:
-            model.close()
+            service.model.close()
         for task in background:
             task.cancel()
-        refusals.flush()  # the last window's summaries: no refusal goes uncounted
+        self.refusals.flush()  # the last window's summaries: no refusal goes uncounted
         written = audit.retry()  # a last try for lines kept while the log failed
         audit.close()
-        await asyncio.to_thread(metrics.close)
         # The chain's head, for checking later that no line was cut off the end.
-        log.info("audit.head", path=audit_path, seq=audit.head.seq, sha256=audit.head.hash)
+        log.info("audit.head", path=plan.audit_path, seq=audit.head.seq, sha256=audit.head.hash)
         if not written:
-            log.error("audit.lost", path=audit_path, error=audit.error)
+            log.error("audit.lost", path=plan.audit_path, error=audit.error)
             return 1
         if not stopped:
             return 1
         log.info("server.stopped")
         return 0
-    except BaseException:
-        # A start that fails after the server started (no model, no memory for the
-        # context) stops it here; left to its destructor, it fails once the loop is gone.
-        if server is not None:
-            await server.stop(None)
-        raise
-    finally:
-        for relay in relays:
-            await relay.close()
 
 
 async def _retry_audit(audit: AuditLog, every: float = 0.5) -> None:
@@ -323,11 +426,20 @@ async def _retry_audit(audit: AuditLog, every: float = 0.5) -> None:
             audit.retry()
 
 
-def _hash_model(servicer: GuardServicer, path: Path, metrics: MetricsSink) -> None:
-    from fse.core.gguf import file_sha256
+def _hash_model(servicer: GuardServicer, plan: Plan, metrics: MetricsSink) -> None:
+    """The GGUF's sha256, for GetInfo and fse_build_info (hashing takes a while)."""
+    sha256 = file_sha256(plan.model_path)
+    servicer.model_hashed(sha256)
+    metrics.build_info(sha256)
 
-    servicer.model_sha256 = file_sha256(path)
-    metrics.build_info(servicer.model_sha256)
+
+def _executable() -> str:
+    """How the operator can run `fse` again: the command on PATH, or what started us."""
+    if shutil.which("fse") == sys.argv[0]:
+        return "fse"
+    if sys.argv[0].endswith(".py"):  # python -m fse.cli
+        return f"{sys.executable} -m fse.cli"
+    return os.path.abspath(sys.argv[0])
 
 
 def run(settings: Settings) -> int:

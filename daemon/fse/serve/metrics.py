@@ -35,7 +35,6 @@ MAX_CONNECTIONS + 2 descriptors, whatever the clients do.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import math
 import socket
 import threading
@@ -60,7 +59,7 @@ from prometheus_client.metrics_core import Metric
 
 from fse import __version__
 from fse.core.types import Verdict
-from fse.serve.listeners import StartupError
+from fse.serve.listeners import StartupError, parse_listen
 
 log = structlog.get_logger("fse.serve.metrics")
 
@@ -230,7 +229,8 @@ class Metrics(MetricsSink):
     ) -> str:
         """Listen on HOST:PORT (a BoundedServer, accepting on a daemon thread); returns
         the address bound. Any failure is a StartupError."""
-        host, port = parse_listen(listen)
+        listener = parse_listen(listen, "metrics.listen", unix=False)
+        host, port = listener.host, listener.port
         try:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
             family = infos[0][0]
@@ -356,25 +356,6 @@ class BoundedServer(ThreadingMixIn, WSGIServer):
             for sock in self._deadlines:
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
-
-
-def parse_listen(listen: str) -> tuple[str, int]:
-    """HOST:PORT ([V6]:PORT for IPv6) as (host, port), or a StartupError naming the key."""
-    host, sep, port = listen.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            host = ""
-    elif ":" in host:
-        host = ""  # a bare IPv6 address: ambiguous without brackets
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise StartupError(
-            f"metrics.listen {listen}: accepted: HOST:PORT, such as 127.0.0.1:9464 or "
-            "[::1]:9464 (empty: off)"
-        )
-    return host, int(port)
 
 
 def start_metrics(listen: str) -> MetricsSink:

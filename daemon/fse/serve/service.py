@@ -33,6 +33,7 @@ from fse.core.types import (
     utf8_length,
 )
 from fse.serve.audit import AuditLog
+from fse.serve.metrics import NO_METRICS, MetricsSink
 from fse.serve.refusals import ECHO_BYTES, ERROR_BYTES, RefusalLog, bounded, clip
 from fse.serve.scheduler import Handle, Limits, Scheduler
 
@@ -110,6 +111,7 @@ class GuardService:
         allow_faults: bool = False,
         audit: AuditLog | None = None,
         refusals: RefusalLog | None = None,
+        metrics: MetricsSink = NO_METRICS,
     ) -> None:
         if "default" not in policies:
             raise ValueError("policies: the built-in 'default' policy is missing")
@@ -123,8 +125,10 @@ class GuardService:
         if refusals is None and audit is not None:
             refusals = RefusalLog(audit.write)
         self.refusals = refusals
-        self.scheduler = Scheduler(model, limits, n_threads)
-        self.scheduler.on_stream_end = self._record_verdict
+        self.scheduler = Scheduler(
+            model, limits, n_threads, on_stream_end=self._record_verdict, metrics=metrics
+        )
+        metrics.watch(lambda: self.scheduler.load)
         self.version = __version__
         # Numbered on from the audit chain, so a stream's number is unique across restarts.
         self._stream_ids = itertools.count(audit.next_stream if audit is not None else 1)

@@ -89,16 +89,24 @@ class GuardServicer(fse_pb2_grpc.GuardServicer):
     max_streams + max_queue. A call that finds no place is refused once its `start`
     is read, unless a place came free meanwhile."""
 
-    def __init__(self, per_client_streams: int = 0) -> None:
-        self.service: GuardService | None = None  # set once the model is loaded
-        self.model_sha256 = ""
-        self.metrics: MetricsSink = NO_METRICS  # every refusal is counted by its code
+    def __init__(self, per_client_streams: int = 0, metrics: MetricsSink = NO_METRICS) -> None:
         self.per_client_streams = per_client_streams  # 0 = no per-caller limit
+        self.metrics = metrics  # every refusal is counted by its code
+        self.service: GuardService | None = None  # None until the model is loaded
+        self.model_sha256 = ""  # "" until the model file is hashed
         self._calls_of: collections.Counter[str] = collections.Counter()  # places held
         self._pending = 0  # places held by calls the scheduler does not have yet
         self._without_place = 0  # calls without a place waiting for their `start`
         self._tokenizing = asyncio.Semaphore(1)
         self.heap = HeapTrimmer()  # hands a refused burst's buffers back
+
+    def model_loaded(self, service: GuardService) -> None:
+        """Serve from now on: until then every call is UNAVAILABLE (still loading)."""
+        self.service = service
+
+    def model_hashed(self, sha256: str) -> None:
+        """The model file's sha256 for GetInfo (any thread; hashing takes a while)."""
+        self.model_sha256 = sha256
 
     async def Generate(
         self,

@@ -18,6 +18,7 @@ from typing import IO, Any, NoReturn
 
 import grpc
 
+from fse_client import jsonlines
 from fse_client.client import Client
 from fse_client.errors import FseError
 from fse_client.types import Info, Sampling, Status, TokenEvent, Verdict
@@ -84,48 +85,34 @@ def _read(flag: str, path: str | None) -> bytes | None:
         _usage(f"{flag}: {path}: cannot read: {exc.strerror or exc}")
 
 
-def number(x: float | None) -> float | None:
-    """The double as received (json prints its shortest round-trip form); NaN/Inf: null."""
-    return x if x is not None and math.isfinite(x) else None
-
-
 def token_json(e: TokenEvent) -> dict[str, Any]:
-    doc: dict[str, Any] = {
-        "type": "token",
-        "index": e.index,
-        "id": e.id,
-        "text": e.text,
-        "nll": number(e.nll),
-        "ppl": number(e.ppl),
-        "variance": number(e.variance),
-        "max_prob": number(e.max_prob),
-        "l2_norm": number(e.l2_norm),
-        "health": None if e.health is None else e.health.value,
-    }
-    if e.warnings:
-        doc["warnings"] = [
-            {"guard": w.guard, "value": number(w.value), "threshold": number(w.threshold)}
-            for w in e.warnings
-        ]
-    return doc
+    return jsonlines.token_json(
+        index=e.index,
+        id=e.id,
+        text=e.text,
+        nll=e.nll,
+        ppl=e.ppl,
+        variance=e.variance,
+        max_prob=e.max_prob,
+        l2_norm=e.l2_norm,
+        health=None if e.health is None else e.health.value,
+        warnings=[(w.guard, w.value, w.threshold) for w in e.warnings],
+    )
 
 
 def verdict_json(v: Verdict) -> dict[str, Any]:
-    doc: dict[str, Any] = {
-        "type": "verdict",
-        "status": v.status.value,
-        "guard": v.guard,
-        "value": number(v.value),
-        "threshold": number(v.threshold),
-        "token_index": v.token_index,
-        "tokens": v.tokens,
-        "text": v.text,
-        "policy": v.policy,
-        "policy_sha256": v.policy_sha256,
-    }
-    if v.message:
-        doc["message"] = v.message
-    return doc
+    return jsonlines.verdict_json(
+        status=v.status.value,
+        guard=v.guard,
+        value=v.value,
+        threshold=v.threshold,
+        token_index=v.token_index,
+        tokens=v.tokens,
+        text=v.text,
+        policy=v.policy,
+        policy_sha256=v.policy_sha256,
+        message=v.message,
+    )
 
 
 def verdict_line(v: Verdict) -> str:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import codecs
 import io
 import json
-import math
 import os
 from typing import IO, Any
+
+from fse_client import jsonlines
 
 from fse.core.types import HALTED, TokenEvent, Verdict
 
@@ -15,52 +16,35 @@ COLOURS = {"green": "\x1b[32m", "yellow": "\x1b[33m", "red": "\x1b[31m"}
 RESET = "\x1b[0m"
 
 
-def _num(x: float | None) -> float | None:
-    """The double itself (json writes its shortest round-trip form, so every client of the
-    daemon prints the same value); NaN/Inf become null (valid JSON)."""
-    if x is None or not math.isfinite(x):
-        return None
-    return float(x)
-
-
 def token_json(event: TokenEvent) -> dict[str, Any]:
     m = event.metrics
-    doc: dict[str, Any] = {
-        "type": "token",
-        "index": event.index,
-        "id": event.token,
-        "text": event.text,
-        "nll": _num(m.nll),
-        "ppl": _num(m.ppl),
-        "variance": _num(m.variance),
-        "max_prob": _num(m.max_prob),
-        "l2_norm": _num(m.l2_norm),
-        "health": event.health,
-    }
-    if event.warnings:
-        doc["warnings"] = [
-            {"guard": t.guard, "value": _num(t.value), "threshold": _num(t.threshold)}
-            for t in event.warnings
-        ]
-    return doc
+    return jsonlines.token_json(
+        index=event.index,
+        id=event.token,
+        text=event.text,
+        nll=m.nll,
+        ppl=m.ppl,
+        variance=m.variance,
+        max_prob=m.max_prob,
+        l2_norm=m.l2_norm,
+        health=event.health,
+        warnings=[(t.guard, t.value, t.threshold) for t in event.warnings],
+    )
 
 
 def verdict_json(verdict: Verdict) -> dict[str, Any]:
-    doc: dict[str, Any] = {
-        "type": "verdict",
-        "status": verdict.status,
-        "guard": verdict.guard,
-        "value": _num(verdict.value),
-        "threshold": _num(verdict.threshold),
-        "token_index": verdict.token_index,
-        "tokens": verdict.tokens,
-        "text": verdict.text,
-        "policy": verdict.policy,
-        "policy_sha256": verdict.policy_sha256,
-    }
-    if verdict.message:
-        doc["message"] = verdict.message
-    return doc
+    return jsonlines.verdict_json(
+        status=verdict.status,
+        guard=verdict.guard,
+        value=verdict.value,
+        threshold=verdict.threshold,
+        token_index=verdict.token_index,
+        tokens=verdict.tokens,
+        text=verdict.text,
+        policy=verdict.policy,
+        policy_sha256=verdict.policy_sha256,
+        message=verdict.message,
+    )
 
 
 def use_colour(stream: IO[str]) -> bool:

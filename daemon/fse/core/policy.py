@@ -84,11 +84,9 @@ from fse.core.registry import (
     MaxProbGuard,
     PerplexityGuard,
     PolicyError,
-    check_float,
-    positive,
-    set_field,
     spec,
 )
+from fse.core.registry.spec import check_float, positive, set_field
 from fse.core.types import Health
 from fse.core.values import describe, not_accepted, wrong_type
 

@@ -1,4 +1,5 @@
-# libfse: `make run` serves the embedded model, `make test` runs the whole suite.
+# libfse: `make run` serves the embedded model, `make test` runs the whole suite
+# (`make test-fast`: the tests that start no daemon).
 # Both install what is missing first and reuse what is already built.
 
 PYTHON ?= python3
@@ -12,7 +13,7 @@ SOCKET ?= $(CURDIR)/fse.sock
 BUILD_INPUTS := $(wildcard native/*.c native/*.h native/*.py proto/fse/v1/*.proto) setup.py pyproject.toml requirements.lock \
                 clients/python/setup.py clients/python/pyproject.toml
 
-.PHONY: setup run test lint bench clean system-deps clients clients-test lock
+.PHONY: setup run test test-fast lint bench clean system-deps clients clients-test lock
 
 setup: $(STAMP)
 	@$(FSE) model path >/dev/null
@@ -61,6 +62,11 @@ clients-test: clients
 # The suite includes the conformance harness, which runs every client against one daemon.
 test: setup lint clients-test
 	$(PY) -m pytest -q
+
+# The synthetic and core tests, no daemon processes, no client examples, nothing slow
+# (markers: tests/conftest.py, pyproject.toml): under a minute once set up.
+test-fast: setup
+	$(PY) -m pytest -q -m "not daemon and not clients and not slow"
 
 # buf, the proto linter, built from the version proto/lint/go.mod pins (Go's module cache
 # and build cache are reused).

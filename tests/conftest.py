@@ -1,26 +1,40 @@
-"""Shared fixtures: the real embedded model, and real daemon processes."""
+"""Shared fixtures: the real embedded model, real daemon processes, systemd's notify
+socket; and the markers each test gets by what it uses (see pyproject.toml).
+
+The helpers behind them live in tests/support/ (`from support.daemons import Daemon`).
+"""
 
 from __future__ import annotations
 
-import json
 import os
-import signal
-import subprocess
-import sys
-import time
+import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import grpc
 import pytest
 from fse.core.engine import Context
 from fse.core.gguf import default_model_path
 from fse.core.model import Model
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from support.daemons import Daemon, daemons, launcher
+from support.notify import NotifySocket
 
-FSE = [sys.executable, "-m", "fse.cli"]
+# Fixtures that start real `fse serve` processes: a test using one (directly or through
+# another fixture) is marked `daemon`.
+DAEMON_FIXTURES = {"start_daemon", "start_module_daemon", "start_package_daemon", "launch"}
+# Test folders whose every test is `slow`, or needs the built client examples.
+SLOW_DIRS = {"install", "tools"}
+CLIENT_DIRS = {"conformance"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        parts = item.path.parts
+        if DAEMON_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.daemon)
+        if CLIENT_DIRS & set(parts):
+            item.add_marker(pytest.mark.clients)
+        if "tests" in parts and SLOW_DIRS & set(parts[parts.index("tests") :]):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -40,108 +54,10 @@ def ctx(model: Model) -> Iterator[Context]:
         yield c
 
 
-def run_fse(
-    *args: str, timeout: float = 120, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    """Run the real `fse` CLI in a subprocess."""
-    return subprocess.run(
-        [*FSE, *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
-    )
-
-
-@dataclass
-class Daemon:
-    """A real `fse serve` process."""
-
-    process: subprocess.Popen[str]
-    addr: str  # first listen address (unix:/...)
-    addrs: list[str]
-    log_path: Path
-    audit_path: Path  # the default ./fse-audit.jsonl in the daemon's working directory
-
-    def log(self) -> str:
-        return self.log_path.read_text()
-
-    def audit(self) -> list[dict[str, Any]]:
-        """The audit log's records so far."""
-        return audit_records(self.audit_path)
-
-    def channel(self) -> grpc.Channel:
-        return grpc.insecure_channel(self.addr)
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
-
-
-def audit_records(path: Path) -> list[dict[str, Any]]:
-    """An audit log's records (complete lines only; none if there is no file yet)."""
-    if not path.exists():
-        return []
-    lines = path.read_text().splitlines(keepends=True)
-    return [json.loads(line) for line in lines if line.endswith("\n")]
-
-
-def wait_serving(addr: str, process: subprocess.Popen[str], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(addr) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"daemon exited early with {process.returncode}")
-            try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.1)
-    raise TimeoutError(f"daemon at {addr} not SERVING after {timeout}s")
-
-
-def _daemons(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Daemon]]:
-    """Start real daemons on demand; kill what is still running at the end."""
-    started: list[Daemon] = []
-
-    def start(*args: str, tcp: bool = False, wait: bool = True) -> Daemon:
-        workdir = tmp_path_factory.mktemp("daemon")
-        addrs = [f"unix:{workdir / 'fse.sock'}"]
-        if tcp:
-            addrs.append(f"127.0.0.1:{_free_port()}")
-        listen = [x for a in addrs for x in ("--listen", a)]
-        log_path = workdir / "daemon.log"
-        process = subprocess.Popen(
-            [*FSE, "serve", *listen, "--threads", "2", *args],
-            stdout=log_path.open("w"),
-            stderr=subprocess.STDOUT,
-            text=True,
-            cwd=workdir,
-        )
-        daemon = Daemon(process, addrs[0], addrs, log_path, workdir / "fse-audit.jsonl")
-        started.append(daemon)
-        if wait:
-            wait_serving(daemon.addr, process)
-        return daemon
-
-    yield start
-    for daemon in started:
-        daemon.stop(signal.SIGKILL if daemon.process.poll() is None else signal.SIGTERM, timeout=10)
-
-
 @pytest.fixture()
 def start_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Daemon]]:
     """Factory: start_daemon('--max-streams', '4', tcp=True) -> a SERVING Daemon."""
-    yield from _daemons(tmp_path_factory)
+    yield from daemons(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -150,12 +66,25 @@ def start_module_daemon(
 ) -> Iterator[Callable[..., Daemon]]:
     """Like `start_daemon`, but the daemons live for the whole test module (one start
     shared by many tests)."""
-    yield from _daemons(tmp_path_factory)
+    yield from daemons(tmp_path_factory)
 
 
-def _free_port() -> int:
-    import socket
+@pytest.fixture()
+def launch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Daemon]]:
+    """Factory: launch(*args, env=..., command=..., listen=...) -> a Daemon just started
+    (not waited for), with an environment of its own; killed at the end."""
+    yield from launcher(tmp_path_factory)
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+
+@pytest.fixture()
+def notify_path(tmp_path: Path) -> Iterator[NotifySocket]:
+    listener = NotifySocket(str(tmp_path / "notify.sock"))
+    yield listener
+    listener.close()
+
+
+@pytest.fixture()
+def notify_abstract() -> Iterator[NotifySocket]:
+    listener = NotifySocket(f"@fse-test-{os.getpid()}-{uuid.uuid4().hex[:12]}")
+    yield listener
+    listener.close()

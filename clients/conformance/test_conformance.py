@@ -40,9 +40,9 @@ OTHERS = [lang for lang in LANGUAGES if lang != REFERENCE]
 TOKEN = "conformance-token-1"  # the daemon's tokens file holds only its sha256
 RUN_TIMEOUT = 120
 
-# The test suite's certificate helper (tests/certs.py), shared rather than copied.
+# The test suite's certificate helper (tests/support/certs.py), shared rather than copied.
 sys.path.insert(0, str(HERE.parent.parent / "tests"))
-from certs import make_ca, server_pair  # noqa: E402
+from support.certs import make_ca, server_pair  # noqa: E402
 
 
 @dataclass(frozen=True)

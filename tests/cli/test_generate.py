@@ -22,6 +22,10 @@ from support.cli import (
 )
 from support.daemons import run_fse
 
+# Every test here runs real generations in `fse` subprocesses.
+pytestmark = pytest.mark.slow
+
+
 # ---------------------------------------------------------------------------
 # the JSON-lines contract
 

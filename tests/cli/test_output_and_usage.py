@@ -29,6 +29,7 @@ from support.daemons import run_fse
 # human output
 
 
+@pytest.mark.slow  # a real generation in a subprocess
 def test_human_output_to_a_pipe_is_plain_text() -> None:
     result = run_cli("generate", "--local", FRANCE, *GREEDY, "--max-tokens", "12", "--threads", "2")
     assert result.returncode == 0, result.stderr
@@ -41,6 +42,7 @@ def test_human_output_to_a_pipe_is_plain_text() -> None:
     assert "policy default" in lines[0]
 
 
+@pytest.mark.slow  # a real generation in a subprocess
 def test_human_output_to_a_tty_is_coloured() -> None:
     code, out, err = run_in_pty("generate", "--local", FRANCE, *GREEDY, "--max-tokens", "8")
     assert code == 0, err
@@ -79,6 +81,7 @@ def test_human_renderer_honours_no_color(monkeypatch: pytest.MonkeyPatch) -> Non
     assert out.getvalue() == " Paris"
 
 
+@pytest.mark.slow  # a real generation in a subprocess
 def test_json_on_a_non_utf8_stdout_escapes_instead_of_crashing() -> None:
     """Model text is arbitrary Unicode; an ASCII stdout must still get every line and
     the verdict (JSON \\u escapes), not a UnicodeEncodeError halfway through."""
@@ -95,6 +98,7 @@ def test_json_on_a_non_utf8_stdout_escapes_instead_of_crashing() -> None:
     assert "\\u" in result.stdout
 
 
+@pytest.mark.slow  # a real generation in a subprocess
 def test_human_verdict_line_names_the_halting_guard() -> None:
     code_out = run_cli(
         "generate", "--local", FRANCE, *GREEDY, "--max-tokens", "8", "--debug-fault", "nan@2"

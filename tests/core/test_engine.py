@@ -152,6 +152,7 @@ def _utf8_script(model: Model) -> tuple[list[int], str]:
     return script, text + "中" + " ok é"
 
 
+@pytest.mark.slow  # long generations on the real model
 def test_token_ending_inside_a_utf8_character_is_held(model: Model, ctx: Context) -> None:
     script, expected = _utf8_script(model)
     assert any(_incomplete_utf8(model.piece(t)) for t in script)
@@ -171,6 +172,7 @@ def test_token_ending_inside_a_utf8_character_is_held(model: Model, ctx: Context
     assert completing == {FRAKTUR_U, "中"}
 
 
+@pytest.mark.slow  # long generations on the real model
 def test_token_event_text_holds_incomplete_utf8(model: Model, ctx: Context) -> None:
     script, expected = _utf8_script(model)
     force_tokens(ctx, script)
@@ -223,6 +225,7 @@ def test_greedy_is_deterministic(model: Model, ctx: Context) -> None:
     assert model.detokenize(first).startswith(" the capital")
 
 
+@pytest.mark.slow  # long generations on the real model
 def test_seed_reproduces_and_different_seeds_differ(model: Model, ctx: Context) -> None:
     prompt = model.tokenize("Once upon a time")
 
@@ -307,6 +310,7 @@ def test_prompt_longer_than_context_is_context_overflow(model: Model) -> None:
             list(generate(c, prompt, GREEDY, 4))
 
 
+@pytest.mark.slow  # long generations on the real model
 def test_generating_past_the_context_is_context_overflow(model: Model) -> None:
     with Context(model, n_ctx=256, n_threads=2) as c:
         prompt = model.tokenize("la " * 260)[:250]

@@ -77,6 +77,7 @@ def test_chat_messages_use_the_models_template(
     assert verdict.tokens > 0
 
 
+@pytest.mark.slow  # rewrites the model file first
 def test_chat_template_keeps_every_role_across_many_renders(templated_model: Path) -> None:
     """The role and content strings handed to llama_chat_apply_template must stay alive
     for the call: over temporaries they were sometimes freed and rendered empty."""

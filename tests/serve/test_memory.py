@@ -196,6 +196,7 @@ asyncio.run(main())
 """
 
 
+@pytest.mark.slow  # waits out the trimmer several times
 def test_the_heap_trimmer_hands_back_what_a_burst_left() -> None:
     """Freed request buffers between live blocks stay resident until malloc_trim; the
     trimmer hands them back once calls stop ending (or every TRIM_AT_LEAST_EVERY

@@ -83,6 +83,8 @@ struct llama_model * llama_model_load_from_file(const char * path_model, struct 
 void llama_model_free(struct llama_model * model);
 const struct llama_vocab * llama_model_get_vocab(const struct llama_model * model);
 int32_t llama_model_n_ctx_train(const struct llama_model * model);
+int32_t llama_model_n_layer(const struct llama_model * model);
+bool llama_supports_gpu_offload(void);
 int32_t llama_model_desc(const struct llama_model * model, char * buf, size_t buf_size);
 uint64_t llama_model_size(const struct llama_model * model);
 int32_t llama_model_meta_val_str(const struct llama_model * model, const char * key, char * buf, size_t buf_size);

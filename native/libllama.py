@@ -64,8 +64,9 @@ class LlamaLib:
     origin: str  # human-readable: where it came from
 
     def shared_libraries(self) -> list[Path]:
-        """libllama and the ggml libraries it needs, real files and soname links."""
-        names = ("libllama.so", "libggml.so", "libggml-base.so", "libggml-cpu.so")
+        """libllama and the ggml libraries it needs, real files and soname links: every
+        libggml* there, so a GPU build's backend (libggml-cuda.so, -vulkan, -hip) comes too."""
+        names = ("libllama.so", "libggml")
         return sorted(p for p in self.lib_dir.iterdir() if p.name.startswith(names))
 
 

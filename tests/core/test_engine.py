@@ -16,7 +16,7 @@ import pytest
 from fse._native import ffi, lib
 from fse.cli.common import exit_code
 from fse.core.engine import Context, ContextOverflow, Slot, Step, generate
-from fse.core.errors import EngineError
+from fse.core.errors import EngineError, InputError
 from fse.core.faults import NO_FAULTS, Faults
 from fse.core.gguf import GGUF_MAGIC, ModelError
 from fse.core.model import Model, TooManyTokens
@@ -426,3 +426,19 @@ def test_faults_parse_rejects_with_accepted_forms(spec: str) -> None:
     assert repr(spec) in message
     for form in ("nan@K", "inf@K", "scale@K:FACTOR", "guard-error@K"):
         assert form in message
+
+
+def test_gpu_layers_follow_what_the_build_can_do(model_path: Path) -> None:
+    """-1 (the default) puts every layer on a GPU when llama.cpp has one, else runs on the
+    CPU; a count of GPU layers where there is no GPU is refused, never silently ignored."""
+    from fse.core.model import GPU_LAYERS_AUTO, gpu_offload, offloaded_layers
+
+    assert offloaded_layers(0) == 0
+    if gpu_offload():
+        assert offloaded_layers(GPU_LAYERS_AUTO) == -1 and offloaded_layers(3) == 3
+        return
+    assert offloaded_layers(GPU_LAYERS_AUTO) == 0
+    with pytest.raises(InputError, match=r"^gpu_layers: 3 layers asked for a GPU, but this"):
+        offloaded_layers(3)
+    with Model(model_path) as m:  # the default on this CPU-only build: nothing offloaded
+        assert (m.n_layer, m.gpu_layers) == (18, 0)  # Gemma 3 270M has 18 layers

@@ -239,3 +239,26 @@ def test_a_listen_address_is_checked_with_the_config(tmp_path: Path, address: st
                                      "[::1]:7000", "example.org:443"])  # fmt: skip
 def test_listen_addresses_that_are_accepted(address: str) -> None:
     assert load(None, {"server.listen": [address]}).server.listen == (address,)
+
+
+def test_gpu_layers_without_a_gpu_stop_the_start_in_one_line(tmp_path: Path) -> None:
+    """A model meant for a GPU must not silently run at CPU speed: asking for GPU layers
+    where llama.cpp has no GPU is a start-up error naming the key (the default, -1,
+    runs on the CPU there)."""
+    from fse.core.model import gpu_offload
+
+    if gpu_offload():
+        pytest.skip("this machine's llama.cpp has a GPU: the refusal cannot happen here")
+    sock = tmp_path / "fse.sock"
+    result = run_fse("serve", "--listen", f"unix:{sock}", "--gpu-layers", "4", timeout=60)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert (
+        "fse serve: error: model.gpu_layers: 4 layers asked for a GPU, but this llama.cpp has "
+        "no GPU backend or no GPU is present; accepted: -1" in result.stderr
+    )
+    assert not sock.exists()  # the socket bound before the model loads is removed again
+    checked = run_fse("config", "check", str(write(tmp_path, "[model]\ngpu_layers = -2\n")))
+    assert checked.returncode == 2
+    assert "model.gpu_layers: -2 is out of range; accepted: integer -1 (every layer" in (
+        checked.stderr
+    )

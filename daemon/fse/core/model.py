@@ -59,6 +59,31 @@ def last_llama_error(default: str) -> str:
     return message or default
 
 
+# Model(gpu_layers=...): every layer on a GPU when llama.cpp has a usable one, else none.
+GPU_LAYERS_AUTO = -1
+
+
+def gpu_offload() -> bool:
+    """Whether this llama.cpp build has a GPU backend with a device present."""
+    return bool(lib.llama_supports_gpu_offload())
+
+
+def offloaded_layers(gpu_layers: int) -> int:
+    """llama.cpp's n_gpu_layers for `gpu_layers`: -1 (auto) is all layers (-1 to llama.cpp)
+    with a GPU and 0 without; 0 is none; N > 0 needs a GPU, else InputError: a model
+    meant for a GPU must not silently run at CPU speed."""
+    if gpu_layers < 0:
+        return -1 if gpu_offload() else 0
+    if gpu_layers > 0 and not gpu_offload():
+        raise InputError(
+            f"gpu_layers: {gpu_layers} layers asked for a GPU, but this llama.cpp has no GPU "
+            "backend or no GPU is present; accepted: -1 (every layer on a GPU when there "
+            "is one, else the CPU) or 0 (the CPU); for a GPU, build llama.cpp with its "
+            "backend (docs/getting-started.md)"
+        )
+    return gpu_layers
+
+
 class Closing:
     """`with` frees the llama.cpp object deterministically: close() on exit."""
 
@@ -80,16 +105,22 @@ class Closing:
 class Model(Closing):
     """A GGUF model loaded by llama.cpp, with its vocabulary. Use as a context manager."""
 
-    def __init__(self, path: Path | str, *, verbose: bool = False) -> None:
+    def __init__(
+        self, path: Path | str, *, verbose: bool = False, gpu_layers: int = GPU_LAYERS_AUTO
+    ) -> None:
         self.path = check_gguf(Path(path))
         init_backend(verbose)
         params = lib.llama_model_default_params()
-        params.n_gpu_layers = 0
+        params.n_gpu_layers = offloaded_layers(gpu_layers)
         handle = lib.llama_model_load_from_file(str(self.path).encode(), params)
         if handle == ffi.NULL:
             reason = last_llama_error("llama.cpp could not load it")
             raise ModelError(f"model: {self.path}: {reason}")
         self._handle = handle
+        self.n_layer: int = lib.llama_model_n_layer(handle)
+        # Layers on a GPU: all of them (a negative count), none, or the count asked for.
+        n = params.n_gpu_layers
+        self.gpu_layers: int = self.n_layer if n < 0 else min(n, self.n_layer)
         self._vocab = lib.llama_model_get_vocab(handle)
         self.n_vocab: int = lib.llama_vocab_n_tokens(self._vocab)
         self.n_ctx_train: int = lib.llama_model_n_ctx_train(handle)

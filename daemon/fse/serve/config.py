@@ -102,6 +102,10 @@ KEYS: tuple[Key, ...] = (
     Key("server", "allow_insecure_tcp", bool, False, "true or false", flag="--allow-insecure-tcp"),
     Key("model", "path", str, "", "a GGUF file path (empty: the embedded default model)",
         flag="--model"),
+    Key("model", "gpu_layers", int, -1,
+        "integer -1 (every layer on a GPU when llama.cpp has one, else the CPU), 0 (the CPU "
+        "only) or 1..100000 (that many layers on a GPU; needs one)", _between(-1, 100000),
+        "--gpu-layers"),
     Key("model", "chat_template", str, "",
         "a llama.cpp built-in template name such as chatml (empty: the GGUF's own)",
         flag="--chat-template"),
@@ -152,6 +156,7 @@ class ServerSettings:
 class ModelSettings:
     path: Path | None
     chat_template: str
+    gpu_layers: int = -1  # -1: all on a GPU when there is one; 0: CPU; N: N layers
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,7 +288,9 @@ def _build(values: dict[str, Any], overrides: Mapping[str, Any], **extra: bool) 
             threads=threads,
             allow_insecure_tcp=values["server.allow_insecure_tcp"],
         ),
-        model=ModelSettings(_path(values["model.path"]), values["model.chat_template"]),
+        model=ModelSettings(
+            _path(values["model.path"]), values["model.chat_template"], values["model.gpu_layers"]
+        ),
         policies=PoliciesSettings(_path(values["policies.dir"])),
         audit=AuditSettings(
             path=Path(values["audit.path"]).expanduser(),

@@ -273,7 +273,12 @@ async def load_service(
 ) -> GuardService:
     """The model (loaded in a worker thread) and the guard service decoding it."""
     notify.send(f"STATUS=loading {plan.model_path.name}")
-    model = await asyncio.to_thread(Model, plan.model_path, verbose=settings.verbose)
+    try:
+        model = await asyncio.to_thread(
+            Model, plan.model_path, verbose=settings.verbose, gpu_layers=settings.model.gpu_layers
+        )
+    except InputError as exc:  # GPU layers asked for where there is no GPU
+        raise StartupError(f"model.{exc}") from None
     if settings.model.chat_template:
         model.use_chat_template(settings.model.chat_template)
     cfg = settings.server
@@ -327,13 +332,17 @@ def announce(
         "server.started",
         listen=plan.targets,
         model=str(plan.model_path),
+        gpu_layers=service.model.gpu_layers,
+        n_layer=service.model.n_layer,
         policies=sorted(policies),
         max_streams=service.limits.max_streams,
         audit_log=plan.audit_path,
         seconds_to_serving=round(seconds, 3),
     )
+    model = service.model
+    where = f"{model.gpu_layers} of {model.n_layer} layers on a GPU" if model.gpu_layers else "CPU"
     print(
-        f"fse: serving {service.model.name} on {', '.join(plan.targets)}; audit log "
+        f"fse: serving {model.name} ({where}) on {', '.join(plan.targets)}; audit log "
         f"{plan.audit_path}\n"
         f'try: {_executable()} generate --addr {plan.targets[0]} "The capital of France is"',
         file=sys.stderr,

@@ -6,6 +6,12 @@ Order of preference:
   3. the llama.cpp source that the PyPI sdist ``llama-cpp-python==0.3.36`` vendors,
      downloaded with pip, checked against its sha256, and built (target ``llama`` only)
      into ``$FSE_CACHE_DIR/llama.cpp-<sha>/``, so every clone on this machine reuses it.
+     With CUDA's compiler on the machine (``CUDACXX``, ``nvcc`` on PATH, or
+     /usr/local/cuda) it is built with ggml's CUDA backend, for the installed GPUs'
+     architectures; ``FSE_LLAMA_CMAKE_ARGS`` adds cmake flags of the user's (another
+     backend: ``-DGGML_VULKAN=ON``, ``-DGGML_HIP=ON``; ``-DGGML_CUDA=OFF`` for a CPU
+     build beside nvcc). Any build but the plain CPU one lives in a directory of its own,
+     ``llama.cpp-<sha>-<backend>-<flags hash>``, so a CPU and a CUDA build sit side by side.
 
 Run as a script to print what was found (``--tools`` also builds llama-bench and
 llama-batched-bench for the benchmarks and prints their directory).
@@ -17,6 +23,7 @@ import argparse
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -24,6 +31,7 @@ import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 SDIST = "llama-cpp-python==0.3.36"
 SDIST_FILE = "llama_cpp_python-0.3.36.tar.gz"
@@ -51,6 +59,8 @@ CMAKE_OPTIONS = [
     "-DCMAKE_INSTALL_RPATH=$ORIGIN",
 ]
 TOOLS = ("llama-bench", "llama-batched-bench")
+# The GGML backend flags this script knows by name (the build directory says which).
+BACKENDS = {"-DGGML_CUDA=ON": "cuda", "-DGGML_VULKAN=ON": "vulkan", "-DGGML_HIP=ON": "hip"}
 
 
 class LlamaNotFound(RuntimeError):
@@ -85,8 +95,67 @@ def cache_root() -> Path:
     return Path(xdg).expanduser() / "fse"
 
 
-def build_root() -> Path:
-    return cache_root() / f"llama.cpp-{SDIST_SHA256[:16]}"
+@dataclass(frozen=True)
+class Backend:
+    """What the pinned llama.cpp is built for: a name and the cmake flags beyond
+    CMAKE_OPTIONS (none for the plain CPU build)."""
+
+    name: str
+    flags: tuple[str, ...]
+
+
+def cuda_compiler(env: dict[str, str], which: Any = shutil.which) -> str | None:
+    """CUDA's compiler: $CUDACXX, nvcc on PATH, or the toolkit's default place."""
+    for candidate in (env.get("CUDACXX"), "nvcc", "/usr/local/cuda/bin/nvcc"):
+        if candidate and (found := which(candidate)):
+            return str(found)
+    return None
+
+
+def cuda_architectures(run: Any = subprocess.run) -> str:
+    """The installed GPUs' compute capabilities as CMAKE_CUDA_ARCHITECTURES ("90" for an
+    H200; "80;90" for two kinds), from nvidia-smi; "native" (cmake asks the driver) when
+    nvidia-smi cannot say."""
+    try:
+        out = run(
+            ["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "native"
+    caps = sorted({line.strip().replace(".", "") for line in out.splitlines() if line.strip()})
+    return ";".join(caps) if caps and all(c.isdigit() for c in caps) else "native"
+
+
+def choose_backend(
+    env: dict[str, str], which: Any = shutil.which, run: Any = subprocess.run
+) -> Backend:
+    """CUDA when its compiler is here (unless FSE_LLAMA_CMAKE_ARGS turns it off or picks
+    another backend), else the CPU; FSE_LLAMA_CMAKE_ARGS is added as given, last."""
+    extra = tuple(shlex.split(env.get("FSE_LLAMA_CMAKE_ARGS", "")))
+    chosen = [BACKENDS[f] for f in extra if f in BACKENDS]
+    asked_cuda_off = "-DGGML_CUDA=OFF" in extra
+    nvcc = None if chosen or asked_cuda_off else cuda_compiler(env, which)
+    flags: tuple[str, ...] = ()
+    if nvcc is not None:
+        flags = ("-DGGML_CUDA=ON", f"-DCMAKE_CUDA_COMPILER={nvcc}")
+        if not any(f.startswith("-DCMAKE_CUDA_ARCHITECTURES=") for f in extra):
+            flags += (f"-DCMAKE_CUDA_ARCHITECTURES={cuda_architectures(run)}",)
+        chosen = ["cuda"]
+    return Backend(chosen[0] if chosen else "cpu", flags + extra)
+
+
+def build_root(backend: Backend | None = None) -> Path:
+    """The cached build of the pinned source for `backend` (the machine's by default)."""
+    backend = backend or choose_backend(dict(os.environ))
+    name = f"llama.cpp-{SDIST_SHA256[:16]}"
+    if backend.flags:
+        digest = hashlib.sha256("\0".join(backend.flags).encode()).hexdigest()[:8]
+        name += f"-{backend.name}-{digest}"
+    return cache_root() / name
 
 
 def from_llama_cpp_dir(root: Path) -> LlamaLib:
@@ -183,7 +252,16 @@ def cmake_build(root: Path, targets: list[str]) -> Path:
     if not (build / "CMakeCache.txt").is_file():
         generator = ["-G", "Ninja"] if shutil.which("ninja") else []
         subprocess.run(
-            ["cmake", "-S", str(source), "-B", str(build), *generator, *CMAKE_OPTIONS],
+            [
+                "cmake",
+                "-S",
+                str(source),
+                "-B",
+                str(build),
+                *generator,
+                *CMAKE_OPTIONS,
+                *choose_backend(dict(os.environ)).flags,
+            ],
             check=True,
             stdout=subprocess.DEVNULL,
         )

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -39,3 +41,55 @@ def test_a_gpu_builds_backend_is_copied_beside_the_binding(tmp_path: Path) -> No
     assert [p.name for p in lib.shared_libraries()] == sorted(
         n for n in names if n.startswith(("libllama", "libggml"))
     )
+
+
+def _which(found: dict[str, str]) -> Callable[[str], str | None]:
+    return found.get
+
+
+def _smi(out: str) -> Callable[..., subprocess.CompletedProcess[str]]:
+    def run(argv: list[str], **_: object) -> subprocess.CompletedProcess[str]:
+        return subprocess.CompletedProcess(argv, 0, out, "")
+
+    return run
+
+
+def test_the_build_is_for_the_backend_the_machine_has() -> None:
+    lib = _libllama()
+    plain = lib.build_root(lib.Backend("cpu", ()))
+    # No CUDA compiler: the CPU build, in the directory every clone already shares.
+    cpu = lib.choose_backend({}, _which({}))
+    assert (cpu.name, cpu.flags) == ("cpu", ())
+    assert plain.name == f"llama.cpp-{lib.SDIST_SHA256[:16]}"
+    # nvcc on PATH: CUDA, for the installed GPUs' architectures, in a directory of its own.
+    nvcc = "/opt/cuda/bin/nvcc"
+    cuda = lib.choose_backend({}, _which({"nvcc": nvcc}), _smi("9.0\n9.0\n8.6\n"))
+    assert cuda == lib.Backend(
+        "cuda",
+        ("-DGGML_CUDA=ON", f"-DCMAKE_CUDA_COMPILER={nvcc}", "-DCMAKE_CUDA_ARCHITECTURES=86;90"),
+    )
+    assert lib.build_root(cuda).name.startswith(plain.name + "-cuda-")
+    # nvidia-smi that cannot say: cmake's "native".
+    assert lib.choose_backend({}, _which({"nvcc": nvcc}), _smi("")).flags[-1] == (
+        "-DCMAKE_CUDA_ARCHITECTURES=native"
+    )
+    # The user's flags come last and win: CUDA off beside nvcc, another backend, an arch.
+    off = lib.choose_backend({"FSE_LLAMA_CMAKE_ARGS": "-DGGML_CUDA=OFF"}, _which({"nvcc": nvcc}))
+    assert off == lib.Backend("cpu", ("-DGGML_CUDA=OFF",))
+    assert lib.build_root(off) != plain  # any flag makes its own build
+    vulkan = lib.choose_backend(
+        {"FSE_LLAMA_CMAKE_ARGS": "-DGGML_VULKAN=ON"}, _which({"nvcc": nvcc})
+    )
+    assert vulkan == lib.Backend("vulkan", ("-DGGML_VULKAN=ON",))
+    arch = lib.choose_backend(
+        {"FSE_LLAMA_CMAKE_ARGS": "-DCMAKE_CUDA_ARCHITECTURES=90"}, _which({"nvcc": nvcc})
+    )
+    assert arch.flags == (
+        "-DGGML_CUDA=ON",
+        f"-DCMAKE_CUDA_COMPILER={nvcc}",
+        "-DCMAKE_CUDA_ARCHITECTURES=90",
+    )
+    # $CUDACXX names the compiler when nvcc is not on PATH.
+    toolkit = "/usr/local/cuda-12/bin/nvcc"
+    named = lib.choose_backend({"CUDACXX": toolkit}, _which({toolkit: toolkit}), _smi("9.0"))
+    assert named.flags[1] == f"-DCMAKE_CUDA_COMPILER={toolkit}"

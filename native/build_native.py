@@ -32,11 +32,37 @@ struct llama_context;
 struct llama_vocab;
 struct llama_sampler;
 
+enum llama_split_mode {
+    LLAMA_SPLIT_MODE_NONE,
+    LLAMA_SPLIT_MODE_LAYER,
+    LLAMA_SPLIT_MODE_ROW,
+    ...
+};
+
 struct llama_model_params {
     int32_t n_gpu_layers;
+    enum llama_split_mode split_mode;
+    int32_t main_gpu;
+    const float * tensor_split;
     bool    vocab_only;
     ...;
 };
+
+typedef struct ggml_backend_device * ggml_backend_dev_t;
+enum ggml_backend_dev_type {
+    GGML_BACKEND_DEVICE_TYPE_CPU,
+    GGML_BACKEND_DEVICE_TYPE_GPU,
+    GGML_BACKEND_DEVICE_TYPE_IGPU,
+    GGML_BACKEND_DEVICE_TYPE_ACCEL,
+    ...
+};
+size_t ggml_backend_dev_count(void);
+size_t llama_max_devices(void);
+ggml_backend_dev_t ggml_backend_dev_get(size_t index);
+const char * ggml_backend_dev_name(ggml_backend_dev_t device);
+const char * ggml_backend_dev_description(ggml_backend_dev_t device);
+void ggml_backend_dev_memory(ggml_backend_dev_t device, size_t * free, size_t * total);
+enum ggml_backend_dev_type ggml_backend_dev_type(ggml_backend_dev_t device);
 
 struct llama_context_params {
     uint32_t n_ctx;

@@ -442,3 +442,17 @@ def test_gpu_layers_follow_what_the_build_can_do(model_path: Path) -> None:
         offloaded_layers(3)
     with Model(model_path) as m:  # the default on this CPU-only build: nothing offloaded
         assert (m.n_layer, m.gpu_layers) == (18, 0)  # Gemma 3 270M has 18 layers
+
+
+def test_a_model_loads_with_llama_cpps_split_settings(model_path: Path) -> None:
+    """main_gpu, split_mode and the GPUs' shares pass through to llama.cpp; on a CPU they
+    change nothing, and bad shares are refused naming the key."""
+    from fse.core.model import devices, tensor_split
+
+    assert tensor_split("") == [] and tensor_split("3, 1") == [3.0, 1.0]
+    for bad in ("3,x", "0,0", "-1", ",".join(["1"] * 17)):
+        with pytest.raises(InputError, match=r"^tensor_split: .* is not accepted; accepted: "):
+            tensor_split(bad)
+    with Model(model_path, gpu_layers=0, main_gpu=0, split_mode="row", split=[3.0, 1.0]) as m:
+        assert m.gpu_layers == 0 and m.tokenize("Hello")
+    assert any(d.kind == "cpu" for d in devices())

@@ -262,3 +262,23 @@ def test_gpu_layers_without_a_gpu_stop_the_start_in_one_line(tmp_path: Path) -> 
     assert "model.gpu_layers: -2 is out of range; accepted: integer -1 (every layer" in (
         checked.stderr
     )
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ('split_mode = "rows"', "model.split_mode: 'rows' is out of range; accepted: none, layer"),
+        ('tensor_split = "3,x"', "model.tensor_split: '3,x' is out of range; accepted: comma-sep"),
+        ('tensor_split = "0,0"', "model.tensor_split: '0,0' is out of range; accepted: comma-sep"),
+        ("main_gpu = 256", "model.main_gpu: 256 is out of range; accepted: integer 0..255"),
+    ],
+)
+def test_gpu_split_keys_name_what_they_accept(tmp_path: Path, text: str, words: str) -> None:
+    checked = run_fse("config", "check", str(write(tmp_path, f"[model]\n{text}\n")))
+    assert checked.returncode == 2 and words in checked.stderr, checked.stderr
+
+
+def test_gpu_split_keys_reach_the_model(tmp_path: Path) -> None:
+    path = write(tmp_path, '[model]\nsplit_mode = "row"\ntensor_split = "3,1"\nmain_gpu = 1\n')
+    model = load(path, {}).model
+    assert (model.split_mode, model.tensor_split, model.main_gpu) == ("row", "3,1", 1)

@@ -1,12 +1,15 @@
-"""`fse model path`: assemble the embedded default model (once) and print its path."""
+"""`fse model path`: assemble the embedded default model (once) and print its path.
+`fse model info`: load a model and say what llama.cpp runs it on."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
-from fse.cli.common import EXIT_ERROR
+from fse.cli.common import EXIT_ERROR, flag_message
+from fse.core.errors import InputError
 
 
 def add_parser(commands: Any) -> None:
@@ -14,6 +17,17 @@ def add_parser(commands: Any) -> None:
     model_commands = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
     path = model_commands.add_parser("path", help="assemble (once) and print its path")
     path.set_defaults(func=cmd_model_path)
+    info = model_commands.add_parser(
+        "info", help="load a model; print its layers and where they run (CPU, GPUs)"
+    )
+    info.add_argument("--model", type=Path, help="GGUF file (default: the embedded Gemma 3 270M)")
+    info.add_argument(
+        "--gpu-layers",
+        type=int,
+        default=-1,
+        help="layers on a GPU: -1 all when there is one (default), 0 none, N that many",
+    )
+    info.set_defaults(func=cmd_model_info)
 
 
 def cmd_model_path(args: argparse.Namespace) -> int:
@@ -24,4 +38,30 @@ def cmd_model_path(args: argparse.Namespace) -> int:
     except ModelError as exc:
         print(f"fse: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    return 0
+
+
+def cmd_model_info(args: argparse.Namespace) -> int:
+    from fse.core.gguf import ModelError, default_model_path
+    from fse.core.model import Model, devices, gpu_offload
+
+    if args.gpu_layers < -1:
+        raise InputError(f"--gpu-layers: {args.gpu_layers} is invalid; accepted: -1, 0 or N >= 1")
+    try:
+        path = args.model if args.model is not None else default_model_path()
+        with Model(path, gpu_layers=args.gpu_layers) as model:
+            print(f"model: {model.name} ({model.description}), {path}")
+            print(f"layers: {model.n_layer}, {model.gpu_layers} on a GPU")
+    except ModelError as exc:
+        message = str(exc)
+        raise InputError(flag_message(message) if args.model is not None else message) from None
+    except InputError as exc:  # GPU layers asked for where there is no GPU
+        raise InputError(f"--{exc}".replace("--gpu_layers", "--gpu-layers", 1)) from None
+    print(
+        "gpu offload:",
+        "yes" if gpu_offload() else "no (no GPU backend in this llama.cpp, or no GPU)",
+    )
+    for dev in devices():
+        memory = f", {dev.memory_total / (1 << 30):.1f} GiB" if dev.memory_total else ""
+        print(f"device: {dev.name} ({dev.kind}: {dev.description}{memory})")
     return 0

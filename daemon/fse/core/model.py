@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -63,6 +64,70 @@ def last_llama_error(default: str) -> str:
 GPU_LAYERS_AUTO = -1
 
 
+# How a model is split over several GPUs, as llama.cpp names it.
+SPLIT_MODES = {
+    "none": lib.LLAMA_SPLIT_MODE_NONE,  # the whole model on main_gpu
+    "layer": lib.LLAMA_SPLIT_MODE_LAYER,  # layers (and their KV) spread over the GPUs
+    "row": lib.LLAMA_SPLIT_MODE_ROW,  # rows of each matrix spread (tensor parallelism)
+}
+_DEVICE_KINDS = {
+    lib.GGML_BACKEND_DEVICE_TYPE_CPU: "cpu",
+    lib.GGML_BACKEND_DEVICE_TYPE_GPU: "gpu",
+    lib.GGML_BACKEND_DEVICE_TYPE_IGPU: "igpu",
+    lib.GGML_BACKEND_DEVICE_TYPE_ACCEL: "accel",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Device:
+    """A device ggml can compute on (llama.cpp's backends: the CPU, each GPU)."""
+
+    name: str  # ggml's name: CPU, CUDA0, Vulkan0 ...
+    description: str
+    kind: str  # cpu, gpu, igpu, accel (or "other")
+    memory_total: int  # bytes
+    memory_free: int
+
+
+def devices() -> list[Device]:
+    """The devices this llama.cpp build can use, in ggml's order (the GPUs first)."""
+    init_backend()
+    found = []
+    free, total = ffi.new("size_t *"), ffi.new("size_t *")
+    for i in range(lib.ggml_backend_dev_count()):
+        dev = lib.ggml_backend_dev_get(i)
+        lib.ggml_backend_dev_memory(dev, free, total)
+        found.append(
+            Device(
+                ffi.string(lib.ggml_backend_dev_name(dev)).decode("utf-8", "replace"),
+                ffi.string(lib.ggml_backend_dev_description(dev)).decode("utf-8", "replace"),
+                _DEVICE_KINDS.get(lib.ggml_backend_dev_type(dev), "other"),
+                int(total[0]),
+                int(free[0]),
+            )
+        )
+    return found
+
+
+def tensor_split(text: str) -> list[float]:
+    """`3,1` as llama.cpp's tensor_split (the share of each GPU, in device order); empty:
+    none (llama.cpp splits by free memory). InputError naming the key otherwise."""
+    if not text.strip():
+        return []
+    try:
+        shares = [float(part) for part in text.split(",")]
+    except ValueError:
+        shares = []
+    most = lib.llama_max_devices()
+    fits = 0 < len(shares) <= most
+    if not fits or not all(0 <= s < float("inf") for s in shares) or sum(shares) <= 0:
+        raise InputError(
+            f"tensor_split: {text!r} is not accepted; accepted: comma-separated non-negative "
+            f'shares, one per GPU (at most {most}), not all zero, such as "3,1"'
+        )
+    return shares
+
+
 def gpu_offload() -> bool:
     """Whether this llama.cpp build has a GPU backend with a device present."""
     return bool(lib.llama_supports_gpu_offload())
@@ -106,12 +171,28 @@ class Model(Closing):
     """A GGUF model loaded by llama.cpp, with its vocabulary. Use as a context manager."""
 
     def __init__(
-        self, path: Path | str, *, verbose: bool = False, gpu_layers: int = GPU_LAYERS_AUTO
+        self,
+        path: Path | str,
+        *,
+        verbose: bool = False,
+        gpu_layers: int = GPU_LAYERS_AUTO,
+        main_gpu: int = 0,
+        split_mode: str = "layer",
+        split: Sequence[float] = (),
     ) -> None:
+        """`gpu_layers`, `main_gpu`, `split_mode` (SPLIT_MODES) and `split` (the share of
+        each GPU, see tensor_split) are llama.cpp's model parameters of those names."""
         self.path = check_gguf(Path(path))
         init_backend(verbose)
         params = lib.llama_model_default_params()
         params.n_gpu_layers = offloaded_layers(gpu_layers)
+        params.main_gpu = main_gpu
+        params.split_mode = SPLIT_MODES[split_mode]
+        # llama.cpp reads one share per device it has: the array is that long, zero-padded,
+        # and alive for the whole load.
+        shares = ffi.new("float[]", max(len(split), lib.llama_max_devices()))
+        shares[0 : len(split)] = list(split)
+        params.tensor_split = shares if split else ffi.NULL
         handle = lib.llama_model_load_from_file(str(self.path).encode(), params)
         if handle == ffi.NULL:
             reason = last_llama_error("llama.cpp could not load it")

@@ -75,6 +75,14 @@ def listen_address(addr: str) -> str | tuple[str, int] | None:
     return host, int(port)
 
 
+def _split_shares(v: str) -> bool:
+    try:
+        shares = [float(s) for s in v.split(",")] if v.strip() else []
+    except ValueError:
+        return False
+    return all(0 <= s < float("inf") for s in shares) and (not shares or sum(shares) > 0)
+
+
 def _address_list(v: list[str]) -> bool:
     return len(v) >= 1 and all(isinstance(a, str) and listen_address(a) is not None for a in v)
 
@@ -106,6 +114,13 @@ KEYS: tuple[Key, ...] = (
         "integer -1 (every layer on a GPU when llama.cpp has one, else the CPU), 0 (the CPU "
         "only) or 1..100000 (that many layers on a GPU; needs one)", _between(-1, 100000),
         "--gpu-layers"),
+    Key("model", "main_gpu", int, 0, "integer 0..255 (the GPU for split_mode none)",
+        _between(0, 255), "--main-gpu"),
+    Key("model", "split_mode", str, "layer", "none, layer or row (llama.cpp's split modes)",
+        lambda v: v in ("none", "layer", "row"), "--split-mode"),
+    Key("model", "tensor_split", str, "",
+        'comma-separated shares, one per GPU, such as "3,1" (empty: by free memory)',
+        _split_shares, "--tensor-split"),
     Key("model", "chat_template", str, "",
         "a llama.cpp built-in template name such as chatml (empty: the GGUF's own)",
         flag="--chat-template"),
@@ -157,6 +172,9 @@ class ModelSettings:
     path: Path | None
     chat_template: str
     gpu_layers: int = -1  # -1: all on a GPU when there is one; 0: CPU; N: N layers
+    main_gpu: int = 0
+    split_mode: str = "layer"
+    tensor_split: str = ""  # "3,1": the share of each GPU
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,7 +307,12 @@ def _build(values: dict[str, Any], overrides: Mapping[str, Any], **extra: bool) 
             allow_insecure_tcp=values["server.allow_insecure_tcp"],
         ),
         model=ModelSettings(
-            _path(values["model.path"]), values["model.chat_template"], values["model.gpu_layers"]
+            _path(values["model.path"]),
+            values["model.chat_template"],
+            values["model.gpu_layers"],
+            values["model.main_gpu"],
+            values["model.split_mode"],
+            values["model.tensor_split"],
         ),
         policies=PoliciesSettings(_path(values["policies.dir"])),
         audit=AuditSettings(

@@ -27,7 +27,7 @@ from grpc_reflection.v1alpha import reflection
 
 from fse.core.errors import EngineError, InputError
 from fse.core.gguf import ModelError, check_gguf, default_model_path, file_sha256
-from fse.core.model import Model
+from fse.core.model import Model, tensor_split
 from fse.core.policy import Policy, PolicyError, load_policies
 from fse.serve.audit import AuditError, AuditLog
 from fse.serve.auth import AuthInterceptor, TokenTable
@@ -273,11 +273,18 @@ async def load_service(
 ) -> GuardService:
     """The model (loaded in a worker thread) and the guard service decoding it."""
     notify.send(f"STATUS=loading {plan.model_path.name}")
+    cfg_model = settings.model
     try:
         model = await asyncio.to_thread(
-            Model, plan.model_path, verbose=settings.verbose, gpu_layers=settings.model.gpu_layers
+            Model,
+            plan.model_path,
+            verbose=settings.verbose,
+            gpu_layers=cfg_model.gpu_layers,
+            main_gpu=cfg_model.main_gpu,
+            split_mode=cfg_model.split_mode,
+            split=tensor_split(cfg_model.tensor_split),
         )
-    except InputError as exc:  # GPU layers asked for where there is no GPU
+    except InputError as exc:  # GPU layers asked for where there is no GPU; a bad split
         raise StartupError(f"model.{exc}") from None
     if settings.model.chat_template:
         model.use_chat_template(settings.model.chat_template)

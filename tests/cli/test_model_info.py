@@ -1,0 +1,20 @@
+"""`fse model info`: where llama.cpp runs a model, as the real binding says."""
+
+from __future__ import annotations
+
+from support.daemons import run_fse
+
+
+def test_model_info_names_the_layers_and_the_devices() -> None:
+    from fse.core.model import gpu_offload
+
+    result = run_fse("model", "info", "--gpu-layers", "0")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("model: Gemma 3 270m (") and lines[1] == "layers: 18, 0 on a GPU"
+    assert any(line.startswith("device: CPU (cpu: ") for line in lines)
+    assert f"gpu offload: {'yes' if gpu_offload() else 'no ('}" in result.stdout
+    bad = run_fse("model", "info", "--gpu-layers", "-5")
+    assert bad.returncode == 2
+    expected = "fse model: error: --gpu-layers: -5 is invalid; accepted: -1, 0 or N >= 1\n"
+    assert bad.stderr == expected

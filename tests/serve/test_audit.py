@@ -212,3 +212,28 @@ def test_write_failure_keeps_lines_and_reports_unhealthy_until_it_can_write(
         (3, "stream.verdict"),
     ]
     assert verify(path).ok
+
+
+def test_a_bug_in_the_writer_thread_fails_closed_and_keeps_the_thread(tmp_path: Path) -> None:
+    """The audit-writer thread writes every verdict: an unexpected error in a flush makes
+    the log unhealthy (new streams refused) and still answers the poster, and the thread
+    goes on writing once the error is gone."""
+    log = AuditLog(tmp_path / "audit.jsonl")
+    flush, broken = log._flush, [True]
+
+    def buggy_flush() -> bool:
+        if broken:
+            broken.clear()
+            raise RuntimeError("a bug")
+        return flush()
+
+    log._flush = buggy_flush  # type: ignore[method-assign]
+    answered = threading.Event()
+    log.post("stream.verdict", {"stream": 1}, then=answered.set)
+    assert answered.wait(10), "the poster was never answered"
+    assert not log.healthy and "RuntimeError('a bug')" in log.error
+    second = threading.Event()
+    log.post("stream.verdict", {"stream": 2}, then=second.set)  # the thread is still there
+    assert second.wait(10) and log.healthy
+    log.close()
+    assert [r["stream"] for r in audit_records(tmp_path / "audit.jsonl")] == [1, 2]

@@ -207,11 +207,15 @@ class AuditLog:
                 return
             with self._queue:  # their lines are queued already: this flush attempts them
                 callbacks, self._then = self._then, []
-            with self._lock:
-                if self._fd >= 0:
-                    self._flush()
-            for callback in callbacks:
-                callback()
+            try:
+                with self._lock:
+                    if self._fd >= 0:
+                        self._flush()
+            except Exception as exc:  # a bug must not end the thread every verdict needs
+                self._failed(f"cannot write {self.path}: {exc!r}")
+            finally:
+                for callback in callbacks:
+                    callback()
 
     def _flush_waiting(self) -> bool:
         """Flush under the writer's lock, waiting for another writer at most LOCK_WAIT

@@ -56,7 +56,7 @@ def cmd_model_info(args: argparse.Namespace) -> int:
         message = str(exc)
         raise InputError(flag_message(message) if args.model is not None else message) from None
     except InputError as exc:  # GPU layers asked for where there is no GPU
-        raise InputError(f"--{exc}".replace("--gpu_layers", "--gpu-layers", 1)) from None
+        raise InputError(flag_message(str(exc))) from None
     print(
         "gpu offload:",
         "yes" if gpu_offload() else "no (no GPU backend in this llama.cpp, or no GPU)",

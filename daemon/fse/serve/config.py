@@ -23,6 +23,7 @@ from fse.core import toml_writer
 from fse.core.engine import MAX_THREADS
 from fse.core.errors import InputError
 from fse.core.files import FileRefused, read_trusted
+from fse.core.model import tensor_split
 from fse.core.values import check, wrong_type
 from fse.serve.audit import FSYNC_MODES
 
@@ -76,11 +77,12 @@ def listen_address(addr: str) -> str | tuple[str, int] | None:
 
 
 def _split_shares(v: str) -> bool:
+    """The model's own reading of tensor_split, so the config check and the load agree."""
     try:
-        shares = [float(s) for s in v.split(",")] if v.strip() else []
-    except ValueError:
+        tensor_split(v)
+    except InputError:
         return False
-    return all(0 <= s < float("inf") for s in shares) and (not shares or sum(shares) > 0)
+    return True
 
 
 def _address_list(v: list[str]) -> bool:

@@ -111,11 +111,12 @@ def attacker(addr: str, count: int, nice: int, spin: float = 0) -> subprocess.Po
     """The attacker process (or with `spin`, the busy neighbour), waiting for the word."""
     role = ["--spin", str(spin)] if spin else ["--attack", addr, "--burst", str(count)]
     process = subprocess.Popen(
-        [sys.executable, __file__, *role],
+        # nice(1), not preexec_fn: a preexec_fn forces fork(), and gRPC's poller,
+        # restarted in the forked child, can abort it before exec (grpc/grpc#43055).
+        ["nice", "-n", str(nice), sys.executable, __file__, *role],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
-        preexec_fn=lambda: os.nice(nice),
     )
     assert process.stdout is not None
     if process.stdout.readline().strip() != "ready":

@@ -330,18 +330,17 @@ def test_mtls_requires_a_certificate_from_the_client_ca(
     assert started["client"].startswith("cert:") and "app-one" in started["client"]
 
 
-def _start(tmp_path: Path, *args: str, umask: int | None = None) -> subprocess.Popen[str]:
-    def preexec() -> None:
-        if umask is not None:
-            os.umask(umask)
-
+def _start(tmp_path: Path, *args: str, umask: int = -1) -> subprocess.Popen[str]:
+    # umask=, never preexec_fn: a preexec_fn forces fork(), and gRPC (imported by this
+    # process) restarts its poller in the forked child, which then aborts on the epoll
+    # descriptor that close_fds closed before exec (grpc/grpc#43055).
     return subprocess.Popen(
         [*FSE, "serve", *THREADS, *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         cwd=tmp_path,
-        preexec_fn=preexec,
+        umask=umask,
     )
 
 

@@ -16,5 +16,9 @@ def test_model_info_names_the_layers_and_the_devices() -> None:
     assert f"gpu offload: {'yes' if gpu_offload() else 'no ('}" in result.stdout
     bad = run_fse("model", "info", "--gpu-layers", "-5")
     assert bad.returncode == 2
-    expected = "fse model: error: --gpu-layers: -5 is invalid; accepted: -1, 0 or N >= 1\n"
+    expected = (
+        "fse model: error: --gpu-layers: '-5' is not accepted; accepted: \"auto\" (every layer "
+        'on a GPU when llama.cpp has one, else the CPU), "all" (every layer on a GPU; needs '
+        "one), 0 (the CPU only) or N >= 1 (that many layers on a GPU)\n"
+    )
     assert bad.stderr == expected

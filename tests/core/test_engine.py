@@ -429,17 +429,22 @@ def test_faults_parse_rejects_with_accepted_forms(spec: str) -> None:
 
 
 def test_gpu_layers_follow_what_the_build_can_do(model_path: Path) -> None:
-    """-1 (the default) puts every layer on a GPU when llama.cpp has one, else runs on the
+    """ "auto" (the default) puts every layer on a GPU when llama.cpp has one, else runs on the
     CPU; a count of GPU layers where there is no GPU is refused, never silently ignored."""
     from fse.core.model import GPU_LAYERS_AUTO, gpu_offload, offloaded_layers
 
     assert offloaded_layers(0) == 0
     if gpu_offload():
         assert offloaded_layers(GPU_LAYERS_AUTO) == -1 and offloaded_layers(3) == 3
+        assert offloaded_layers("all") == -1
         return
     assert offloaded_layers(GPU_LAYERS_AUTO) == 0
     with pytest.raises(InputError, match=r"^gpu_layers: 3 layers asked for a GPU, but this"):
         offloaded_layers(3)
+    with pytest.raises(InputError, match=r"^gpu_layers: every layer asked for a GPU, but"):
+        offloaded_layers("all")
+    with pytest.raises(InputError, match=r"^gpu_layers: -1 is not accepted; accepted: \"auto\""):
+        offloaded_layers(-1)
     with Model(model_path) as m:  # the default on this CPU-only build: nothing offloaded
         assert (m.n_layer, m.gpu_layers) == (18, 0)  # Gemma 3 270M has 18 layers
 

@@ -243,7 +243,7 @@ def test_listen_addresses_that_are_accepted(address: str) -> None:
 
 def test_gpu_layers_without_a_gpu_stop_the_start_in_one_line(tmp_path: Path) -> None:
     """A model meant for a GPU must not silently run at CPU speed: asking for GPU layers
-    where llama.cpp has no GPU is a start-up error naming the key (the default, -1,
+    where llama.cpp has no GPU is a start-up error naming the key (the default, "auto",
     runs on the CPU there)."""
     from fse.core.model import gpu_offload
 
@@ -254,14 +254,27 @@ def test_gpu_layers_without_a_gpu_stop_the_start_in_one_line(tmp_path: Path) -> 
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert (
         "fse serve: error: model.gpu_layers: 4 layers asked for a GPU, but this llama.cpp has "
-        "no GPU backend or no GPU is present; accepted: -1" in result.stderr
+        'no GPU backend or no GPU is present; accepted: "auto"' in result.stderr
     )
     assert not sock.exists()  # the socket bound before the model loads is removed again
-    checked = run_fse("config", "check", str(write(tmp_path, "[model]\ngpu_layers = -2\n")))
-    assert checked.returncode == 2
-    assert "model.gpu_layers: -2 is out of range; accepted: integer -1 (every layer" in (
-        checked.stderr
+    every = run_fse("serve", "--listen", f"unix:{sock}", "--gpu-layers", "all", timeout=60)
+    assert every.returncode == 1 and "model.gpu_layers: every layer asked for a GPU" in (
+        every.stderr
     )
+    for bad, words in (
+        ("-2", 'model.gpu_layers: -2 is out of range; accepted: "auto" (every layer'),
+        ('"most"', "model.gpu_layers: 'most' is out of range; accepted: \"auto\" (every"),
+        ('"20"', "model.gpu_layers: '20' is out of range; accepted: \"auto\""),
+        ("1.5", "model.gpu_layers: expected an integer or a string, got a float (1.5)"),
+    ):
+        checked = run_fse("config", "check", str(write(tmp_path, f"[model]\ngpu_layers = {bad}\n")))
+        assert checked.returncode == 2 and words in checked.stderr, checked.stderr
+
+
+def test_gpu_layers_take_a_count_or_a_word() -> None:
+    for given, settled in ((0, 0), (20, 20), ("all", "all"), ("auto", "auto")):
+        assert load(None, {"model.gpu_layers": given}).model.gpu_layers == settled
+    assert load(None, {}).model.gpu_layers == "auto"
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,11 @@ EXIT_HALTED = 3
 EXIT_CANCELLED = 4
 
 
+def int_or_word(text: str) -> int | str:
+    """A flag that takes a count or a word (--gpu-layers 20|all|auto)."""
+    return int(text) if text.strip().isdigit() else text
+
+
 def flag_message(message: str) -> str:
     """'top_p: ...' (a field name, as the domain reports it) -> '--top-p: ...'."""
     field, sep, rest = message.partition(":")

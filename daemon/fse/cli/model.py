@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fse.cli.common import EXIT_ERROR, flag_message
+from fse.cli.common import EXIT_ERROR, flag_message, int_or_word
 from fse.core.errors import InputError
 
 
@@ -23,9 +23,9 @@ def add_parser(commands: Any) -> None:
     info.add_argument("--model", type=Path, help="GGUF file (default: the embedded Gemma 3 270M)")
     info.add_argument(
         "--gpu-layers",
-        type=int,
-        default=-1,
-        help="layers on a GPU: -1 all when there is one (default), 0 none, N that many",
+        type=int_or_word,
+        default="auto",
+        help="layers on a GPU: auto (all when there is one; default), all, 0 (none), N",
     )
     info.set_defaults(func=cmd_model_info)
 
@@ -45,8 +45,6 @@ def cmd_model_info(args: argparse.Namespace) -> int:
     from fse.core.gguf import ModelError, default_model_path
     from fse.core.model import Model, devices, gpu_offload
 
-    if args.gpu_layers < -1:
-        raise InputError(f"--gpu-layers: {args.gpu_layers} is invalid; accepted: -1, 0 or N >= 1")
     try:
         path = args.model if args.model is not None else default_model_path()
         with Model(path, gpu_layers=args.gpu_layers) as model:

@@ -12,10 +12,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from fse.cli.common import int_or_word
 from fse.serve.config import KEYS, Key, Settings, load, to_toml
 
 # How each kind of key reads from argv.
-_FLAG_TYPES: dict[type, Any] = {int: int, float: float, str: str}
+_FLAG_TYPES: dict[Any, Any] = {int: int, float: float, str: str, int | str: int_or_word}
 
 
 def _add_key_flag(p: argparse.ArgumentParser, key: Key) -> None:

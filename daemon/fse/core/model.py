@@ -60,8 +60,25 @@ def last_llama_error(default: str) -> str:
     return message or default
 
 
-# Model(gpu_layers=...): every layer on a GPU when llama.cpp has a usable one, else none.
-GPU_LAYERS_AUTO = -1
+# Model(gpu_layers=...): "auto" puts every layer on a GPU when llama.cpp has a usable
+# one, else runs on the CPU; "all" needs a GPU; an integer N puts N layers on it (0: none).
+GPU_LAYERS_AUTO = "auto"
+GPU_LAYERS_ALL = "all"
+GPU_LAYERS_ACCEPTED = (
+    '"auto" (every layer on a GPU when llama.cpp has one, else the CPU), "all" (every '
+    "layer on a GPU; needs one), 0 (the CPU only) or N >= 1 (that many layers on a GPU)"
+)
+
+
+def parse_gpu_layers(value: int | str) -> int | str:
+    """`auto`, `all` or a count (a flag's text or a config value); InputError otherwise."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not (
+        value in (GPU_LAYERS_AUTO, GPU_LAYERS_ALL) or (isinstance(value, int) and value >= 0)
+    ):
+        raise InputError(f"gpu_layers: {value!r} is not accepted; accepted: {GPU_LAYERS_ACCEPTED}")
+    return value
 
 
 # How a model is split over several GPUs, as llama.cpp names it.
@@ -133,20 +150,23 @@ def gpu_offload() -> bool:
     return bool(lib.llama_supports_gpu_offload())
 
 
-def offloaded_layers(gpu_layers: int) -> int:
-    """llama.cpp's n_gpu_layers for `gpu_layers`: -1 (auto) is all layers (-1 to llama.cpp)
-    with a GPU and 0 without; 0 is none; N > 0 needs a GPU, else InputError: a model
-    meant for a GPU must not silently run at CPU speed."""
-    if gpu_layers < 0:
+def offloaded_layers(gpu_layers: int | str) -> int:
+    """llama.cpp's n_gpu_layers for `gpu_layers` (parse_gpu_layers): "auto" is every layer
+    (-1 to llama.cpp) with a GPU and 0 without; "all" is every layer; 0 is none; "all" and
+    N > 0 need a GPU, else InputError: a model meant for a GPU must not silently run at
+    CPU speed."""
+    gpu_layers = parse_gpu_layers(gpu_layers)
+    if gpu_layers == GPU_LAYERS_AUTO:
         return -1 if gpu_offload() else 0
-    if gpu_layers > 0 and not gpu_offload():
+    if gpu_layers != 0 and not gpu_offload():
+        asked = "every layer" if gpu_layers == GPU_LAYERS_ALL else f"{gpu_layers} layers"
         raise InputError(
-            f"gpu_layers: {gpu_layers} layers asked for a GPU, but this llama.cpp has no GPU "
-            "backend or no GPU is present; accepted: -1 (every layer on a GPU when there "
-            "is one, else the CPU) or 0 (the CPU); for a GPU, build llama.cpp with its "
-            "backend (docs/getting-started.md)"
+            f"gpu_layers: {asked} asked for a GPU, but this llama.cpp has no GPU backend or "
+            'no GPU is present; accepted: "auto" (every layer on a GPU when there is one, '
+            "else the CPU) or 0 (the CPU); for a GPU, build llama.cpp with its backend "
+            "(docs/getting-started.md)"
         )
-    return gpu_layers
+    return -1 if gpu_layers == GPU_LAYERS_ALL else int(gpu_layers)
 
 
 class Closing:
@@ -175,7 +195,7 @@ class Model(Closing):
         path: Path | str,
         *,
         verbose: bool = False,
-        gpu_layers: int = GPU_LAYERS_AUTO,
+        gpu_layers: int | str = GPU_LAYERS_AUTO,
         main_gpu: int = 0,
         split_mode: str = "layer",
         split: Sequence[float] = (),
@@ -198,6 +218,7 @@ class Model(Closing):
             reason = last_llama_error("llama.cpp could not load it")
             raise ModelError(f"model: {self.path}: {reason}")
         self._handle = handle
+        self.main_gpu, self.split_mode, self.split = main_gpu, split_mode, tuple(split)
         self.n_layer: int = lib.llama_model_n_layer(handle)
         # Layers on a GPU: all of them (a negative count), none, or the count asked for.
         n = params.n_gpu_layers

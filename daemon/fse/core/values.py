@@ -35,8 +35,8 @@ class ValueRefused(InputError):
 
 
 # The words of "expected ...", by the type a key declares.
-_KINDS = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
-          list: "an array", dict: "a table"}  # fmt: skip
+_KINDS: dict[Any, str] = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+          list: "an array", dict: "a table", int | str: "an integer or a string"}  # fmt: skip
 
 # A refused value as errors show it, bounded.
 _SHOWN = reprlib.Repr()

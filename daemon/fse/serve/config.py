@@ -23,7 +23,7 @@ from fse.core import toml_writer
 from fse.core.engine import MAX_THREADS
 from fse.core.errors import InputError
 from fse.core.files import FileRefused, read_trusted
-from fse.core.model import tensor_split
+from fse.core.model import GPU_LAYERS_ACCEPTED, GPU_LAYERS_AUTO, parse_gpu_layers, tensor_split
 from fse.core.values import check, wrong_type
 from fse.serve.audit import FSYNC_MODES
 
@@ -34,7 +34,7 @@ class Key:
 
     section: str
     name: str
-    kind: type  # bool, int, float, str, or list (of str)
+    kind: Any  # bool, int, float, str, list (of str), or int | str (a count or a word)
     default: Any
     accepted: str
     check: Callable[[Any], bool] = lambda _: True
@@ -47,6 +47,13 @@ class Key:
 
 def _between(low: float, high: float) -> Callable[[Any], bool]:
     return lambda v: low <= v <= high
+
+
+def _gpu_layers(v: int | str) -> bool:
+    try:
+        return parse_gpu_layers(v) == v  # "20" from a file stays text: a count is an integer
+    except InputError:
+        return False
 
 
 def _mode(v: str) -> bool:
@@ -112,9 +119,7 @@ KEYS: tuple[Key, ...] = (
     Key("server", "allow_insecure_tcp", bool, False, "true or false", flag="--allow-insecure-tcp"),
     Key("model", "path", str, "", "a GGUF file path (empty: the embedded default model)",
         flag="--model"),
-    Key("model", "gpu_layers", int, -1,
-        "integer -1 (every layer on a GPU when llama.cpp has one, else the CPU), 0 (the CPU "
-        "only) or 1..100000 (that many layers on a GPU; needs one)", _between(-1, 100000),
+    Key("model", "gpu_layers", int | str, GPU_LAYERS_AUTO, GPU_LAYERS_ACCEPTED, _gpu_layers,
         "--gpu-layers"),
     Key("model", "main_gpu", int, 0, "integer 0..255 (the GPU for split_mode none)",
         _between(0, 255), "--main-gpu"),
@@ -173,7 +178,7 @@ class ServerSettings:
 class ModelSettings:
     path: Path | None
     chat_template: str
-    gpu_layers: int = -1  # -1: all on a GPU when there is one; 0: CPU; N: N layers
+    gpu_layers: int | str = GPU_LAYERS_AUTO  # "auto", "all", or N layers (0: the CPU)
     main_gpu: int = 0
     split_mode: str = "layer"
     tensor_split: str = ""  # "3,1": the share of each GPU
@@ -311,7 +316,7 @@ def _build(values: dict[str, Any], overrides: Mapping[str, Any], **extra: bool) 
         model=ModelSettings(
             _path(values["model.path"]),
             values["model.chat_template"],
-            values["model.gpu_layers"],
+            parse_gpu_layers(values["model.gpu_layers"]),
             values["model.main_gpu"],
             values["model.split_mode"],
             values["model.tensor_split"],

@@ -153,7 +153,7 @@ FSE_H = (NATIVE / "fse.h").read_text()
 # fse.h is plain C; cffi's cdef does not take preprocessor lines or comments-with-#.
 CDEF += "\n".join(line for line in FSE_H.splitlines() if not line.startswith("#"))
 
-SOURCES = ["fse_stats.c", "fse_loop.c", "fse_log.c", "fse_vocab.c"]
+SOURCES = ["fse_stats.c", "fse_sample.c", "fse_step.c", "fse_loop.c", "fse_log.c", "fse_vocab.c"]
 # Included by the sources: listed so that editing one alone rebuilds the extension.
 HEADERS = ["fse.h", "fse_stats_width.h"]
 
@@ -181,8 +181,8 @@ ffibuilder.set_source(
     library_dirs=[str(PACKAGE_LIBS)],
     libraries=["llama"],
     # No -ffast-math: it would let the compiler assume away the NaN/Inf checks.
-    extra_compile_args=["-O3", "-std=gnu11", "-Wall", "-Wextra"],
-    extra_link_args=["-Wl,-rpath,$ORIGIN/_libs"],
+    extra_compile_args=["-O3", "-std=gnu11", "-Wall", "-Wextra", "-pthread"],
+    extra_link_args=["-Wl,-rpath,$ORIGIN/_libs", "-pthread"],
 )
 
 if __name__ == "__main__":

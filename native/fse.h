@@ -19,6 +19,35 @@ typedef struct fse_logit_stats {
 // Read n logits in place and fill *out. Never reads past logits[n-1].
 void fse_logit_stats_compute(const float * logits, int32_t n, fse_logit_stats * out);
 
+// Sampling as llama.cpp's chain top_k -> top_p -> min_p -> temp -> dist (min_keep 1),
+// with the same seeded generator (std::mt19937) and arithmetic, over the k largest
+// logits only: no vocabulary-sized candidate array. One per stream.
+enum { FSE_TOP_K_MAX = 256 };
+typedef struct fse_sampler fse_sampler;
+
+// NULL unless 1 <= top_k <= FSE_TOP_K_MAX and temp > 0 (use llama.cpp's chain then), or OOM.
+fse_sampler * fse_sampler_new(int32_t top_k, float top_p, float min_p, float temp, uint32_t seed);
+void          fse_sampler_free(fse_sampler * sampler);
+// The token drawn from n finite logits; -1 if none is finite.
+int32_t       fse_sampler_sample(fse_sampler * sampler, const float * logits, int32_t n);
+
+// One stream's share of a decode step: its logits in, its statistics and token out.
+typedef struct fse_step_job {
+    const float *   logits;  // in: the stream's n_vocab logits (read in place)
+    fse_sampler *   sampler; // in: NULL = the argmax (greedy, or a sampler run afterwards)
+    fse_logit_stats stats;   // out
+    int32_t         token;   // out: sampled; the argmax (>= 0) when a logit is not finite
+} fse_step_job;
+
+// Threads that share a step's jobs: the caller plus n_threads - 1 workers, started once.
+typedef struct fse_pool fse_pool;
+
+fse_pool * fse_pool_new(int32_t n_threads); // NULL on bad args or OOM
+void       fse_pool_free(fse_pool * pool);
+int32_t    fse_pool_threads(const fse_pool * pool);
+// Measure (and sample) every job's logits, spread over the pool; returns when all are done.
+void       fse_step(fse_pool * pool, fse_step_job * jobs, int32_t n_jobs, int32_t n_vocab);
+
 // Detects a cycle in the tail of a token stream: the last `span` tokens repeat
 // with period p (1 <= p <= max_period), at least min_repeats times and over at
 // least min_span tokens. Each push costs O(max_period) integer compares, no allocation.

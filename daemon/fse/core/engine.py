@@ -1,9 +1,12 @@
 """The engine: a llama.cpp context over a Model, stepped one token at a time.
 
 A Context holds the sequences and one reusable batch; a Slot is one sequence. Per
-decode step and per sequence the Slot reads the logits in place, runs the fused C
-kernel over them, samples with llama.cpp's own sampler chain and yields the token
-with its metrics, freeing every libllama object it owns deterministically. The
+decode step one C call (`Context.sample`) measures every ready sequence's logits in
+place with the fused kernel and samples its token, the sequences shared over a small
+thread pool; each Slot then turns its result into the token with its metrics, freeing
+every libllama object it owns deterministically. Sampling is fse_sample.c (llama.cpp's
+chain over the k largest logits), or llama.cpp's own chain where that cannot run
+(top_k 0 or above FSE_TOP_K_MAX). The
 model itself is fse.core.model, debug faults fse.core.faults. It knows nothing of
 guards, policies or gRPC.
 """
@@ -76,6 +79,13 @@ class Context(Closing):
         self._memory = lib.llama_get_memory(handle)
         self._batch = lib.llama_batch_init(self.n_batch, 0, n_seq_max)
         self.n_in_batch = 0
+        # The per-step work of every sequence, in one C call over this many threads (the
+        # decode's own: they are idle while it runs); jobs are reused every step.
+        self._pool = lib.fse_pool_new(n_threads)
+        self._jobs = ffi.new("fse_step_job[]", n_seq_max)
+        if self._pool == ffi.NULL:
+            self.close()
+            raise EngineError("cannot start the statistics threads")
 
     @property
     def handle(self) -> Any:
@@ -118,12 +128,24 @@ class Context(Closing):
             raise EngineError(f"no logits for batch entry {batch_index}")
         return ptr
 
+    def sample(self, slots: Sequence[Slot]) -> list[Step]:
+        """Measure and sample the last decode's logits of each slot: one C call for all
+        of them (the GIL is released meanwhile), then each slot's Step."""
+        jobs = self._jobs
+        for i, slot in enumerate(slots):
+            slot._prepare(jobs[i])
+        lib.fse_step(self._pool, jobs, len(slots), self.model.n_vocab)
+        return [slot._finish(jobs[i]) for i, slot in enumerate(slots)]
+
     def clear_sequence(self, seq: int) -> None:
         if self._handle is None:  # the memory is freed with the context
             raise EngineError("context is closed")
         lib.llama_memory_seq_rm(self._memory, seq, -1, -1)
 
     def close(self) -> None:
+        if self._pool != ffi.NULL:
+            lib.fse_pool_free(self._pool)
+            self._pool = ffi.NULL
         if self._handle is not None:
             lib.llama_batch_free(self._batch)
             lib.llama_free(self._handle)
@@ -143,9 +165,9 @@ class Step:
 class Slot(Closing):
     """One sequence of a Context: its sampler chain, position and metric state.
 
-    The per-token path lives here (sample): it reads the logits in place, makes
-    one C call for the statistics and one for the sampler, and allocates nothing
-    the size of the vocabulary.
+    The per-token path lives here and in Context.sample: the logits are read in place
+    by one C call that measures and samples them, and nothing the size of the
+    vocabulary is allocated.
     """
 
     def __init__(
@@ -156,7 +178,10 @@ class Slot(Closing):
         *,
         ppl_window: int = 16,
         faults: Faults = NO_FAULTS,
+        llama_sampler: bool = False,
     ) -> None:
+        """`llama_sampler`: llama.cpp's own chain even where fse_sample.c can run (the
+        tests and benchmarks compare the two)."""
         sampling.validate()
         self.ctx = ctx
         self.model = ctx.model
@@ -164,8 +189,16 @@ class Slot(Closing):
         self.sampling = sampling
         self.seed = sampling.seed if sampling.seed is not None else random.randrange(2**32)
         self.faults = faults
-        self._sampler = None if sampling.greedy else _sampler_chain(sampling, self.seed)
-        self._stats = ffi.new("fse_logit_stats *")
+        # fse_sample.c where it can run, else llama.cpp's chain (run after the C step).
+        self._fused = ffi.NULL
+        self._sampler = None
+        if not sampling.greedy:
+            if not llama_sampler:
+                self._fused = lib.fse_sampler_new(
+                    sampling.top_k, sampling.top_p, sampling.min_p, sampling.temperature, self.seed
+                )
+            if self._fused == ffi.NULL:
+                self._sampler = _sampler_chain(sampling, self.seed)
         self._ppl = PerplexityWindow(ppl_window)
         self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
         self._pending: list[int] = []  # prompt tokens not yet decoded
@@ -205,22 +238,27 @@ class Slot(Closing):
         self.pos += 1
 
     def sample(self) -> Step:
-        """Measure the logits of the last decode and pick the next token."""
+        """Measure the logits of the last decode and pick the next token (this slot
+        alone; the scheduler samples every ready slot at once with Context.sample)."""
+        return self.ctx.sample([self])[0]
+
+    def _prepare(self, job: Any) -> None:
+        """Point a step job at this slot's logits (after any debug fault touched them)."""
         ptr = self.ctx.logits(self._out)
         if self.faults.touches_logits:
             self._inject(ptr)
-        stats = self._stats
-        lib.fse_logit_stats_compute(ptr, self.model.n_vocab, stats)
-        if stats.n_nonfinite:
+        job.logits = ptr
+        job.sampler = self._fused
+
+    def _finish(self, job: Any) -> Step:
+        """The Step from what the C call measured and sampled."""
+        ptr, stats, token = job.logits, job.stats, job.token
+        if self._sampler is not None and not stats.n_nonfinite:
             # Never hand NaN/Inf to llama.cpp's samplers (their sorts assume an order);
             # the non_finite guard halts this step before anything is released.
-            token = max(stats.argmax, 0)
-        elif self._sampler is None:
-            # Greedy: the kernel's argmax is the first maximum, exactly what
-            # llama.cpp's greedy sampler picks, without its 0.2 ms vocabulary copy.
-            token = stats.argmax
-        else:
             token = lib.llama_sampler_sample(self._sampler, self.ctx.handle, self._out)
+        # Greedy: the kernel's argmax is the first maximum, exactly what llama.cpp's
+        # greedy sampler picks, without its 0.2 ms vocabulary copy.
         lse = stats.logsumexp
         nll = lse - ptr[token]
         ppl, ppl_cumulative = self._ppl.push(nll)
@@ -254,6 +292,9 @@ class Slot(Closing):
             view *= np.float32(faults.scale)
 
     def close(self) -> None:
+        if self._fused != ffi.NULL:
+            lib.fse_sampler_free(self._fused)
+            self._fused = ffi.NULL
         if self._sampler is not None:
             lib.llama_sampler_free(self._sampler)
             self._sampler = None
@@ -283,10 +324,12 @@ def generate(
     *,
     ppl_window: int = 16,
     faults: Faults = NO_FAULTS,
+    llama_sampler: bool = False,
 ) -> Generator[Step, None, None]:
     """Single-sequence generation: decode the prompt in batches, then yield each sampled
     token before it is decoded. Stop iterating to stop generating; the sequence is freed."""
-    with Slot(ctx, 0, sampling, ppl_window=ppl_window, faults=faults) as slot:
+    slot = Slot(ctx, 0, sampling, ppl_window=ppl_window, faults=faults, llama_sampler=llama_sampler)
+    with slot:
         slot.start(prompt)
         while slot.prefilling:
             slot.queue_prompt(ctx.n_batch)

@@ -2,7 +2,8 @@
 
 Each loop iteration builds one batch holding the next token of every decoding
 stream plus prompt chunks of newly admitted ones, calls llama_decode once (the
-GIL is released meanwhile), then samples, measures and judges each stream's
+GIL is released meanwhile), then measures and samples every stream's logits in
+one C call spread over a few threads (Context.sample), judges each stream's
 token and hands the released events to the asyncio side in a single
 thread-safe callback. Streams are llama.cpp sequence ids; a finished stream
 frees its sequence (KV cache cleared) for the next one.
@@ -336,10 +337,9 @@ class Scheduler:
         began = time.perf_counter()
         ctx.decode()
         self.metrics.step(time.perf_counter() - began)
-        for a in list(self._active):
-            if a.slot.prefilling:
-                continue  # more prompt chunks to go; no logits yet
-            step = a.slot.sample()
+        ready = [a for a in self._active if not a.slot.prefilling]  # the rest: no logits yet
+        steps = ctx.sample([a.slot for a in ready])
+        for a, step in zip(ready, steps, strict=True):
             released = a.stream.step(step)
             if a.stream.verdict is not None:
                 self._close(a, deliver, released)

@@ -116,6 +116,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
         "--tls-cert", str(server.cert), "--tls-key", str(server.key), "--auth-tokens", str(tokens),
         "--policies-dir", str(policies), "--threads", "2",
         "--max-streams", "1", "--max-queue", "0", "--audit-log", str(work / "audit.jsonl"),
+        "--gpu-layers", "0",  # the model on the CPU on every machine: the info case's figures
     ]  # fmt: skip
     process = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=work)
     try:
@@ -184,8 +185,19 @@ def check_expectations(case: dict[str, Any], result: Result, who: str) -> None:
     lines = result.lines()
     if expect.get("info"):
         (info,) = lines
-        assert info["model"]["vocab_size"] > 0 and "path" not in info["model"]
+        model = info["model"]
+        assert model["vocab_size"] > 0 and "path" not in model
         assert {p["name"] for p in info["policies"]} >= {"default", "pro", "test"}
+        for key in ("backend", "layers", "gpu_layers"):
+            assert model[key] == expect[key], f"{who}: model.{key} {model[key]!r}"
+        devices = model["devices"]
+        assert all(
+            set(d) == {"name", "description", "kind", "memory_bytes", "layers"} for d in devices
+        ), f"{who}: {devices}"
+        held = {d["name"]: d["layers"] for d in devices if d["layers"]}
+        assert held == expect["device_layers"], f"{who}: layers per device {held}"
+        (cpu,) = [d for d in devices if d["name"] == "CPU"]
+        assert cpu["kind"] == "cpu" and cpu["memory_bytes"] > 0 and cpu["description"], who
         return
     *tokens, verdict = lines
     assert verdict["type"] == "verdict" and all(t["type"] == "token" for t in tokens)

@@ -25,6 +25,7 @@ from support.streams import (
     CTX_PER_STREAM,
     HEX64,
     MAX_TOKENS_LIMIT,
+    N_LAYER,
     VOCAB_SIZE,
     Code,
     health_status,
@@ -82,3 +83,25 @@ def test_get_info(main: Daemon, main_channel: grpc.Channel, policies_dir: Path) 
     wait_for(hashed, what="Info.model.sha256")
     info = stub.GetInfo(fse_pb2.GetInfoRequest(), timeout=10)
     assert info.model.sha256 == embedded.EXPECTED_SHA256
+
+
+def test_get_info_says_where_the_model_runs(main: Daemon, main_channel: grpc.Channel) -> None:
+    """The backend, the layers and every ggml device with the layers it holds. The daemon
+    runs with gpu_layers "auto": on a machine without a GPU (this project's), every
+    layer is on the CPU; with one, every layer is on it."""
+    from fse.core.model import devices, gpu_offload
+
+    model = fse_pb2_grpc.GuardStub(main_channel).GetInfo(fse_pb2.GetInfoRequest(), timeout=10).model
+    assert model.layers == N_LAYER
+    here = devices()
+    assert [(d.name, d.description, d.kind, d.memory_bytes) for d in model.devices] == [
+        (d.name, d.description, d.kind, d.memory_total) for d in here
+    ]
+    assert sum(d.layers for d in model.devices) == N_LAYER
+    (cpu,) = [d for d in model.devices if d.name == "CPU"]
+    assert cpu.kind == "cpu" and cpu.description and cpu.memory_bytes > 0
+    if not gpu_offload():
+        assert (model.backend, model.gpu_layers, cpu.layers) == ("CPU", 0, N_LAYER)
+        assert [d.name for d in model.devices if d.layers] == ["CPU"]
+    else:
+        assert model.backend != "CPU" and model.gpu_layers == N_LAYER and cpu.layers == 0

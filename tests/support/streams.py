@@ -30,6 +30,7 @@ LONG = 200  # max_tokens for LONG_PROMPT streams (fits a 256-token context)
 CTX_PER_STREAM = 256
 MAX_TOKENS_LIMIT = CTX_PER_STREAM - 1
 VOCAB_SIZE = 262_144
+N_LAYER = 18  # the embedded Gemma 3 270M's repeating layers
 HEX64 = re.compile(r"[0-9a-f]{64}")
 
 

@@ -166,7 +166,11 @@ Info from_wire(const wire::Info& i) {
   const wire::ModelInfo& m = i.model();
   info.model = ModelInfo{m.name(),         m.path(),       m.sha256(),     m.description(),
                          m.vocab_size(),   m.context_size(), m.train_context_size(),
-                         m.size_bytes(),   m.chat_template()};
+                         m.size_bytes(),   m.chat_template(), m.backend(),
+                         m.layers(),       m.gpu_layers(),   {}};
+  for (const wire::Device& d : m.devices()) {
+    info.model.devices.push_back(Device{d.name(), d.description(), d.kind(), d.memory_bytes(), d.layers()});
+  }
   for (const wire::PolicyInfo& p : i.policies()) {
     info.policies.push_back(PolicyInfo{p.name(), p.sha256(), p.builtin()});
   }

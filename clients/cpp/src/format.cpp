@@ -78,7 +78,16 @@ std::string to_json(const Info& info) {
                     ",\"vocab_size\":" + std::to_string(m.vocab_size) + ",\"context_size\":" +
                     std::to_string(m.context_size) + ",\"train_context_size\":" + std::to_string(m.train_context_size) +
                     ",\"size_bytes\":" + std::to_string(m.size_bytes) +
-                    ",\"chat_template\":" + boolean(m.chat_template) + "},\"policies\":[";
+                    ",\"chat_template\":" + boolean(m.chat_template) + ",\"backend\":" + json_string(m.backend) +
+                    ",\"layers\":" + std::to_string(m.layers) + ",\"gpu_layers\":" + std::to_string(m.gpu_layers) +
+                    ",\"devices\":[";
+  for (std::size_t k = 0; k < m.devices.size(); ++k) {
+    const Device& d = m.devices[k];
+    out += (k ? ",{\"name\":" : "{\"name\":") + json_string(d.name) + ",\"description\":" +
+           json_string(d.description) + ",\"kind\":" + json_string(d.kind) +
+           ",\"memory_bytes\":" + std::to_string(d.memory_bytes) + ",\"layers\":" + std::to_string(d.layers) + "}";
+  }
+  out += "]},\"policies\":[";
   for (std::size_t k = 0; k < info.policies.size(); ++k) {
     const PolicyInfo& p = info.policies[k];
     out += (k ? ",{\"name\":" : "{\"name\":") + json_string(p.name) + ",\"sha256\":" + json_string(p.sha256) +

@@ -134,13 +134,17 @@ TEST(VerdictLine, TextModeSummary) {
 TEST(InfoJson, ProtoFieldNamesWithoutModelPath) {
   fse::Info info;
   info.version = "0.1.0";
-  info.model = {"gemma", "/secret/path.gguf", "abc", "gemma3 270M Q8_0", 262144, 2048, 32768, 291546784, true};
+  info.model = {"gemma", "/secret/path.gguf", "abc", "gemma3 270M Q8_0", 262144, 2048, 32768, 291546784, true,
+                "CUDA", 18, 18, {{"CUDA0", "H100", "gpu", 68719476736ULL, 18}, {"CPU", "Xeon", "cpu", 1ULL << 35, 0}}};
   info.policies = {{"default", "d1", true}, {"test", "t1", false}};
   info.limits = {4, 16, 2047, 2048, 4194304};
   EXPECT_EQ(fse::to_json(info),
             R"({"version":"0.1.0","model":{"name":"gemma","sha256":"abc","description":"gemma3 270M Q8_0",)"
             R"("vocab_size":262144,"context_size":2048,"train_context_size":32768,"size_bytes":291546784,)"
-            R"("chat_template":true},"policies":[{"name":"default","sha256":"d1","builtin":true},)"
+            R"("chat_template":true,"backend":"CUDA","layers":18,"gpu_layers":18,"devices":[)"
+            R"({"name":"CUDA0","description":"H100","kind":"gpu","memory_bytes":68719476736,"layers":18},)"
+            R"({"name":"CPU","description":"Xeon","kind":"cpu","memory_bytes":34359738368,"layers":0}]},)"
+            R"("policies":[{"name":"default","sha256":"d1","builtin":true},)"
             R"({"name":"test","sha256":"t1","builtin":false}],"limits":{"max_streams":4,"max_queue":16,)"
             R"("max_tokens":2047,"max_prompt_tokens":2048,"max_message_bytes":4194304}})");
 }

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"testing"
 	"time"
@@ -204,8 +205,12 @@ func TestUnreachableDaemonIsUnavailableAtOnce(t *testing.T) {
 
 func TestInfo(t *testing.T) {
 	srv := &fakeguard.Server{Info: &pb.Info{
-		Version:  "0.1.0",
-		Model:    &pb.ModelInfo{Name: "m", SizeBytes: 1 << 40, ChatTemplate: true},
+		Version: "0.1.0",
+		Model: &pb.ModelInfo{Name: "m", SizeBytes: 1 << 40, ChatTemplate: true, Backend: "CUDA", Layers: 18,
+			GpuLayers: 18, Devices: []*pb.Device{
+				{Name: "CUDA0", Description: "H100", Kind: "gpu", MemoryBytes: 1 << 36, Layers: 18},
+				{Name: "CPU", Description: "Xeon", Kind: "cpu", MemoryBytes: 1 << 35},
+			}},
 		Policies: []*pb.PolicyInfo{{Name: "default", Builtin: true}},
 		Limits:   &pb.Limits{MaxTokens: 2047},
 	}}
@@ -221,6 +226,14 @@ func TestInfo(t *testing.T) {
 	if info.Version != "0.1.0" || info.Model.SizeBytes != 1<<40 || !info.Model.ChatTemplate ||
 		len(info.Policies) != 1 || !info.Policies[0].Builtin || info.Limits.MaxTokens != 2047 {
 		t.Errorf("Info() = %+v", info)
+	}
+	want := []fse.Device{
+		{Name: "CUDA0", Description: "H100", Kind: "gpu", MemoryBytes: 1 << 36, Layers: 18},
+		{Name: "CPU", Description: "Xeon", Kind: "cpu", MemoryBytes: 1 << 35},
+	}
+	m := info.Model
+	if m.Backend != "CUDA" || m.Layers != 18 || m.GPULayers != 18 || !reflect.DeepEqual(m.Devices, want) {
+		t.Errorf("Info().Model = %+v", m)
 	}
 }
 

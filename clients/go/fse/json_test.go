@@ -148,13 +148,14 @@ func TestFormatG6(t *testing.T) {
 
 func TestInfoJSONLeavesOutThePath(t *testing.T) {
 	// As the wire gives it: Policies is never nil.
-	info := &Info{Version: "0.1.0", Model: ModelInfo{Name: "m", Path: "/secret/m.gguf", SizeBytes: 253113024},
-		Policies: []PolicyInfo{}}
+	info := &Info{Version: "0.1.0", Model: ModelInfo{Name: "m", Path: "/secret/m.gguf", SizeBytes: 253113024,
+		Devices: []Device{}}, Policies: []PolicyInfo{}}
 	line := render(t, info)
 	if strings.Contains(line, "path") || strings.Join(keys(t, line), ",") != "version,model,policies,limits" {
 		t.Errorf("info: %s", line)
 	}
-	if !strings.Contains(line, `"policies":[]`) || !strings.Contains(line, `"size_bytes":253113024,"chat_template":false}`) {
+	if !strings.Contains(line, `"policies":[]`) || !strings.Contains(line, `"size_bytes":253113024,"chat_template":false,`) ||
+		!strings.Contains(line, `"backend":"","layers":0,"gpu_layers":0,"devices":[]}`) {
 		t.Errorf("info: %s", line)
 	}
 }

@@ -167,6 +167,21 @@ type ModelInfo struct {
 	TrainContextSize uint32 `json:"train_context_size"`
 	SizeBytes        uint64 `json:"size_bytes"`    // of the GGUF file
 	ChatTemplate     bool   `json:"chat_template"` // whether Request.Messages are accepted
+	// Backend is where the offloaded layers run: ggml's name of the first GPU holding
+	// layers less its index (CUDA, Vulkan, Metal ...), or CPU when none is on a GPU.
+	Backend   string   `json:"backend"`
+	Layers    uint32   `json:"layers"`     // the model's repeating layers
+	GPULayers uint32   `json:"gpu_layers"` // of them, offloaded to GPUs
+	Devices   []Device `json:"devices"`    // every device of the daemon's llama.cpp, in ggml's order
+}
+
+// Device is a device the daemon's llama.cpp can compute on, with the model layers on it.
+type Device struct {
+	Name        string `json:"name"` // ggml's name: CPU, CUDA0, Vulkan0 ...
+	Description string `json:"description"`
+	Kind        string `json:"kind"`         // cpu, gpu, igpu, accel or other
+	MemoryBytes uint64 `json:"memory_bytes"` // total memory
+	Layers      uint32 `json:"layers"`       // of ModelInfo.Layers, placed on this device
 }
 
 // PolicyInfo is a policy a request may name.

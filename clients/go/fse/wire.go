@@ -138,6 +138,10 @@ func infoFromWire(i *pb.Info) *Info {
 			TrainContextSize: m.GetTrainContextSize(),
 			SizeBytes:        m.GetSizeBytes(),
 			ChatTemplate:     m.GetChatTemplate(),
+			Backend:          m.GetBackend(),
+			Layers:           m.GetLayers(),
+			GPULayers:        m.GetGpuLayers(),
+			Devices:          []Device{},
 		},
 		Policies: []PolicyInfo{},
 		Limits: Limits{
@@ -147,6 +151,12 @@ func infoFromWire(i *pb.Info) *Info {
 			MaxPromptTokens: l.GetMaxPromptTokens(),
 			MaxMessageBytes: l.GetMaxMessageBytes(),
 		},
+	}
+	for _, d := range m.GetDevices() {
+		info.Model.Devices = append(info.Model.Devices, Device{
+			Name: d.GetName(), Description: d.GetDescription(), Kind: d.GetKind(),
+			MemoryBytes: d.GetMemoryBytes(), Layers: d.GetLayers(),
+		})
 	}
 	for _, p := range i.GetPolicies() {
 		info.Policies = append(info.Policies, PolicyInfo{

@@ -67,6 +67,12 @@ export function infoJson(info: Info): Record<string, unknown> {
       train_context_size: m?.trainContextSize ?? 0,
       size_bytes: m?.sizeBytes ?? 0,
       chat_template: m?.chatTemplate ?? false,
+      backend: m?.backend ?? "",
+      layers: m?.layers ?? 0,
+      gpu_layers: m?.gpuLayers ?? 0,
+      devices: (m?.devices ?? []).map((d) => ({
+        name: d.name, description: d.description, kind: d.kind, memory_bytes: d.memoryBytes, layers: d.layers,
+      })),
     },
     policies: info.policies.map((p) => ({ name: p.name, sha256: p.sha256, builtin: p.builtin })),
     limits: {

@@ -138,6 +138,8 @@ export type GenerateEvent = StartedEvent | TokenEvent | Verdict;
 /** What the daemon serves: `GetInfo`'s answer (the generated wire type). */
 export type Info = wire.Info;
 export type ModelInfo = wire.ModelInfo;
+/** A device of the daemon's llama.cpp (CPU, CUDA0 ...) and the model layers on it. */
+export type Device = wire.Device;
 export type PolicyInfo = wire.PolicyInfo;
 export type Limits = wire.Limits;
 

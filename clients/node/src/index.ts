@@ -7,6 +7,7 @@ export {
   statusName,
   type ChatMessage,
   type ConnectOptions,
+  type Device,
   type GenerateEvent,
   type GenerateOptions,
   type GenerateRequest,

@@ -86,7 +86,11 @@ describe("JSON lines", () => {
       version: "1",
       model: {
         name: "m", path: "/secret", sha256: "s", description: "d", vocabSize: 3, contextSize: 4,
-        trainContextSize: 5, sizeBytes: 9007199254740993n, chatTemplate: true,
+        trainContextSize: 5, sizeBytes: 9007199254740993n, chatTemplate: true, backend: "CUDA", layers: 18,
+        gpuLayers: 18, devices: [
+          { name: "CUDA0", description: "H100", kind: "gpu", memoryBytes: 85899345920n, layers: 18 },
+          { name: "CPU", description: "Xeon", kind: "cpu", memoryBytes: 34359738368n, layers: 0 },
+        ],
       },
       policies: [{ name: "default", sha256: "x", builtin: true }],
       limits: { maxStreams: 8, maxQueue: 16, maxTokens: 2047, maxPromptTokens: 2047, maxMessageBytes: 4194304 },
@@ -98,7 +102,11 @@ describe("JSON lines", () => {
       version: "1",
       model: {
         name: "m", sha256: "s", description: "d", vocab_size: 3, context_size: 4, train_context_size: 5,
-        size_bytes: 9007199254740992, chat_template: true,
+        size_bytes: 9007199254740992, chat_template: true, backend: "CUDA", layers: 18, gpu_layers: 18,
+        devices: [
+          { name: "CUDA0", description: "H100", kind: "gpu", memory_bytes: 85899345920, layers: 18 },
+          { name: "CPU", description: "Xeon", kind: "cpu", memory_bytes: 34359738368, layers: 0 },
+        ],
       },
       policies: [{ name: "default", sha256: "x", builtin: true }],
       limits: { max_streams: 8, max_queue: 16, max_tokens: 2047, max_prompt_tokens: 2047, max_message_bytes: 4194304 },

@@ -20,7 +20,8 @@ const INFO: wire.Info = {
   version: "9.9.9",
   model: {
     name: "Tiny", path: "/models/tiny.gguf", sha256: "cd".repeat(32), description: "tiny", vocabSize: 10,
-    contextSize: 64, trainContextSize: 128, sizeBytes: 12345n, chatTemplate: false,
+    contextSize: 64, trainContextSize: 128, sizeBytes: 12345n, chatTemplate: false, backend: "CPU", layers: 2,
+    gpuLayers: 0, devices: [{ name: "CPU", description: "test CPU", kind: "cpu", memoryBytes: 1024n, layers: 2 }],
   },
   policies: [{ name: "default", sha256: "ef".repeat(32), builtin: true }],
   limits: { maxStreams: 1, maxQueue: 2, maxTokens: 63, maxPromptTokens: 63, maxMessageBytes: 4194304 },
@@ -115,6 +116,8 @@ describe("TLS and bearer tokens", () => {
     assert.equal(lines.length, 1);
     const doc = JSON.parse(lines[0] ?? "") as { model: Record<string, unknown>; limits: Record<string, unknown> };
     assert.equal(doc.model.size_bytes, 12345);
+    assert.equal(doc.model.backend, "CPU");
+    assert.deepEqual(doc.model.devices, [{ name: "CPU", description: "test CPU", kind: "cpu", memory_bytes: 1024, layers: 2 }]);
     assert.equal("path" in doc.model, false);
     assert.equal(doc.limits.max_tokens, 63);
   });

@@ -89,6 +89,17 @@ class Verdict:
 
 
 @dataclass(frozen=True, slots=True)
+class Device:
+    """A device the daemon's llama.cpp can compute on, and the model layers on it."""
+
+    name: str  # ggml's name: CPU, CUDA0, Vulkan0 ...
+    description: str
+    kind: str  # cpu, gpu, igpu, accel or other
+    memory_bytes: int  # total memory
+    layers: int  # of ModelInfo.layers, placed on this device
+
+
+@dataclass(frozen=True, slots=True)
 class ModelInfo:
     name: str
     sha256: str
@@ -98,6 +109,10 @@ class ModelInfo:
     train_context_size: int
     size_bytes: int  # of the GGUF file
     chat_template: bool  # whether chat messages are accepted
+    backend: str = ""  # CPU, CUDA, Vulkan, Metal ...: where the offloaded layers run
+    layers: int = 0  # the model's repeating layers
+    gpu_layers: int = 0  # of them, on GPUs
+    devices: tuple[Device, ...] = ()  # every device, in ggml's order
 
 
 @dataclass(frozen=True, slots=True)

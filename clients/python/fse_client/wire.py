@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from fse_client.types import (
+    Device,
     GuardTrip,
     Health,
     Info,
@@ -125,6 +126,12 @@ def info_from_wire(i: fse_pb2.Info) -> Info:
             m.train_context_size,
             m.size_bytes,
             m.chat_template,
+            m.backend,
+            m.layers,
+            m.gpu_layers,
+            tuple(
+                Device(d.name, d.description, d.kind, d.memory_bytes, d.layers) for d in m.devices
+            ),
         ),
         policies=tuple(PolicyInfo(p.name, p.sha256, p.builtin) for p in i.policies),
         limits=Limits(

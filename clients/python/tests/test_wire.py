@@ -7,12 +7,12 @@ import math
 
 import grpc
 import pytest
-from fse_client import FseError, Health, Sampling, Status
+from fse_client import Device, FseError, Health, Sampling, Status
 from fse_client import cli as example
 from fse_client.channel import check_address
 from fse_client.errors import error_from_rpc
 from fse_client.v1 import fse_pb2
-from fse_client.wire import start_message, token_from_wire, verdict_from_wire
+from fse_client.wire import info_from_wire, start_message, token_from_wire, verdict_from_wire
 
 
 def test_unspecified_health_is_none_not_a_crash() -> None:
@@ -130,3 +130,42 @@ def test_invalid_argument_from_the_daemon_is_exit_2(monkeypatch: pytest.MonkeyPa
         example, "run", lambda a: (_ for _ in ()).throw(FseError(grpc.StatusCode.INTERNAL, "x"))
     )
     assert example.main(["--addr", "unix:/x", "hi"]) == 1
+
+
+def test_info_names_the_backend_and_the_layers_of_each_device() -> None:
+    model = fse_pb2.ModelInfo(
+        name="m",
+        path="/secret/m.gguf",
+        size_bytes=1 << 40,
+        backend="CUDA",
+        layers=18,
+        gpu_layers=18,
+        devices=[
+            fse_pb2.Device(name="CUDA0", description="H100", kind="gpu", memory_bytes=1 << 36),
+            fse_pb2.Device(name="CPU", description="Xeon", kind="cpu", memory_bytes=1 << 35),
+        ],
+    )
+    model.devices[0].layers = 18
+    info = info_from_wire(fse_pb2.Info(version="1", model=model))
+    assert info.model.devices[0] == Device("CUDA0", "H100", "gpu", 1 << 36, 18)
+    doc = json.loads(json.dumps(example.info_json(info)))
+    assert "path" not in doc["model"]
+    assert {k: doc["model"][k] for k in ("backend", "layers", "gpu_layers")} == {
+        "backend": "CUDA",
+        "layers": 18,
+        "gpu_layers": 18,
+    }
+    assert doc["model"]["devices"] == [
+        {
+            "name": "CUDA0",
+            "description": "H100",
+            "kind": "gpu",
+            "memory_bytes": 1 << 36,
+            "layers": 18,
+        },
+        {"name": "CPU", "description": "Xeon", "kind": "cpu", "memory_bytes": 1 << 35, "layers": 0},
+    ]
+    # A daemon from before these fields: no backend, no devices, an empty list.
+    old = info_from_wire(fse_pb2.Info(model=fse_pb2.ModelInfo(name="m")))
+    assert (old.model.backend, old.model.layers, old.model.devices) == ("", 0, ())
+    assert example.info_json(old)["model"]["devices"] == ()

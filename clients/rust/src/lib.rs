@@ -47,7 +47,7 @@ pub mod pb {
 pub use client::{Address, Canceller, Client, ConnectOptions, Generation};
 pub use error::{Error, code_name};
 pub use events::{Event, GuardTrip, Health, Started, Status, Token, Verdict};
-pub use pb::{Info, Limits, ModelInfo, PolicyInfo};
+pub use pb::{Device, Info, Limits, ModelInfo, PolicyInfo};
 #[cfg(feature = "json")]
 pub use render::info_json;
 pub use request::{ChatMessage, Request};

@@ -16,7 +16,7 @@ pub use json::info_json;
 mod json {
     use serde_json::{Value, json};
 
-    use crate::{Health, Info, PolicyInfo, Token, Verdict};
+    use crate::{Device, Health, Info, PolicyInfo, Token, Verdict};
 
     fn num(x: f64) -> Value {
         serde_json::Number::from_f64(x).map_or(Value::Null, Value::Number)
@@ -75,12 +75,18 @@ mod json {
         let policy =
             |p: &PolicyInfo| json!({"name": p.name, "sha256": p.sha256, "builtin": p.builtin});
         let policies: Vec<_> = info.policies.iter().map(policy).collect();
+        let device = |d: &Device| {
+            json!({"name": d.name, "description": d.description, "kind": d.kind,
+                "memory_bytes": d.memory_bytes, "layers": d.layers})
+        };
+        let devices: Vec<_> = m.devices.iter().map(device).collect();
         json!({
             "version": info.version,
             "model": {"name": m.name, "sha256": m.sha256, "description": m.description,
                 "vocab_size": m.vocab_size, "context_size": m.context_size,
                 "train_context_size": m.train_context_size, "size_bytes": m.size_bytes,
-                "chat_template": m.chat_template},
+                "chat_template": m.chat_template, "backend": m.backend, "layers": m.layers,
+                "gpu_layers": m.gpu_layers, "devices": devices},
             "policies": policies,
             "limits": {"max_streams": l.max_streams, "max_queue": l.max_queue,
                 "max_tokens": l.max_tokens, "max_prompt_tokens": l.max_prompt_tokens,

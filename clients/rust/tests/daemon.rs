@@ -100,4 +100,8 @@ async fn info_lists_the_default_policy() {
             .any(|p| p.name == "default" && p.builtin)
     );
     assert!(info.limits.unwrap().max_tokens >= 1);
+    // Every layer is on exactly one device; the backend is named.
+    let model = info.model.unwrap();
+    let placed: u32 = model.devices.iter().map(|d| d.layers).sum();
+    assert!(model.layers > 0 && placed == model.layers && !model.backend.is_empty());
 }

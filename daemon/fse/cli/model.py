@@ -44,22 +44,25 @@ def cmd_model_path(args: argparse.Namespace) -> int:
 def cmd_model_info(args: argparse.Namespace) -> int:
     from fse.core.gguf import ModelError, default_model_path
     from fse.core.model import Model, devices, gpu_offload
+    from fse.core.placement import place_model
 
     try:
         path = args.model if args.model is not None else default_model_path()
         with Model(path, gpu_layers=args.gpu_layers) as model:
+            placed = place_model(model, devices())
             print(f"model: {model.name} ({model.description}), {path}")
-            print(f"layers: {model.n_layer}, {model.gpu_layers} on a GPU")
+            print(f"layers: {placed.layers}, {placed.gpu_layers} on a GPU")
     except ModelError as exc:
         message = str(exc)
         raise InputError(flag_message(message) if args.model is not None else message) from None
     except InputError as exc:  # GPU layers asked for where there is no GPU
         raise InputError(flag_message(str(exc))) from None
+    print(f"backend: {placed.backend}")
     print(
         "gpu offload:",
         "yes" if gpu_offload() else "no (no GPU backend in this llama.cpp, or no GPU)",
     )
-    for dev in devices():
-        memory = f", {dev.memory_total / (1 << 30):.1f} GiB" if dev.memory_total else ""
-        print(f"device: {dev.name} ({dev.kind}: {dev.description}{memory})")
+    for dev in placed.devices:
+        memory = f", {dev.memory_bytes / (1 << 30):.1f} GiB" if dev.memory_bytes else ""
+        print(f"device: {dev.name} ({dev.kind}: {dev.description}{memory}): {dev.layers} layers")
     return 0

@@ -24,7 +24,8 @@ from pathlib import Path
 from fse import __version__
 from fse.core.errors import InputError
 from fse.core.faults import NO_FAULTS, Faults
-from fse.core.model import Model, TooManyTokens
+from fse.core.model import Model, TooManyTokens, devices
+from fse.core.placement import PlacedDevice, place_model
 from fse.core.policy import Policy
 from fse.core.runner import prompt_tokens
 from fse.core.types import (
@@ -96,6 +97,10 @@ class ModelInfo:
     train_context_size: int
     size_bytes: int
     chat_template: bool
+    backend: str  # CPU, CUDA, Vulkan, Metal ...: where the offloaded layers run
+    layers: int  # the model's n_layer
+    gpu_layers: int  # of them, on GPUs
+    devices: tuple[PlacedDevice, ...]  # every ggml device, with the layers it holds
 
 
 class GuardService:
@@ -125,6 +130,10 @@ class GuardService:
         if refusals is None and audit is not None:
             refusals = RefusalLog(audit.write)
         self.refusals = refusals
+        # For GetInfo, read before the scheduler's context takes GPU memory: the weights
+        # took from each GPU in proportion to its free memory, so the default split (by
+        # free memory) comes out as llama.cpp made it when loading.
+        self.placement = place_model(model, devices())
         self.scheduler = Scheduler(
             model, limits, n_threads, on_stream_end=self._record_verdict, metrics=metrics
         )
@@ -139,7 +148,7 @@ class GuardService:
 
     @property
     def model_info(self) -> ModelInfo:
-        m = self.model
+        m, placed = self.model, self.placement
         return ModelInfo(
             m.name,
             m.path,
@@ -149,6 +158,10 @@ class GuardService:
             m.n_ctx_train,
             m.path.stat().st_size,
             m.chat_template is not None,
+            placed.backend,
+            placed.layers,
+            placed.gpu_layers,
+            placed.devices,
         )
 
     def replace_policies(self, policies: Mapping[str, Policy]) -> None:

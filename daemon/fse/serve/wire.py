@@ -145,6 +145,19 @@ def info_to_wire(
             train_context_size=model.train_context_size,
             size_bytes=model.size_bytes,
             chat_template=model.chat_template,
+            backend=model.backend,
+            layers=model.layers,
+            gpu_layers=model.gpu_layers,
+            devices=[
+                fse_pb2.Device(
+                    name=d.name,
+                    description=d.description,
+                    kind=d.kind,
+                    memory_bytes=d.memory_bytes,
+                    layers=d.layers,
+                )
+                for d in model.devices
+            ],
         ),
         policies=[
             fse_pb2.PolicyInfo(name=p.name, sha256=p.sha256, builtin=p.name in builtin_names())

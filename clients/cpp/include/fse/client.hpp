@@ -134,6 +134,15 @@ using Event = std::variant<Started, Token, Verdict>;
 
 // ---- GetInfo --------------------------------------------------------------------------
 
+// A device the daemon's llama.cpp can compute on, and the model layers on it.
+struct Device {
+  std::string name;  // ggml's name: CPU, CUDA0, Vulkan0 ...
+  std::string description;
+  std::string kind;                // cpu, gpu, igpu, accel or other
+  std::uint64_t memory_bytes = 0;  // total memory
+  std::uint32_t layers = 0;        // of ModelInfo::layers, placed on this device
+};
+
 struct ModelInfo {
   std::string name;
   std::string path;
@@ -144,6 +153,10 @@ struct ModelInfo {
   std::uint32_t train_context_size = 0;
   std::uint64_t size_bytes = 0;
   bool chat_template = false;
+  std::string backend;           // CPU, CUDA, Vulkan, Metal ...: where the offloaded layers run
+  std::uint32_t layers = 0;      // the model's repeating layers
+  std::uint32_t gpu_layers = 0;  // of them, on GPUs
+  std::vector<Device> devices;   // every device, in ggml's order
 };
 
 struct PolicyInfo {

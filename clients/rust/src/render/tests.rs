@@ -177,6 +177,23 @@ fn info_line_leaves_out_model_path() {
             path: "/secret/m.gguf".into(),
             size_bytes: 1 << 40,
             chat_template: true,
+            backend: "CUDA".into(),
+            layers: 18,
+            gpu_layers: 18,
+            devices: vec![
+                crate::Device {
+                    name: "CUDA0".into(),
+                    description: "H100".into(),
+                    kind: "gpu".into(),
+                    memory_bytes: 1 << 36,
+                    layers: 18,
+                },
+                crate::Device {
+                    name: "CPU".into(),
+                    kind: "cpu".into(),
+                    ..Default::default()
+                },
+            ],
             ..Default::default()
         }),
         policies: vec![crate::PolicyInfo {
@@ -193,6 +210,16 @@ fn info_line_leaves_out_model_path() {
     assert!(doc["model"].get("path").is_none());
     assert_eq!(doc["model"]["size_bytes"], json!(1u64 << 40));
     assert_eq!(doc["model"]["chat_template"], json!(true));
+    assert_eq!(doc["model"]["backend"], json!("CUDA"));
+    assert_eq!(doc["model"]["layers"], json!(18));
+    assert_eq!(doc["model"]["gpu_layers"], json!(18));
+    assert_eq!(
+        doc["model"]["devices"],
+        json!([
+            {"name": "CUDA0", "description": "H100", "kind": "gpu", "memory_bytes": 1u64 << 36, "layers": 18},
+            {"name": "CPU", "description": "", "kind": "cpu", "memory_bytes": 0, "layers": 0},
+        ])
+    );
     assert_eq!(doc["policies"][0]["builtin"], json!(true));
     assert_eq!(doc["limits"]["max_tokens"], json!(2047));
     let keys: Vec<_> = doc.as_object().unwrap().keys().cloned().collect();

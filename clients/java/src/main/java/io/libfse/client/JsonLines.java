@@ -111,13 +111,21 @@ public final class JsonLines {
         StringJoiner policies = new StringJoiner(", ", "[", "]");
         info.getPoliciesList().forEach(p -> policies.add(object("name", p.getName(), "sha256", p.getSha256(),
                 "builtin", p.getBuiltin())));
+        StringJoiner devices = new StringJoiner(", ", "[", "]");
+        m.getDevicesList().forEach(d -> devices.add(object("name", d.getName(), "description",
+                d.getDescription(), "kind", d.getKind(),
+                "memory_bytes", new Raw(Long.toUnsignedString(d.getMemoryBytes())),
+                "layers", Integer.toUnsignedLong(d.getLayers()))));
         return object("version", info.getVersion(), "model", new Raw(object("name", m.getName(),
                 "sha256", m.getSha256(), "description", m.getDescription(),
                 "vocab_size", Integer.toUnsignedLong(m.getVocabSize()),
                 "context_size", Integer.toUnsignedLong(m.getContextSize()),
                 "train_context_size", Integer.toUnsignedLong(m.getTrainContextSize()),
                 "size_bytes", new Raw(Long.toUnsignedString(m.getSizeBytes())),
-                "chat_template", m.getChatTemplate())),
+                "chat_template", m.getChatTemplate(), "backend", m.getBackend(),
+                "layers", Integer.toUnsignedLong(m.getLayers()),
+                "gpu_layers", Integer.toUnsignedLong(m.getGpuLayers()),
+                "devices", new Raw(devices.toString()))),
                 "policies", new Raw(policies.toString()),
                 "limits", new Raw(object("max_streams", Integer.toUnsignedLong(l.getMaxStreams()),
                 "max_queue", Integer.toUnsignedLong(l.getMaxQueue()),

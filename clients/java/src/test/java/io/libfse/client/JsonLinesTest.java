@@ -75,7 +75,12 @@ class JsonLinesTest {
         Fse.Info info = Fse.Info.newBuilder().setVersion("0.1.0")
                 .setModel(Fse.ModelInfo.newBuilder().setName("m").setPath("/secret/m.gguf").setSha256("ab")
                         .setDescription("d").setVocabSize(262144).setContextSize(2048)
-                        .setTrainContextSize(32768).setSizeBytes(-1L).setChatTemplate(false))
+                        .setTrainContextSize(32768).setSizeBytes(-1L).setChatTemplate(false)
+                        .setBackend("CUDA").setLayers(18).setGpuLayers(18)
+                        .addDevices(Fse.Device.newBuilder().setName("CUDA0").setDescription("H100").setKind("gpu")
+                                .setMemoryBytes(1L << 36).setLayers(18))
+                        .addDevices(Fse.Device.newBuilder().setName("CPU").setDescription("Xeon").setKind("cpu")
+                                .setMemoryBytes(-1L)))
                 .addPolicies(Fse.PolicyInfo.newBuilder().setName("default").setSha256("cd").setBuiltin(true))
                 .setLimits(Fse.Limits.newBuilder().setMaxStreams(8).setMaxQueue(16).setMaxTokens(2047)
                         .setMaxPromptTokens(2047).setMaxMessageBytes(-1))
@@ -83,8 +88,12 @@ class JsonLinesTest {
         assertEquals("{\"version\": \"0.1.0\", \"model\": {\"name\": \"m\", \"sha256\": \"ab\", "
                 + "\"description\": \"d\", \"vocab_size\": 262144, \"context_size\": 2048, "
                 + "\"train_context_size\": 32768, \"size_bytes\": 18446744073709551615, "
-                + "\"chat_template\": false}, \"policies\": [{\"name\": \"default\", \"sha256\": \"cd\", "
-                + "\"builtin\": true}], \"limits\": {\"max_streams\": 8, \"max_queue\": 16, "
+                + "\"chat_template\": false, \"backend\": \"CUDA\", \"layers\": 18, \"gpu_layers\": 18, "
+                + "\"devices\": [{\"name\": \"CUDA0\", \"description\": \"H100\", \"kind\": \"gpu\", "
+                + "\"memory_bytes\": 68719476736, \"layers\": 18}, {\"name\": \"CPU\", \"description\": \"Xeon\", "
+                + "\"kind\": \"cpu\", \"memory_bytes\": 18446744073709551615, \"layers\": 0}]}, "
+                + "\"policies\": [{\"name\": \"default\", \"sha256\": \"cd\", \"builtin\": true}], "
+                + "\"limits\": {\"max_streams\": 8, \"max_queue\": 16, "
                 + "\"max_tokens\": 2047, \"max_prompt_tokens\": 2047, \"max_message_bytes\": 4294967295}}",
                 JsonLines.info(info));
     }

@@ -48,17 +48,20 @@ CMAKE_OPTIONS = [
     "-DLLAMA_OPENSSL=OFF",
     "-DLLAMA_BUILD_TESTS=OFF",
     "-DLLAMA_BUILD_EXAMPLES=OFF",
-    "-DLLAMA_BUILD_SERVER=OFF",
     "-DLLAMA_BUILD_APP=OFF",
-    # Tools are configured (the benchmarks build llama-bench from this same tree) but only
-    # the targets asked for are ever compiled.
+    # Tools are configured (the benchmarks build llama-bench, llama-batched-bench and
+    # llama-server from this same tree) but only the targets asked for are ever compiled;
+    # llama-server without its web UI, which would be downloaded.
+    "-DLLAMA_BUILD_SERVER=ON",
+    "-DLLAMA_BUILD_UI=OFF",
+    "-DLLAMA_USE_PREBUILT_UI=OFF",
     "-DLLAMA_BUILD_TOOLS=ON",
     "-DLLAMA_BUILD_COMMON=ON",
     # The libraries find each other next to themselves wherever they are copied.
     "-DCMAKE_BUILD_WITH_INSTALL_RPATH=ON",
     "-DCMAKE_INSTALL_RPATH=$ORIGIN",
 ]
-TOOLS = ("llama-bench", "llama-batched-bench")
+TOOLS = ("llama-bench", "llama-batched-bench", "llama-server")
 # The GGML backend flags this script knows by name (the build directory says which).
 BACKENDS = {"-DGGML_CUDA=ON": "cuda", "-DGGML_VULKAN=ON": "vulkan", "-DGGML_HIP=ON": "hip"}
 
@@ -249,7 +252,10 @@ def fetch_source(root: Path) -> Path:
 def cmake_build(root: Path, targets: list[str]) -> Path:
     source = fetch_source(root)
     build = root / "build"
-    if not (build / "CMakeCache.txt").is_file():
+    cache = build / "CMakeCache.txt"
+    # A tree configured before llama-server was one of the tools is configured again
+    # (same options otherwise: nothing already built is rebuilt).
+    if not cache.is_file() or "LLAMA_BUILD_SERVER:BOOL=ON" not in cache.read_text():
         generator = ["-G", "Ninja"] if shutil.which("ninja") else []
         subprocess.run(
             [
@@ -310,7 +316,8 @@ def locate() -> LlamaLib:
 
 
 def tools_dir() -> Path:
-    """Directory holding llama-bench and llama-batched-bench (built on first use)."""
+    """Directory holding llama-bench, llama-batched-bench and llama-server (built on
+    first use)."""
     if all(shutil.which(t) for t in TOOLS) and os.environ.get("LLAMA_CPP_DIR") is None:
         return Path(shutil.which(TOOLS[0]) or "").parent
     if env := os.environ.get("LLAMA_CPP_DIR"):

@@ -449,6 +449,14 @@ def test_gpu_layers_follow_what_the_build_can_do(model_path: Path) -> None:
         assert (m.n_layer, m.gpu_layers) == (18, 0)  # Gemma 3 270M has 18 layers
 
 
+def test_layers_offloaded_count_the_output_layer_as_llama_cpp_does() -> None:
+    from fse.core.model import repeating_layers_offloaded
+
+    cases = {-1: 18, 0: 0, 1: 0, 2: 1, 18: 17, 19: 18, 99: 18}
+    for n_gpu_layers, repeating in cases.items():
+        assert repeating_layers_offloaded(n_gpu_layers, 18) == repeating, n_gpu_layers
+
+
 def test_a_model_loads_with_llama_cpps_split_settings(model_path: Path) -> None:
     """main_gpu, split_mode and the GPUs' shares pass through to llama.cpp; on a CPU they
     change nothing, and bad shares are refused naming the key."""

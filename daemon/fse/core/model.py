@@ -169,6 +169,15 @@ def offloaded_layers(gpu_layers: int | str) -> int:
     return -1 if gpu_layers == GPU_LAYERS_ALL else int(gpu_layers)
 
 
+def repeating_layers_offloaded(n_gpu_layers: int, n_layer: int) -> int:
+    """The model's repeating layers on GPUs for llama.cpp's n_gpu_layers, which counts the
+    output layer too (it logs "offloaded N/n_layer+1 layers"): every one for a negative
+    count or one above n_layer, else N - 1 (the output layer takes the first)."""
+    if n_gpu_layers < 0 or n_gpu_layers > n_layer:
+        return n_layer
+    return max(n_gpu_layers - 1, 0)
+
+
 class Closing:
     """`with` frees the llama.cpp object deterministically: close() on exit."""
 
@@ -220,9 +229,8 @@ class Model(Closing):
         self._handle = handle
         self.main_gpu, self.split_mode, self.split = main_gpu, split_mode, tuple(split)
         self.n_layer: int = lib.llama_model_n_layer(handle)
-        # Layers on a GPU: all of them (a negative count), none, or the count asked for.
-        n = params.n_gpu_layers
-        self.gpu_layers: int = self.n_layer if n < 0 else min(n, self.n_layer)
+        self.n_gpu_layers: int = params.n_gpu_layers
+        self.gpu_layers = repeating_layers_offloaded(self.n_gpu_layers, self.n_layer)
         self._vocab = lib.llama_model_get_vocab(handle)
         self.n_vocab: int = lib.llama_vocab_n_tokens(self._vocab)
         self.n_ctx_train: int = lib.llama_model_n_ctx_train(handle)

@@ -16,12 +16,9 @@ llama.cpp's own rule (src/llama.cpp, which GPUs a model may use; src/llama-model
   all zero (or none given) they are each GPU's free memory (the CPU's memory for a GPU
   that reports none). The sums run in single precision, as in C++.
 
-`gpu_layers` here is the number of repeating layers offloaded (Model.gpu_layers), so
+`gpu_layers` here is the number of repeating layers offloaded (Model.gpu_layers: for
+an explicit count N <= n_layer, N - 1, as llama.cpp counts the output layer in N), so
 the CPU holds n_layer - gpu_layers of them and the output layer goes with the GPUs.
-That is exact for every layer offloaded ("auto" with a GPU, "all") and for none. For an
-explicit count N below n_layer, llama.cpp takes N as its n_gpu_layers, output layer
-included ("offloaded N/n_layer+1 layers"), so it runs N - 1 repeating layers on GPUs
-where this counts N: Model.gpu_layers does not say which of the two was asked for.
 llama.cpp's duplicate-device check (two backends seeing one GPU) and RPC servers are not
 modelled: ggml's list does not say which devices those are.
 """

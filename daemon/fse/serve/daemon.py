@@ -347,7 +347,11 @@ def announce(
         seconds_to_serving=round(seconds, 3),
     )
     model = service.model
-    where = f"{model.gpu_layers} of {model.n_layer} layers on a GPU" if model.gpu_layers else "CPU"
+    where = (
+        f"{model.gpu_layers} of {model.n_layer} layers and the output layer on a GPU"
+        if model.n_gpu_layers
+        else "CPU"
+    )
     print(
         f"fse: serving {model.name} ({where}) on {', '.join(plan.targets)}; audit log "
         f"{plan.audit_path}\n"

@@ -158,6 +158,12 @@ SOURCES = ["fse_stats.c", "fse_sample.c", "fse_step.c", "fse_loop.c", "fse_log.c
 HEADERS = ["fse.h", "fse_stats_width.h"]
 
 
+def _ggml_uses_openmp() -> bool:
+    """Whether ggml's CPU library runs on OpenMP (it then needs libgomp): fse_step.c then
+    shares its OpenMP team instead of starting threads of its own."""
+    return any(b"libgomp.so" in lib.read_bytes() for lib in PACKAGE_LIBS.glob("libggml-cpu*.so"))
+
+
 def _include_dirs() -> list[str]:
     try:
         found = json.loads(LOCATION.read_text())
@@ -168,6 +174,8 @@ def _include_dirs() -> list[str]:
         ) from None
     return [str(d) for d in found["include_dirs"]]
 
+
+OPENMP = ["-fopenmp", "-DFSE_OPENMP"] if _ggml_uses_openmp() else []
 
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
@@ -181,8 +189,8 @@ ffibuilder.set_source(
     library_dirs=[str(PACKAGE_LIBS)],
     libraries=["llama"],
     # No -ffast-math: it would let the compiler assume away the NaN/Inf checks.
-    extra_compile_args=["-O3", "-std=gnu11", "-Wall", "-Wextra", "-pthread"],
-    extra_link_args=["-Wl,-rpath,$ORIGIN/_libs", "-pthread"],
+    extra_compile_args=["-O3", "-std=gnu11", "-Wall", "-Wextra", "-pthread", *OPENMP],
+    extra_link_args=["-Wl,-rpath,$ORIGIN/_libs", "-pthread", *OPENMP[:1]],
 )
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from fse.core.faults import NO_FAULTS, Faults
 from fse.core.model import Model
 from fse.core.policy import Policy
 from fse.core.stream import Deadline, GuardedStream
-from fse.core.types import COMPLETED, Event, Request
+from fse.core.types import COMPLETED, MAX_TOKENS, Event, Request
 
 
 def prompt_tokens(model: Model, request: Request, max_tokens: int | None = None) -> list[int]:
@@ -79,7 +79,7 @@ def run_local(
             if stream.verdict is not None:
                 break
         else:  # the engine stopped early (its own max_tokens): nothing is left unjudged
-            yield from stream.finish(COMPLETED)
+            yield from stream.finish(COMPLETED, completion=MAX_TOKENS)
     except EngineError as exc:
         yield from stream.fail(str(exc))
     finally:

@@ -21,9 +21,12 @@ from fse.core.types import (
     CANCELLED,
     COMPLETED,
     DEADLINE,
+    END_OF_GENERATION,
     ERROR,
     HALTED,
     INTERNAL,
+    MAX_TOKENS,
+    STOP_SEQUENCE,
     Status,
     TokenEvent,
     Trip,
@@ -104,7 +107,7 @@ class GuardedStream:
         released = self.judge(step)
         limit = self.max_tokens
         if self.verdict is None and limit is not None and step.metrics.index + 1 >= limit:
-            released += self.finish(COMPLETED)
+            released += self.finish(COMPLETED, completion=MAX_TOKENS)
         return released
 
     def fail(self, message: str) -> list[TokenEvent]:
@@ -126,7 +129,7 @@ class GuardedStream:
             return released
         if step.end_of_generation:
             released = self._release_held()
-            self._end(COMPLETED)
+            self._end(COMPLETED, completion=END_OF_GENERATION)
             return released
         event = TokenEvent(
             m.index, m.token, step.piece, step.text, m, self.policy.health.classify(m.ppl), trips
@@ -144,11 +147,13 @@ class GuardedStream:
         threshold: float | None = None,
         token_index: int | None = None,
         message: str = "",
+        *,
+        completion: str | None = None,
     ) -> list[TokenEvent]:
         """End the stream from outside (max_tokens, cancel, deadline, shutdown, error).
         Held-back tokens passed their guards, so a clean ending releases them."""
         released = self._release_held() if status in (COMPLETED, HALTED) else []
-        self._end(status, guard, value, threshold, token_index, message)
+        self._end(status, guard, value, threshold, token_index, message, completion)
         return released
 
     def _end(
@@ -159,6 +164,7 @@ class GuardedStream:
         threshold: float | None = None,
         token_index: int | None = None,
         message: str = "",
+        completion: str | None = None,
     ) -> None:
         if value is not None and not math.isfinite(value):
             value = None  # JSON has no NaN; a non-finite value says nothing more than the guard
@@ -173,6 +179,7 @@ class GuardedStream:
             threshold,
             token_index,
             message,
+            completion if status == COMPLETED else None,
         )
 
     def _release_held(self) -> list[TokenEvent]:
@@ -186,7 +193,7 @@ class GuardedStream:
         cut = min((i for s in self.stop if (i := pending.find(s)) >= 0), default=-1)
         if cut >= 0:
             released = self._release_until(cut)
-            self._end(COMPLETED)
+            self._end(COMPLETED, completion=STOP_SEQUENCE)
             return released
         # Keep back the longest tail of pending that is still a prefix of some stop string.
         keep = max(

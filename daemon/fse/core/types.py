@@ -161,6 +161,16 @@ class Verdict:
     threshold: float | None = None
     token_index: int | None = None
     message: str = ""  # human detail for errors
+    # Why a `completed` stream ended (COMPLETIONS); None for every other status.
+    completion: str | None = None
 
+
+# A completed stream ended at the model's end of generation, at a stop sequence, or at
+# max_tokens (OpenAI's finish_reason "stop" for the first two, "length" for the last).
+END_OF_GENERATION, STOP_SEQUENCE, MAX_TOKENS = COMPLETIONS = (
+    "end_of_generation",
+    "stop_sequence",
+    "max_tokens",
+)
 
 Event = TokenEvent | Verdict

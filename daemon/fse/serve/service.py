@@ -299,6 +299,7 @@ class GuardService:
             request_id=handle.request.request_id,
             client=handle.client or None,
             status=verdict.status,
+            completion=verdict.completion,
             guard=verdict.guard,
             value=verdict.value,
             threshold=verdict.threshold,

@@ -10,6 +10,7 @@ typedef struct fse_logit_stats {
     float   max_logit;   // largest finite logit
     int32_t argmax;      // index of the first largest finite logit; -1 if none is finite
     double  logsumexp;   // log(sum(exp(logit))) over finite logits
+    double  entropy;     // of softmax(logits) over the finite logits, in nats
     double  mean;        // mean of the finite logits
     double  variance;    // population variance of the finite logits
     double  l2_norm;     // sqrt(sum(logit^2)) over the finite logits

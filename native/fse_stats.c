@@ -13,9 +13,13 @@
 //   leaves them out of the max and the moments, and writes a copy of the
 //   block with -Inf in their place to an L1 scratch for sweep 2.
 //   The block max then updates the running max M (online logsumexp): if it
-//   raises M, the running sum is rescaled once by exp(M_old - M_new).
+//   raises M, the running sums are rescaled once by exp(M_old - M_new).
 //   Sweep 2 re-reads the block from L1 and adds exp(x - M), computed with a
-//   polynomial, into float lanes that are folded into a double once per block.
+//   polynomial, and exp(x - M) * (x - M), into float lanes that are folded into
+//   doubles once per block. The entropy of the softmax is then
+//   H = log(sum e) - sum(e * (x - M)) / sum(e), in nats: a sum of two terms >= 0,
+//   so it keeps the kernel's relative precision. On a raise of M by d the second
+//   sum becomes r * (sum + (-d) * sum e) before sum e is scaled by r.
 //   argmax: the running max remembers the first block where it appeared
 //   (strict >, so ties keep the earlier block); one scan of that block at the
 //   end finds the first index equal to the max, as llama.cpp's greedy sampler
@@ -58,6 +62,7 @@ typedef struct stats_state {
     double  sum_d;     // sum of (x - shift) over the finite logits so far
     double  sum_d2;    // sum of (x - shift)^2
     double  sumexp;    // sum of exp(x - max)
+    double  sum_et;    // sum of exp(x - max) * (x - max): the entropy's E[x - max]
     float   max;       // running max of the finite logits
     int32_t max_start; // start of the first block that reached max
     int32_t nonfinite; // NaN/Inf seen so far
@@ -87,7 +92,11 @@ typedef struct stats_state {
 FSE_INLINE void raise_max(stats_state * st, float bmax, int32_t start) {
     if (bmax > st->max) {
         if (st->max != -INFINITY) {
-            st->sumexp *= exp((double) st->max - (double) bmax);
+            // x - new max = (x - old max) + delta, each term scaled by r.
+            const double delta = (double) st->max - (double) bmax;
+            const double r     = exp(delta);
+            st->sum_et         = r * (st->sum_et + delta * st->sumexp);
+            st->sumexp *= r;
         }
         st->max       = bmax;
         st->max_start = start;
@@ -129,6 +138,7 @@ static void set_no_finite(int32_t n, fse_logit_stats * out) {
     out->max_logit   = -INFINITY;
     out->argmax      = -1;
     out->logsumexp   = NAN;
+    out->entropy     = NAN;
     out->mean        = NAN;
     out->variance    = NAN;
     out->l2_norm     = NAN;
@@ -176,6 +186,10 @@ void fse_logit_stats_compute(const float * logits, int32_t n, fse_logit_stats * 
     out->max_logit   = st.max;
     out->argmax      = argmax;
     out->logsumexp   = (double) st.max + log(st.sumexp);
+    // H = logsumexp - E_p[x] = log(sumexp) - E_p[x - max]: both terms >= 0, no
+    // cancellation.
+    const double h   = log(st.sumexp) - st.sum_et / st.sumexp;
+    out->entropy     = h > 0.0 ? h : 0.0;
     out->mean        = s + mean_d;
     out->variance    = var > 0.0 ? var : 0.0;
     out->l2_norm     = sqrt(sumsq > 0.0 ? sumsq : 0.0);

@@ -29,6 +29,7 @@
 #define sweep1_fast      FSE_CAT(sweep1_fast, FSE_W)
 #define sweep1_careful   FSE_CAT(sweep1_careful, FSE_W)
 #define sweep2_sumexp    FSE_CAT(sweep2_sumexp, FSE_W)
+#define exp_sums         FSE_CAT(exp_sums, FSE_W)
 #define block_update     FSE_CAT(block_update, FSE_W)
 #define stats_blocks     FSE_CAT(stats_blocks, FSE_W)
 
@@ -65,12 +66,14 @@ FSE_INLINE vd load_half_double(const float * p) {
 #endif
 }
 
-// exp(p[i] - max) for p[i] <= max. The argument is clamped to -87 so 2^k stays
-// a normal float; such terms add at most n * 1.7e-38 to a sum that is >= 1.
-FSE_INLINE vf exp_below(const float * p, float max) {
+// exp(t) for t = p[i] - max <= 0, and t in *t_out. t is clamped to -87 so 2^k
+// stays a normal float; such terms add at most n * 1.7e-38 to a sum that is >= 1
+// (and at most n * 87 * 1.7e-38 to the sum of exp(t) * t).
+FSE_INLINE vf exp_below(const float * p, float max, vf * t_out) {
     const vf magic = splat_vf(0x1.8p23f); // adding it rounds to an integer
     vf t = load_vf(p) - splat_vf(max);
     t = MAX(t, splat_vf(-87.0f));
+    *t_out = t;
     const vf z = t * splat_vf(0x1.715476p+0f) + magic; // round(t * log2(e)) + magic
     const vf k = z - magic;
     const vf f = t * splat_vf(0x1.715476p+0f) - k; // gnu11 contracts it to an fma
@@ -187,21 +190,34 @@ FSE_INLINE float sweep1_careful(const float * x, int32_t nvec, float shift, mome
     return hmax_vf(&vmax);
 }
 
-// Sweep 2: sum of exp(x - max) over the nvec vectors at x (all <= max or -Inf).
-FSE_INLINE double sweep2_sumexp(const float * x, int32_t nvec, float max) {
+typedef struct exp_sums {
+    double e;  // sum of exp(x - max)
+    double et; // sum of exp(x - max) * (x - max), for the entropy
+} exp_sums;
+
+// Sweep 2: the sums of exp(x - max) and exp(x - max) * (x - max) over the nvec
+// vectors at x (all <= max or -Inf). The second costs one multiply-add per logit
+// on data already in registers.
+FSE_INLINE exp_sums sweep2_sumexp(const float * x, int32_t nvec, float max) {
     // Four chains: more in flight, and a quarter of the terms per float sum.
-    vf      acc[4] = {{0}};
-    int32_t i      = 0;
+    vf      acc[4] = {{0}}, acc_t[4] = {{0}};
+    vf      t;
+    int32_t i = 0;
     for (; i + 4 <= nvec; i += 4) {
         for (int j = 0; j < 4; j++) {
-            acc[j] += exp_below(x + (i + j) * FSE_W, max);
+            const vf e = exp_below(x + (i + j) * FSE_W, max, &t);
+            acc[j] += e;
+            acc_t[j] += e * t;
         }
     }
     for (; i < nvec; i++) {
-        acc[0] += exp_below(x + i * FSE_W, max);
+        const vf e = exp_below(x + i * FSE_W, max, &t);
+        acc[0] += e;
+        acc_t[0] += e * t;
     }
-    const vf sum = (acc[0] + acc[1]) + (acc[2] + acc[3]);
-    return hsum_vf(&sum);
+    const vf sum   = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+    const vf sum_t = (acc_t[0] + acc_t[1]) + (acc_t[2] + acc_t[3]);
+    return (exp_sums) {hsum_vf(&sum), hsum_vf(&sum_t)};
 }
 
 // One block of nvec full vectors at x, which is logits + start or a padded copy.
@@ -220,7 +236,9 @@ FSE_INLINE void block_update(stats_state * st, const float * x, int32_t nvec, fl
         return; // nothing finite: adds nothing to the sum
     }
     raise_max(st, bmax, start);
-    st->sumexp += sweep2_sumexp(x, nvec, st->max);
+    const exp_sums sums = sweep2_sumexp(x, nvec, st->max);
+    st->sumexp += sums.e;
+    st->sum_et += sums.et;
 }
 
 // All of the n logits: full blocks, then the tail.
@@ -260,6 +278,7 @@ FSE_TARGET static void stats_blocks(const float * logits, int32_t n, float shift
 #undef sweep1_fast
 #undef sweep1_careful
 #undef sweep2_sumexp
+#undef exp_sums
 #undef block_update
 #undef stats_blocks
 

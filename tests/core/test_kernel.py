@@ -3,7 +3,9 @@
 Every statistic is checked on every vector: max and argmax exactly (argmax is
 the first index of the max, as llama.cpp's greedy sampler picks it), the
 non-finite count exactly, and logsumexp, mean, variance and L2 norm to a
-relative error of 1e-5, computed over the finite values only.
+relative error of 1e-5, computed over the finite values only; the entropy of the
+softmax to 1e-5 relative plus 1e-6 nats absolute (a distribution with one logit far
+above the rest has an entropy near 0, where float lanes holding 1 + 1e-9 say 1).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from fse._native import ffi, lib
 
 N = 262_144  # a 262k vocabulary: the size the kernel is tuned for
 RTOL = 1e-5
+ENTROPY_ATOL = 1e-6  # nats
 # Sizes around the vector widths (4, 8, 16 floats) and the block (2048 floats).
 SIZES = [1, 2, 7, 15, 16, 17, 31, 33, 255, 256, 257, 2047, 2048, 2049, 4095, 4113]
 SIZES += [100_003, N - 1, N, N + 1, N + 15]
@@ -35,6 +38,7 @@ class Stats:
     max_logit: float
     argmax: int
     logsumexp: float
+    entropy: float
     mean: float
     variance: float
     l2_norm: float
@@ -54,12 +58,15 @@ def reference(x: Floats) -> Stats:
     v = x[finite].astype(np.float64)
     n_nonfinite = int(x.size - v.size)
     if v.size == 0:
-        return Stats(-math.inf, -1, math.nan, math.nan, math.nan, math.nan, n_nonfinite)
+        return Stats(-math.inf, -1, math.nan, math.nan, math.nan, math.nan, math.nan, n_nonfinite)
     top = float(v.max())
+    e = np.exp(v - top)
+    p = e / e.sum()
     return Stats(
         max_logit=top,
         argmax=int(np.flatnonzero(finite)[np.argmax(v)]),  # np.argmax: first occurrence
-        logsumexp=top + math.log(float(np.exp(v - top).sum())),
+        logsumexp=top + math.log(float(e.sum())),
+        entropy=float(-(p[p > 0] * np.log(p[p > 0])).sum()),
         mean=float(v.mean()),
         variance=float(v.var()),
         l2_norm=math.sqrt(float((v * v).sum())),
@@ -74,11 +81,14 @@ def assert_matches(x: Floats) -> Stats:
     if want.argmax < 0:
         assert got.max_logit == -math.inf
         assert all(math.isnan(f) for f in (got.logsumexp, got.mean, got.variance, got.l2_norm))
+        assert math.isnan(got.entropy)
         return got
     assert got.max_logit == want.max_logit
     for field in ("logsumexp", "mean", "variance", "l2_norm"):
         g, w = getattr(got, field), getattr(want, field)
         assert abs(g - w) <= RTOL * abs(w), f"{field}: kernel {g!r}, reference {w!r}"
+    g, w = got.entropy, want.entropy
+    assert abs(g - w) <= RTOL * w + ENTROPY_ATOL, f"entropy: kernel {g!r}, reference {w!r}"
     return got
 
 
@@ -379,3 +389,20 @@ def test_does_not_touch_the_next_page() -> None:
     )
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "ok"
+
+
+def test_entropy_of_known_distributions() -> None:
+    """Uniform over n: ln n; two equal leaders far above the rest: ln 2; the leaders
+    in the last block (the running max raised at the end): the same; NaN/Inf are left
+    out exactly as for the other statistics."""
+    assert kernel(np.zeros(N, dtype=np.float32)).entropy == pytest.approx(math.log(N), rel=1e-6)
+    two = np.full(N, -100.0, dtype=np.float32)
+    two[[5, N - 3]] = 50.0
+    assert kernel(two).entropy == pytest.approx(math.log(2), rel=1e-6)
+    rising = np.linspace(-20.0, 20.0, N, dtype=np.float32)
+    assert_matches(rising)
+    dirty = np.zeros(N, dtype=np.float32)
+    dirty[[7, 4096, N - 1]] = [np.nan, np.inf, -np.inf]
+    got = kernel(dirty)
+    assert got.n_nonfinite == 3
+    assert got.entropy == pytest.approx(math.log(N - 3), rel=1e-6)

@@ -273,6 +273,7 @@ class Slot(Closing):
             max_prob=math.exp(stats.max_logit - lse) if math.isfinite(lse) else math.nan,
             l2_norm=stats.l2_norm,
             non_finite=stats.n_nonfinite,
+            entropy=stats.entropy,
         )
         self.index += 1
         return Step(

@@ -99,6 +99,7 @@ class StepMetrics:
     max_prob: float  # probability of the most likely token under the raw distribution
     l2_norm: float  # L2 norm of the finite logits
     non_finite: int  # count of NaN/Inf logits
+    entropy: float = math.nan  # of the raw next-token distribution, in nats
 
 
 @dataclass(frozen=True, slots=True)

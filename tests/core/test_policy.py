@@ -219,10 +219,23 @@ def test_unknown_key_in_health() -> None:
 
 
 def test_unknown_guard() -> None:
-    msg = policy_error(PRO_TEXT + "[guards.entropy]\nthreshold = 1\n")
-    assert "guards.entropy: unknown key" in msg
-    for name in ("l2_norm", "logit_variance", "loop", "max_prob", "non_finite", "perplexity"):
+    msg = policy_error(PRO_TEXT + "[guards.repetition]\nthreshold = 1\n")
+    assert "guards.repetition: unknown key" in msg
+    names = ("entropy", "l2_norm", "logit_variance", "loop", "max_prob", "non_finite", "perplexity")
+    for name in names:
         assert name in msg
+
+
+def test_entropy_keys_name_what_they_accept() -> None:
+    for key, value, words in (
+        ("threshold", "0", "guards.entropy.threshold: 0 is out of range; accepted: 0 < nats <= 20"),
+        ("threshold", "21", "guards.entropy.threshold: 21 is out of range"),
+        ("window", "0", "guards.entropy.window: 0 is out of range; accepted: integer 1 <="),
+        ("min_tokens", "5000", "guards.entropy.min_tokens: 5000 is out of range"),
+        ("action", '"stop"', "guards.entropy.action:"),
+    ):
+        msg = policy_error(f'name = "x"\n[guards.entropy]\n{key} = {value}\n')
+        assert words in msg, msg
 
 
 def test_guard_table_must_be_table() -> None:

@@ -77,6 +77,7 @@ from fse.core.files import FileRefused, check_trusted_dir, read_trusted
 from fse.core.registry import (
     ALWAYS_ON,
     GUARDS,
+    EntropyGuard,
     GuardConfig,
     L2NormGuard,
     LogitVarianceGuard,
@@ -92,6 +93,7 @@ from fse.core.values import describe, not_accepted, wrong_type
 
 __all__ = [
     "DEFAULT_PPL_WINDOW",
+    "EntropyGuard",
     "GuardConfig",
     "HealthBands",
     "L2NormGuard",
@@ -165,6 +167,7 @@ class Policy:
     l2_norm: L2NormGuard | None = None
     logit_variance: LogitVarianceGuard | None = None
     max_prob: MaxProbGuard | None = None
+    entropy: EntropyGuard | None = None
     loop: LoopGuard | None = None
     description: str = ""
     sha256: str = field(init=False, repr=False, compare=False)

@@ -42,6 +42,7 @@ class GuardName(StrEnum):
     L2_NORM = "l2_norm"
     NON_FINITE = "non_finite"
     LOOP = "loop"
+    ENTROPY = "entropy"
     INTERNAL = "internal"  # a guard or the engine failed: fail closed
     DEADLINE = "deadline"  # the stream's time budget ran out (the runner, not the chain)
     SHUTDOWN = "shutdown"  # the daemon stopped before the stream ended (the scheduler)
@@ -53,6 +54,7 @@ MAX_PROB = GuardName.MAX_PROB
 L2_NORM = GuardName.L2_NORM
 NON_FINITE = GuardName.NON_FINITE
 LOOP = GuardName.LOOP
+ENTROPY = GuardName.ENTROPY
 INTERNAL = GuardName.INTERNAL
 DEADLINE = GuardName.DEADLINE
 SHUTDOWN = GuardName.SHUTDOWN

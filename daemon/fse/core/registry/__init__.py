@@ -29,10 +29,12 @@ from collections.abc import Mapping
 from typing import Any, TypeAlias
 
 from fse.core.registry.logits import (
+    ENTROPY_SPEC,
     L2_NORM_SPEC,
     LOGIT_VARIANCE_SPEC,
     MAX_PROB_SPEC,
     PERPLEXITY_SPEC,
+    EntropyGuard,
     L2NormGuard,
     LogitVarianceGuard,
     MaxProbGuard,
@@ -53,6 +55,7 @@ from fse.core.types import GuardName
 __all__ = [
     "ALWAYS_ON",
     "GUARDS",
+    "EntropyGuard",
     "GuardConfig",
     "GuardSpec",
     "Judge",
@@ -76,12 +79,13 @@ GUARDS: tuple[GuardSpec[Any], ...] = (
     L2_NORM_SPEC,
     LOGIT_VARIANCE_SPEC,
     MAX_PROB_SPEC,
+    ENTROPY_SPEC,
     LOOP_SPEC,
 )
 
 # The config types of GUARDS, for type checkers (a new guard adds its config here too).
 GuardConfig: TypeAlias = (
-    PerplexityGuard | L2NormGuard | LogitVarianceGuard | MaxProbGuard | LoopGuard
+    PerplexityGuard | L2NormGuard | LogitVarianceGuard | MaxProbGuard | EntropyGuard | LoopGuard
 )
 
 _BY_NAME: Mapping[str, GuardSpec[Any]] = {s.name: s for s in GUARDS}

@@ -1,8 +1,9 @@
 """Guards on the statistics of one step's logits: perplexity, L2 norm, logit variance,
-maximum probability."""
+maximum probability, entropy."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from fse.core.registry.spec import (
@@ -19,6 +20,7 @@ from fse.core.registry.spec import (
     set_field,
 )
 from fse.core.types import (
+    ENTROPY,
     L2_NORM,
     LOGIT_VARIANCE,
     MAX_PROB,
@@ -204,4 +206,67 @@ MAX_PROB_SPEC = GuardSpec(
     marker="^",
     plot=Plot("max_prob", "max probability", "linear", probability=True),
     metric="max_prob",
+)
+
+
+# ---------------------------------------------------------------------------
+# entropy
+
+
+@dataclass(frozen=True, slots=True)
+class EntropyGuard:
+    """Halt when the mean entropy of the next-token distribution over the last `window`
+    tokens exceeds threshold (nats), once min_tokens are generated: the model no longer
+    knows what comes next (noise, confusion)."""
+
+    threshold: float = 6.0
+    window: int = 16
+    min_tokens: int = 4
+    action: Action = "halt"
+
+    def __post_init__(self) -> None:
+        k = "guards.entropy."
+        set_field(
+            self,
+            "threshold",
+            check_float(k + "threshold", self.threshold, lambda x: 0 < x <= 20, "0 < nats <= 20"),
+        )
+        check_int(k + "window", self.window, 1, 4096)
+        check_int(k + "min_tokens", self.min_tokens, 1, 4096)
+        check_action(k + "action", self.action)
+
+
+def _entropy(cfg: EntropyGuard) -> Judge:
+    threshold, window, armed_at, action = cfg.threshold, cfg.window, cfg.min_tokens - 1, cfg.action
+    ring = [0.0] * window  # the last `window` entropies; a running sum over them
+    total, count = 0.0, 0
+
+    def guard(m: StepMetrics) -> Trip | None:
+        nonlocal total, count
+        value = m.entropy
+        if value != value:
+            raise MetricNaN(ENTROPY)
+        slot = count % window
+        total += value - ring[slot]
+        ring[slot] = value
+        count += 1
+        if slot == window - 1:
+            total = math.fsum(ring)  # once per lap: no drift
+        mean = total / min(count, window)
+        if m.index < armed_at or mean <= threshold:
+            return None
+        return Trip(ENTROPY, mean, threshold, m.index, action)
+
+    return guard
+
+
+ENTROPY_SPEC = GuardSpec(
+    ENTROPY,
+    EntropyGuard,
+    _entropy,
+    summary=lambda c: f"entropy {c.threshold:g} nats (window {c.window})",
+    measure=Measure("threshold", "entropy", "high", limit=12.0),
+    marker="D",
+    plot=Plot("entropy", "entropy (nats)", "linear"),
+    metric="entropy",
 )

@@ -18,6 +18,7 @@ from fse.core.policy import (
     MaxProbGuard,
     PerplexityGuard,
     Policy,
+    PromptPerplexityGuard,
     builtin_policy,
 )
 from fse.core.types import StepMetrics, Trip
@@ -54,6 +55,7 @@ def only(policy_guard: object) -> Policy:
         MaxProbGuard: "max_prob",
         EntropyGuard: "entropy",
         LoopGuard: "loop",
+        PromptPerplexityGuard: "prompt_perplexity",
     }[type(policy_guard)]
     return Policy("t", **{name: policy_guard})  # type: ignore[arg-type]
 
@@ -84,8 +86,8 @@ def test_names_are_the_contract() -> None:
         "deadline",
         "shutdown",
     )
-    assert g.ENTROPY == "entropy"
-    assert len(set(g.GuardName)) == 10
+    assert (g.ENTROPY, g.PROMPT_PERPLEXITY) == ("entropy", "prompt_perplexity")
+    assert len(set(g.GuardName)) == 11
 
 
 def test_trip_is_frozen() -> None:
@@ -186,7 +188,7 @@ def test_entropy_trips_on_the_windowed_mean_once_armed() -> None:
     trips = {i: chain.check(step(i, entropy=v)) for i, v in enumerate(values)}
     # Means over the last 4: 9, 9, 6.33 (armed from index 2: trips), 5, 3, 3, 5, 7, 9.
     assert [i for i, t in trips.items() if t] == [2, 3, 6, 7, 8]
-    assert trips[2] == (Trip("entropy", pytest.approx(19 / 3), 4.0, 2, "halt"),)
+    assert trips[2] == (Trip("entropy", pytest.approx(19 / 3), 4.0, 2, "halt"),)  # type: ignore[arg-type]
 
 
 def test_entropy_nan_is_internal_and_warn_releases() -> None:
@@ -205,6 +207,29 @@ def test_entropy_window_sum_does_not_drift() -> None:
     assert chain.check(step(3001, entropy=5.0)) == ()
     assert chain.check(step(3002, entropy=5.0)) == ()
     assert chain.check(step(3003, entropy=5.01))[0].guard == "entropy"
+
+
+def test_prompt_perplexity_whole_and_windowed() -> None:
+    from fse.core.registry.prompt import prompt_perplexities
+
+    # 4 skipped (huge: right after BOS), then 10 tokens at nll 1 and 4 at nll 8.
+    nll = [20.0] * 4 + [1.0] * 10 + [8.0] * 4
+    whole, windowed = prompt_perplexities(nll, skip=4, window=4)
+    assert whole == pytest.approx(math.exp((10 + 32) / 14))
+    assert windowed == pytest.approx(math.exp(8.0))
+    assert prompt_perplexities(nll[:4], skip=4, window=4) == (1.0, 1.0)  # nothing left
+    assert prompt_perplexities([2.0, 4.0], skip=0, window=16)[1] == pytest.approx(math.exp(3))
+    chain = GuardChain(only(PromptPerplexityGuard(100.0, window=4, window_threshold=1000.0)))
+    assert chain.scores_prompt and chain.check(step()) == ()  # nothing per step
+    assert chain.check_prompt([20.0] * 4 + [1.0] * 14) == ()
+    # whole e^3 = 20 passes 100; the window e^8 = 2981 trips 1000.
+    assert chain.check_prompt(nll) == (
+        Trip("prompt_perplexity", pytest.approx(math.exp(8.0)), 1000.0, 0, "halt"),  # type: ignore[arg-type]
+    )
+    # the whole prompt above its threshold is reported first.
+    assert chain.check_prompt([9.0] * 20)[0].threshold == 100.0
+    assert chain.check_prompt([math.nan] * 20)[0].guard == "internal"
+    assert not GuardChain(builtin_policy("default")).scores_prompt
 
 
 def test_max_prob_threshold_one_never_trips() -> None:
@@ -459,8 +484,8 @@ def test_chain_order_is_the_registry_order() -> None:
 
     every = Policy("all", **{g.name: g.config() for g in GUARDS})
     assert GuardChain(every).active == ("non_finite", *(g.name for g in GUARDS))
-    # pro has every guard but entropy, off in the built-in policies until calibrated.
+    # pro has every guard but entropy and prompt_perplexity.
     assert GuardChain(builtin_policy("pro")).active == (
         "non_finite",
-        *(g.name for g in GUARDS if g.name != "entropy"),
+        *(g.name for g in GUARDS if g.name not in ("entropy", "prompt_perplexity")),
     )

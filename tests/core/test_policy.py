@@ -221,7 +221,8 @@ def test_unknown_key_in_health() -> None:
 def test_unknown_guard() -> None:
     msg = policy_error(PRO_TEXT + "[guards.repetition]\nthreshold = 1\n")
     assert "guards.repetition: unknown key" in msg
-    names = ("entropy", "l2_norm", "logit_variance", "loop", "max_prob", "non_finite", "perplexity")
+    names = ["entropy", "l2_norm", "logit_variance", "loop", "max_prob", "non_finite"]
+    names += ["perplexity", "prompt_perplexity"]
     for name in names:
         assert name in msg
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import codecs
 import math
 import random
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +29,10 @@ from fse.core.types import Sampling, StepMetrics
 
 # ggml's GGML_MAX_N_THREADS; far more threads make llama.cpp abort (std::bad_alloc).
 MAX_THREADS = 512
+# Prompt positions whose logits one decode may ask for, to score prompts: llama.cpp
+# keeps an output buffer of that many vocabulary rows (1 MiB each for Gemma 3), so
+# scoring never holds n_prompt x n_vocab floats, only this many rows at a time.
+SCORED_PER_DECODE = 32
 
 
 class ContextOverflow(EngineError):
@@ -82,7 +86,8 @@ class Context(Closing):
         # The per-step work of every sequence, in one C call over this many threads (the
         # decode's own: they are idle while it runs); jobs are reused every step.
         self._pool = lib.fse_pool_new(n_threads)
-        self._jobs = ffi.new("fse_step_job[]", n_seq_max)
+        self._jobs = ffi.new("fse_step_job[]", max(n_seq_max, SCORED_PER_DECODE))
+        self.scored_left = SCORED_PER_DECODE  # prompt positions scored in the next decode
         if self._pool == ffi.NULL:
             self.close()
             raise EngineError("cannot start the statistics threads")
@@ -117,6 +122,7 @@ class Context(Closing):
         """Run the model over the queued tokens (the GIL is released meanwhile)."""
         self._batch.n_tokens = self.n_in_batch
         self.n_in_batch = 0
+        self.scored_left = SCORED_PER_DECODE
         status = lib.llama_decode(self.handle, self._batch)
         if status != 0:
             raise EngineError(last_llama_error(f"llama_decode failed with status {status}"))
@@ -136,6 +142,23 @@ class Context(Closing):
             slot._prepare(jobs[i])
         lib.fse_step(self._pool, jobs, len(slots), self.model.n_vocab)
         return [slot._finish(jobs[i]) for i, slot in enumerate(slots)]
+
+    def score(self, slots: Sequence[Slot]) -> None:
+        """After a decode: the nll of each prompt token whose predicting position the
+        slots asked logits for (Slot.prompt_nll), in one C call for all of them."""
+        jobs = self._jobs
+        owners: list[tuple[Slot, int]] = []
+        for slot in slots:
+            for batch_index, token in slot._scoring:
+                jobs[len(owners)].logits = self.logits(batch_index)
+                jobs[len(owners)].sampler = ffi.NULL
+                owners.append((slot, token))
+            slot._scoring.clear()
+        lib.fse_step(self._pool, jobs, len(owners), self.model.n_vocab)
+        for job, (slot, token) in zip(jobs, owners, strict=False):
+            # Non-finite logits: the prompt cannot be scored, and is judged unlikely.
+            nll = math.inf if job.stats.n_nonfinite else job.stats.logsumexp - job.logits[token]
+            slot.prompt_nll.append(nll)
 
     def clear_sequence(self, seq: int) -> None:
         if self._handle is None:  # the memory is freed with the context
@@ -179,9 +202,11 @@ class Slot(Closing):
         ppl_window: int = 16,
         faults: Faults = NO_FAULTS,
         llama_sampler: bool = False,
+        score_prompt: bool = False,
     ) -> None:
         """`llama_sampler`: llama.cpp's own chain even where fse_sample.c can run (the
-        tests and benchmarks compare the two)."""
+        tests and benchmarks compare the two). `score_prompt`: measure each prompt
+        token's nll during prefill (prompt_nll), for the prompt guards."""
         sampling.validate()
         self.ctx = ctx
         self.model = ctx.model
@@ -202,6 +227,9 @@ class Slot(Closing):
         self._ppl = PerplexityWindow(ppl_window)
         self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
         self._pending: list[int] = []  # prompt tokens not yet decoded
+        self.score_prompt = score_prompt
+        self.prompt_nll: list[float] = []  # -log p of each prompt token after the first
+        self._scoring: list[tuple[int, int]] = []  # (batch index, the token it predicts)
         self._out = -1  # batch index of this sequence's logits after the last decode
         self.pos = 0  # next position in the sequence
         self.index = 0  # index of the next generated token
@@ -216,20 +244,33 @@ class Slot(Closing):
             )
         self.ctx.clear_sequence(self.seq)
         self._pending = list(prompt)
+        self.prompt_nll.clear()
+        self._scoring.clear()
 
     @property
     def prefilling(self) -> bool:
         return bool(self._pending)
 
     def queue_prompt(self, budget: int) -> int:
-        """Queue up to `budget` prompt tokens into the next batch; returns how many."""
+        """Queue up to `budget` prompt tokens into the next batch; returns how many (a
+        slot scoring its prompt takes at most the context's scored_left)."""
+        if self.score_prompt:
+            budget = min(budget, self.ctx.scored_left)
+            self.ctx.scored_left -= min(budget, len(self._pending))
         chunk = self._pending[:budget]
         del self._pending[:budget]
         last = len(chunk) - 1
         for i, token in enumerate(chunk):
-            batch_index = self.ctx.add(token, self.pos, self.seq, i == last and not self._pending)
+            final = i == last and not self._pending
+            # Scoring: every position but the last predicts the prompt token after it.
+            scored = self.score_prompt and not final
+            batch_index = self.ctx.add(token, self.pos, self.seq, final or scored)
+            if scored:
+                following = chunk[i + 1] if i < last else self._pending[0]
+                self._scoring.append((batch_index, following))
             self.pos += 1
-        self._out = batch_index if not self._pending else -1
+        if chunk:
+            self._out = batch_index if not self._pending else -1
         return len(chunk)
 
     def queue_token(self, token: int) -> None:
@@ -326,15 +367,29 @@ def generate(
     ppl_window: int = 16,
     faults: Faults = NO_FAULTS,
     llama_sampler: bool = False,
+    prompt_judge: Callable[[Sequence[float]], bool] | None = None,
 ) -> Generator[Step, None, None]:
     """Single-sequence generation: decode the prompt in batches, then yield each sampled
-    token before it is decoded. Stop iterating to stop generating; the sequence is freed."""
-    slot = Slot(ctx, 0, sampling, ppl_window=ppl_window, faults=faults, llama_sampler=llama_sampler)
+    token before it is decoded. Stop iterating to stop generating; the sequence is freed.
+    With `prompt_judge`, the prompt is scored during prefill and handed to it once
+    decoded: False ends the generation before the first token."""
+    slot = Slot(
+        ctx,
+        0,
+        sampling,
+        ppl_window=ppl_window,
+        faults=faults,
+        llama_sampler=llama_sampler,
+        score_prompt=prompt_judge is not None,
+    )
     with slot:
         slot.start(prompt)
         while slot.prefilling:
             slot.queue_prompt(ctx.n_batch)
             ctx.decode()
+            ctx.score([slot])
+        if prompt_judge is not None and not prompt_judge(slot.prompt_nll):
+            return
         for produced in range(max_tokens):
             step = slot.sample()
             yield step

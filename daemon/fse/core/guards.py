@@ -22,10 +22,11 @@ Fail-closed rules implemented here:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Final
 
 from fse.core.policy import Policy
-from fse.core.registry import GUARDS, Judge, LoopDetector, MetricNaN
+from fse.core.registry import GUARDS, Judge, LoopDetector, MetricNaN, PromptJudge
 from fse.core.types import INTERNAL, NON_FINITE, StepMetrics, Trip
 
 __all__ = ["PASS", "GuardChain", "LoopDetector"]
@@ -48,22 +49,44 @@ class GuardChain:
     which must come out as an ``internal`` halt. Never set it in production.
     """
 
-    __slots__ = ("_guards", "active", "policy")
+    __slots__ = ("_guards", "_prompt_judges", "active", "policy")
 
     def __init__(self, policy: Policy, fault_at: int | None = None) -> None:
         self.policy = policy
         guards: list[Judge] = []
+        prompt_judges: list[PromptJudge] = []
         active: list[str] = [NON_FINITE]
         # Built once, in registry order: check() then just walks a tuple of closures.
         for spec in GUARDS:
             cfg = getattr(policy, spec.name)
-            if cfg is not None:
+            if cfg is None:
+                continue
+            if spec.judge_prompt is not None:
+                prompt_judges.append(spec.judge_prompt(cfg))
+            elif spec.judge is not None:
                 guards.append(spec.judge(cfg))
-                active.append(spec.name)
+            active.append(spec.name)
         if fault_at is not None:
             guards.append(_fault_guard(fault_at))
         self._guards: tuple[Judge, ...] = tuple(guards)
+        self._prompt_judges: tuple[PromptJudge, ...] = tuple(prompt_judges)
         self.active: tuple[str, ...] = tuple(active)
+
+    @property
+    def scores_prompt(self) -> bool:
+        """Whether a guard judges the prompt: its nll must be measured during prefill."""
+        return bool(self._prompt_judges)
+
+    def check_prompt(self, nll: Sequence[float]) -> tuple[Trip, ...]:
+        """Every trip of the prompt guards, halting trips first, from the nll of the
+        prompt's tokens after the first; never raises (an error is an ``internal`` halt
+        at token index 0, as anything that cannot be judged)."""
+        try:
+            found = [t for judge in self._prompt_judges if (t := judge(nll)) is not None]
+        except Exception:
+            return (Trip(INTERNAL, None, None, 0, "halt"),)
+        found.sort(key=_is_warn)
+        return tuple(found)
 
     def check(self, m: StepMetrics) -> tuple[Trip, ...]:
         """Every trip of this step, halting trips first; ``PASS`` (``()``) if none."""

@@ -85,6 +85,7 @@ from fse.core.registry import (
     MaxProbGuard,
     PerplexityGuard,
     PolicyError,
+    PromptPerplexityGuard,
     spec,
 )
 from fse.core.registry.spec import check_float, positive, set_field
@@ -103,6 +104,7 @@ __all__ = [
     "PerplexityGuard",
     "Policy",
     "PolicyError",
+    "PromptPerplexityGuard",
     "builtin_names",
     "builtin_policy",
     "load_policies",
@@ -169,6 +171,7 @@ class Policy:
     max_prob: MaxProbGuard | None = None
     entropy: EntropyGuard | None = None
     loop: LoopGuard | None = None
+    prompt_perplexity: PromptPerplexityGuard | None = None
     description: str = ""
     sha256: str = field(init=False, repr=False, compare=False)
 

@@ -69,6 +69,7 @@ def run_local(
         request.max_tokens,
         ppl_window=policy.ppl_window,
         faults=faults,
+        prompt_judge=stream.judge_prompt if stream.scores_prompt else None,
     )
     try:
         for step in steps:
@@ -78,8 +79,9 @@ def run_local(
                 yield from stream.step(step)
             if stream.verdict is not None:
                 break
-        else:  # the engine stopped early (its own max_tokens): nothing is left unjudged
-            yield from stream.finish(COMPLETED, completion=MAX_TOKENS)
+        else:
+            if stream.verdict is None:  # the engine stopped early (its own max_tokens)
+                yield from stream.finish(COMPLETED, completion=MAX_TOKENS)
     except EngineError as exc:
         yield from stream.fail(str(exc))
     finally:

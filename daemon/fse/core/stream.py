@@ -110,6 +110,22 @@ class GuardedStream:
             released += self.finish(COMPLETED, completion=MAX_TOKENS)
         return released
 
+    @property
+    def scores_prompt(self) -> bool:
+        """Whether the policy judges the prompt (its nll is measured during prefill)."""
+        return self.chain.scores_prompt
+
+    def judge_prompt(self, nll: Sequence[float]) -> bool:
+        """Judge the prompt once it is decoded, before the first token: a halting prompt
+        guard ends the stream `halted` at token index 0 with nothing released. True if
+        the stream goes on."""
+        trips = self.chain.check_prompt(nll)
+        if trips and trips[0].action == "halt":
+            halt = trips[0]
+            self._end(HALTED, halt.guard, halt.value, halt.threshold, 0)
+            return False
+        return True
+
     def fail(self, message: str) -> list[TokenEvent]:
         """The engine failed: fail closed with an `error` verdict naming guard `internal`."""
         return self.finish(ERROR, INTERNAL, message=message)

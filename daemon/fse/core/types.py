@@ -43,6 +43,7 @@ class GuardName(StrEnum):
     NON_FINITE = "non_finite"
     LOOP = "loop"
     ENTROPY = "entropy"
+    PROMPT_PERPLEXITY = "prompt_perplexity"
     INTERNAL = "internal"  # a guard or the engine failed: fail closed
     DEADLINE = "deadline"  # the stream's time budget ran out (the runner, not the chain)
     SHUTDOWN = "shutdown"  # the daemon stopped before the stream ended (the scheduler)
@@ -55,6 +56,7 @@ L2_NORM = GuardName.L2_NORM
 NON_FINITE = GuardName.NON_FINITE
 LOOP = GuardName.LOOP
 ENTROPY = GuardName.ENTROPY
+PROMPT_PERPLEXITY = GuardName.PROMPT_PERPLEXITY
 INTERNAL = GuardName.INTERNAL
 DEADLINE = GuardName.DEADLINE
 SHUTDOWN = GuardName.SHUTDOWN

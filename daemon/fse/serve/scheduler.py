@@ -119,6 +119,7 @@ class _Active:
     slot: Slot
     stream: GuardedStream
     next_token: int = -1  # released token to feed at the next decode; -1 while prefilling
+    prompt_judged: bool = False  # the prompt guards have had their say (once, after prefill)
     released_at: float | None = None  # perf_counter() of its last released token (metrics)
 
 
@@ -266,13 +267,6 @@ class Scheduler:
                 continue
             seq = self._free_seqs.pop()
             try:
-                slot = Slot(
-                    self.ctx,
-                    seq,
-                    handle.request.sampling,
-                    ppl_window=handle.policy.ppl_window,
-                    faults=handle.faults,
-                )
                 r = handle.request
                 stream = GuardedStream(
                     handle.policy,
@@ -280,6 +274,14 @@ class Scheduler:
                     handle.faults,
                     max_tokens=r.max_tokens,
                     deadline=handle.deadline,
+                )
+                slot = Slot(
+                    self.ctx,
+                    seq,
+                    r.sampling,
+                    ppl_window=handle.policy.ppl_window,
+                    faults=handle.faults,
+                    score_prompt=stream.scores_prompt,
                 )
                 slot.start(handle.prompt)
             except (EngineError, MemoryError, ValueError) as exc:
@@ -337,6 +339,12 @@ class Scheduler:
         began = time.perf_counter()
         ctx.decode()
         self.metrics.step(time.perf_counter() - began)
+        ctx.score([a.slot for a in self._active if a.slot._scoring])  # prompts being scored
+        for a in list(self._active):
+            if not a.prompt_judged and not a.slot.prefilling:
+                a.prompt_judged = True  # judged once, before its first token
+                if a.slot.score_prompt and not a.stream.judge_prompt(a.slot.prompt_nll):
+                    self._close(a, deliver)
         ready = [a for a in self._active if not a.slot.prefilling]  # the rest: no logits yet
         steps = ctx.sample([a.slot for a in ready])
         for a, step in zip(ready, steps, strict=True):

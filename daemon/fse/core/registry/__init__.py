@@ -41,6 +41,7 @@ from fse.core.registry.logits import (
     PerplexityGuard,
 )
 from fse.core.registry.loops import LOOP_SPEC, LoopDetector, LoopGuard
+from fse.core.registry.prompt import PROMPT_PERPLEXITY_SPEC, PromptPerplexityGuard
 from fse.core.registry.spec import (
     ALWAYS_ON,
     GuardSpec,
@@ -49,6 +50,7 @@ from fse.core.registry.spec import (
     MetricNaN,
     Plot,
     PolicyError,
+    PromptJudge,
 )
 from fse.core.types import GuardName
 
@@ -69,6 +71,8 @@ __all__ = [
     "PerplexityGuard",
     "Plot",
     "PolicyError",
+    "PromptJudge",
+    "PromptPerplexityGuard",
     "spec",
 ]
 
@@ -81,11 +85,18 @@ GUARDS: tuple[GuardSpec[Any], ...] = (
     MAX_PROB_SPEC,
     ENTROPY_SPEC,
     LOOP_SPEC,
+    PROMPT_PERPLEXITY_SPEC,
 )
 
 # The config types of GUARDS, for type checkers (a new guard adds its config here too).
 GuardConfig: TypeAlias = (
-    PerplexityGuard | L2NormGuard | LogitVarianceGuard | MaxProbGuard | EntropyGuard | LoopGuard
+    PerplexityGuard
+    | L2NormGuard
+    | LogitVarianceGuard
+    | MaxProbGuard
+    | EntropyGuard
+    | LoopGuard
+    | PromptPerplexityGuard
 )
 
 _BY_NAME: Mapping[str, GuardSpec[Any]] = {s.name: s for s in GUARDS}

@@ -3,7 +3,7 @@ checked, and the judge the threshold guards share."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, Literal, TypeAlias, TypeVar
 
@@ -21,6 +21,8 @@ ALWAYS_ON: GuardName = NON_FINITE
 
 # One step's judgement: None when the step passes.
 Judge: TypeAlias = Callable[[StepMetrics], "Trip | None"]
+# A prompt's judgement, once after prefill, from the nll of its tokens after the first.
+PromptJudge: TypeAlias = Callable[[Sequence[float]], "Trip | None"]
 
 
 class PolicyError(ValueRefused):
@@ -104,12 +106,15 @@ class GuardSpec(Generic[C]):
 
     name: GuardName
     config: type[C]
-    judge: Callable[[C], Judge]
+    judge: Callable[[C], Judge] | None  # None: a prompt guard (judge_prompt)
     summary: Callable[[C], str]  # the guard's settings in a phrase, e.g. "l2_norm 1e+04"
     measure: Measure | None = None  # None: calibrate keeps the base policy's setting
     marker: str = "*"  # matplotlib marker of its halts in the plots
     plot: Plot | None = None  # its panel in metrics.png, if it compares a step metric
     metric: str | None = None  # the StepMetrics attribute its trip's value is (if any)
+    # A guard judged once, on the prompt, after prefill (then `judge` is None): its
+    # streams have their prompt scored during prefill.
+    judge_prompt: Callable[[C], PromptJudge] | None = None
 
 
 # ---------------------------------------------------------------------------

@@ -43,6 +43,7 @@ CONTRACT = {
     "fse_decode_step_seconds": ("histogram", ()),
     "fse_token_gap_seconds": ("histogram", ()),
     "fse_audit_write_errors_total": ("counter", ()),
+    "fse_http_requests_total": ("counter", ("endpoint", "status")),
     "fse_build_info": ("gauge", ("model_sha256", "version")),
 }
 
@@ -231,6 +232,7 @@ def test_names_types_and_labels_are_the_contract() -> None:
     m = Metrics()
     m.verdict(Verdict(COMPLETED, 3, "abc", "default", "00"))
     m.build_info("ab" * 32)
+    m.http_request("/v1/completions", 200)
     families = {
         f.name: f
         for f in text_string_to_metric_families(fetch_text(m))

@@ -24,9 +24,8 @@ def _add_key_flag(p: argparse.ArgumentParser, key: Key) -> None:
     if key.kind is bool:
         p.add_argument(key.flag, action="store_true", default=None, help=help_text)
     elif key.kind is list:
-        p.add_argument(
-            key.flag, action="append", default=None, metavar="unix:PATH|HOST:PORT", help=help_text
-        )
+        metavar = key.metavar or "unix:PATH|HOST:PORT"
+        p.add_argument(key.flag, action="append", default=None, metavar=metavar, help=help_text)
     else:
         p.add_argument(key.flag, type=_FLAG_TYPES[key.kind], default=None, help=help_text)
 
@@ -34,9 +33,10 @@ def _add_key_flag(p: argparse.ArgumentParser, key: Key) -> None:
 def add_parser(commands: Any) -> None:
     srv = commands.add_parser(
         "serve",
-        help="run the guard daemon (gRPC)",
-        description="Serve guarded generation over gRPC. Settings come from --config "
-        "(TOML), then from the flags below, which win.",
+        help="run the guard daemon (gRPC, and an OpenAI-compatible HTTP API with --http-listen)",
+        description="Serve guarded generation over gRPC (and, with --http-listen, an "
+        "OpenAI-compatible HTTP API). Settings come from --config (TOML), then from the "
+        "flags below, which win.",
     )
     srv.add_argument(
         "--config", type=Path, help="TOML config file (the service: /etc/fse/fse.toml)"

@@ -117,13 +117,20 @@ def _peer_identity(context: grpc.aio.ServicerContext[Any, Any], unix_uid: UnixUi
         return f"cert:{subject[0].decode('utf-8', 'replace')}"
     pem = auth.get("x509_pem_cert")
     if pem and pem[0]:
-        der = ssl.PEM_cert_to_DER_cert(pem[0].decode("ascii", "replace"))
-        return f"cert:sha256:{hashlib.sha256(der).hexdigest()}"
+        return cert_caller("", ssl.PEM_cert_to_DER_cert(pem[0].decode("ascii", "replace")))
     peer = context.peer() or ""
     if not peer.startswith("unix:"):
         return f"tcp:{peer.removeprefix('ipv4:')}"
     uid = unix_uid(peer)
     return "unix" if uid is None else f"uid:{uid}"
+
+
+def cert_caller(subject: str, der: bytes) -> str:
+    """A client certificate's caller name: cert:SUBJECT (RFC 4514), or cert:sha256:HEX
+    of the certificate (DER) when its subject is empty."""
+    if subject:
+        return f"cert:{subject}"
+    return f"cert:sha256:{hashlib.sha256(der).hexdigest()}"
 
 
 def _is_unix(context: grpc.aio.ServicerContext[Any, Any]) -> bool:

@@ -39,6 +39,7 @@ class Key:
     accepted: str
     check: Callable[[Any], bool] = lambda _: True
     flag: str = ""
+    metavar: str = ""  # how --help names a list key's item (default: unix:PATH|HOST:PORT)
 
     @property
     def dotted(self) -> str:
@@ -96,6 +97,11 @@ def _address_list(v: list[str]) -> bool:
     return len(v) >= 1 and all(isinstance(a, str) and listen_address(a) is not None for a in v)
 
 
+def _tcp_address_list(v: list[str]) -> bool:
+    """HOST:PORT addresses only (none: off): the HTTP door has no unix sockets."""
+    return all(isinstance(a, str) and isinstance(listen_address(a), tuple) for a in v)
+
+
 KEYS: tuple[Key, ...] = (
     Key("server", "listen", list, ["unix:fse.sock"],
         "a non-empty list of unix:PATH (PATH not empty) or HOST:PORT (PORT 0..65535)",
@@ -150,6 +156,9 @@ KEYS: tuple[Key, ...] = (
     Key("auth", "tokens_file", str, "", 'a file of "NAME SHA256HEX" lines', flag="--auth-tokens"),
     Key("auth", "require_on_unix", bool, False, "true or false"),
     Key("metrics", "listen", str, "", "HOST:PORT (empty: off)", flag="--metrics-listen"),
+    Key("http", "listen", list, [],
+        "a list of HOST:PORT (PORT 0..65535) for the OpenAI-compatible HTTP API (empty: off)",
+        _tcp_address_list, "--http-listen", "HOST:PORT"),
 )  # fmt: skip
 _BY_DOTTED = {k.dotted: k for k in KEYS}
 SECTIONS = tuple(dict.fromkeys(k.section for k in KEYS))
@@ -219,6 +228,11 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class HttpSettings:
+    listen: tuple[str, ...]  # HOST:PORT addresses of the OpenAI-compatible API; () = off
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     server: ServerSettings
     model: ModelSettings
@@ -227,6 +241,7 @@ class Settings:
     tls: TlsSettings
     auth: AuthSettings
     metrics: MetricsSettings
+    http: HttpSettings
     # Not in the file: for a debugging session only, never for a service.
     allow_debug_faults: bool = False
     verbose: bool = False
@@ -336,6 +351,7 @@ def _build(values: dict[str, Any], overrides: Mapping[str, Any], **extra: bool) 
         ),
         auth=AuthSettings(_path(values["auth.tokens_file"]), values["auth.require_on_unix"]),
         metrics=MetricsSettings(values["metrics.listen"]),
+        http=HttpSettings(tuple(values["http.listen"])),
         **extra,
     )
 

@@ -12,11 +12,13 @@ import asyncio
 import os
 import shutil
 import signal
+import ssl
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import structlog
@@ -40,6 +42,7 @@ from fse.serve.listeners import (
     open_unix_socket,
     parse_listen,
     private_umask,
+    ssl_context,
     tls_credentials,
 )
 from fse.serve.logs import configure_logging
@@ -52,6 +55,9 @@ from fse.serve.reload import PolicyReloader
 from fse.serve.scheduler import Limits
 from fse.serve.service import GuardService
 from fse.serve.servicer import MAX_MESSAGE_BYTES, GuardServicer, add_to_server
+
+if TYPE_CHECKING:
+    from fse.serve.http import HttpDoor
 
 log = structlog.get_logger("fse.serve")
 
@@ -74,21 +80,39 @@ async def serve(settings: Settings) -> int:
     notify = Notifier.from_environment()
     relays: list[UnixRelay] = []
     server: grpc.aio.Server | None = None
+    http: HttpDoor | None = None
     try:
         open_relays(plan.listeners, settings, relays)
         server = await start_server(plan, settings, servicer, health, refusals, metrics, relays)
+        if plan.http_listeners:  # bound now, so a port in use stops the start before the model
+            from fse.serve.http import HttpDoor  # aiohttp: imported only when asked for
+
+            http = HttpDoor(
+                plan.http_listeners,
+                plan.http_ssl,
+                plan.tokens,
+                servicer.places,
+                refusals,
+                health.is_serving,
+                metrics,
+            )
+            await http.start()
         service = await load_service(settings, plan, audit, refusals, metrics, notify)
         servicer.model_loaded(service)
+        if http is not None:
+            http.model_loaded(service)
         asyncio.get_running_loop().run_in_executor(None, _hash_model, servicer, plan, metrics)
         announce(settings, plan, service, audit, time.monotonic() - began)
         await health.serving(True)
-        parts = Running(plan, service, audit, refusals, server, health, notify)
+        parts = Running(plan, service, audit, refusals, server, health, notify, http)
         return await parts.until_stopped(settings)
     except BaseException:
         # A start that fails after the server started (no model, no memory for the
         # context) stops it here; left to its destructor, it fails once the loop is gone.
         if server is not None:
             await server.stop(None)
+        if http is not None:
+            await http.stop()
         raise
     finally:
         for relay in relays:
@@ -106,10 +130,17 @@ class Plan:
     policies: dict[str, Policy]
     model_path: Path
     audit_path: str  # absolute, as logged and printed
+    http_listeners: list[Listener]  # the OpenAI-compatible API's (none: off)
+    http_ssl: ssl.SSLContext | None  # HTTPS, from the same files as gRPC's TLS
 
     @property
     def targets(self) -> list[str]:
         return [listener.target for listener in self.listeners]
+
+    @property
+    def http_targets(self) -> list[str]:
+        scheme = "https" if self.http_ssl is not None else "http"
+        return [f"{scheme}://{listener.target}" for listener in self.http_listeners]
 
     @classmethod
     async def check(cls, settings: Settings) -> Plan:
@@ -118,13 +149,27 @@ class Plan:
         exposed = check_plain_tcp(listeners, creds is not None, settings.server.allow_insecure_tcp)
         for target in exposed:
             log.warning("listen.insecure_tcp", listen=target, reason="allow_insecure_tcp")
+        http_listeners = [
+            parse_listen(a, "--http-listen", unix=False) for a in settings.http.listen
+        ]
+        http_ssl = ssl_context(settings.tls) if http_listeners else None
+        exposed = check_plain_tcp(
+            http_listeners,
+            http_ssl is not None,
+            settings.server.allow_insecure_tcp,
+            key="--http-listen",
+        )
+        for target in exposed:
+            log.warning("http.insecure_tcp", listen=target, reason="allow_insecure_tcp")
         tokens_file = settings.auth.tokens_file
         tokens = TokenTable.load(tokens_file) if tokens_file else None
         policies = await load_policy_set(settings.policies.dir)  # invalid: serve nothing
         model_path = settings.model.path or default_model_path()
         check_gguf(model_path)
         audit_path = str(settings.audit.path.absolute())
-        return cls(listeners, creds, tokens, policies, model_path, audit_path)
+        return cls(
+            listeners, creds, tokens, policies, model_path, audit_path, http_listeners, http_ssl
+        )
 
 
 async def load_policy_set(policies_dir: Path | None) -> dict[str, Policy]:
@@ -153,6 +198,11 @@ class Health:
     async def serving(self, on: bool) -> None:
         self._serving = on
         await self._report()
+
+    def is_serving(self) -> bool:
+        """What grpc.health.v1 reports: SERVING (True) or NOT_SERVING (the HTTP door's
+        GET /health says the same)."""
+        return self._serving and self._audit_writable
 
     def audit_changed(self, writable: bool, error: str) -> None:  # any thread
         if writable:
@@ -328,6 +378,7 @@ def announce(
         "server.started",
         version=service.version,
         listen=plan.targets,
+        http_listen=plan.http_targets or None,
         model=str(plan.model_path),
         pid=os.getpid(),
         max_streams=service.limits.max_streams,
@@ -338,6 +389,7 @@ def announce(
     log.info(
         "server.started",
         listen=plan.targets,
+        http_listen=plan.http_targets,
         model=str(plan.model_path),
         gpu_layers=service.model.gpu_layers,
         n_layer=service.model.n_layer,
@@ -352,8 +404,11 @@ def announce(
         if model.n_gpu_layers
         else "CPU"
     )
+    http = ""
+    if plan.http_targets:
+        http = f"; OpenAI-compatible API on {', '.join(f'{t}/v1' for t in plan.http_targets)}"
     print(
-        f"fse: serving {model.name} ({where}) on {', '.join(plan.targets)}; audit log "
+        f"fse: serving {model.name} ({where}) on {', '.join(plan.targets)}{http}; audit log "
         f"{plan.audit_path}\n"
         f'try: {_executable()} generate --addr {plan.targets[0]} "The capital of France is"',
         file=sys.stderr,
@@ -372,6 +427,7 @@ class Running:
     server: grpc.aio.Server
     health: Health
     notify: Notifier
+    http: HttpDoor | None = None
 
     async def until_stopped(self, settings: Settings) -> int:
         """Serve until SIGTERM/SIGINT (SIGHUP reloads the policies), then drain and
@@ -419,7 +475,10 @@ class Running:
         # (the watchdog's case) cannot be stopped: exit without it; its streams' clients see
         # UNAVAILABLE and the next start records them as orphans.
         stopped = await asyncio.to_thread(service.shutdown, SHUTDOWN_SECONDS)
-        await self.server.stop(grace=2.0)
+        # Both doors close; streams still running (halted by now) write their last words.
+        await asyncio.gather(
+            self.server.stop(grace=2.0), self.http.stop() if self.http else asyncio.sleep(0)
+        )
         if stopped:
             service.model.close()
         for task in background:

@@ -15,6 +15,7 @@ import grp
 import ipaddress
 import os
 import socket
+import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,33 +72,63 @@ def _is_loopback(host: str) -> bool:
         return False  # a name: it may resolve anywhere
 
 
+def _read_tls(what: str, path: Path) -> bytes:
+    # Whoever can write these can swap the daemon's identity or, with client_ca,
+    # admit certificates of their own: read as every trusted file (fse.core.files).
+    try:
+        return read_trusted(path)
+    except FileRefused as exc:
+        raise StartupError(f"{what}: {exc}") from None
+
+
 def tls_credentials(tls: TlsSettings) -> grpc.ServerCredentials | None:
     if tls.cert is None or tls.key is None:
         return None
-
-    def read(what: str, path: Path) -> bytes:
-        # Whoever can write these can swap the daemon's identity or, with client_ca,
-        # admit certificates of their own: read as every trusted file (fse.core.files).
-        try:
-            return read_trusted(path)
-        except FileRefused as exc:
-            raise StartupError(f"{what}: {exc}") from None
-
-    pair = (read("tls.key", tls.key), read("tls.cert", tls.cert))
-    client_ca = read("tls.client_ca", tls.client_ca) if tls.client_ca else None
+    pair = (_read_tls("tls.key", tls.key), _read_tls("tls.cert", tls.cert))
+    client_ca = _read_tls("tls.client_ca", tls.client_ca) if tls.client_ca else None
     return grpc.ssl_server_credentials(
         [pair], root_certificates=client_ca, require_client_auth=client_ca is not None
     )
 
 
-def check_plain_tcp(listeners: list[Listener], secure: bool, allow_insecure: bool) -> list[str]:
-    """Refuse plain TCP off loopback; returns the addresses allowed only by the override."""
+def ssl_context(tls: TlsSettings) -> ssl.SSLContext | None:
+    """The same TLS as `tls_credentials`, for the HTTP door: the certificate and key
+    read (and checked) as trusted files once, then loaded from those very bytes (through
+    a memory file, since ssl loads a key only from a file); with client_ca, a client
+    certificate signed by it is required."""
+    if tls.cert is None or tls.key is None:
+        return None
+    cert, key = _read_tls("tls.cert", tls.cert), _read_tls("tls.key", tls.key)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    fd = os.memfd_create("fse-tls", os.MFD_CLOEXEC)
+    try:
+        os.write(fd, cert + b"\n" + key)
+        context.load_cert_chain(f"/proc/self/fd/{fd}")
+    except (ssl.SSLError, OSError) as exc:
+        raise StartupError(f"tls.cert, tls.key: cannot be loaded: {exc}") from None
+    finally:
+        os.close(fd)
+    if tls.client_ca is not None:
+        ca = _read_tls("tls.client_ca", tls.client_ca)
+        try:
+            context.load_verify_locations(cadata=ca.decode("ascii", "replace"))
+        except (ssl.SSLError, ValueError) as exc:
+            raise StartupError(f"tls.client_ca: cannot be loaded: {exc}") from None
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def check_plain_tcp(
+    listeners: list[Listener], secure: bool, allow_insecure: bool, key: str = "--listen"
+) -> list[str]:
+    """Refuse plain TCP off loopback; returns the addresses allowed only by the override.
+    Errors name `key` (--listen, --http-listen)."""
     exposed = [lst.target for lst in listeners if not lst.is_unix and not lst.loopback]
     if secure or not exposed:
         return []
     if not allow_insecure:
         raise StartupError(
-            f"--listen {exposed[0]}: plain TCP on a non-loopback address would let anyone on "
+            f"{key} {exposed[0]}: plain TCP on a non-loopback address would let anyone on "
             "the network in; configure --tls-cert and --tls-key, listen on 127.0.0.1, or "
             "pass --allow-insecure-tcp if a proxy terminates TLS in front"
         )

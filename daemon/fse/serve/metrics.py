@@ -15,6 +15,9 @@ Where each value comes from:
   scrape time (nothing on the decode path).
 - `fse_rejected_total{code}`: the servicer, at every `context.abort`, and the daemon's
   auth-denied hook (UNAUTHENTICATED).
+- `fse_http_requests_total{endpoint,status}`: the HTTP door (fse.serve.http), as each
+  request ends: its route (`/v1/chat/completions`, ..., `other` for an unknown one) and
+  its HTTP status (`499` when the client went away before an answer).
 - `fse_audit_write_errors_total`: the audit log's health callback, each time the log
   goes from writable to failing (new streams are refused until it recovers).
 - `fse_build_info{version,model_sha256}`: set once the model's sha256 is known.
@@ -103,6 +106,9 @@ class MetricsSink:
     def rejected(self, code: str) -> None:
         """A call was aborted with gRPC status `code` (its name, e.g. INVALID_ARGUMENT)."""
 
+    def http_request(self, endpoint: str, status: int) -> None:
+        """An HTTP request to `endpoint` ended with `status`."""
+
     def audit_error(self) -> None:
         """The audit log could not be written (it was writable until now)."""
 
@@ -172,6 +178,11 @@ class Metrics(MetricsSink):
         )  # fmt: skip
         for code in REJECTION_CODES:
             self._rejected.labels(code)
+        self._http = Counter(
+            "fse_http_requests_total",
+            "Requests to the OpenAI-compatible HTTP API, by endpoint and HTTP status.",
+            ["endpoint", "status"], registry=r,
+        )  # fmt: skip
         self._step = Histogram(
             "fse_decode_step_seconds", "Time of one llama_decode step (every stream's batch).",
             buckets=STEP_BUCKETS, registry=r,
@@ -209,6 +220,9 @@ class Metrics(MetricsSink):
 
     def rejected(self, code: str) -> None:
         self._rejected.labels(code).inc()
+
+    def http_request(self, endpoint: str, status: int) -> None:
+        self._http.labels(endpoint, str(status)).inc()
 
     def audit_error(self) -> None:
         self._audit_errors.inc()

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from fse import __version__
 from fse.core.errors import InputError
@@ -141,6 +142,9 @@ class GuardService:
         self.version = __version__
         # Numbered on from the audit chain, so a stream's number is unique across restarts.
         self._stream_ids = itertools.count(audit.next_stream if audit is not None else 1)
+        # Audit fields of a stream beyond the request's own, by stream number, from its
+        # admission to its verdict: the HTTP door's `listener` and `user`.
+        self._origins: dict[int, dict[str, Any]] = {}
         self._status_mark = (time.monotonic(), 0)
 
     def start(self) -> None:
@@ -218,9 +222,12 @@ class GuardService:
         prepared: Prepared,
         loop: asyncio.AbstractEventLoop | None = None,
         client: str = "",
+        origin: Mapping[str, Any] | None = None,
     ) -> Handle:
         """Queue a prepared stream, or raise Overloaded / NotAccepting / AuditUnavailable
-        at once. No stream runs unless its start is in the audit log."""
+        at once. No stream runs unless its start is in the audit log. `origin`: more
+        fields for its stream.started and stream.verdict records (the HTTP door's
+        `listener` and `user`)."""
         self.check_audit()
         handle = Handle(
             prepared.request,
@@ -242,22 +249,30 @@ class GuardService:
                 # them, in order, once it can write again.
                 handle.cancel()
 
-        self.scheduler.submit(handle, on_queue=record_start)
+        if origin:
+            self._origins[handle.stream_id] = dict(origin)
+        try:
+            self.scheduler.submit(handle, on_queue=record_start)
+        except BaseException:
+            self._origins.pop(handle.stream_id, None)
+            raise
         if not recorded:
             raise AuditUnavailable(self.audit.error if self.audit else "")
         return handle
 
     def record_rejection(
-        self, request_id: str, reason: str, message: str, client: str = ""
+        self, request_id: str, reason: str, message: str, client: str = "", **origin: Any
     ) -> None:
         """Audit a request refused before it started (bad input, overload...), within
         bounds: the request id and the message are cut to a fixed size, and a flood
-        from one peer is counted into summaries (fse.serve.refusals)."""
+        from one peer is counted into summaries (fse.serve.refusals). `origin`: more
+        fields (the HTTP door's `listener`)."""
         if self.refusals is not None:
             self.refusals.record(
                 "input.rejected",
                 client,
                 reason,
+                **origin,
                 **bounded("request_id", request_id),
                 error=clip(message, ERROR_BYTES),
             )
@@ -271,6 +286,7 @@ class GuardService:
             stream=handle.stream_id,
             request_id=r.request_id,
             client=handle.client or None,
+            **self._origins.get(handle.stream_id, {}),
             policy=handle.policy.name,
             policy_sha256=handle.policy.sha256,
             prompt=r.prompt or json.dumps(r.messages, ensure_ascii=False),
@@ -287,6 +303,7 @@ class GuardService:
         a protocol error the servicer sends nothing more: then the record counts what was
         sent, and `withheld` the tokens released but never sent."""
         sent = handle.end()
+        origin = self._origins.pop(handle.stream_id, {})
         if self.audit is None:
             _set_from_thread(handle)
             return
@@ -298,6 +315,7 @@ class GuardService:
             stream=handle.stream_id,
             request_id=handle.request.request_id,
             client=handle.client or None,
+            **origin,
             status=verdict.status,
             completion=verdict.completion,
             guard=verdict.guard,

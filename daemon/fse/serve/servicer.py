@@ -5,7 +5,6 @@ codes. It holds no generation logic."""
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
@@ -19,6 +18,7 @@ from fse.core.types import ERROR, TokenEvent
 from fse.serve.auth import caller_of
 from fse.serve.memory import HeapTrimmer
 from fse.serve.metrics import NO_METRICS, MetricsSink
+from fse.serve.places import PerCallerLimit, Places
 from fse.serve.scheduler import Handle, NotAccepting, Overloaded
 from fse.serve.service import AuditUnavailable, GuardService
 from fse.serve.wire import (
@@ -48,10 +48,6 @@ FIRST_MESSAGE_SECONDS = 10.0
 MAX_CALLS_WITHOUT_PLACE = 64
 
 log = structlog.get_logger("fse.servicer")
-
-
-class PerCallerLimit(Exception):
-    """This caller already runs per_client_streams streams."""
 
 
 def audit_refusal(exc: AuditUnavailable) -> str:
@@ -90,12 +86,11 @@ class GuardServicer(fse_pb2_grpc.GuardServicer):
     is read, unless a place came free meanwhile."""
 
     def __init__(self, per_client_streams: int = 0, metrics: MetricsSink = NO_METRICS) -> None:
-        self.per_client_streams = per_client_streams  # 0 = no per-caller limit
         self.metrics = metrics  # every refusal is counted by its code
         self.service: GuardService | None = None  # None until the model is loaded
         self.model_sha256 = ""  # "" until the model file is hashed
-        self._calls_of: collections.Counter[str] = collections.Counter()  # places held
-        self._pending = 0  # places held by calls the scheduler does not have yet
+        # The places held (fse.serve.places), shared with the HTTP door.
+        self.places = Places(per_client_streams)
         self._without_place = 0  # calls without a place waiting for their `start`
         self._tokenizing = asyncio.Semaphore(1)
         self.heap = HeapTrimmer()  # hands a refused burst's buffers back
@@ -169,7 +164,7 @@ class GuardServicer(fse_pb2_grpc.GuardServicer):
                 code, message = grpc.StatusCode.INTERNAL, "internal error (see the daemon's log)"
             finally:
                 if pending:  # the scheduler has it now (or it was refused)
-                    self._pending -= 1
+                    self.places.queued()
                     pending = False
             if code != grpc.StatusCode.OK:
                 service.record_rejection(
@@ -184,11 +179,9 @@ class GuardServicer(fse_pb2_grpc.GuardServicer):
                     yield reply
         finally:
             if pending:  # the call ended while it waited for its start
-                self._pending -= 1
+                self.places.queued()
             if held:
-                self._calls_of[caller] -= 1
-                if not self._calls_of[caller]:
-                    del self._calls_of[caller]
+                self.places.release(caller)
 
     async def _stream(
         self,
@@ -285,26 +278,10 @@ class GuardServicer(fse_pb2_grpc.GuardServicer):
     def _no_room(
         self, service: GuardService, caller: str
     ) -> PerCallerLimit | Overloaded | NotAccepting | None:
-        """Why a new call gets no place (a drain first, then the per-caller limit, then
-        overload: places held by calls the scheduler does not have yet count as load)."""
-        limit = self.per_client_streams
-        try:
-            service.scheduler.check_capacity(extra=self._pending)
-        except NotAccepting as exc:
-            return exc
-        except Overloaded as exc:
-            if not (limit and self._calls_of[caller] >= limit):
-                return exc
-        if limit and self._calls_of[caller] >= limit:
-            return PerCallerLimit(
-                f"per-caller limit: {caller} already runs {limit} streams "
-                f"(per_client_streams {limit})"
-            )
-        return None
+        return self.places.no_room(service.scheduler, caller)
 
     def _hold(self, caller: str) -> None:
-        self._calls_of[caller] += 1
-        self._pending += 1
+        self.places.hold(caller)
 
     async def GetInfo(
         self,

@@ -6,12 +6,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 from fse.core.engine import SCORED_PER_DECODE, Context, generate
 from fse.core.model import Model
 from fse.core.policy import Policy, PromptPerplexityGuard, builtin_policy
-from fse.core.runner import run_local
+from fse.core.runner import content_mask, prompt_tokens, run_local
 from fse.core.types import HALTED, Request, Sampling, TokenEvent, Verdict
 
 GREEDY = Sampling(temperature=0)
@@ -78,3 +79,28 @@ def test_every_prompt_token_is_scored_whatever_the_chunks(model: Model) -> None:
 def test_a_policy_without_prompt_guards_scores_nothing(ctx: Context) -> None:
     assert list(generate(ctx, ctx.model.tokenize("Hello"), GREEDY, 2))
     assert Policy("plain").prompt_perplexity is None
+
+
+def test_chat_messages_are_judged_on_their_own_text(model_path: Path) -> None:
+    """The template's own tokens (turn markers, role names) are not the caller's text:
+    only the messages' tokens are judged; gibberish in a message is refused, the same
+    request as ordinary text passes."""
+    with Model(model_path) as chat:
+        chat.use_chat_template("gemma")
+        ordinary = Request(messages=(("user", ORDINARY),), max_tokens=4, sampling=GREEDY)
+        tokens = prompt_tokens(chat, ordinary)
+        mask = content_mask(chat, ordinary, tokens)
+        assert mask is not None and len(mask) == len(tokens)
+        marked = b"".join(
+            chat.piece(t, special=True) for t, m in zip(tokens, mask, strict=True) if m
+        )
+        assert marked.decode() == ORDINARY
+        assert content_mask(chat, Request(ORDINARY), tokens) is None  # a raw prompt: all
+        inputs = Policy("inputs", prompt_perplexity=PromptPerplexityGuard())
+        with Context(chat, n_ctx=512) as ctx:
+            passed = list(run_local(chat, ctx, ordinary, inputs))
+            refused = list(
+                run_local(chat, ctx, Request(messages=(("user", RANDOM_SUFFIX),)), inputs)
+            )
+    assert passed[-1].guard is None and len(passed) == 5  # type: ignore[union-attr]
+    assert refused[-1].guard == "prompt_perplexity" and len(refused) == 1  # type: ignore[union-attr]

@@ -319,20 +319,23 @@ class Model(Closing):
         if -n > max_tokens + 1:
             raise TooManyTokens(-n - 1, max_tokens, at_least=True)
 
-    def piece(self, token: int) -> bytes:
-        """The bytes a token stands for (special tokens render as empty)."""
-        cached = self._pieces.get(token)
+    def piece(self, token: int, *, special: bool = False) -> bytes:
+        """The bytes a token stands for: special tokens render as empty, or with
+        `special` as their text (<start_of_turn>), so that a templated prompt's pieces
+        spell it byte for byte (that form is not cached: prompt-time only)."""
+        cached = None if special else self._pieces.get(token)
         if cached is not None:
             return cached
-        n = lib.llama_token_to_piece(self.vocab, token, self._piece_buf, 256, 0, False)
+        n = lib.llama_token_to_piece(self.vocab, token, self._piece_buf, 256, 0, special)
         result: bytes
         if n < 0:
             buf = ffi.new("char[]", -n)
-            n = lib.llama_token_to_piece(self.vocab, token, buf, -n, 0, False)
+            n = lib.llama_token_to_piece(self.vocab, token, buf, -n, 0, special)
             result = ffi.unpack(buf, n)
         else:
             result = ffi.unpack(self._piece_buf, n)
-        self._pieces[token] = result
+        if not special:
+            self._pieces[token] = result
         return result
 
     def detokenize(self, tokens: Sequence[int]) -> str:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from functools import partial
 
 from fse.core.engine import Context, generate
 from fse.core.errors import EngineError, InputError
@@ -46,6 +47,30 @@ def prompt_tokens(model: Model, request: Request, max_tokens: int | None = None)
     return tokens
 
 
+def content_mask(model: Model, request: Request, tokens: Sequence[int]) -> list[bool] | None:
+    """For a chat request, which prompt tokens are the messages' own text (True) rather
+    than the chat template's (role markers, turn tokens): the prompt guards judge the
+    text the caller sent, not the template. None for a raw prompt (all of it counts),
+    and None too if the tokens do not spell the rendered template byte for byte (then
+    every token is judged: stricter, never looser)."""
+    if not request.messages:
+        return None
+    rendered = model.apply_chat_template(request.messages).encode()
+    spans, at = [], 0
+    for _, content in request.messages:
+        data = content.encode()
+        start = rendered.find(data, at) if data else -1
+        if start >= 0:
+            spans.append((start, start + len(data)))
+            at = start + len(data)
+    mask, offset = [], 0
+    for token in tokens:
+        end = offset + len(model.piece(token, special=True))
+        mask.append(any(s <= offset and end <= e for s, e in spans))
+        offset = end
+    return mask if offset == len(rendered) else None
+
+
 def run_local(
     model: Model,
     ctx: Context,
@@ -69,7 +94,11 @@ def run_local(
         request.max_tokens,
         ppl_window=policy.ppl_window,
         faults=faults,
-        prompt_judge=stream.judge_prompt if stream.scores_prompt else None,
+        prompt_judge=(
+            partial(stream.judge_prompt, content=content_mask(model, request, tokens))
+            if stream.scores_prompt
+            else None
+        ),
     )
     try:
         for step in steps:

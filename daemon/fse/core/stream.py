@@ -115,10 +115,13 @@ class GuardedStream:
         """Whether the policy judges the prompt (its nll is measured during prefill)."""
         return self.chain.scores_prompt
 
-    def judge_prompt(self, nll: Sequence[float]) -> bool:
+    def judge_prompt(self, nll: Sequence[float], content: Sequence[bool] | None = None) -> bool:
         """Judge the prompt once it is decoded, before the first token: a halting prompt
         guard ends the stream `halted` at token index 0 with nothing released. True if
-        the stream goes on."""
+        the stream goes on. `nll[i]` is the prompt's token i + 1; with `content` (see
+        fse.core.runner.content_mask) only the tokens it marks are judged."""
+        if content is not None:
+            nll = [x for i, x in enumerate(nll) if content[i + 1]]
         trips = self.chain.check_prompt(nll)
         if trips and trips[0].action == "halt":
             halt = trips[0]

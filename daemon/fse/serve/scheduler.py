@@ -29,6 +29,7 @@ from fse.core.errors import EngineError
 from fse.core.faults import Faults
 from fse.core.model import Model
 from fse.core.policy import Policy
+from fse.core.runner import content_mask
 from fse.core.stream import Deadline, GuardedStream
 from fse.core.types import (
     CANCELLED,
@@ -120,6 +121,7 @@ class _Active:
     stream: GuardedStream
     next_token: int = -1  # released token to feed at the next decode; -1 while prefilling
     prompt_judged: bool = False  # the prompt guards have had their say (once, after prefill)
+    content: list[bool] | None = None  # the prompt tokens judged (content_mask)
     released_at: float | None = None  # perf_counter() of its last released token (metrics)
 
 
@@ -284,11 +286,16 @@ class Scheduler:
                     score_prompt=stream.scores_prompt,
                 )
                 slot.start(handle.prompt)
+                content = (
+                    content_mask(self.model, handle.request, handle.prompt)
+                    if stream.scores_prompt
+                    else None
+                )
             except (EngineError, MemoryError, ValueError) as exc:
                 self._free_seqs.append(seq)
                 self._end_unstarted(handle, deliver, ERROR, INTERNAL, message=str(exc))
                 continue
-            active = _Active(handle, slot, stream)
+            active = _Active(handle, slot, stream, content=content)
             self._active.append(active)
             if handle.faults.hang_at is not None:
                 self._hang_watch.append(active)
@@ -343,7 +350,8 @@ class Scheduler:
         for a in list(self._active):
             if not a.prompt_judged and not a.slot.prefilling:
                 a.prompt_judged = True  # judged once, before its first token
-                if a.slot.score_prompt and not a.stream.judge_prompt(a.slot.prompt_nll):
+                nll = a.slot.prompt_nll
+                if a.slot.score_prompt and not a.stream.judge_prompt(nll, a.content):
                     self._close(a, deliver)
         ready = [a for a in self._active if not a.slot.prefilling]  # the rest: no logits yet
         steps = ctx.sample([a.slot for a in ready])

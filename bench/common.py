@@ -24,21 +24,19 @@ def llama_tools_dir() -> Path:
 
 def llama_bench_tg(model: Path, threads: int, n_gen: int = 64, reps: int = 1) -> list[float]:
     """tokens/s of llama-bench's tg test (decode one token at a time, no sampling)."""
+    return _llama_bench(model, threads, ["-p", "0", "-n", str(n_gen)], reps)
+
+
+def llama_bench_pp(model: Path, threads: int, n_prompt: int = 512, reps: int = 1) -> list[float]:
+    """tokens/s of llama-bench's pp test (one prompt of n_prompt tokens, batched)."""
+    return _llama_bench(model, threads, ["-p", str(n_prompt), "-n", "0"], reps)
+
+
+def _llama_bench(model: Path, threads: int, test: list[str], reps: int) -> list[float]:
     out = subprocess.run(
         [
             str(llama_tools_dir() / "llama-bench"),
-            "-m",
-            str(model),
-            "-t",
-            str(threads),
-            "-p",
-            "0",
-            "-n",
-            str(n_gen),
-            "-r",
-            str(reps),
-            "-o",
-            "json",
+            *("-m", str(model), "-t", str(threads), *test, "-r", str(reps), "-o", "json"),
         ],
         check=True,
         capture_output=True,

@@ -1,9 +1,11 @@
 """The conformance harness: every client's `guarded-generate` on every case of cases.toml.
 
-One real daemon serves a unix socket and a TLS TCP listener that wants a bearer token.
-Each case runs the Python client first (the reference), then every other client, over
-both transports, and compares parsed outputs (JSON lines, verdicts); errors are checked
-only for what the protocol makes visible (exit code, status code name, the flag named).
+One real daemon serves a unix socket and a TLS TCP listener that wants a bearer token;
+a second one, started for the mutual-TLS cases only, a TLS listener that wants a client
+certificate. Each case runs the Python client first (the reference), then every other
+client, over both transports, and compares parsed outputs (JSON lines, verdicts); errors
+are checked only for what the protocol makes visible (exit code, status code name, one
+line, the flag named).
 Every language folder of clients/ must provide its example in clients/bin; a missing one
 fails, there is no skip list.
 """
@@ -42,7 +44,7 @@ RUN_TIMEOUT = 120
 
 # The test suite's certificate helper (tests/support/certs.py), shared rather than copied.
 sys.path.insert(0, str(HERE.parent.parent / "tests"))
-from support.certs import make_ca, server_pair  # noqa: E402
+from support.certs import Pair, issue, make_ca, server_pair  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,14 @@ class Daemon:
     wrong_token_file: Path
     down: str
     audit: Path
+    client: Pair  # a client certificate from the client CA of the mutual-TLS daemon
+
+
+@dataclass(frozen=True)
+class MutualTls:
+    """A second daemon whose TLS listener wants a client certificate (--tls-client-ca)."""
+
+    tcp: str
 
 
 @dataclass(frozen=True)
@@ -95,11 +105,66 @@ def _wait_model_hash(addr: str) -> None:
     raise TimeoutError("the daemon never reported its model's sha256")
 
 
+def _serve(work: Path, *args: str) -> subprocess.Popen[bytes]:
+    """`fse serve` in `work` on unix:work/fse.sock and the given flags, once it serves."""
+    sock, log = work / "fse.sock", work / "daemon.log"
+    cmd = [
+        sys.executable, "-m", "fse.cli", "serve", "--listen", f"unix:{sock}", *args,
+        "--threads", "2", "--audit-log", str(work / "audit.jsonl"),
+        "--gpu-layers", "0",  # the model on the CPU on every machine: the info case's figures
+    ]  # fmt: skip
+    process = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=work)
+    try:
+        _wait_serving(process, sock, log)
+    except BaseException:
+        _stop(process)
+        raise
+    return process
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
 @pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pair]:
+    """The server's CA and certificate (both daemons), and a client CA with one client."""
+    work = tmp_path_factory.mktemp("pki")
+    ca, client_ca = make_ca(work, "fse test CA"), make_ca(work, "fse client CA")
+    return {
+        "ca": ca,
+        "server": server_pair(ca, work),
+        "client_ca": client_ca,
+        "client": issue(client_ca, work, "conformance-client"),
+    }
+
+
+@pytest.fixture(scope="module")
+def mutual_tls(
+    tmp_path_factory: pytest.TempPathFactory, pki: dict[str, Pair]
+) -> Iterator[MutualTls]:
+    """Started only for the cases over mutual TLS (see `test_case`)."""
+    work, port = tmp_path_factory.mktemp("conformance-mtls"), _free_port()
+    server = pki["server"]
+    process = _serve(
+        work, "--listen", f"127.0.0.1:{port}", "--tls-cert", str(server.cert),
+        "--tls-key", str(server.key), "--tls-client-ca", str(pki["client_ca"].cert),
+        "--max-streams", "1", "--max-queue", "0",
+    )  # fmt: skip
+    try:
+        yield MutualTls(f"127.0.0.1:{port}")
+    finally:
+        _stop(process)
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory, pki: dict[str, Pair]) -> Iterator[Daemon]:
     work = tmp_path_factory.mktemp("conformance")
-    ca = make_ca(work, "fse test CA")
-    server = server_pair(ca, work)
+    ca, server = pki["ca"], pki["server"]
     policies = work / "policies"
     policies.mkdir()
     (policies / "test.toml").write_text('name = "test"\n[guards.l2_norm]\nthreshold = 10.0\n')
@@ -109,18 +174,13 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     token_file, wrong = work / "token", work / "wrong-token"
     token_file.write_text(TOKEN + "\n")
     wrong.write_text("not-the-token\n")
-    sock, port, log = work / "fse.sock", _free_port(), work / "daemon.log"
-    cmd = [
-        sys.executable, "-m", "fse.cli", "serve",
-        "--listen", f"unix:{sock}", "--listen", f"127.0.0.1:{port}",
+    sock, port = work / "fse.sock", _free_port()
+    process = _serve(
+        work, "--listen", f"127.0.0.1:{port}",
         "--tls-cert", str(server.cert), "--tls-key", str(server.key), "--auth-tokens", str(tokens),
-        "--policies-dir", str(policies), "--threads", "2",
-        "--max-streams", "1", "--max-queue", "0", "--audit-log", str(work / "audit.jsonl"),
-        "--gpu-layers", "0",  # the model on the CPU on every machine: the info case's figures
-    ]  # fmt: skip
-    process = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=work)
+        "--policies-dir", str(policies), "--max-streams", "1", "--max-queue", "0",
+    )  # fmt: skip
     try:
-        _wait_serving(process, sock, log)
         _wait_model_hash(f"unix:{sock}")
         yield Daemon(
             f"unix:{sock}",
@@ -130,26 +190,36 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
             wrong,
             f"unix:{work / 'nobody-listens.sock'}",
             work / "audit.jsonl",
+            pki["client"],
         )
     finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        _stop(process)
 
 
-def run(language: str, case: dict[str, Any], transport: str, daemon: Daemon) -> Result:
+def run(
+    language: str,
+    case: dict[str, Any],
+    transport: str,
+    daemon: Daemon,
+    mutual: MutualTls | None = None,
+) -> Result:
     program = BIN / f"guarded-generate-{language}"
     assert program.exists(), f"{language}: {program} is missing (run `make clients`)"
+    client = ["--tls-cert", str(daemon.client.cert), "--tls-key", str(daemon.client.key)]
     if transport == "unix":
         where = ["--addr", daemon.unix]
     elif transport == "down":
         where = ["--addr", daemon.down]
+    elif transport.startswith("mtls"):
+        assert mutual is not None
+        where = ["--addr", mutual.tcp, "--tls-ca", str(daemon.ca)]
+        where += client if transport == "mtls" else []
     else:
         token = daemon.wrong_token_file if transport == "tls-wrong-token" else daemon.token_file
         where = ["--addr", daemon.tcp, "--tls-ca", str(daemon.ca), "--token-file", str(token)]
-    args = [str(program), *where, *case["args"]]
+    # Files a case may name: the harness's CA and client certificate and key.
+    files = {"{ca}": str(daemon.ca), "{client_cert}": client[1], "{client_key}": client[3]}
+    args = [str(program), *where, *(files.get(arg, arg) for arg in case["args"])]
     if "prompt" in case:
         args.append(case["prompt"])
     done = subprocess.run(
@@ -177,6 +247,11 @@ def check_expectations(case: dict[str, Any], result: Result, who: str) -> None:
     if "stderr" in expect:  # an error: the status code's name (and the field) on stderr
         for wanted in expect["stderr"]:
             assert wanted in result.stderr, f"{who}: no {wanted!r} in {result.stderr!r}"
+        # One line, `guarded-generate: error: CODE: MESSAGE`; nothing generated.
+        assert result.stderr.count("\n") == 1 and result.stderr.endswith("\n"), (
+            f"{who}: {result.stderr!r}"
+        )
+        assert result.stdout == "", f"{who}: {result.stdout!r}"
         return
     if "flag" in expect:  # a usage error: the flag named, nothing generated
         assert expect["flag"] in result.stderr, f"{who}: {result.stderr!r}"
@@ -202,6 +277,9 @@ def check_expectations(case: dict[str, Any], result: Result, who: str) -> None:
     *tokens, verdict = lines
     assert verdict["type"] == "verdict" and all(t["type"] == "token" for t in tokens)
     assert verdict["status"] == expect["status"], f"{who}: {verdict}"
+    # Why a completed stream ended (end_of_generation, stop_sequence, max_tokens); null
+    # for any other status.
+    assert verdict["completion"] == expect.get("completion"), f"{who}: {verdict}"
     for key in ("guard", "threshold", "token_index"):
         if key in expect:
             assert verdict[key] == expect[key], f"{who}: {key} {verdict[key]!r}"
@@ -225,7 +303,15 @@ def compare(case: dict[str, Any], reference: Result, other: Result, who: str) ->
         return
     if kind == "verdict":
         ours, theirs = reference.lines()[-1], other.lines()[-1]
-        for key in ("type", "status", "guard", "threshold", "policy", "policy_sha256"):
+        for key in (
+            "type",
+            "status",
+            "completion",
+            "guard",
+            "threshold",
+            "policy",
+            "policy_sha256",
+        ):
             assert theirs[key] == ours[key], f"{who}: {key}: {theirs[key]!r} != {ours[key]!r}"
     else:
         assert other.lines() == reference.lines(), f"{who}: output differs from python's"
@@ -246,14 +332,16 @@ def test_every_language_has_its_example() -> None:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
-def test_case(case: dict[str, Any], daemon: Daemon) -> None:
+def test_case(case: dict[str, Any], daemon: Daemon, request: pytest.FixtureRequest) -> None:
+    over_mtls = any(t.startswith("mtls") for t in transports(case))
+    mutual = request.getfixturevalue("mutual_tls") if over_mtls else None
     for transport in transports(case):
-        reference = run(REFERENCE, case, transport, daemon)
+        reference = run(REFERENCE, case, transport, daemon, mutual)
         check_expectations(case, reference, f"{REFERENCE}/{transport}")
         after(case, daemon)
         for language in OTHERS:
             who = f"{language}/{transport}"
-            result = run(language, case, transport, daemon)
+            result = run(language, case, transport, daemon, mutual)
             check_expectations(case, result, who)
             compare(case, reference, result, who)
             after(case, daemon)

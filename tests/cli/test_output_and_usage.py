@@ -38,7 +38,7 @@ def test_human_output_to_a_pipe_is_plain_text() -> None:
     assert result.stdout.endswith("\n")
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("[completed] 12 tokens released")
+    assert lines[0].startswith("[completed at max_tokens] 12 tokens released")
     assert "policy default" in lines[0]
 
 
@@ -49,7 +49,7 @@ def test_human_output_to_a_tty_is_coloured() -> None:
     assert COLOURS["green"] in out
     assert RESET in out
     assert ANSI.sub("", out).strip().startswith("the capital")
-    assert "[completed] 8 tokens released" in err
+    assert "[completed at max_tokens] 8 tokens released" in err
 
 
 def _event(text: str, health: str) -> TokenEvent:

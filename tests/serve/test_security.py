@@ -329,6 +329,27 @@ def test_mtls_requires_a_certificate_from_the_client_ca(
     (started,) = [r for r in daemon.audit() if r["event"] == "stream.started"]
     assert started["client"].startswith("cert:") and "app-one" in started["client"]
 
+    # fse_client presents one (PEM bytes or paths), and `fse generate --tls-cert --tls-key`.
+    client = pki["client"]
+    with fse_client.Client(
+        daemon.addrs[1], tls_ca=pki["ca"].cert, tls_cert=client.cert, tls_key=client.key
+    ) as mutual:
+        assert one_generation(mutual).status == fse_client.Status.COMPLETED
+    with fse_client.Client(daemon.addrs[1], tls_ca=pki["ca"].cert) as anonymous:
+        with pytest.raises(fse_client.FseError) as refused:
+            anonymous.info()
+        assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+    with pytest.raises(ValueError, match="tls_key: required with tls_cert"):
+        fse_client.Client(daemon.addrs[1], tls_ca=root, tls_cert=client.cert)
+    tls = ["--addr", daemon.addrs[1], "--tls-ca", str(pki["ca"].cert)]
+    mine = ["--tls-cert", str(client.cert), "--tls-key", str(client.key)]
+    ok = run_fse("generate", *tls, *mine, "--temperature", "0", "--max-tokens", "2", "Hi")
+    assert ok.returncode == 0, ok.stderr
+    without = run_fse("generate", *tls, "--max-tokens", "2", "Hi")
+    assert without.returncode == 1 and without.stderr.startswith("fse generate: error: ")
+    half = run_fse("generate", *tls, "--tls-cert", str(client.cert), "Hi")
+    assert half.returncode == 2 and "--tls-key: required with --tls-cert" in half.stderr
+
 
 def _start(tmp_path: Path, *args: str, umask: int = -1) -> subprocess.Popen[str]:
     # umask=, never preexec_fn: a preexec_fn forces fork(), and gRPC (imported by this

@@ -12,6 +12,7 @@ import shlex
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
+import fse_client
 import grpc
 import pytest
 from fse.core.policy import load_policies
@@ -23,6 +24,8 @@ from support.daemons import (
     audit_events,
 )
 from support.streams import (
+    CANCEL,
+    GREEDY,
     Outcome,
     assert_token_fields,
     assert_well_formed,
@@ -101,7 +104,7 @@ def test_start_banner_gives_a_command_that_works(single: Daemon) -> None:
     result = subprocess.run(argv, capture_output=True, text=True, timeout=LIVE)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
-    assert "[completed]" in result.stderr
+    assert "[completed at " in result.stderr  # end_of_generation or max_tokens
 
 
 # -- 3. concurrency ---------------------------------------------------------------
@@ -170,3 +173,60 @@ def test_stop_sequence_not_generated(main_channel: grpc.Channel, greedy_referenc
     assert (verdict.status, verdict.tokens) == (fse_pb2.STATUS_COMPLETED, 48)
     assert verdict.text == greedy_reference.text
     assert outcome.ids == greedy_reference.ids
+
+
+# -- 8. why a completed stream ended ----------------------------------------------
+
+# A JSON object as the whole prompt: the embedded model, greedy, answers a newline and
+# then its end-of-generation token.
+ENDS_AT_ONCE = '{"name": "Alice", "age": 30}'
+
+
+def test_completion_reason_on_the_wire(main: Daemon, main_channel: grpc.Channel) -> None:
+    """Verdict.completion says why a completed stream ended (max_tokens, a stop sequence,
+    the model's end of generation), as the audit record does, and the Python client reads
+    it; a halted or cancelled stream leaves it unspecified."""
+    cases = {
+        "completion-max-tokens": (start(PROMPT, 8), fse_pb2.COMPLETION_MAX_TOKENS, "max_tokens"),
+        "completion-stop": (
+            start(PROMPT, 48, stop=[" of"]),
+            fse_pb2.COMPLETION_STOP_SEQUENCE,
+            "stop_sequence",
+        ),
+        "completion-eog": (
+            start(ENDS_AT_ONCE, 32),
+            fse_pb2.COMPLETION_END_OF_GENERATION,
+            "end_of_generation",
+        ),
+    }
+    for request_id, (message, expected, _) in cases.items():
+        message.start.request_id = request_id
+        verdict = assert_well_formed(generate(main_channel, [message]))
+        assert verdict.status == fse_pb2.STATUS_COMPLETED, (request_id, verdict)
+        assert verdict.completion == expected, (request_id, verdict)
+        if expected == fse_pb2.COMPLETION_END_OF_GENERATION:
+            assert 0 < verdict.tokens < 32, verdict
+    audited = {
+        e["request_id"]: e["completion"]
+        for e in audit_events(main, "stream.verdict")
+        if e["request_id"] in cases
+    }
+    assert audited == {request_id: name for request_id, (_, _, name) in cases.items()}
+
+    with fse_client.Client(main.addr) as client:
+        ends = [
+            list(client.generate(prompt, max_tokens=32, stop=stop, sampling=GREEDY))[-1]
+            for prompt, stop in ((PROMPT, ()), (PROMPT, [" of"]), (ENDS_AT_ONCE, ()))
+        ]
+    assert [getattr(v, "completion", None) for v in ends] == [
+        fse_client.Completion.MAX_TOKENS,
+        fse_client.Completion.STOP_SEQUENCE,
+        fse_client.Completion.END_OF_GENERATION,
+    ]
+
+    halted = generate(main_channel, [start(PROMPT, 8)], metadata=[("fse-debug-fault", "nan@2")])
+    cancelled = generate(main_channel, [start(PROMPT, 8), CANCEL])
+    assert assert_well_formed(halted).status == fse_pb2.STATUS_HALTED
+    assert assert_well_formed(cancelled).status == fse_pb2.STATUS_CANCELLED
+    for outcome in (halted, cancelled):
+        assert outcome.verdict.completion == fse_pb2.COMPLETION_UNSPECIFIED

@@ -31,6 +31,7 @@ TOKEN_KEYS = {
 VERDICT_KEYS = {
     "type",
     "status",
+    "completion",
     "guard",
     "value",
     "threshold",
@@ -43,6 +44,7 @@ VERDICT_KEYS = {
 SHA256 = re.compile(r"[0-9a-f]{64}")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 EXIT_CODES = {"completed": 0, "halted": 3, "cancelled": 4, "error": 1}
+COMPLETIONS = ("end_of_generation", "stop_sequence", "max_tokens")
 UNTRUNCATED = ("--top-k", "0", "--top-p", "1", "--min-p", "0")
 GREEDY = ("--temperature", "0")
 FRANCE = "The capital of France is"
@@ -90,6 +92,9 @@ def generate_json(prompt: str, *args: str) -> JsonRun:
     if verdict["status"] == "completed":
         for key in ("guard", "value", "threshold", "token_index"):
             assert verdict[key] is None, verdict
+        assert verdict["completion"] in COMPLETIONS, verdict
+    else:
+        assert verdict["completion"] is None, verdict
     if verdict["status"] == "halted":
         # The token that tripped the guard is withheld: everything before it is released.
         assert verdict["token_index"] == verdict["tokens"], verdict

@@ -139,6 +139,11 @@ def assert_well_formed(outcome: Outcome, max_tokens: int | None = None) -> fse_p
     else:
         assert verdict.guard == ""
         assert not verdict.HasField("token_index")
+    # Why it ended: set for a completed stream, unspecified for every other status.
+    if verdict.status == fse_pb2.STATUS_COMPLETED:
+        assert verdict.completion != fse_pb2.COMPLETION_UNSPECIFIED
+    else:
+        assert verdict.completion == fse_pb2.COMPLETION_UNSPECIFIED
     if max_tokens is not None:
         assert verdict.tokens <= max_tokens
     return verdict

@@ -45,10 +45,11 @@ std::string read_file(const char* flag, const std::string& path) {
 }  // namespace
 
 const char* const kUsage =
-    "usage: guarded-generate --addr unix:PATH|HOST:PORT [--tls-ca FILE] [--token-file FILE]\n"
-    "         [--json] [--policy NAME] [--max-tokens N] [--temperature T] [--top-k K] [--top-p P]\n"
-    "         [--min-p M] [--seed S] [--stop TEXT]... [--timeout SECONDS] [--cancel-after N] PROMPT\n"
-    "       guarded-generate --addr ADDR [--tls-ca FILE] [--token-file FILE] --info\n"
+    "usage: guarded-generate --addr unix:PATH|HOST:PORT [--tls-ca FILE [--tls-cert FILE --tls-key FILE]]\n"
+    "         [--token-file FILE] [--json] [--policy NAME] [--max-tokens N] [--temperature T]\n"
+    "         [--top-k K] [--top-p P] [--min-p M] [--seed S] [--stop TEXT]... [--timeout SECONDS]\n"
+    "         [--cancel-after N] PROMPT\n"
+    "       guarded-generate --addr ADDR [--tls-ca FILE [--tls-cert FILE --tls-key FILE]] [--token-file FILE] --info\n"
     "Exit codes: 0 completed, 3 halted, 4 cancelled, 1 error, 2 bad usage or INVALID_ARGUMENT.\n";
 
 Options parse_args(int argc, char** argv) {
@@ -64,6 +65,7 @@ Options parse_args(int argc, char** argv) {
       {"top-p", required_argument, nullptr, 'P'},  {"min-p", required_argument, nullptr, 'M'},
       {"seed", required_argument, nullptr, 'S'},   {"stop", required_argument, nullptr, 's'},
       {"timeout", required_argument, nullptr, 't'}, {"cancel-after", required_argument, nullptr, 'C'},
+      {"tls-cert", required_argument, nullptr, 'e'}, {"tls-key", required_argument, nullptr, 'k'},
       {nullptr, 0, nullptr, 0}};
   optind = 0;  // glibc: start afresh (the tests parse more than once)
   for (int c = 0; (c = getopt_long(argc, argv, "h", kLong, nullptr)) != -1;) {
@@ -71,6 +73,8 @@ Options parse_args(int argc, char** argv) {
     switch (c) {
       case 'a': o.addr = v; break;
       case 'c': o.tls_ca_file = v; break;
+      case 'e': o.tls_cert_file = v; break;
+      case 'k': o.tls_key_file = v; break;
       case 'f': o.token_file = v; break;
       case 'j': o.json = true; break;
       case 'i': o.info = true; break;
@@ -99,12 +103,28 @@ Options parse_args(int argc, char** argv) {
   if (argc - optind > 1) throw UsageError("PROMPT: one expected, the last argument (quote it)");
   if (optind < argc) o.request.prompt = argv[optind];
   if (!o.info && o.request.prompt.empty()) throw UsageError("PROMPT: must not be empty");
+  if (!o.tls_cert_file.empty() && o.tls_key_file.empty()) throw UsageError("option '--tls-key' is required with '--tls-cert'");
+  if (!o.tls_key_file.empty() && o.tls_cert_file.empty()) throw UsageError("option '--tls-cert' is required with '--tls-key'");
+  if (!o.tls_cert_file.empty() && o.tls_ca_file.empty()) {
+    throw UsageError("option '--tls-ca' is required with '--tls-cert' and '--tls-key' (mutual TLS is TLS)");
+  }
   return o;
 }
 
 fse::ConnectOptions load_credentials(const Options& options) {
   fse::ConnectOptions c;
   if (!options.tls_ca_file.empty()) c.tls_ca_pem = read_file("tls-ca", options.tls_ca_file);
+  if (!options.tls_cert_file.empty() && !options.tls_key_file.empty()) {
+    c.tls_cert_pem = read_file("tls-cert", options.tls_cert_file);
+    c.tls_key_pem = read_file("tls-key", options.tls_key_file);
+    // gRPC would only fail the handshake, naming no file.
+    if (c.tls_cert_pem.find("-----BEGIN CERTIFICATE-----") == std::string::npos) {
+      throw UsageError("option '--tls-cert': " + options.tls_cert_file + ": no PEM certificate");
+    }
+    if (c.tls_key_pem.find("PRIVATE KEY-----") == std::string::npos) {
+      throw UsageError("option '--tls-key': " + options.tls_key_file + ": no PEM private key");
+    }
+  }
   if (!options.token_file.empty()) {
     const std::string content = read_file("token-file", options.token_file);
     const std::string line = content.substr(0, content.find('\n'));

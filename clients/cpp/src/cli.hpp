@@ -1,6 +1,6 @@
 // guarded-generate's pure parts: arguments (getopt_long), coloured text, exit codes (the
 // JSON lines and the verdict line are the library's, fse/format.hpp). No I/O beyond reading
-// the --token-file / --tls-ca files, so all of it is unit-tested.
+// the --token-file / --tls-ca / --tls-cert / --tls-key files, so all of it is unit-tested.
 #pragma once
 
 #include <cstdint>
@@ -26,6 +26,8 @@ class UsageError : public std::runtime_error {
 struct Options {
   std::string addr;
   std::string tls_ca_file;
+  std::string tls_cert_file;  // mutual TLS: the client certificate, with tls_key_file
+  std::string tls_key_file;
   std::string token_file;
   bool json = false;
   bool info = false;  // GetInfo instead of a generation
@@ -37,7 +39,7 @@ struct Options {
 // Parses argv with getopt_long (which may permute argv); throws UsageError.
 Options parse_args(int argc, char** argv);
 extern const char* const kUsage;
-// Reads --tls-ca and --token-file into connect options; throws UsageError.
+// Reads --tls-ca, --tls-cert, --tls-key and --token-file into connect options; throws UsageError.
 fse::ConnectOptions load_credentials(const Options& options);
 
 // The token's text, wrapped in the ANSI colour of its health when `colour` is set.

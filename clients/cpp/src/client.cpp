@@ -58,6 +58,16 @@ std::string_view to_string(Status status) noexcept {
   return "error";
 }
 
+std::string_view to_string(Completion completion) noexcept {
+  switch (completion) {
+    case Completion::EndOfGeneration: return "end_of_generation";
+    case Completion::StopSequence: return "stop_sequence";
+    case Completion::MaxTokens: return "max_tokens";
+    case Completion::Unspecified: return "";
+  }
+  return "";
+}
+
 std::string_view to_string(Health health) noexcept {
   switch (health) {
     case Health::Green: return "green";
@@ -99,6 +109,15 @@ wire::GenerateClientMessage to_wire(const Request& request) {
     start.set_timeout_ms(wire_ms);
   }
   return message;
+}
+
+Completion from_wire(wire::Completion completion) {
+  switch (completion) {
+    case wire::COMPLETION_END_OF_GENERATION: return Completion::EndOfGeneration;
+    case wire::COMPLETION_STOP_SEQUENCE: return Completion::StopSequence;
+    case wire::COMPLETION_MAX_TOKENS: return Completion::MaxTokens;
+    default: return Completion::Unspecified;
+  }
 }
 
 Health from_wire(wire::Health health) {
@@ -157,6 +176,7 @@ Verdict from_wire(const wire::Verdict& v) {
   verdict.policy = v.policy();
   verdict.policy_sha256 = v.policy_sha256();
   verdict.message = v.message();
+  verdict.completion = from_wire(v.completion());
   return verdict;
 }
 
@@ -200,12 +220,18 @@ struct Client::Impl {
 Client::Client(std::shared_ptr<const Impl> impl) : impl_(std::move(impl)) {}
 
 Client Client::connect(const std::string& address, ConnectOptions options) {
+  if (options.tls_cert_pem.empty() != options.tls_key_pem.empty()) {
+    throw std::invalid_argument(options.tls_key_pem.empty() ? "tls_key_pem: required with tls_cert_pem"
+                                                            : "tls_cert_pem: required with tls_key_pem");
+  }
   std::shared_ptr<grpc::ChannelCredentials> credentials;
-  if (options.tls_ca_pem.empty()) {
+  if (options.tls_ca_pem.empty() && options.tls_cert_pem.empty()) {
     credentials = grpc::InsecureChannelCredentials();
   } else {
     grpc::SslCredentialsOptions ssl;
     ssl.pem_root_certs = std::move(options.tls_ca_pem);
+    ssl.pem_cert_chain = std::move(options.tls_cert_pem);
+    ssl.pem_private_key = std::move(options.tls_key_pem);
     credentials = grpc::SslCredentials(ssl);
   }
   grpc::ChannelArguments args;

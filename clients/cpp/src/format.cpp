@@ -60,7 +60,9 @@ std::string to_json(const Token& t) {
 }
 
 std::string to_json(const Verdict& v) {
+  const std::string_view completion = to_string(v.completion);
   std::string out = "{\"type\":\"verdict\",\"status\":" + json_string(to_string(v.status)) +
+                    ",\"completion\":" + (completion.empty() ? std::string("null") : json_string(completion)) +
                     ",\"guard\":" + (v.guard.empty() ? std::string("null") : json_string(v.guard)) +
                     ",\"value\":" + optional_number(v.value) + ",\"threshold\":" + optional_number(v.threshold) +
                     ",\"token_index\":" + (v.token_index ? std::to_string(*v.token_index) : "null") +
@@ -102,6 +104,9 @@ std::string to_json(const Info& info) {
 
 std::string to_string(const Verdict& v) {
   std::string what(to_string(v.status));
+  if (v.status == Status::Completed && v.completion != Completion::Unspecified) {
+    what += " at " + std::string(to_string(v.completion));
+  }
   if (v.status == Status::Halted) {
     what = "halted by " + v.guard + ": value " + g6(v.value) + ", threshold " + g6(v.threshold) + ", at token " +
            (v.token_index ? std::to_string(*v.token_index) : "n/a");

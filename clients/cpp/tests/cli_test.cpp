@@ -8,6 +8,7 @@
 #include <cstring>
 #include <fstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "cli.hpp"
@@ -102,6 +103,9 @@ TEST(ParseArgs, BadUsageNamesTheFlag) {
            {{"--addr", "a:1"}, "PROMPT"},
            {{"--addr", "a:1", ""}, "PROMPT"},
            {{"--addr", "a:1", "p", "q"}, "PROMPT"},
+           {{"--addr", "a:1", "--tls-ca", "ca", "--tls-cert", "c", "p"}, "'--tls-key' is required"},
+           {{"--addr", "a:1", "--tls-ca", "ca", "--tls-key", "k", "p"}, "'--tls-cert' is required"},
+           {{"--addr", "a:1", "--tls-cert", "c", "--tls-key", "k", "p"}, "'--tls-ca' is required"},
        }) {
     EXPECT_NE(usage_error(args).find(flag), std::string::npos) << usage_error(args);
   }
@@ -159,6 +163,34 @@ TEST(LoadCredentials, UnreadableOrEmptyFilesAreUsageErrors) {
   o.token_file.clear();
   o.tls_ca_file = "/nonexistent/ca.pem";
   EXPECT_THROW(cli::load_credentials(o), cli::UsageError);
+}
+
+TEST(LoadCredentials, ClientCertificateAndKey) {
+  const TempFile ca("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n");
+  const TempFile cert("-----BEGIN CERTIFICATE-----\nMIIC\n-----END CERTIFICATE-----\n");
+  const TempFile key("-----BEGIN PRIVATE KEY-----\nMIIG\n-----END PRIVATE KEY-----\n");
+  cli::Options o = parse({"--addr", "a:1", "--tls-ca", ca.path(), "--tls-cert", cert.path(), "--tls-key=" + key.path(), "p"});
+  EXPECT_EQ(o.tls_cert_file, cert.path());
+  const fse::ConnectOptions c = cli::load_credentials(o);
+  EXPECT_NE(c.tls_cert_pem.find("MIIC"), std::string::npos);
+  EXPECT_NE(c.tls_key_pem.find("MIIG"), std::string::npos);
+  // Unreadable, or not what the flag wants: a usage error naming the flag.
+  const std::pair<std::pair<std::string, std::string>, std::string> cases[] = {
+      {{"/nonexistent/c.pem", key.path()}, "option '--tls-cert': /nonexistent/c.pem: "},
+      {{cert.path(), "/nonexistent/k.pem"}, "option '--tls-key': /nonexistent/k.pem: "},
+      {{key.path(), key.path()}, "option '--tls-cert': " + key.path() + ": no PEM certificate"},
+      {{cert.path(), cert.path()}, "option '--tls-key': " + cert.path() + ": no PEM private key"},
+  };
+  for (const auto& [files, want] : cases) {
+    o.tls_cert_file = files.first;
+    o.tls_key_file = files.second;
+    try {
+      cli::load_credentials(o);
+      ADD_FAILURE() << "no error for " << want;
+    } catch (const cli::UsageError& e) {
+      EXPECT_EQ(std::string(e.what()).rfind(want, 0), 0U) << e.what();
+    }
+  }
 }
 
 // ---- text -----------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 #include <gtest/gtest.h>
 
 #include <chrono>
+#include <stdexcept>
 
 #include "fse/client.hpp"
 
@@ -21,6 +22,15 @@ TEST(Client, UnreachableDaemonIsUnavailableAtOnce) {
     EXPECT_NE(e.message().find("No such file"), std::string::npos) << e.message();
   }
   EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(5));
+}
+
+TEST(Client, AClientCertificateNeedsItsKey) {
+  fse::ConnectOptions cert_only;
+  cert_only.tls_cert_pem = "-----BEGIN CERTIFICATE-----";
+  EXPECT_THROW(fse::Client::connect("localhost:1", cert_only), std::invalid_argument);
+  fse::ConnectOptions key_only;
+  key_only.tls_key_pem = "-----BEGIN PRIVATE KEY-----";
+  EXPECT_THROW(fse::Client::connect("localhost:1", key_only), std::invalid_argument);
 }
 
 TEST(Stream, ErrorsSurfaceFromNextNeverAsAVerdict) {

@@ -1,6 +1,8 @@
 // The library's JSON lines and verdict line (fse/format.hpp), against the contract's examples.
 #include <gtest/gtest.h>
 
+#include <utility>
+
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -87,7 +89,7 @@ fse::Verdict halted() {
 
 TEST(VerdictJson, HaltedAndCompleted) {
   EXPECT_EQ(fse::to_json(halted()),
-            R"({"type":"verdict","status":"halted","guard":"l2_norm","value":2574.2,"threshold":10,)"
+            R"({"type":"verdict","status":"halted","completion":null,"guard":"l2_norm","value":2574.2,"threshold":10,)"
             R"("token_index":0,"tokens":0,"text":"","policy":"test","policy_sha256":"0123456789abcdef0123"})");
   fse::Verdict v;
   v.status = fse::Status::Error;
@@ -96,9 +98,25 @@ TEST(VerdictJson, HaltedAndCompleted) {
   v.policy = "default";
   v.message = "boom";
   EXPECT_EQ(fse::to_json(v),
-            R"({"type":"verdict","status":"error","guard":null,"value":null,"threshold":null,)"
+            R"({"type":"verdict","status":"error","completion":null,"guard":null,"value":null,"threshold":null,)"
             R"("token_index":null,"tokens":3,"text":"a\"b","policy":"default","policy_sha256":"",)"
             R"("message":"boom"})");
+  const std::pair<fse::Completion, std::string> reasons[] = {{fse::Completion::EndOfGeneration, "end_of_generation"},
+                                                             {fse::Completion::StopSequence, "stop_sequence"},
+                                                             {fse::Completion::MaxTokens, "max_tokens"}};
+  for (const auto& [completion, name] : reasons) {
+    fse::Verdict done;
+    done.status = fse::Status::Completed;
+    done.completion = completion;
+    done.tokens = 2;
+    done.text = "ab";
+    done.policy = "default";
+    EXPECT_EQ(fse::to_json(done), R"({"type":"verdict","status":"completed","completion":")" + name +
+                                      R"(","guard":null,"value":null,"threshold":null,"token_index":null,)"
+                                      R"("tokens":2,"text":"ab","policy":"default","policy_sha256":""})");
+    EXPECT_EQ(fse::to_string(completion), name);
+  }
+  EXPECT_EQ(fse::to_string(fse::Completion::Unspecified), "");
 }
 
 TEST(VerdictLine, TextModeSummary) {
@@ -111,6 +129,10 @@ TEST(VerdictLine, TextModeSummary) {
   v.policy = "default";
   v.policy_sha256 = "0123456789abcdef";
   EXPECT_EQ(fse::to_string(v), "[completed] 12 tokens released \u00b7 policy default (0123456789ab)");
+  v.completion = fse::Completion::MaxTokens;
+  EXPECT_EQ(fse::to_string(v), "[completed at max_tokens] 12 tokens released \u00b7 policy default (0123456789ab)");
+  v.completion = fse::Completion::StopSequence;
+  EXPECT_EQ(fse::to_string(v), "[completed at stop_sequence] 12 tokens released \u00b7 policy default (0123456789ab)");
   v.status = fse::Status::Error;
   v.message = "MESSAGE";
   v.tokens = 3;

@@ -44,6 +44,7 @@ type Client struct {
 
 type config struct {
 	tls      *tls.Config
+	certs    []tls.Certificate // client certificates, for mutual TLS
 	token    string
 	dialOpts []grpc.DialOption
 }
@@ -84,6 +85,28 @@ func WithTLSConfig(cfg *tls.Config) Option {
 	}
 }
 
+// WithClientCertificate presents cert (with its private key) to the server: mutual TLS,
+// for a daemon with tls.client_ca. It turns on TLS too; without [WithRootCAs],
+// [WithCAFile] or [WithTLSConfig] the server is checked against the system's roots.
+func WithClientCertificate(cert tls.Certificate) Option {
+	return func(c *config) error {
+		c.certs = append(c.certs, cert)
+		return nil
+	}
+}
+
+// WithClientCertFiles is [WithClientCertificate] with a PEM certificate (chain) file
+// and the PEM file of its private key.
+func WithClientCertFiles(certFile, keyFile string) Option {
+	return func(c *config) error {
+		cert, err := tls.LoadX509KeyPair(certFile, keyFile)
+		if err != nil {
+			return err
+		}
+		return WithClientCertificate(cert)(c)
+	}
+}
+
 // WithToken sends "authorization: Bearer TOKEN" metadata on every call.
 func WithToken(token string) Option {
 	return func(c *config) error {
@@ -110,11 +133,15 @@ func NewClient(addr string, opts ...Option) (*Client, error) {
 		}
 	}
 	creds := insecure.NewCredentials()
+	if cfg.tls == nil && len(cfg.certs) > 0 {
+		cfg.tls = &tls.Config{MinVersion: tls.VersionTLS12}
+	}
 	if cfg.tls != nil {
 		tc := cfg.tls.Clone()
 		if tc.ServerName == "" {
 			tc.ServerName = serverName(addr)
 		}
+		tc.Certificates = append(tc.Certificates, cfg.certs...)
 		creds = credentials.NewTLS(tc)
 	}
 	dialOpts := []grpc.DialOption{grpc.WithTransportCredentials(creds)}

@@ -51,7 +51,8 @@ func TestGenerateTokensThenVerdict(t *testing.T) {
 		}
 	}
 	v, err := s.Verdict()
-	if err != nil || v.Status != fse.StatusCompleted || v.Tokens != 3 || v.Text != text {
+	if err != nil || v.Status != fse.StatusCompleted || v.Tokens != 3 || v.Text != text ||
+		v.Completion != fse.CompletionMaxTokens {
 		t.Fatalf("Verdict() = %+v, %v; text %q", v, err, text)
 	}
 
@@ -146,6 +147,33 @@ func TestUnknownStatusIsNeverCompleted(t *testing.T) {
 	}
 	if v, err := s.Verdict(); err != nil || v.Status != fse.StatusError {
 		t.Fatalf("Verdict() = %+v, %v", v, err)
+	}
+}
+
+// Every reason a completed stream gives arrives; an unknown one is unspecified.
+func TestCompletionFromTheWire(t *testing.T) {
+	for wire, want := range map[pb.Completion]fse.Completion{
+		pb.Completion_COMPLETION_END_OF_GENERATION: fse.CompletionEndOfGeneration,
+		pb.Completion_COMPLETION_STOP_SEQUENCE:     fse.CompletionStopSequence,
+		pb.Completion_COMPLETION_MAX_TOKENS:        fse.CompletionMaxTokens,
+		pb.Completion_COMPLETION_UNSPECIFIED:       fse.CompletionUnspecified,
+		pb.Completion(99):                          fse.CompletionUnspecified,
+	} {
+		c, _ := dial(t, func(_ context.Context, _ *pb.GenerateRequest, _ <-chan struct{},
+			send func(*pb.GenerateServerMessage) error) error {
+			_ = send(fakeguard.Started(0))
+			return send(fakeguard.Verdict(&pb.Verdict{Status: pb.Status_STATUS_COMPLETED, Completion: wire}))
+		})
+		s, err := c.Generate(context.Background(), fse.Request{Prompt: "hi", MaxTokens: 1})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if v, err := s.Verdict(); err != nil || v.Status != fse.StatusCompleted || v.Completion != want {
+			t.Errorf("%v: Verdict() = %+v, %v", wire, v, err)
+		}
+	}
+	if fse.CompletionStopSequence.String() != "stop_sequence" || fse.Completion(42).String() != "unspecified" {
+		t.Error("Completion names")
 	}
 }
 
@@ -324,5 +352,42 @@ func TestTLSChecksTheHostOfTheAddress(t *testing.T) {
 	}
 	if _, err := fse.NewClient("127.0.0.1:"+port, fse.WithCAFile(filepath.Join(t.TempDir(), "none"))); err == nil {
 		t.Error("a missing CA file is an error")
+	}
+}
+
+func TestMutualTLSPresentsTheClientCertificate(t *testing.T) {
+	cfg, caPEM, certPEM, keyPEM := fakeguard.MutualCertificates(t)
+	port := fakeguard.ServeTLS(t, &fakeguard.Server{Script: fakeguard.Tokens(1)}, cfg)
+	dir := t.TempDir()
+	ca, cert, key := filepath.Join(dir, "ca.pem"), filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem")
+	for path, data := range map[string][]byte{ca: caPEM, cert: certPEM, key: keyPEM} {
+		if err := os.WriteFile(path, data, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	c, err := fse.NewClient("localhost:"+port, fse.WithClientCertFiles(cert, key), fse.WithCAFile(ca))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = c.Close() }()
+	s, err := c.Generate(context.Background(), fse.Request{Prompt: "hi", MaxTokens: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v, err := s.Verdict(); err != nil || v.Status != fse.StatusCompleted {
+		t.Fatalf("Verdict() = %+v, %v", v, err)
+	}
+
+	// Without a certificate the handshake fails: Unavailable, not a hang.
+	anonymous, err := fse.NewClient("localhost:"+port, fse.WithCAFile(ca))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = anonymous.Close() }()
+	if _, err := anonymous.Info(context.Background()); !errors.Is(err, fse.ErrUnavailable) {
+		t.Errorf("without a client certificate: %v", err)
+	}
+	if _, err := fse.NewClient("localhost:"+port, fse.WithClientCertFiles(cert, ca)); err == nil {
+		t.Error("a key file without the certificate's key is an error")
 	}
 }

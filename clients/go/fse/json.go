@@ -73,13 +73,18 @@ func (t Token) MarshalJSON() ([]byte, error) {
 		number(t.MaxProb), number(t.L2Norm), health, warnings})
 }
 
-// MarshalJSON writes the verdict line: type, status, guard (null when empty), value,
-// threshold, token_index (each null when unset), tokens, text, policy, policy_sha256,
-// and message only when it is not empty.
+// MarshalJSON writes the verdict line: type, status, completion (null when unspecified),
+// guard (null when empty), value, threshold, token_index (each null when unset), tokens,
+// text, policy, policy_sha256, and message only when it is not empty.
 func (v Verdict) MarshalJSON() ([]byte, error) {
+	var completion *string
+	if v.Completion != CompletionUnspecified {
+		completion = new(v.Completion.String())
+	}
 	return json.Marshal(struct {
 		Type         string  `json:"type"`
 		Status       string  `json:"status"`
+		Completion   *string `json:"completion"`
 		Guard        *string `json:"guard"`
 		Value        *number `json:"value"`
 		Threshold    *number `json:"threshold"`
@@ -89,16 +94,19 @@ func (v Verdict) MarshalJSON() ([]byte, error) {
 		Policy       string  `json:"policy"`
 		PolicySHA256 string  `json:"policy_sha256"`
 		Message      string  `json:"message,omitempty"`
-	}{"verdict", v.Status.String(), orNull(v.Guard), optional(v.Value), optional(v.Threshold),
+	}{"verdict", v.Status.String(), completion, orNull(v.Guard), optional(v.Value), optional(v.Threshold),
 		v.TokenIndex, v.Tokens, v.Text, v.Policy, v.PolicySHA256, v.Message})
 }
 
-// String is the verdict as one line for people, e.g. "[completed] 12 tokens released ·
-// policy default (0123456789ab)" or "[halted by l2_norm: value 2574.2, threshold 10, at
-// token 0] 0 tokens released · policy test (0123456789ab)": value and threshold as C's
-// %.6g, "n/a" when unset; the policy's hash cut to 12 characters.
+// String is the verdict as one line for people, e.g. "[completed at max_tokens] 12 tokens
+// released · policy default (0123456789ab)" or "[halted by l2_norm: value 2574.2,
+// threshold 10, at token 0] 0 tokens released · policy test (0123456789ab)": value and
+// threshold as C's %.6g, "n/a" when unset; the policy's hash cut to 12 characters.
 func (v Verdict) String() string {
 	what := v.Status.String()
+	if v.Status == StatusCompleted && v.Completion != CompletionUnspecified {
+		what += " at " + v.Completion.String()
+	}
 	if v.Status == StatusHalted {
 		at := "n/a"
 		if v.TokenIndex != nil {

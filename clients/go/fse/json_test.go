@@ -96,14 +96,24 @@ func TestVerdictJSON(t *testing.T) {
 		Status: StatusHalted, Guard: "l2_norm", Value: &value, Threshold: &threshold,
 		TokenIndex: &at, Policy: "test", PolicySHA256: "abc",
 	}
-	want := `{"type":"verdict","status":"halted","guard":"l2_norm","value":2574.2,"threshold":10,"token_index":0,"tokens":0,"text":"","policy":"test","policy_sha256":"abc"}` + "\n"
+	want := `{"type":"verdict","status":"halted","completion":null,"guard":"l2_norm","value":2574.2,"threshold":10,"token_index":0,"tokens":0,"text":"","policy":"test","policy_sha256":"abc"}` + "\n"
 	if got := render(t, halted); got != want {
 		t.Errorf("got  %s want %s", got, want)
 	}
 	errored := Verdict{Status: StatusError, Tokens: 3, Text: "abc", Message: "boom"}
-	want = `{"type":"verdict","status":"error","guard":null,"value":null,"threshold":null,"token_index":null,"tokens":3,"text":"abc","policy":"","policy_sha256":"","message":"boom"}` + "\n"
+	want = `{"type":"verdict","status":"error","completion":null,"guard":null,"value":null,"threshold":null,"token_index":null,"tokens":3,"text":"abc","policy":"","policy_sha256":"","message":"boom"}` + "\n"
 	if got := render(t, errored); got != want {
 		t.Errorf("got  %s want %s", got, want)
+	}
+	for c, name := range map[Completion]string{
+		CompletionEndOfGeneration: "end_of_generation", CompletionStopSequence: "stop_sequence",
+		CompletionMaxTokens: "max_tokens",
+	} {
+		completed := Verdict{Status: StatusCompleted, Completion: c, Tokens: 2, Text: "ab", Policy: "default", PolicySHA256: "abc"}
+		want = `{"type":"verdict","status":"completed","completion":"` + name + `","guard":null,"value":null,"threshold":null,"token_index":null,"tokens":2,"text":"ab","policy":"default","policy_sha256":"abc"}` + "\n"
+		if got := render(t, completed); got != want {
+			t.Errorf("got  %s want %s", got, want)
+		}
 	}
 }
 
@@ -116,6 +126,10 @@ func TestVerdictLine(t *testing.T) {
 	}{
 		{Verdict{Status: StatusCompleted, Tokens: 12, Policy: "default", PolicySHA256: sha},
 			"[completed] 12 tokens released · policy default (0123456789ab)"},
+		{Verdict{Status: StatusCompleted, Completion: CompletionMaxTokens, Tokens: 12, Policy: "default", PolicySHA256: sha},
+			"[completed at max_tokens] 12 tokens released · policy default (0123456789ab)"},
+		{Verdict{Status: StatusCompleted, Completion: CompletionStopSequence, Tokens: 1, Policy: "default", PolicySHA256: sha},
+			"[completed at stop_sequence] 1 tokens released · policy default (0123456789ab)"},
 		{Verdict{Status: StatusHalted, Guard: "l2_norm", Value: &value, Threshold: &threshold,
 			TokenIndex: &at, Policy: "test", PolicySHA256: sha},
 			"[halted by l2_norm: value 2574.2, threshold 10, at token 0] 0 tokens released · policy test (0123456789ab)"},

@@ -129,9 +129,36 @@ func (s Status) String() string {
 	return "error"
 }
 
+// Completion is why a completed stream ended.
+type Completion int
+
+// The reasons of a completed [Verdict]; CompletionUnspecified for any other status, from
+// a daemon that predates the field, and for a reason this package does not know.
+const (
+	CompletionUnspecified     Completion = iota
+	CompletionEndOfGeneration            // the model ended its output
+	CompletionStopSequence               // a stop sequence of the request was generated
+	CompletionMaxTokens                  // max_tokens were generated
+)
+
+// String returns "end_of_generation", "stop_sequence", "max_tokens", or "unspecified".
+func (c Completion) String() string {
+	switch c {
+	case CompletionEndOfGeneration:
+		return "end_of_generation"
+	case CompletionStopSequence:
+		return "stop_sequence"
+	case CompletionMaxTokens:
+		return "max_tokens"
+	}
+	return "unspecified"
+}
+
 // Verdict is the last message of every stream that the daemon finished.
 type Verdict struct {
 	Status Status
+	// Completion says why a StatusCompleted stream ended; CompletionUnspecified otherwise.
+	Completion Completion
 	// Guard names the guard that halted the stream (perplexity, logit_variance,
 	// max_prob, l2_norm, non_finite, loop, internal, deadline, shutdown); empty
 	// unless Status is StatusHalted.

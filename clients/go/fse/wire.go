@@ -109,9 +109,23 @@ func statusFromWire(s pb.Status) Status {
 	return StatusError
 }
 
+// completionFromWire: an unknown reason is unspecified.
+func completionFromWire(c pb.Completion) Completion {
+	switch c {
+	case pb.Completion_COMPLETION_END_OF_GENERATION:
+		return CompletionEndOfGeneration
+	case pb.Completion_COMPLETION_STOP_SEQUENCE:
+		return CompletionStopSequence
+	case pb.Completion_COMPLETION_MAX_TOKENS:
+		return CompletionMaxTokens
+	}
+	return CompletionUnspecified
+}
+
 func verdictFromWire(v *pb.Verdict) Verdict {
 	return Verdict{
 		Status:       statusFromWire(v.GetStatus()),
+		Completion:   completionFromWire(v.GetCompletion()),
 		Guard:        v.GetGuard(),
 		Value:        v.Value,
 		Threshold:    v.Threshold,

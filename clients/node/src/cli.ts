@@ -5,7 +5,7 @@
  * its error (or ours for a value, in its style), naming the flag, exit 2.
  */
 
-import { X509Certificate } from "node:crypto";
+import { createPrivateKey, X509Certificate } from "node:crypto";
 import { readFileSync } from "node:fs";
 import { parseArgs } from "node:util";
 
@@ -43,6 +43,8 @@ export class UsageError extends Error {}
 const OPTIONS = {
   addr: { type: "string" }, // unix:/abs/path or HOST:PORT; required
   "tls-ca": { type: "string" }, // TLS, checking the server against this PEM CA
+  "tls-cert": { type: "string" }, // mutual TLS: the PEM client certificate (with --tls-key)
+  "tls-key": { type: "string" }, // mutual TLS: its PEM private key (with --tls-cert)
   "token-file": { type: "string" }, // bearer token: the file's first line
   json: { type: "boolean" }, // JSON lines on stdout
   info: { type: "boolean" }, // the daemon's model, policies and limits as one JSON line
@@ -59,16 +61,19 @@ const OPTIONS = {
   help: { type: "boolean", short: "h" },
 } as const;
 
-export const USAGE = `usage: guarded-generate --addr unix:PATH|HOST:PORT [--tls-ca FILE] [--token-file FILE]
-         [--json] [--policy NAME] [--max-tokens N] [--temperature T] [--top-k K] [--top-p P]
-         [--min-p M] [--seed S] [--stop TEXT]... [--timeout SECONDS] [--cancel-after N] PROMPT
-       guarded-generate --addr unix:PATH|HOST:PORT [--tls-ca FILE] [--token-file FILE] --info
+export const USAGE = `usage: guarded-generate --addr unix:PATH|HOST:PORT [--tls-ca FILE [--tls-cert FILE --tls-key FILE]]
+         [--token-file FILE] [--json] [--policy NAME] [--max-tokens N] [--temperature T] [--top-k K]
+         [--top-p P] [--min-p M] [--seed S] [--stop TEXT]... [--timeout SECONDS] [--cancel-after N] PROMPT
+       guarded-generate --addr unix:PATH|HOST:PORT [--tls-ca FILE [--tls-cert FILE --tls-key FILE]]
+         [--token-file FILE] --info
 Exit codes: 0 completed, 3 halted, 4 cancelled, 1 error, 2 bad usage or INVALID_ARGUMENT.
 `;
 
 export interface Args {
   readonly addr: string;
   readonly tlsCa: string | undefined;
+  readonly tlsCert: string | undefined;
+  readonly tlsKey: string | undefined;
   readonly tokenFile: string | undefined;
   readonly json: boolean;
   readonly info: boolean;
@@ -96,6 +101,12 @@ export function readArgs(argv: readonly string[]): Args {
   if (v.help !== true && (v.addr ?? "") === "") throw new UsageError("Option '--addr' is required");
   if (positionals.length > 1) throw new UsageError(`PROMPT: one expected (quote it), got ${String(positionals.length)}`);
   if (v.help !== true && !info && prompt === "") throw new UsageError("PROMPT: must not be empty");
+  const [cert, key] = [v["tls-cert"], v["tls-key"]];
+  if (cert !== undefined && key === undefined) throw new UsageError("Option '--tls-key' is required with '--tls-cert'");
+  if (key !== undefined && cert === undefined) throw new UsageError("Option '--tls-cert' is required with '--tls-key'");
+  if (cert !== undefined && v["tls-ca"] === undefined) {
+    throw new UsageError("Option '--tls-ca' is required with '--tls-cert' and '--tls-key' (mutual TLS is TLS)");
+  }
   const seconds = num("timeout");
   if (seconds !== undefined && !(seconds > 0 && seconds * 1000 <= 0xffffffff)) {
     throw new UsageError(`Option '--timeout' takes seconds > 0, got '${v.timeout ?? ""}'`);
@@ -103,6 +114,8 @@ export function readArgs(argv: readonly string[]): Args {
   return {
     addr: v.addr ?? "",
     tlsCa: v["tls-ca"],
+    tlsCert: cert,
+    tlsKey: key,
     tokenFile: v["token-file"],
     json: v.json ?? false,
     info,
@@ -144,7 +157,23 @@ function open(args: Args): Guard {
       throw new UsageError(`Option '--tls-ca': ${args.tlsCa} holds no PEM certificate`);
     }
   }
-  return connect(args.addr, { tlsCa, token });
+  let tlsCert: Buffer | undefined;
+  let tlsKey: Buffer | undefined;
+  if (args.tlsCert !== undefined && args.tlsKey !== undefined) {
+    tlsCert = readFlagFile("tls-cert", args.tlsCert);
+    tlsKey = readFlagFile("tls-key", args.tlsKey);
+    try {
+      new X509Certificate(tlsCert);
+    } catch {
+      throw new UsageError(`Option '--tls-cert': ${args.tlsCert} holds no PEM certificate`);
+    }
+    try {
+      createPrivateKey(tlsKey);
+    } catch {
+      throw new UsageError(`Option '--tls-key': ${args.tlsKey} holds no PEM private key`);
+    }
+  }
+  return connect(args.addr, { tlsCa, tlsCert, tlsKey, token });
 }
 
 async function generate(guard: Guard, args: Args): Promise<number> {

@@ -39,6 +39,7 @@ export function verdictJson(v: Verdict): Record<string, unknown> {
   const doc: Record<string, unknown> = {
     type: "verdict",
     status: v.status,
+    completion: v.completion ?? null,
     guard: v.guard ?? null,
     value: v.value ?? null,
     threshold: v.threshold ?? null,
@@ -95,9 +96,10 @@ export function formatG(x: number): string {
   return `${strip(mantissa)}e${exponent < 0 ? "-" : "+"}${String(Math.abs(exponent)).padStart(2, "0")}`;
 }
 
-/** The verdict as one line for people, e.g. `[completed] 12 tokens released · policy default (0123456789ab)`. */
+/** The verdict as one line for people, e.g. `[completed at max_tokens] 12 tokens released · policy default (0123456789ab)`. */
 export function verdictLine(v: Verdict): string {
   let what: string = v.status;
+  if (v.status === "completed" && v.completion !== undefined) what = `completed at ${v.completion}`;
   if (v.status === "halted") {
     const g = (x: number | undefined): string => (x === undefined ? "n/a" : formatG(x));
     const at = v.tokenIndex === undefined ? "n/a" : String(v.tokenIndex);

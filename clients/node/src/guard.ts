@@ -24,6 +24,8 @@ export type Health = "green" | "yellow" | "red";
 
 /** How a generation ended. An unknown or unspecified status on the wire is `error`. */
 export type VerdictStatus = "completed" | "halted" | "cancelled" | "error";
+/** Why a `completed` stream ended. */
+export type Completion = "end_of_generation" | "stop_sequence" | "max_tokens";
 
 export interface ChatMessage {
   readonly role: string;
@@ -117,6 +119,8 @@ export interface TokenEvent {
 export interface Verdict {
   readonly type: "verdict";
   readonly status: VerdictStatus;
+  /** Why a `completed` stream ended; unset for any other status (and from an older daemon). */
+  readonly completion: Completion | undefined;
   /** The guard that halted the stream (perplexity, l2_norm, deadline, ...); unset unless halted. */
   readonly guard: string | undefined;
   /** The guard's measured value and the policy threshold it crossed. */
@@ -185,6 +189,12 @@ function isServiceError(err: unknown): err is grpc.ServiceError {
 export interface ConnectOptions {
   /** PEM root CA: the connection uses TLS and checks the server against it. Plain TCP without. */
   readonly tlsCa?: Uint8Array;
+  /**
+   * A PEM client certificate and its PEM private key (both or neither), presented for
+   * mutual TLS; they turn TLS on too (without `tlsCa`, against Node's default roots).
+   */
+  readonly tlsCert?: Uint8Array;
+  readonly tlsKey?: Uint8Array;
   /** A bearer token, sent as `authorization: Bearer TOKEN` metadata on every call. */
   readonly token?: string;
 }
@@ -206,10 +216,15 @@ export class Guard {
   constructor(addr: string, options: ConnectOptions = {}) {
     this.addr = addr;
     this.#token = options.token;
+    const { tlsCa, tlsCert, tlsKey } = options;
+    if ((tlsCert === undefined) !== (tlsKey === undefined)) {
+      throw new TypeError(tlsKey === undefined ? "tlsKey: required with tlsCert" : "tlsCert: required with tlsKey");
+    }
+    const pem = (bytes: Uint8Array | undefined): Buffer | null => (bytes === undefined ? null : Buffer.from(bytes));
     const credentials =
-      options.tlsCa === undefined
+      tlsCa === undefined && tlsCert === undefined
         ? grpc.credentials.createInsecure()
-        : grpc.credentials.createSsl(Buffer.from(options.tlsCa));
+        : grpc.credentials.createSsl(pem(tlsCa), pem(tlsKey), pem(tlsCert));
     this.#client = new wire.GuardClient(addr, credentials);
   }
 
@@ -405,6 +420,12 @@ const STATUS: ReadonlyMap<wire.Status, VerdictStatus> = new Map([
   [wire.Status.STATUS_ERROR, "error"],
 ]);
 
+const COMPLETION: ReadonlyMap<wire.Completion, Completion> = new Map([
+  [wire.Completion.COMPLETION_END_OF_GENERATION, "end_of_generation"],
+  [wire.Completion.COMPLETION_STOP_SEQUENCE, "stop_sequence"],
+  [wire.Completion.COMPLETION_MAX_TOKENS, "max_tokens"],
+]);
+
 export function startedFromWire(s: wire.Started): StartedEvent {
   return {
     type: "started",
@@ -440,6 +461,7 @@ export function verdictFromWire(v: wire.Verdict): Verdict {
     type: "verdict",
     // Fail closed: a status this client does not know is never taken for `completed`.
     status: STATUS.get(v.status) ?? "error",
+    completion: COMPLETION.get(v.completion),
     guard: v.guard === "" ? undefined : v.guard,
     value: v.value,
     threshold: v.threshold,

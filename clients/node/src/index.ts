@@ -6,6 +6,7 @@ export {
   GuardError,
   statusName,
   type ChatMessage,
+  type Completion,
   type ConnectOptions,
   type Device,
   type GenerateEvent,

@@ -32,6 +32,12 @@ describe("readArgs", () => {
     });
     assert.equal(a.cancelAfter, undefined);
     assert.equal(a.json || a.info || a.help, false);
+    assert.deepEqual([a.tlsCert, a.tlsKey], [undefined, undefined]);
+  });
+
+  it("reads a client certificate and its key for mutual TLS", () => {
+    const a = readArgs(["--addr", "a:1", "--tls-ca", "ca.pem", "--tls-cert", "c.pem", "--tls-key=k.pem", "p"]);
+    assert.deepEqual([a.tlsCa, a.tlsCert, a.tlsKey], ["ca.pem", "c.pem", "k.pem"]);
   });
 
   it("reads every flag, with = or a separate value", () => {
@@ -86,6 +92,9 @@ describe("readArgs", () => {
       [["--addr", "unix:/s", "--timeout", "-1", "p"], "--timeout"],
       [["--addr", "unix:/s", "--timeout", "1e10", "p"], "--timeout"],
       [["--addr", "unix:/s", "--cancel-after", "0", "p"], "--cancel-after"],
+      [["--addr", "a:1", "--tls-ca", "ca", "--tls-cert", "c", "p"], "'--tls-key' is required"],
+      [["--addr", "a:1", "--tls-ca", "ca", "--tls-key", "k", "p"], "'--tls-cert' is required"],
+      [["--addr", "a:1", "--tls-cert", "c", "--tls-key", "k", "p"], "'--tls-ca' is required"],
     ];
     for (const [argv, name] of cases) assert.ok(usage(...argv).includes(name), `${argv.join(" ")}: ${usage(...argv)}`);
   });

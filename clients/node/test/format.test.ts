@@ -23,6 +23,7 @@ const token: TokenEvent = {
 const halted: Verdict = {
   type: "verdict",
   status: "halted",
+  completion: undefined,
   guard: "l2_norm",
   value: 2574.2,
   threshold: 10,
@@ -55,7 +56,7 @@ describe("JSON lines", () => {
   it("prints a verdict, nulls for unset fields, message only when set", () => {
     assert.equal(
       toJson(verdictJson(halted)),
-      '{"type":"verdict","status":"halted","guard":"l2_norm","value":2574.2,"threshold":10,' +
+      '{"type":"verdict","status":"halted","completion":null,"guard":"l2_norm","value":2574.2,"threshold":10,' +
         '"token_index":0,"tokens":0,"text":"","policy":"test","policy_sha256":"0123456789abcdef"}',
     );
     const error = JSON.parse(
@@ -66,6 +67,19 @@ describe("JSON lines", () => {
     assert.equal(error.threshold, null);
     assert.equal(error.token_index, null);
     assert.equal(error.message, "boom");
+    assert.equal(error.completion, null);
+  });
+
+  it("prints why a completed stream ended, right after its status", () => {
+    for (const completion of ["end_of_generation", "stop_sequence", "max_tokens"] as const) {
+      const done: Verdict = { ...halted, status: "completed", completion, guard: undefined, value: undefined, threshold: undefined, tokenIndex: undefined, tokens: 2, text: "ab" };
+      assert.equal(
+        toJson(verdictJson(done)),
+        `{"type":"verdict","status":"completed","completion":"${completion}","guard":null,"value":null,"threshold":null,` +
+          '"token_index":null,"tokens":2,"text":"ab","policy":"test","policy_sha256":"0123456789abcdef"}',
+      );
+      assert.equal(verdictLine(done), `[completed at ${completion}] 2 tokens released · policy test (0123456789ab)`);
+    }
   });
 
   it("prints doubles that parse back to the same double, non-finite ones as null", () => {

@@ -15,7 +15,7 @@ type Script = (call: grpc.ServerDuplexStream<wire.GenerateClientMessage, wire.Ge
 
 const VERDICT: wire.Verdict = {
   status: wire.Status.STATUS_COMPLETED, guard: "", tokens: 1, text: "hi", policy: "default",
-  policySha256: "ab".repeat(32), message: "",
+  policySha256: "ab".repeat(32), message: "", completion: wire.Completion.COMPLETION_MAX_TOKENS,
 };
 
 function token(index: number): wire.GenerateServerMessage {
@@ -198,6 +198,21 @@ describe("wire mapping", () => {
     assert.equal(verdictFromWire(unknown).status, "error");
     assert.equal(verdictFromWire({ ...VERDICT, status: wire.Status.STATUS_HALTED, guard: "loop" }).guard, "loop");
     assert.equal(verdictFromWire(VERDICT).guard, undefined);
+  });
+
+  it("says why a completed stream ended; unspecified or unknown is unset", () => {
+    const cases: [wire.Completion, string | undefined][] = [
+      [wire.Completion.COMPLETION_END_OF_GENERATION, "end_of_generation"],
+      [wire.Completion.COMPLETION_STOP_SEQUENCE, "stop_sequence"],
+      [wire.Completion.COMPLETION_MAX_TOKENS, "max_tokens"],
+      [wire.Completion.COMPLETION_UNSPECIFIED, undefined],
+    ];
+    for (const [completion, want] of cases) assert.equal(verdictFromWire({ ...VERDICT, completion }).completion, want);
+    // A reason from a newer daemon (field 11, varint 42): decode() keeps the raw number.
+    const unknown = wire.Verdict.decode(Buffer.from([0x08, 1, 0x58, 42]));
+    assert.equal(unknown.completion, 42);
+    assert.equal(verdictFromWire(unknown).completion, undefined);
+    assert.equal(verdictFromWire(unknown).status, "completed");
   });
 
   it("sends all four sampling values and the seed only when given", () => {

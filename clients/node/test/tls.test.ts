@@ -60,7 +60,7 @@ describe("TLS and bearer tokens", () => {
         call.once("data", () => {
           const verdict: wire.Verdict = {
             status: wire.Status.STATUS_COMPLETED, guard: "", tokens: 0, text: "", policy: "default",
-            policySha256: "ef".repeat(32), message: "",
+            policySha256: "ef".repeat(32), message: "", completion: wire.Completion.COMPLETION_MAX_TOKENS,
           };
           call.write({ kind: { $case: "verdict", value: verdict } });
           call.end();
@@ -141,5 +141,91 @@ describe("TLS and bearer tokens", () => {
     const t = await run(["--addr", `localhost:${String(port)}`, "--token-file", join(dir, "missing"), "hello"]);
     assert.equal(t.code, 2);
     assert.match(t.stderr, /^guarded-generate: Option '--token-file': /);
+  });
+});
+
+describe("mutual TLS", () => {
+  const server = new grpc.Server();
+  const dir = mkdtempSync(join(tmpdir(), "fse-node-mtls-"));
+  const ca = readFileSync(join(FIXTURES, "ca.pem"));
+  const cert = readFileSync(join(FIXTURES, "client.pem"));
+  const key = readFileSync(join(FIXTURES, "client.key"));
+  let port = 0;
+
+  before(async () => {
+    server.addService(wire.GuardService, {
+      getInfo: (_call: grpc.ServerUnaryCall<wire.GetInfoRequest, wire.Info>, callback: grpc.sendUnaryData<wire.Info>) => {
+        callback(null, INFO);
+      },
+      generate: () => undefined,
+    });
+    // The server wants a client certificate signed by the client CA.
+    const credentials = grpc.ServerCredentials.createSsl(
+      readFileSync(join(FIXTURES, "client-ca.pem")),
+      [{ private_key: readFileSync(join(FIXTURES, "server.key")), cert_chain: readFileSync(join(FIXTURES, "server.pem")) }],
+      true,
+    );
+    port = await new Promise<number>((resolve, reject) => {
+      server.bindAsync("127.0.0.1:0", credentials, (err, bound) => {
+        if (err) reject(err);
+        else resolve(bound);
+      });
+    });
+  });
+
+  after(() => {
+    server.forceShutdown();
+    rmSync(dir, { recursive: true, force: true });
+  });
+
+  it("presents the client certificate and its key", async () => {
+    const guard = connect(`localhost:${String(port)}`, { tlsCa: ca, tlsCert: cert, tlsKey: key });
+    try {
+      assert.equal((await guard.info()).version, "9.9.9");
+    } finally {
+      guard.close();
+    }
+  });
+
+  it("without one, the handshake fails UNAVAILABLE", async () => {
+    const guard = connect(`localhost:${String(port)}`, { tlsCa: ca });
+    try {
+      await assert.rejects(guard.info(), (err: unknown) => err instanceof GuardError && err.code === grpc.status.UNAVAILABLE);
+    } finally {
+      guard.close();
+    }
+  });
+
+  it("wants both the certificate and the key", () => {
+    assert.throws(() => connect("localhost:1", { tlsCa: ca, tlsCert: cert }), /tlsKey: required with tlsCert/);
+    assert.throws(() => connect("localhost:1", { tlsCa: ca, tlsKey: key }), /tlsCert: required with tlsKey/);
+  });
+
+  it("guarded-generate --tls-cert --tls-key succeeds; without them, one error line and exit 1", async () => {
+    const addr = ["--addr", `localhost:${String(port)}`, "--tls-ca", join(FIXTURES, "ca.pem")];
+    const mine = ["--tls-cert", join(FIXTURES, "client.pem"), "--tls-key", join(FIXTURES, "client.key")];
+    const ok = await run([...addr, ...mine, "--info"]);
+    assert.equal(ok.stderr, "");
+    assert.equal(ok.code, 0);
+    const refused = await run([...addr, "--info"]);
+    assert.equal(refused.code, 1);
+    assert.equal(refused.stdout, "");
+    assert.match(refused.stderr, /^guarded-generate: error: UNAVAILABLE: [^\n]*\n$/);
+  });
+
+  it("guarded-generate names an unreadable or wrong certificate or key file, exit 2", async () => {
+    const addr = ["--addr", `localhost:${String(port)}`, "--tls-ca", join(FIXTURES, "ca.pem")];
+    const cases: [string[], RegExp][] = [
+      [["--tls-cert", join(dir, "missing.pem"), "--tls-key", join(FIXTURES, "client.key")], /^guarded-generate: Option '--tls-cert': .*missing\.pem/],
+      [["--tls-cert", join(FIXTURES, "client.pem"), "--tls-key", join(dir, "missing.key")], /^guarded-generate: Option '--tls-key': .*missing\.key/],
+      [["--tls-cert", join(FIXTURES, "client.key"), "--tls-key", join(FIXTURES, "client.key")], /^guarded-generate: Option '--tls-cert': .* holds no PEM certificate\n$/],
+      [["--tls-cert", join(FIXTURES, "client.pem"), "--tls-key", join(FIXTURES, "client.pem")], /^guarded-generate: Option '--tls-key': .* holds no PEM private key\n$/],
+      [["--tls-cert", join(FIXTURES, "client.pem")], /^guarded-generate: Option '--tls-key' is required with '--tls-cert'\n$/],
+    ];
+    for (const [args, want] of cases) {
+      const r = await run([...addr, ...args, "--info"]);
+      assert.equal(r.code, 2, r.stderr);
+      assert.match(r.stderr, want);
+    }
   });
 });

@@ -8,6 +8,7 @@ from fse_client.aio import AsyncClient, AsyncGeneration
 from fse_client.client import Client, Generation
 from fse_client.errors import FseError
 from fse_client.types import (
+    Completion,
     Device,
     GuardTrip,
     Health,
@@ -26,6 +27,7 @@ __all__ = [
     "AsyncClient",
     "AsyncGeneration",
     "Client",
+    "Completion",
     "Device",
     "FseError",
     "Generation",

@@ -81,11 +81,15 @@ class AsyncClient:
         addr: str,
         *,
         tls_ca: bytes | str | Path | None = None,
+        tls_cert: bytes | str | Path | None = None,
+        tls_key: bytes | str | Path | None = None,
         token: str | None = None,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         self.addr = check_address(addr)
-        self._channel = open_channel(addr, tls_ca, options, aio=True)
+        self._channel = open_channel(
+            addr, tls_ca, options, aio=True, tls_cert=tls_cert, tls_key=tls_key
+        )
         self._stub = fse_pb2_grpc.GuardStub(self._channel)
         self._metadata = call_metadata(token)
 

@@ -25,22 +25,37 @@ def check_address(addr: str) -> str:
     raise ValueError(f"address {addr!r} is invalid; accepted: {ADDRESS_FORMS}")
 
 
-def read_ca(tls_ca: bytes | str | Path | None) -> bytes | None:
+def read_pem(pem: bytes | str | Path | None) -> bytes | None:
     """PEM bytes, or a path to a PEM file."""
-    if tls_ca is None or isinstance(tls_ca, bytes):
-        return tls_ca
-    return Path(tls_ca).read_bytes()
+    if pem is None or isinstance(pem, bytes):
+        return pem
+    return Path(pem).read_bytes()
 
 
 def open_channel(
-    addr: str, tls_ca: bytes | str | Path | None, options: Sequence[tuple[str, Any]], aio: bool
+    addr: str,
+    tls_ca: bytes | str | Path | None,
+    options: Sequence[tuple[str, Any]],
+    aio: bool,
+    tls_cert: bytes | str | Path | None = None,
+    tls_key: bytes | str | Path | None = None,
 ) -> Any:
-    """A channel to the daemon (TLS when a CA is given), sync or asyncio."""
+    """A channel to the daemon, sync or asyncio: TLS when a CA is given (without one, a
+    client certificate still makes it TLS, the server checked against gRPC's default
+    roots), presenting the client certificate `tls_cert` with its key `tls_key` (both or
+    neither; ValueError otherwise) for mutual TLS."""
+    if tls_cert is not None and tls_key is None:
+        raise ValueError("tls_key: required with tls_cert (the client certificate's key)")
+    if tls_key is not None and tls_cert is None:
+        raise ValueError("tls_cert: required with tls_key (the client certificate)")
     api = grpc.aio if aio else grpc
-    target, ca = check_address(addr), read_ca(tls_ca)
-    if ca is None:
+    target, ca = check_address(addr), read_pem(tls_ca)
+    cert, key = read_pem(tls_cert), read_pem(tls_key)
+    if ca is None and cert is None:
         return api.insecure_channel(target, options=options)
-    creds = grpc.ssl_channel_credentials(root_certificates=ca)
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=ca, private_key=key, certificate_chain=cert
+    )
     return api.secure_channel(target, creds, options=options)
 
 

@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Guarded generation from a libfse daemon.")
     p.add_argument("--addr", required=True, help="unix:PATH or HOST:PORT")
     p.add_argument("--tls-ca", metavar="FILE", help="TLS, checking the server against this CA")
+    p.add_argument("--tls-cert", metavar="FILE", help="mutual TLS: the client certificate (PEM)")
+    p.add_argument("--tls-key", metavar="FILE", help="mutual TLS: its private key (PEM)")
     p.add_argument("--token-file", metavar="FILE", help="bearer token (first line of FILE)")
     p.add_argument("--json", action="store_true", help="JSON lines on stdout")
     p.add_argument("--info", action="store_true", help="print the daemon's Info as JSON")
@@ -73,6 +75,12 @@ def _check(args: argparse.Namespace) -> None:
         _usage(f"--cancel-after: {args.cancel_after} is invalid; accepted: >= 1")
     if args.seed is not None and not 0 <= args.seed < 2**32:
         _usage(f"--seed: {args.seed} is invalid; accepted: 0 .. 2^32-1")
+    if args.tls_cert is not None and args.tls_key is None:
+        _usage("--tls-key: required with --tls-cert")
+    if args.tls_key is not None and args.tls_cert is None:
+        _usage("--tls-cert: required with --tls-key")
+    if args.tls_cert is not None and args.tls_ca is None:
+        _usage("--tls-ca: required with --tls-cert and --tls-key (mutual TLS is TLS)")
 
 
 def _read(flag: str, path: str | None) -> bytes | None:
@@ -103,6 +111,7 @@ def token_json(e: TokenEvent) -> dict[str, Any]:
 def verdict_json(v: Verdict) -> dict[str, Any]:
     return jsonlines.verdict_json(
         status=v.status.value,
+        completion=None if v.completion is None else v.completion.value,
         guard=v.guard,
         value=v.value,
         threshold=v.threshold,
@@ -122,6 +131,8 @@ def verdict_line(v: Verdict) -> str:
         threshold = "n/a" if v.threshold is None else f"{v.threshold:.6g}"
         index = "n/a" if v.token_index is None else v.token_index
         what = f"halted by {v.guard}: value {value}, threshold {threshold}, at token {index}"
+    elif v.status == Status.COMPLETED and v.completion is not None:
+        what = f"completed at {v.completion.value}"
     else:
         what = v.status.value
     detail = f": {v.message}" if v.message else ""
@@ -140,6 +151,8 @@ def _emit(out: IO[str], doc: dict[str, Any]) -> None:
 def run(args: argparse.Namespace) -> int:
     token = _read("--token-file", args.token_file)
     ca = _read("--tls-ca", args.tls_ca)
+    cert = _read("--tls-cert", args.tls_cert)
+    key = _read("--tls-key", args.tls_key)
     secret = None
     if token is not None:
         lines = token.decode("utf-8", "replace").strip().splitlines()
@@ -147,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
             _usage(f"--token-file: {args.token_file}: empty; accepted: the token on the first line")
         secret = lines[0].strip()
     try:
-        client = Client(args.addr, tls_ca=ca, token=secret)
+        client = Client(args.addr, tls_ca=ca, tls_cert=cert, tls_key=key, token=secret)
     except ValueError as exc:
         _usage(f"--addr: {exc}")
     colour = not args.json and sys.stdout.isatty() and "NO_COLOR" not in os.environ

@@ -113,18 +113,24 @@ class Generation:
 
 class Client:
     """A channel to one daemon. `addr` is unix:PATH or HOST:PORT; `tls_ca` (PEM bytes or a
-    path) makes it TLS; `token` is sent as `authorization: Bearer TOKEN` on every call."""
+    path) makes it TLS; `tls_cert` and `tls_key` (PEM bytes or paths, both or neither)
+    present a client certificate for mutual TLS; `token` is sent as `authorization: Bearer
+    TOKEN` on every call."""
 
     def __init__(
         self,
         addr: str,
         *,
         tls_ca: bytes | str | Path | None = None,
+        tls_cert: bytes | str | Path | None = None,
+        tls_key: bytes | str | Path | None = None,
         token: str | None = None,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         self.addr = check_address(addr)
-        self._channel = open_channel(addr, tls_ca, options, aio=False)
+        self._channel = open_channel(
+            addr, tls_ca, options, aio=False, tls_cert=tls_cert, tls_key=tls_key
+        )
         self._stub = fse_pb2_grpc.GuardStub(self._channel)
         self._metadata = call_metadata(token)
 

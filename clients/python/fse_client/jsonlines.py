@@ -63,11 +63,14 @@ def verdict_json(
     policy: str,
     policy_sha256: str,
     message: str = "",
+    completion: str | None = None,
 ) -> dict[str, Any]:
-    """The verdict line, the last of a stream."""
+    """The verdict line, the last of a stream. `completion`: why a completed stream ended
+    (end_of_generation, stop_sequence, max_tokens), None (null) for any other status."""
     doc: dict[str, Any] = {
         "type": "verdict",
         "status": status,
+        "completion": completion,
         "guard": guard,
         "value": number(value),
         "threshold": number(threshold),

@@ -15,6 +15,14 @@ class Status(StrEnum):
     ERROR = "error"  # internal failure on the daemon
 
 
+class Completion(StrEnum):
+    """Why a completed stream ended."""
+
+    END_OF_GENERATION = "end_of_generation"  # the model ended its output
+    STOP_SEQUENCE = "stop_sequence"  # a stop sequence of the request was generated
+    MAX_TOKENS = "max_tokens"  # max_tokens were generated
+
+
 class Health(StrEnum):
     """Windowed perplexity against the policy's bands."""
 
@@ -74,7 +82,8 @@ class TokenEvent:
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
-    """The one verdict that ends every stream. guard..token_index are set for halts."""
+    """The one verdict that ends every stream. guard..token_index are set for halts,
+    completion for a completed stream (None for any other status)."""
 
     status: Status
     tokens: int  # tokens released
@@ -86,6 +95,7 @@ class Verdict:
     threshold: float | None = None
     token_index: int | None = None
     message: str = ""  # detail for ERROR
+    completion: Completion | None = None  # why it completed; None unless COMPLETED
 
 
 @dataclass(frozen=True, slots=True)

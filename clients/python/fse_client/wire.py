@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from fse_client.types import (
+    Completion,
     Device,
     GuardTrip,
     Health,
@@ -25,6 +26,11 @@ _STATUS = {
     fse_pb2.STATUS_HALTED: Status.HALTED,
     fse_pb2.STATUS_CANCELLED: Status.CANCELLED,
     fse_pb2.STATUS_ERROR: Status.ERROR,
+}
+_COMPLETION = {
+    fse_pb2.COMPLETION_END_OF_GENERATION: Completion.END_OF_GENERATION,
+    fse_pb2.COMPLETION_STOP_SEQUENCE: Completion.STOP_SEQUENCE,
+    fse_pb2.COMPLETION_MAX_TOKENS: Completion.MAX_TOKENS,
 }
 _HEALTH = {
     fse_pb2.HEALTH_GREEN: Health.GREEN,
@@ -110,6 +116,8 @@ def verdict_from_wire(v: fse_pb2.Verdict) -> Verdict:
         threshold=v.threshold if v.HasField("threshold") else None,
         token_index=v.token_index if v.HasField("token_index") else None,
         message=v.message,
+        # Unspecified (any status but completed, an older daemon) or unknown: None.
+        completion=_COMPLETION.get(v.completion),
     )
 
 

@@ -7,7 +7,7 @@ import math
 
 import grpc
 import pytest
-from fse_client import Device, FseError, Health, Sampling, Status
+from fse_client import Completion, Device, FseError, Health, Sampling, Status
 from fse_client import cli as example
 from fse_client.channel import check_address
 from fse_client.errors import error_from_rpc
@@ -33,6 +33,44 @@ def test_unset_optional_fields_stay_unset() -> None:
         fse_pb2.Verdict(status=fse_pb2.STATUS_HALTED, guard="l2_norm", value=0.0, token_index=0)
     )
     assert (halted.value, halted.token_index, halted.threshold) == (0.0, 0, None)
+
+
+@pytest.mark.parametrize(
+    ("wire", "completion"),
+    [
+        (fse_pb2.COMPLETION_END_OF_GENERATION, Completion.END_OF_GENERATION),
+        (fse_pb2.COMPLETION_STOP_SEQUENCE, Completion.STOP_SEQUENCE),
+        (fse_pb2.COMPLETION_MAX_TOKENS, Completion.MAX_TOKENS),
+    ],
+)
+def test_completion_says_why_a_completed_stream_ended(wire: int, completion: Completion) -> None:
+    v = verdict_from_wire(
+        fse_pb2.Verdict(
+            status=fse_pb2.STATUS_COMPLETED,
+            completion=wire,  # type: ignore[arg-type]
+            tokens=3,
+            policy="default",
+            policy_sha256="ab" * 32,
+        )
+    )
+    assert v.completion == completion
+    doc = json.loads(json.dumps(example.verdict_json(v)))
+    assert doc["completion"] == completion.value
+    assert list(doc)[:3] == ["type", "status", "completion"]
+    assert example.verdict_line(v) == (
+        f"[completed at {completion.value}] 3 tokens released · policy default (abababababab)"
+    )
+
+
+def test_unspecified_or_unknown_completion_is_null() -> None:
+    for status, completion in [(fse_pb2.STATUS_HALTED, 0), (fse_pb2.STATUS_COMPLETED, 0), (1, 99)]:
+        v = verdict_from_wire(fse_pb2.Verdict(status=status, completion=completion))  # type: ignore[arg-type]
+        assert v.completion is None
+        assert example.verdict_json(v)["completion"] is None
+    # A daemon from before the field: a completed verdict without a reason.
+    assert example.verdict_line(verdict_from_wire(fse_pb2.Verdict(status=1))).startswith(
+        "[completed] 0 tokens released"
+    )
 
 
 def test_start_message_sends_only_given_sampling_fields() -> None:
@@ -108,6 +146,23 @@ def test_unreachable_is_told_apart_from_a_refusal() -> None:
         (["--addr", "unix:/x", ""], "PROMPT: must not be empty"),
         (["--addr", "nowhere", "hi"], "--addr: address 'nowhere' is invalid"),
         (["--addr", "unix:/x", "--top-k", "many", "hi"], "--top-k: invalid int value"),
+        (["--addr", "a:1", "--tls-ca", "c", "--tls-cert", "c", "hi"], "--tls-key: required"),
+        (["--addr", "a:1", "--tls-ca", "c", "--tls-key", "k", "hi"], "--tls-cert: required"),
+        (["--addr", "a:1", "--tls-cert", "c", "--tls-key", "k", "hi"], "--tls-ca: required"),
+        (
+            [
+                "--addr",
+                "a:1",
+                "--tls-ca",
+                __file__,
+                "--tls-cert",
+                "/nonexistent/c.pem",
+                "--tls-key",
+                __file__,
+                "hi",
+            ],
+            "--tls-cert: /nonexistent/c.pem: cannot read",
+        ),
     ],
 )
 def test_bad_usage_is_one_line_and_exit_2(

@@ -13,7 +13,7 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 use tonic::metadata::{AsciiMetadataValue, MetadataMap};
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::error::{Error, error_chain, transport_detail};
 use crate::events::{Event, Verdict};
@@ -84,10 +84,12 @@ impl fmt::Display for Address {
     }
 }
 
-/// How to connect: TLS and a bearer token, both optional.
+/// How to connect: TLS (with a client certificate for mutual TLS) and a bearer
+/// token, all optional.
 #[derive(Debug, Clone)]
 pub struct ConnectOptions {
     tls_ca_pem: Option<Vec<u8>>,
+    tls_identity_pem: Option<(Vec<u8>, Vec<u8>)>,
     token: Option<String>,
     connect_timeout: Duration,
 }
@@ -96,6 +98,7 @@ impl Default for ConnectOptions {
     fn default() -> Self {
         Self {
             tls_ca_pem: None,
+            tls_identity_pem: None,
             token: None,
             connect_timeout: Duration::from_secs(10),
         }
@@ -112,6 +115,14 @@ impl ConnectOptions {
     /// this PEM CA for the host name (or IP address) of the address.
     pub fn tls_ca_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
         self.tls_ca_pem = Some(pem.into());
+        self
+    }
+
+    /// Present this PEM client certificate (chain) and its PEM private key to the
+    /// server: mutual TLS, for a daemon with `tls.client_ca`. Needs
+    /// [`tls_ca_pem`](Self::tls_ca_pem) too (this crate carries no system roots).
+    pub fn tls_identity_pem(mut self, cert: impl Into<Vec<u8>>, key: impl Into<Vec<u8>>) -> Self {
+        self.tls_identity_pem = Some((cert.into(), key.into()));
         self
     }
 
@@ -150,8 +161,8 @@ impl Client {
                 })
             })
             .transpose()?;
-        let endpoint =
-            endpoint(&address, options.tls_ca_pem)?.connect_timeout(options.connect_timeout);
+        let endpoint = endpoint(&address, options.tls_ca_pem, options.tls_identity_pem)?
+            .connect_timeout(options.connect_timeout);
         let channel = endpoint
             .connect()
             .await
@@ -209,11 +220,21 @@ impl Client {
 }
 
 /// The tonic endpoint for an address: native unix sockets (tonic's `unix:`
-/// URIs), plain HTTP/2 or TLS over TCP.
-fn endpoint(address: &Address, tls_ca_pem: Option<Vec<u8>>) -> Result<Endpoint, Error> {
+/// URIs), plain HTTP/2 or TLS over TCP, with a client identity for mutual TLS.
+fn endpoint(
+    address: &Address,
+    tls_ca_pem: Option<Vec<u8>>,
+    tls_identity_pem: Option<(Vec<u8>, Vec<u8>)>,
+) -> Result<Endpoint, Error> {
     let invalid = |err: tonic::transport::Error| {
         Error::new(Code::InvalidArgument, error_chain(&err, &err.to_string()))
     };
+    if tls_identity_pem.is_some() && tls_ca_pem.is_none() {
+        return Err(Error::new(
+            Code::InvalidArgument,
+            "tls: a client certificate needs the server's CA (tls_ca_pem)",
+        ));
+    }
     match (address, tls_ca_pem) {
         (Address::Unix(_), Some(_)) => Err(Error::new(
             Code::InvalidArgument,
@@ -224,9 +245,12 @@ fn endpoint(address: &Address, tls_ca_pem: Option<Vec<u8>>) -> Result<Endpoint, 
             Endpoint::from_shared(format!("http://{address}")).map_err(invalid)
         }
         (Address::Tcp { host, .. }, Some(pem)) => {
-            let tls = ClientTlsConfig::new()
+            let mut tls = ClientTlsConfig::new()
                 .ca_certificate(Certificate::from_pem(pem))
                 .domain_name(host.clone());
+            if let Some((cert, key)) = tls_identity_pem {
+                tls = tls.identity(Identity::from_pem(cert, key));
+            }
             Endpoint::from_shared(format!("https://{address}"))
                 .and_then(|e| e.tls_config(tls))
                 .map_err(invalid)
@@ -369,8 +393,17 @@ mod tests {
 
     #[test]
     fn tls_is_refused_for_unix_sockets() {
-        let err = endpoint(&Address::Unix("/x".into()), Some(b"pem".to_vec())).unwrap_err();
+        let err = endpoint(&Address::Unix("/x".into()), Some(b"pem".to_vec()), None).unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument);
+    }
+
+    #[test]
+    fn a_client_certificate_needs_the_servers_ca() {
+        let tcp = "127.0.0.1:1".parse::<Address>().unwrap();
+        let identity = Some((b"cert".to_vec(), b"key".to_vec()));
+        let err = endpoint(&tcp, None, identity).unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(err.message().contains("tls_ca_pem"), "{err}");
     }
 
     #[tokio::test]

@@ -136,11 +136,46 @@ impl Status {
     }
 }
 
+/// Why a [`Status::Completed`] stream ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Completion {
+    /// The model ended its output (an end-of-generation token).
+    EndOfGeneration,
+    /// A stop sequence of the request was generated.
+    StopSequence,
+    /// `max_tokens` were generated.
+    MaxTokens,
+}
+
+impl Completion {
+    /// `end_of_generation`, `stop_sequence` or `max_tokens`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Completion::EndOfGeneration => "end_of_generation",
+            Completion::StopSequence => "stop_sequence",
+            Completion::MaxTokens => "max_tokens",
+        }
+    }
+
+    /// `None` for `COMPLETION_UNSPECIFIED` and values this client does not know.
+    fn from_wire(value: i32) -> Option<Self> {
+        match pb::Completion::try_from(value).ok()? {
+            pb::Completion::EndOfGeneration => Some(Completion::EndOfGeneration),
+            pb::Completion::StopSequence => Some(Completion::StopSequence),
+            pb::Completion::MaxTokens => Some(Completion::MaxTokens),
+            pb::Completion::Unspecified => None,
+        }
+    }
+}
+
 /// The outcome of a generation: the last event of every stream.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Verdict {
     /// How it ended.
     pub status: Status,
+    /// Why a `Completed` stream ended; `None` for any other status (and from a
+    /// daemon that predates the field).
+    pub completion: Option<Completion>,
     /// The guard that halted it (`perplexity`, `l2_norm`, `deadline`, ...); `None`
     /// unless halted.
     pub guard: Option<String>,
@@ -166,6 +201,7 @@ impl From<pb::Verdict> for Verdict {
     fn from(v: pb::Verdict) -> Self {
         Self {
             status: Status::from_wire(v.status),
+            completion: Completion::from_wire(v.completion),
             guard: Some(v.guard).filter(|g| !g.is_empty()),
             value: v.value,
             threshold: v.threshold,
@@ -198,6 +234,25 @@ mod tests {
         assert_eq!(Health::from_wire(0), None);
         assert_eq!(Health::from_wire(7), None);
         assert_eq!(Health::from_wire(3), Some(Health::Red));
+    }
+
+    #[test]
+    fn completion_from_the_wire_and_unknown_is_none() {
+        assert_eq!(Completion::from_wire(0), None);
+        assert_eq!(Completion::from_wire(99), None);
+        assert_eq!(Completion::from_wire(1), Some(Completion::EndOfGeneration));
+        assert_eq!(Completion::from_wire(2), Some(Completion::StopSequence));
+        assert_eq!(Completion::from_wire(3), Some(Completion::MaxTokens));
+        let v = Verdict::from(pb::Verdict {
+            status: 1,
+            completion: pb::Completion::StopSequence.into(),
+            ..Default::default()
+        });
+        assert_eq!(
+            (v.status, v.completion),
+            (Status::Completed, Some(Completion::StopSequence))
+        );
+        assert_eq!(Verdict::from(pb::Verdict::default()).completion, None);
     }
 
     #[test]

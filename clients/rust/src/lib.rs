@@ -46,7 +46,7 @@ pub mod pb {
 
 pub use client::{Address, Canceller, Client, ConnectOptions, Generation};
 pub use error::{Error, code_name};
-pub use events::{Event, GuardTrip, Health, Started, Status, Token, Verdict};
+pub use events::{Completion, Event, GuardTrip, Health, Started, Status, Token, Verdict};
 pub use pb::{Device, Info, Limits, ModelInfo, PolicyInfo};
 #[cfg(feature = "json")]
 pub use render::info_json;

@@ -16,7 +16,7 @@ pub use json::info_json;
 mod json {
     use serde_json::{Value, json};
 
-    use crate::{Device, Health, Info, PolicyInfo, Token, Verdict};
+    use crate::{Completion, Device, Health, Info, PolicyInfo, Token, Verdict};
 
     fn num(x: f64) -> Value {
         serde_json::Number::from_f64(x).map_or(Value::Null, Value::Number)
@@ -48,12 +48,13 @@ mod json {
     }
 
     impl Verdict {
-        /// The verdict's JSON line: `type`, `status`, `guard`, `value`, `threshold`,
-        /// `token_index`, `tokens`, `text`, `policy`, `policy_sha256`, and `message`
-        /// only when there is one.
+        /// The verdict's JSON line: `type`, `status`, `completion`, `guard`, `value`,
+        /// `threshold`, `token_index`, `tokens`, `text`, `policy`, `policy_sha256`,
+        /// and `message` only when there is one.
         pub fn to_json(&self) -> Value {
             let mut doc = json!({
-                "type": "verdict", "status": self.status.as_str(), "guard": self.guard,
+                "type": "verdict", "status": self.status.as_str(),
+                "completion": self.completion.map(Completion::as_str), "guard": self.guard,
                 "value": opt_num(self.value), "threshold": opt_num(self.threshold),
                 "token_index": self.token_index, "tokens": self.tokens, "text": self.text,
                 "policy": self.policy, "policy_sha256": self.policy_sha256,
@@ -95,13 +96,16 @@ mod json {
     }
 }
 
-/// `[completed] 12 tokens released · policy default (0123456789ab)`, or for a
-/// halt `[halted by l2_norm: value 2574.2, threshold 10, at token 0] ...`: value
-/// and threshold as C's `%.6g`, `n/a` when unset.
+/// `[completed at max_tokens] 12 tokens released · policy default (0123456789ab)`,
+/// or for a halt `[halted by l2_norm: value 2574.2, threshold 10, at token 0] ...`:
+/// value and threshold as C's `%.6g`, `n/a` when unset.
 impl fmt::Display for Verdict {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let hash: String = self.policy_sha256.chars().take(12).collect();
         write!(f, "[{}", self.status.as_str())?;
+        if let (Status::Completed, Some(completion)) = (self.status, self.completion) {
+            write!(f, " at {}", completion.as_str())?;
+        }
         if self.status == Status::Halted {
             let g = |x: Option<f64>| x.map_or_else(|| "n/a".into(), format_g6);
             let at = self

@@ -3,7 +3,7 @@
 //! `make test` needs no daemon. Policy `FSE_TEST_HALT_POLICY` (if set) must halt
 //! at token 0, like a policy with `[guards.l2_norm] threshold = 10.0`.
 
-use fse_client::{Client, Code, ConnectOptions, Event, Request, Status};
+use fse_client::{Client, Code, Completion, ConnectOptions, Event, Request, Status};
 use tokio_stream::StreamExt;
 
 async fn client() -> Option<Client> {
@@ -32,6 +32,7 @@ async fn greedy_generation_completes_and_events_add_up() {
     }
     let (started, verdict) = (started.expect("Started first"), verdict.expect("a verdict"));
     assert_eq!(verdict.status, Status::Completed);
+    assert_eq!(verdict.completion, Some(Completion::MaxTokens));
     assert_eq!(verdict.tokens, 8);
     assert_eq!(verdict.text, text);
     assert_eq!(verdict.policy, started.policy);

@@ -53,6 +53,12 @@ def add_parser(commands: Any) -> None:
     )
     gen.add_argument("--tls-ca", type=Path, metavar="FILE", help="with --addr: TLS, this CA")
     gen.add_argument(
+        "--tls-cert", type=Path, metavar="FILE", help="with --tls-ca: mutual TLS, this certificate"
+    )
+    gen.add_argument(
+        "--tls-key", type=Path, metavar="FILE", help="with --tls-cert: its private key"
+    )
+    gen.add_argument(
         "--token-file", type=Path, metavar="FILE", help="with --addr: bearer token (first line)"
     )
     gen.set_defaults(func=cmd_generate)
@@ -66,6 +72,28 @@ def _read_first_line(flag: str, path: Path) -> str:
     if not lines or not lines[0].strip():
         raise InputError(f"{flag}: {path}: empty; accepted: the token on the first line")
     return lines[0].strip()
+
+
+def _tls_files(args: argparse.Namespace) -> tuple[bytes | None, bytes | None, bytes | None]:
+    """--tls-ca, and for mutual TLS --tls-cert with --tls-key (both or neither)."""
+    if args.tls_cert is not None and args.tls_key is None:
+        raise InputError("--tls-key: required with --tls-cert")
+    if args.tls_key is not None and args.tls_cert is None:
+        raise InputError("--tls-cert: required with --tls-key")
+    if args.tls_cert is not None and args.tls_ca is None:
+        raise InputError("--tls-ca: required with --tls-cert and --tls-key (mutual TLS is TLS)")
+    return (
+        _read_bytes("--tls-ca", args.tls_ca),
+        _read_bytes("--tls-cert", args.tls_cert),
+        _read_bytes("--tls-key", args.tls_key),
+    )
+
+
+def _read_bytes(flag: str, path: Path | None) -> bytes | None:
+    try:
+        return path.read_bytes() if path is not None else None
+    except OSError as exc:
+        raise InputError(f"{flag}: {path}: cannot read: {exc.strerror}") from None
 
 
 def local_events(args: argparse.Namespace, request: Any, cancel: threading.Event) -> Iterator[Any]:
@@ -113,12 +141,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from fse.tools.remote import ClientError, RemoteStream
 
         token = _read_first_line("--token-file", args.token_file) if args.token_file else None
+        ca, cert, key = _tls_files(args)
         try:
-            ca = args.tls_ca.read_bytes() if args.tls_ca else None
-        except OSError as exc:
-            raise InputError(f"--tls-ca: {args.tls_ca}: cannot read: {exc.strerror}") from None
-        try:
-            stream = RemoteStream(args.addr, request, args.debug_fault, tls_ca=ca, token=token)
+            stream = RemoteStream(
+                args.addr,
+                request,
+                args.debug_fault,
+                tls_ca=ca,
+                tls_cert=cert,
+                tls_key=key,
+                token=token,
+            )
         except ValueError as exc:
             raise InputError(f"--addr: {exc}") from None
         signal.signal(signal.SIGINT, lambda signum, frame: stream.cancel())

@@ -10,7 +10,7 @@ from typing import IO, Any
 
 from fse_client import jsonlines
 
-from fse.core.types import HALTED, TokenEvent, Verdict
+from fse.core.types import COMPLETED, HALTED, TokenEvent, Verdict
 
 COLOURS = {"green": "\x1b[32m", "yellow": "\x1b[33m", "red": "\x1b[31m"}
 RESET = "\x1b[0m"
@@ -35,6 +35,7 @@ def token_json(event: TokenEvent) -> dict[str, Any]:
 def verdict_json(verdict: Verdict) -> dict[str, Any]:
     return jsonlines.verdict_json(
         status=verdict.status,
+        completion=verdict.completion,
         guard=verdict.guard,
         value=verdict.value,
         threshold=verdict.threshold,
@@ -105,6 +106,8 @@ def verdict_line(verdict: Verdict) -> str:
             f"halted by {verdict.guard}: value {value}, threshold {threshold}, "
             f"at token {'n/a' if verdict.token_index is None else verdict.token_index}"
         )
+    elif verdict.status == COMPLETED and verdict.completion is not None:
+        what = f"completed at {verdict.completion}"
     else:
         what = verdict.status
     detail = f": {verdict.message}" if verdict.message else ""

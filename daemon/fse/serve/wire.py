@@ -19,8 +19,11 @@ from fse.core.policy import Policy, builtin_names
 from fse.core.types import (
     CANCELLED,
     COMPLETED,
+    END_OF_GENERATION,
     ERROR,
     HALTED,
+    MAX_TOKENS,
+    STOP_SEQUENCE,
     Request,
     Sampling,
     TokenEvent,
@@ -44,6 +47,11 @@ STATUS_TO_WIRE = {
     HALTED: fse_pb2.STATUS_HALTED,
     CANCELLED: fse_pb2.STATUS_CANCELLED,
     ERROR: fse_pb2.STATUS_ERROR,
+}
+COMPLETION_TO_WIRE = {
+    END_OF_GENERATION: fse_pb2.COMPLETION_END_OF_GENERATION,
+    STOP_SEQUENCE: fse_pb2.COMPLETION_STOP_SEQUENCE,
+    MAX_TOKENS: fse_pb2.COMPLETION_MAX_TOKENS,
 }
 HEALTH_TO_WIRE = {
     "green": fse_pb2.HEALTH_GREEN,
@@ -110,6 +118,8 @@ def verdict_to_wire(verdict: Verdict) -> fse_pb2.GenerateServerMessage:
         policy=verdict.policy,
         policy_sha256=verdict.policy_sha256,
         message=verdict.message,
+        # Unspecified for every status but completed (the domain leaves it None there).
+        completion=COMPLETION_TO_WIRE.get(verdict.completion or "", fse_pb2.COMPLETION_UNSPECIFIED),
     )
     if verdict.value is not None:
         wire.value = verdict.value

@@ -46,6 +46,7 @@ def _verdict(v: fse_client.Verdict) -> Verdict:
         threshold=v.threshold,
         token_index=v.token_index,
         message=v.message,
+        completion=None if v.completion is None else v.completion.value,
     )
 
 
@@ -62,10 +63,14 @@ class RemoteStream:
         debug_faults: Sequence[str] = (),
         *,
         tls_ca: bytes | None = None,
+        tls_cert: bytes | None = None,
+        tls_key: bytes | None = None,
         token: str | None = None,
     ) -> None:
         s = request.sampling
-        self._client = fse_client.Client(addr, tls_ca=tls_ca, token=token)
+        self._client = fse_client.Client(
+            addr, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, token=token
+        )
         self._generation = self._client.generate(
             request.prompt,
             messages=request.messages,

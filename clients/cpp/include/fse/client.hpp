@@ -79,6 +79,10 @@ struct Request {
 
 enum class Health { Unspecified, Green, Yellow, Red };
 
+// Why a Completed stream ended; Unspecified for any other status, from a daemon that predates
+// it, and for a value the client does not know.
+enum class Completion { Unspecified, EndOfGeneration, StopSequence, MaxTokens };
+
 // Completed / Halted / Cancelled / Error; anything the client does not know is Error, never
 // Completed (fail closed).
 enum class Status { Completed, Halted, Cancelled, Error };
@@ -86,6 +90,8 @@ enum class Status { Completed, Halted, Cancelled, Error };
 std::string_view to_string(Status status) noexcept;
 // "green", "yellow", "red"; "" for Unspecified.
 std::string_view to_string(Health health) noexcept;
+// "end_of_generation", "stop_sequence", "max_tokens"; "" for Unspecified.
+std::string_view to_string(Completion completion) noexcept;
 
 struct Started {
   std::string request_id;
@@ -128,6 +134,7 @@ struct Verdict {
   std::string policy;
   std::string policy_sha256;
   std::string message;
+  Completion completion = Completion::Unspecified;  // why it ended, when Completed
 };
 
 using Event = std::variant<Started, Token, Verdict>;
@@ -188,6 +195,12 @@ struct ConnectOptions {
   std::string tls_ca_pem;
   // Sent as `authorization: Bearer TOKEN` on every call; empty = none.
   std::string token;
+  // For mutual TLS (a daemon with tls.client_ca): the PEM client certificate (chain) and its
+  // PEM private key, both or neither (connect throws std::invalid_argument otherwise). They
+  // turn TLS on too; without tls_ca_pem the server is checked against gRPC's default roots.
+  // (Initialised, so that ConnectOptions{ca_pem, token} stays free of -Wextra's warning.)
+  std::string tls_cert_pem{};
+  std::string tls_key_pem{};
 };
 
 class Stream;
@@ -198,7 +211,8 @@ class Stream;
 class Client {
  public:
   // `address` is "unix:/abs/path" or "HOST:PORT". Connecting is lazy: nothing is dialled
-  // until the first call.
+  // until the first call. Throws std::invalid_argument for a client certificate without its
+  // key (or a key without its certificate).
   static Client connect(const std::string& address, ConnectOptions options = {});
 
   // The served model, the policies a request may name, and the limits. Throws Error.

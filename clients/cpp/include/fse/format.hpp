@@ -17,7 +17,7 @@ std::string to_json(const Token& token);
 std::string to_json(const Verdict& verdict);
 std::string to_json(const Info& info);
 
-// "[completed] 12 tokens released · policy default (0123456789ab)", or for a halt
+// "[completed at max_tokens] 12 tokens released · policy default (0123456789ab)", or for a halt
 // "[halted by l2_norm: value 2574.2, threshold 10, at token 0] ...": value and threshold as
 // C's %.6g, "n/a" when unset.
 std::string to_string(const Verdict& verdict);

@@ -5,8 +5,10 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
+	"encoding/pem"
 	"errors"
 	"flag"
 	"fmt"
@@ -31,6 +33,7 @@ var exitCodes = map[fse.Status]int{fse.StatusCompleted: 0, fse.StatusHalted: 3, 
 // llama.cpp's CLI defaults, as every client's guarded-generate has them) and the rest.
 type options struct {
 	addr, tlsCA, tokenFile string
+	tlsCert, tlsKey        string // a client certificate and its key, for mutual TLS
 	json, info             bool
 	cancelAfter            uint32 // 0 = never
 	req                    fse.Request
@@ -46,6 +49,8 @@ func parseArgs(args []string, stderr io.Writer) (*options, error) {
 	fs.SetOutput(stderr)
 	fs.StringVar(&o.addr, "addr", "", "unix:/abs/path or HOST:PORT (required)")
 	fs.StringVar(&o.tlsCA, "tls-ca", "", "use TLS, checking the server against the PEM CA in `FILE`")
+	fs.StringVar(&o.tlsCert, "tls-cert", "", "mutual TLS: present the PEM client certificate in `FILE` (with -tls-key)")
+	fs.StringVar(&o.tlsKey, "tls-key", "", "mutual TLS: the PEM private key of -tls-cert in `FILE`")
 	fs.StringVar(&o.tokenFile, "token-file", "", "send the first line of `FILE` as a bearer token")
 	fs.BoolVar(&o.json, "json", false, "JSON lines on stdout: one per token, then the verdict")
 	fs.BoolVar(&o.info, "info", false, "print the daemon's model, policies and limits as JSON")
@@ -84,6 +89,12 @@ func parseArgs(args []string, stderr io.Writer) (*options, error) {
 		return nil, err
 	case o.addr == "":
 		err = errors.New("flag -addr is required")
+	case o.tlsCert != "" && o.tlsKey == "":
+		err = errors.New("flag -tls-key is required with -tls-cert")
+	case o.tlsKey != "" && o.tlsCert == "":
+		err = errors.New("flag -tls-cert is required with -tls-key")
+	case o.tlsCert != "" && o.tlsCA == "":
+		err = errors.New("flag -tls-ca is required with -tls-cert and -tls-key (mutual TLS is TLS)")
 	case fs.NArg() > 1:
 		err = fmt.Errorf("PROMPT: %d arguments given, want one (quote it; flags go before it)", fs.NArg())
 	case !o.info && o.req.Prompt == "":
@@ -195,7 +206,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	if o.json {
 		err = lines.Encode(verdict)
 	} else if _, err = io.WriteString(stdout, "\n"); err == nil {
-		fmt.Fprintln(stderr, verdict) // its String: "[completed] 12 tokens released · ..."
+		fmt.Fprintln(stderr, verdict) // its String: "[completed at max_tokens] 12 tokens released · ..."
 	}
 	if code, ok := exitCodes[verdict.Status]; ok && err == nil {
 		return code
@@ -203,7 +214,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 	return exitError
 }
 
-// clientOptions reads the CA and the token file (its first line, trimmed).
+// clientOptions reads the CA, the client certificate and its key, and the token file
+// (its first line, trimmed).
 func (o *options) clientOptions() ([]fse.Option, error) {
 	var opts []fse.Option
 	if o.tlsCA != "" {
@@ -216,6 +228,24 @@ func (o *options) clientOptions() ([]fse.Option, error) {
 			return nil, fmt.Errorf("flag -tls-ca: %s: no PEM certificate", o.tlsCA)
 		}
 		opts = append(opts, fse.WithRootCAs(pool))
+	}
+	if o.tlsCert != "" {
+		certPEM, err := os.ReadFile(o.tlsCert)
+		if err != nil {
+			return nil, fmt.Errorf("flag -tls-cert: %w", err)
+		}
+		keyPEM, err := os.ReadFile(o.tlsKey)
+		if err != nil {
+			return nil, fmt.Errorf("flag -tls-key: %w", err)
+		}
+		if block, _ := pem.Decode(certPEM); block == nil || block.Type != "CERTIFICATE" {
+			return nil, fmt.Errorf("flag -tls-cert: %s: no PEM certificate", o.tlsCert)
+		}
+		cert, err := tls.X509KeyPair(certPEM, keyPEM)
+		if err != nil {
+			return nil, fmt.Errorf("flag -tls-key: %s: %w", o.tlsKey, err)
+		}
+		opts = append(opts, fse.WithClientCertificate(cert))
 	}
 	if o.tokenFile != "" {
 		data, err := os.ReadFile(o.tokenFile)

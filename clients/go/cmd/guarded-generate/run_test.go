@@ -48,7 +48,8 @@ func lines(t *testing.T, out string) []map[string]any {
 func TestRunJSON(t *testing.T) {
 	code, out, errOut, srv := runWith(t, fakeguard.Tokens(3), "--json", "--temperature", "0", "--seed", "5", "p")
 	docs := lines(t, out)
-	if code != 0 || errOut != "" || len(docs) != 4 || docs[3]["status"] != "completed" || docs[0]["type"] != "token" {
+	if code != 0 || errOut != "" || len(docs) != 4 || docs[3]["status"] != "completed" ||
+		docs[3]["completion"] != "max_tokens" || docs[0]["type"] != "token" {
 		t.Fatalf("exit %d, stderr %q, stdout %s", code, errOut, out)
 	}
 	start, _ := srv.Last()
@@ -63,7 +64,7 @@ func TestRunJSON(t *testing.T) {
 func TestRunText(t *testing.T) {
 	code, out, errOut, _ := runWith(t, fakeguard.Tokens(2), "p")
 	if code != 0 || out != " t0 t1\n" ||
-		errOut != "[completed] 2 tokens released · policy default (0123456789ab)\n" {
+		errOut != "[completed at max_tokens] 2 tokens released · policy default (0123456789ab)\n" {
 		t.Fatalf("exit %d, stdout %q, stderr %q", code, out, errOut)
 	}
 }
@@ -150,6 +151,9 @@ func TestRunUsage(t *testing.T) {
 		{[]string{"--token-file", empty, "p"}, "-token-file"},
 		{[]string{"--tls-ca", missing, "p"}, "-tls-ca"},
 		{[]string{"--tls-ca", notPEM, "p"}, "-tls-ca"},
+		{[]string{"--tls-ca", notPEM, "--tls-cert", notPEM, "p"}, "-tls-key"},
+		{[]string{"--tls-ca", notPEM, "--tls-key", notPEM, "p"}, "-tls-cert"},
+		{[]string{"--tls-cert", notPEM, "--tls-key", notPEM, "p"}, "-tls-ca"},
 	} {
 		var out, errOut bytes.Buffer
 		code := run(append([]string{"--addr", "unix:/nonexistent/fse.sock"}, tc.args...), &out, &errOut)
@@ -195,5 +199,51 @@ func TestRunTLS(t *testing.T) {
 	}
 	if docs := lines(t, out.String()); len(docs) != 3 || docs[2]["status"] != "completed" {
 		t.Errorf("stdout %s", out.String())
+	}
+}
+
+func TestRunMutualTLS(t *testing.T) {
+	cfg, caPEM, certPEM, keyPEM := fakeguard.MutualCertificates(t)
+	port := fakeguard.ServeTLS(t, &fakeguard.Server{Script: fakeguard.Tokens(2)}, cfg)
+	dir := t.TempDir()
+	ca, cert, key := filepath.Join(dir, "ca.pem"), filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem")
+	for path, data := range map[string][]byte{ca: caPEM, cert: certPEM, key: keyPEM} {
+		if err := os.WriteFile(path, data, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	addr := []string{"--addr", "localhost:" + port, "--tls-ca", ca}
+	var out, errOut bytes.Buffer
+	if code := run(append(addr, "--tls-cert", cert, "--tls-key", key, "--json", "p"), &out, &errOut); code != 0 {
+		t.Fatalf("exit %d, stderr %s", code, errOut.String())
+	}
+	if docs := lines(t, out.String()); len(docs) != 3 || docs[2]["status"] != "completed" {
+		t.Errorf("stdout %s", out.String())
+	}
+	// Without the certificate: the daemon's handshake refuses it, one line, exit 1.
+	out.Reset()
+	errOut.Reset()
+	if code := run(append(addr, "--json", "p"), &out, &errOut); code != 1 ||
+		!strings.HasPrefix(errOut.String(), "guarded-generate: error: UNAVAILABLE: ") ||
+		strings.Count(errOut.String(), "\n") != 1 {
+		t.Errorf("exit %d, stderr %q", code, errOut.String())
+	}
+	// Unreadable or mismatched files are usage errors naming the flag.
+	missing := filepath.Join(dir, "none")
+	for _, tc := range []struct {
+		args []string
+		flag string
+	}{
+		{[]string{"--tls-cert", missing, "--tls-key", key}, "-tls-cert"},
+		{[]string{"--tls-cert", cert, "--tls-key", missing}, "-tls-key"},
+		{[]string{"--tls-cert", key, "--tls-key", key}, "-tls-cert"},
+		{[]string{"--tls-cert", cert, "--tls-key", ca}, "-tls-key"},
+	} {
+		out.Reset()
+		errOut.Reset()
+		code := run(append(append(addr, tc.args...), "p"), &out, &errOut)
+		if code != 2 || out.Len() != 0 || !strings.Contains(errOut.String(), tc.flag) {
+			t.Errorf("%q: exit %d, stderr %q", tc.args, code, errOut.String())
+		}
 	}
 }

@@ -146,7 +146,7 @@ func Verdict(v *pb.Verdict) *pb.GenerateServerMessage {
 }
 
 // Tokens is the usual script: Started, n tokens " t0", " t1", ..., and a
-// completed verdict.
+// verdict completed at max_tokens.
 func Tokens(n uint32) Script {
 	return func(_ context.Context, _ *pb.GenerateRequest, _ <-chan struct{},
 		send func(*pb.GenerateServerMessage) error) error {
@@ -157,7 +157,10 @@ func Tokens(n uint32) Script {
 		if err != nil {
 			return err
 		}
-		return send(Verdict(&pb.Verdict{Status: pb.Status_STATUS_COMPLETED, Tokens: n, Text: text}))
+		return send(Verdict(&pb.Verdict{
+			Status: pb.Status_STATUS_COMPLETED, Completion: pb.Completion_COMPLETION_MAX_TOKENS,
+			Tokens: n, Text: text,
+		}))
 	}
 }
 

@@ -3,7 +3,7 @@
 use serde_json::{Value, json};
 
 use super::*;
-use crate::{GuardTrip, Health, Info, Token};
+use crate::{Completion, GuardTrip, Health, Info, Token};
 
 fn token() -> Token {
     Token {
@@ -25,6 +25,7 @@ fn token() -> Token {
 fn halted() -> Verdict {
     Verdict {
         status: Status::Halted,
+        completion: None,
         guard: Some("l2_norm".into()),
         value: Some(2574.2001953125),
         threshold: Some(10.0),
@@ -80,7 +81,7 @@ fn numbers_round_trip_and_non_finite_is_null() {
 fn verdict_json_keys_and_optional_message() {
     assert_eq!(
         halted().to_json().to_string(),
-        r#"{"type":"verdict","status":"halted","guard":"l2_norm","value":2574.2001953125,"threshold":10.0,"token_index":0,"tokens":0,"text":"","policy":"test","policy_sha256":"0123456789abcdef"}"#
+        r#"{"type":"verdict","status":"halted","completion":null,"guard":"l2_norm","value":2574.2001953125,"threshold":10.0,"token_index":0,"tokens":0,"text":"","policy":"test","policy_sha256":"0123456789abcdef"}"#
     );
     let error = Verdict {
         status: Status::Error,
@@ -119,6 +120,25 @@ fn verdict_lines() {
         done.to_string(),
         "[completed] 12 tokens released · policy test (0123456789ab)"
     );
+    for completion in [
+        Completion::EndOfGeneration,
+        Completion::StopSequence,
+        Completion::MaxTokens,
+    ] {
+        let why = completion.as_str();
+        let ended = Verdict {
+            completion: Some(completion),
+            ..done.clone()
+        };
+        assert_eq!(
+            ended.to_string(),
+            format!("[completed at {why}] 12 tokens released · policy test (0123456789ab)")
+        );
+        let doc = ended.to_json();
+        assert_eq!(doc["completion"], why);
+        let keys: Vec<_> = doc.as_object().unwrap().keys().take(3).collect();
+        assert_eq!(keys, ["type", "status", "completion"]);
+    }
     let error = Verdict {
         status: Status::Error,
         message: Some("MESSAGE".into()),

@@ -18,6 +18,12 @@ pub struct Cli {
     /// TLS over TCP, the server's certificate checked against this PEM CA
     #[arg(long, value_name = "FILE")]
     pub tls_ca: Option<PathBuf>,
+    /// Mutual TLS: present this PEM client certificate (with --tls-key; needs --tls-ca)
+    #[arg(long, value_name = "FILE", requires_all = ["tls_key", "tls_ca"])]
+    pub tls_cert: Option<PathBuf>,
+    /// Mutual TLS: the PEM private key of --tls-cert
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// Bearer token: the file's first line, sent as `authorization: Bearer TOKEN`
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
@@ -95,8 +101,8 @@ impl Cli {
         request
     }
 
-    /// Connection options from --tls-ca and --token-file; a file that cannot be
-    /// used is a clap error naming its flag.
+    /// Connection options from --tls-ca, --tls-cert with --tls-key, and
+    /// --token-file; a file that cannot be used is a clap error naming its flag.
     pub fn connect_options(&self) -> Result<ConnectOptions, clap::Error> {
         let invalid = |flag: &str, what: String| {
             Cli::command().error(ErrorKind::ValueValidation, format!("--{flag}: {what}"))
@@ -107,6 +113,20 @@ impl Cli {
         let mut options = ConnectOptions::new();
         if let Some(path) = &self.tls_ca {
             options = options.tls_ca_pem(read("tls-ca", path)?);
+        }
+        if let (Some(cert_path), Some(key_path)) = (&self.tls_cert, &self.tls_key) {
+            let (cert, key) = (read("tls-cert", cert_path)?, read("tls-key", key_path)?);
+            // rustls would only say so at the handshake, naming no file.
+            let holds = |pem: &[u8], label: &str| String::from_utf8_lossy(pem).contains(label);
+            if !holds(&cert, "-----BEGIN CERTIFICATE-----") {
+                let what = format!("{}: no PEM certificate", cert_path.display());
+                return Err(invalid("tls-cert", what));
+            }
+            if !holds(&key, "PRIVATE KEY-----") {
+                let what = format!("{}: no PEM private key", key_path.display());
+                return Err(invalid("tls-key", what));
+            }
+            options = options.tls_identity_pem(cert, key);
         }
         if let Some(path) = &self.token_file {
             let bytes = read("token-file", path)?;

@@ -152,6 +152,18 @@ fn usage_errors_are_clap_errors_naming_the_flag() {
             &["--addr", "unix:/s", "--no-such-flag", "p"][..],
             "--no-such-flag",
         ),
+        (
+            &["--addr", "a:1", "--tls-ca", "c", "--tls-cert", "c", "p"][..],
+            "--tls-key",
+        ),
+        (
+            &["--addr", "a:1", "--tls-ca", "c", "--tls-key", "k", "p"][..],
+            "--tls-cert",
+        ),
+        (
+            &["--addr", "a:1", "--tls-cert", "c", "--tls-key", "k", "p"][..],
+            "--tls-ca",
+        ),
     ] {
         let err = parse(args).expect_err(name);
         assert_eq!(err.exit_code(), 2, "{args:?}");
@@ -181,6 +193,52 @@ fn unusable_files_name_their_flag() {
         assert_eq!(err.exit_code(), 2);
         assert!(err.to_string().contains(flag), "{err}");
     }
+    let pem = dir.join("cert.pem");
+    std::fs::write(
+        &pem,
+        "-----BEGIN CERTIFICATE-----\nMII=\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let key = dir.join("key.pem");
+    std::fs::write(
+        &key,
+        "-----BEGIN PRIVATE KEY-----\nMII=\n-----END PRIVATE KEY-----\n",
+    )
+    .unwrap();
+    let (pem, key) = (pem.to_str().unwrap(), key.to_str().unwrap());
+    for (cert_file, key_file, flag) in [
+        (missing.as_str(), key, "--tls-cert"),
+        (pem, missing.as_str(), "--tls-key"),
+        (key, key, "--tls-cert"),
+        (pem, pem, "--tls-key"),
+    ] {
+        let args = [
+            "--addr",
+            "127.0.0.1:1",
+            "--tls-ca",
+            pem,
+            "--tls-cert",
+            cert_file,
+            "--tls-key",
+            key_file,
+            "p",
+        ];
+        let err = run(&args).connect_options().expect_err(flag);
+        assert_eq!(err.exit_code(), 2);
+        assert!(err.to_string().contains(flag), "{err}");
+    }
+    let args = [
+        "--addr",
+        "127.0.0.1:1",
+        "--tls-ca",
+        pem,
+        "--tls-cert",
+        pem,
+        "--tls-key",
+        key,
+        "p",
+    ];
+    assert!(run(&args).connect_options().is_ok());
     let token = dir.join("token");
     std::fs::write(&token, "  s3cret \nsecond\n").unwrap();
     assert!(

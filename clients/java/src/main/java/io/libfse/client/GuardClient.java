@@ -18,6 +18,7 @@ import io.grpc.netty.shaded.io.netty.channel.ChannelOption;
 import io.grpc.stub.MetadataUtils;
 import java.io.ByteArrayInputStream;
 import java.io.IOException;
+import java.nio.charset.StandardCharsets;
 import java.nio.file.Files;
 import java.nio.file.Path;
 import java.security.cert.CertificateException;
@@ -70,9 +71,33 @@ public final class GuardClient implements AutoCloseable {
      *     gRPC cannot make a channel for {@code addr}
      */
     public static GuardClient connect(String addr, Path tlsCa, String token) {
+        return connect(addr, tlsCa, null, null, token);
+    }
+
+    /**
+     * Connects with optional TLS, a client certificate for mutual TLS, and a bearer token.
+     *
+     * @param addr {@code unix:/abs/path} or {@code HOST:PORT}
+     * @param tlsCa a PEM file of the CA that signed the daemon's certificate; null for plain
+     *     text. The host of {@code addr} is the name checked against the certificate.
+     * @param tlsCert a PEM file of the client certificate (chain) to present, for a daemon with
+     *     {@code tls.client_ca}; null for none. Needs {@code tlsKey}; it turns TLS on too (without
+     *     {@code tlsCa}, the server is checked against the JDK's default trust store).
+     * @param tlsKey the PEM file of {@code tlsCert}'s private key (PKCS#8); null for none
+     * @param token sent as {@code authorization: Bearer TOKEN} on every call; null for none
+     * @throws TlsFileException if one of the files cannot be read or does not hold a PEM
+     *     certificate (or a PEM private key)
+     * @throws IllegalArgumentException if only one of {@code tlsCert} and {@code tlsKey} is given,
+     *     or gRPC cannot make a channel for {@code addr}
+     */
+    public static GuardClient connect(String addr, Path tlsCa, Path tlsCert, Path tlsKey, String token) {
+        if ((tlsCert == null) != (tlsKey == null)) {
+            throw new IllegalArgumentException(tlsKey == null ? "tlsKey: required with tlsCert"
+                    : "tlsCert: required with tlsKey");
+        }
         ChannelCredentials credentials = InsecureChannelCredentials.create();
-        if (tlsCa != null) {
-            credentials = tls(tlsCa);
+        if (tlsCa != null || tlsCert != null) {
+            credentials = tls(tlsCa, tlsCert, tlsKey);
         }
         // grpc-java resolves "unix:/path" itself (epoll domain sockets of grpc-netty-shaded) and
         // "HOST:PORT" through DNS. Calls are fail-fast by default (no wait-for-ready).
@@ -90,24 +115,51 @@ public final class GuardClient implements AutoCloseable {
         return new GuardClient(addr, builder.build(), token);
     }
 
-    /** TLS trusting only the CA certificates in this PEM file. */
-    private static ChannelCredentials tls(Path ca) {
-        byte[] pem;
-        try {
-            pem = Files.readAllBytes(ca);
-        } catch (IOException e) {
-            throw new IllegalArgumentException("cannot read " + ca + ": " + e.getMessage(), e);
-        }
+    /**
+     * TLS trusting only the CA certificates in this PEM file (the default trust store without one),
+     * presenting a client certificate if given.
+     */
+    private static ChannelCredentials tls(Path ca, Path cert, Path key) {
         // Checked here: gRPC would only fail later, with a message about its providers.
+        var builder = TlsChannelCredentials.newBuilder();
         try {
-            if (CertificateFactory.getInstance("X.509")
-                    .generateCertificates(new ByteArrayInputStream(pem)).isEmpty()) {
-                throw new CertificateException("no certificate");
+            if (ca != null) {
+                builder.trustManager(new ByteArrayInputStream(certificates("tlsCa", ca)));
             }
-            return TlsChannelCredentials.newBuilder().trustManager(new ByteArrayInputStream(pem)).build();
-        } catch (CertificateException | IOException e) {
-            throw new IllegalArgumentException(ca + " holds no PEM certificate", e);
+            if (cert != null) {
+                byte[] certPem = certificates("tlsCert", cert);
+                byte[] keyPem = read("tlsKey", key);
+                if (!new String(keyPem, StandardCharsets.US_ASCII).contains("PRIVATE KEY-----")) {
+                    throw new TlsFileException("tlsKey", key + " holds no PEM private key", null);
+                }
+                builder.keyManager(new ByteArrayInputStream(certPem), new ByteArrayInputStream(keyPem));
+            }
+        } catch (IOException e) {
+            throw new TlsFileException("tlsCa", ca + " holds no PEM certificate", e);
         }
+        return builder.build();
+    }
+
+    private static byte[] read(String parameter, Path file) {
+        try {
+            return Files.readAllBytes(file);
+        } catch (IOException e) {
+            throw new TlsFileException(parameter, "cannot read " + file + ": " + e.getMessage(), e);
+        }
+    }
+
+    /** The file's bytes, if they hold at least one PEM certificate. */
+    private static byte[] certificates(String parameter, Path file) {
+        byte[] pem = read(parameter, file);
+        try {
+            if (!CertificateFactory.getInstance("X.509").generateCertificates(new ByteArrayInputStream(pem))
+                    .isEmpty()) {
+                return pem;
+            }
+        } catch (CertificateException e) {
+            throw new TlsFileException(parameter, file + " holds no PEM certificate", e);
+        }
+        throw new TlsFileException(parameter, file + " holds no PEM certificate", null);
     }
 
     /** A client over a channel built elsewhere (tests use an in-process one). */

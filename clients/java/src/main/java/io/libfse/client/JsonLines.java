@@ -85,16 +85,17 @@ public final class JsonLines {
     }
 
     /**
-     * The verdict's JSON line: type, status, guard, value, threshold, token_index (each null when
-     * unset), tokens, text, policy, policy_sha256, and message only when it is not empty.
+     * The verdict's JSON line: type, status, completion, guard, value, threshold, token_index (each
+     * null when unset), tokens, text, policy, policy_sha256, and message only when it is not empty.
      *
      * @param v a verdict
      * @return one JSON object, without a newline
      */
     public static String verdict(Verdict v) {
-        String doc = object("type", "verdict", "status", v.status().name().toLowerCase(Locale.ROOT), "guard",
-                v.guard(), "value", v.value(), "threshold", v.threshold(), "token_index", v.tokenIndex(),
-                "tokens", v.tokens(), "text", v.text(), "policy", v.policy(), "policy_sha256", v.policySha256());
+        String doc = object("type", "verdict", "status", v.status().name().toLowerCase(Locale.ROOT),
+                "completion", v.completion().map(Verdict.Completion::wireName), "guard", v.guard(), "value",
+                v.value(), "threshold", v.threshold(), "token_index", v.tokenIndex(), "tokens", v.tokens(),
+                "text", v.text(), "policy", v.policy(), "policy_sha256", v.policySha256());
         return v.message().isEmpty() ? doc : doc.substring(0, doc.length() - 1) + ", \"message\": "
                 + quote(v.message()) + "}";
     }

@@ -22,10 +22,12 @@ import java.util.OptionalLong;
  * @param policy the policy's name
  * @param policySha256 sha256 of the policy's canonical form
  * @param message detail for ERROR; empty otherwise
+ * @param completion why a COMPLETED stream ended; empty for any other status (and from a daemon
+ *     that predates it)
  */
 public record Verdict(Status status, Optional<String> guard, OptionalDouble value,
         OptionalDouble threshold, OptionalLong tokenIndex, long tokens, String text,
-        String policy, String policySha256, String message) implements Event {
+        String policy, String policySha256, String message, Optional<Completion> completion) implements Event {
 
     /** The outcome of a generation. */
     public enum Status {
@@ -48,15 +50,48 @@ public record Verdict(Status status, Optional<String> guard, OptionalDouble valu
         }
     }
 
+    /** Why a COMPLETED stream ended. */
+    public enum Completion {
+        /** The model ended its output (an end-of-generation token). */
+        END_OF_GENERATION,
+        /** A stop sequence of the request was generated. */
+        STOP_SEQUENCE,
+        /** max_tokens were generated. */
+        MAX_TOKENS;
+
+        /**
+         * The name the JSON lines and the verdict line use.
+         *
+         * @return {@code end_of_generation}, {@code stop_sequence} or {@code max_tokens}
+         */
+        public String wireName() {
+            return name().toLowerCase(Locale.ROOT);
+        }
+
+        /** Empty for COMPLETION_UNSPECIFIED and any value this client does not know. */
+        static Optional<Completion> fromWire(Fse.Completion completion) {
+            return switch (completion) {
+                case COMPLETION_END_OF_GENERATION -> Optional.of(END_OF_GENERATION);
+                case COMPLETION_STOP_SEQUENCE -> Optional.of(STOP_SEQUENCE);
+                case COMPLETION_MAX_TOKENS -> Optional.of(MAX_TOKENS);
+                default -> Optional.empty();
+            };
+        }
+    }
+
     /**
-     * The verdict as one line for people, as {@code fse generate} prints it: {@code [completed] 12
-     * tokens released · policy default (0123456789ab)}, or for a halt {@code [halted by l2_norm: value
-     * 2574.2, threshold 10, at token 0] ...} (value and threshold as C's {@code %.6g}, n/a when unset).
+     * The verdict as one line for people, as {@code fse generate} prints it: {@code [completed at
+     * max_tokens] 12 tokens released · policy default (0123456789ab)}, or for a halt {@code [halted by
+     * l2_norm: value 2574.2, threshold 10, at token 0] ...} (value and threshold as C's {@code %.6g},
+     * n/a when unset).
      *
      * @return the line, without a newline
      */
     public String summary() {
         String what = status.name().toLowerCase(Locale.ROOT);
+        if (status == Status.COMPLETED && completion.isPresent()) {
+            what += " at " + completion.get().wireName();
+        }
         if (status == Status.HALTED) {
             what = "halted by " + guard.orElse("n/a") + ": value " + g6(value) + ", threshold " + g6(threshold)
                     + ", at token " + (tokenIndex.isPresent() ? Long.toString(tokenIndex.getAsLong()) : "n/a");
@@ -93,6 +128,6 @@ public record Verdict(Status status, Optional<String> guard, OptionalDouble valu
                         ? OptionalLong.of(Integer.toUnsignedLong(v.getTokenIndex()))
                         : OptionalLong.empty(),
                 Integer.toUnsignedLong(v.getTokens()), v.getText(), v.getPolicy(),
-                v.getPolicySha256(), v.getMessage());
+                v.getPolicySha256(), v.getMessage(), Completion.fromWire(v.getCompletion()));
     }
 }

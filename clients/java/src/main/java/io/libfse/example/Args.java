@@ -15,18 +15,21 @@ import java.util.List;
  * prompt last ({@code --} ends the flags). Only what building a request needs is checked; the
  * daemon judges the ranges it knows better.
  */
-record Args(String addr, Path tlsCa, Path tokenFile, boolean json, boolean info, boolean help,
-        long cancelAfter, Request request) {
+record Args(String addr, Path tlsCa, Path tlsCert, Path tlsKey, Path tokenFile, boolean json, boolean info,
+        boolean help, long cancelAfter, Request request) {
 
     static final String USAGE = """
-            usage: guarded-generate --addr unix:PATH|HOST:PORT [--tls-ca FILE] [--token-file FILE]
-                     [--json] [--policy NAME] [--max-tokens N] [--temperature T] [--top-k K] [--top-p P]
-                     [--min-p M] [--seed S] [--stop TEXT]... [--timeout SECONDS] [--cancel-after N] PROMPT
-                   guarded-generate --addr unix:PATH|HOST:PORT [--tls-ca FILE] [--token-file FILE] --info
+            usage: guarded-generate --addr unix:PATH|HOST:PORT [--tls-ca FILE [--tls-cert FILE --tls-key FILE]]
+                     [--token-file FILE] [--json] [--policy NAME] [--max-tokens N] [--temperature T]
+                     [--top-k K] [--top-p P] [--min-p M] [--seed S] [--stop TEXT]... [--timeout SECONDS]
+                     [--cancel-after N] PROMPT
+                   guarded-generate --addr unix:PATH|HOST:PORT [--tls-ca FILE [--tls-cert FILE --tls-key FILE]]
+                     [--token-file FILE] --info
             Exit 0 completed, 3 halted, 4 cancelled, 1 error, 2 bad usage or INVALID_ARGUMENT.
             """;
-    private static final List<String> VALUE_FLAGS = List.of("addr", "tls-ca", "token-file", "policy",
-            "max-tokens", "temperature", "top-k", "top-p", "min-p", "seed", "stop", "timeout", "cancel-after");
+    private static final List<String> VALUE_FLAGS = List.of("addr", "tls-ca", "tls-cert", "tls-key", "token-file",
+            "policy", "max-tokens", "temperature", "top-k", "top-p", "min-p", "seed", "stop", "timeout",
+            "cancel-after");
 
     /** Bad usage, naming the flag: printed as {@code guarded-generate: MESSAGE}, exit 2. */
     static final class UsageError extends Exception {
@@ -44,6 +47,8 @@ record Args(String addr, Path tlsCa, Path tokenFile, boolean json, boolean info,
     static Args parse(String[] argv) throws UsageError {
         String addr = null;
         String tlsCa = null;
+        String tlsCert = null;
+        String tlsKey = null;
         String tokenFile = null;
         boolean json = false;
         boolean info = false;
@@ -75,7 +80,7 @@ record Args(String addr, Path tlsCa, Path tokenFile, boolean json, boolean info,
                     case "json" -> json = true;
                     case "info" -> info = true;
                     case "help" -> {
-                        return new Args(null, null, null, false, false, true, 0, null);
+                        return new Args(null, null, null, null, null, false, false, true, 0, null);
                     }
                     default -> throw new UsageError("unrecognized option '" + arg + "'");
                 }
@@ -90,6 +95,8 @@ record Args(String addr, Path tlsCa, Path tokenFile, boolean json, boolean info,
             switch (flag) {
                 case "addr" -> addr = value;
                 case "tls-ca" -> tlsCa = value;
+                case "tls-cert" -> tlsCert = value;
+                case "tls-key" -> tlsKey = value;
                 case "token-file" -> tokenFile = value;
                 case "policy" -> policy = value;
                 case "max-tokens" -> maxTokens = integer(flag, value, 1, 0xFFFF_FFFFL);
@@ -115,12 +122,23 @@ record Args(String addr, Path tlsCa, Path tokenFile, boolean json, boolean info,
             throw new UsageError("PROMPT: one expected, got " + prompts.size() + " (quote it)");
         } else if (!info && (prompts.isEmpty() || prompts.get(0).isEmpty())) {
             throw new UsageError("PROMPT: must not be empty");
+        } else if (tlsCert != null && tlsKey == null) {
+            throw new UsageError("option '--tls-key' is required with '--tls-cert'");
+        } else if (tlsKey != null && tlsCert == null) {
+            throw new UsageError("option '--tls-cert' is required with '--tls-key'");
+        } else if (tlsCert != null && tlsCa == null) {
+            throw new UsageError(
+                    "option '--tls-ca' is required with '--tls-cert' and '--tls-key' (mutual TLS is TLS)");
         }
         Request request = new Request(prompts.isEmpty() ? "" : prompts.get(0), List.of(), maxTokens,
                 new Sampling(sampling[0], (int) sampling[1], sampling[2], sampling[3], seed), policy, stop, "",
                 timeout);
-        return new Args(addr, tlsCa == null ? null : Path.of(tlsCa), tokenFile == null ? null : Path.of(tokenFile),
-                json, info, false, cancelAfter, request);
+        return new Args(addr, path(tlsCa), path(tlsCert), path(tlsKey), path(tokenFile), json, info, false,
+                cancelAfter, request);
+    }
+
+    private static Path path(String file) {
+        return file == null ? null : Path.of(file);
     }
 
     /** The bearer token: the --token-file's first line, whitespace trimmed; null without one. */

@@ -7,6 +7,7 @@ import io.libfse.client.GuardClient;
 import io.libfse.client.GuardException;
 import io.libfse.client.Health;
 import io.libfse.client.JsonLines;
+import io.libfse.client.TlsFileException;
 import io.libfse.client.TokenEvent;
 import io.libfse.client.Verdict;
 import java.io.FileDescriptor;
@@ -66,10 +67,17 @@ public final class GuardedGenerate {
         }
         GuardClient client;
         try {
-            client = GuardClient.connect(args.addr(), args.tlsCa(), token);
-        } catch (IllegalArgumentException e) { // a CA that is not a PEM certificate, or a target gRPC cannot use
-            err.println("guarded-generate: option '--" + (args.tlsCa() != null ? "tls-ca" : "addr") + "': "
-                    + e.getMessage());
+            client = GuardClient.connect(args.addr(), args.tlsCa(), args.tlsCert(), args.tlsKey(), token);
+        } catch (TlsFileException e) { // a TLS file unreadable, or not a PEM certificate (or key)
+            String flag = switch (e.parameter()) {
+                case "tlsCert" -> "tls-cert";
+                case "tlsKey" -> "tls-key";
+                default -> "tls-ca";
+            };
+            err.println("guarded-generate: option '--" + flag + "': " + e.getMessage());
+            return EXIT_USAGE;
+        } catch (IllegalArgumentException e) { // a target gRPC cannot use
+            err.println("guarded-generate: option '--addr': " + e.getMessage());
             return EXIT_USAGE;
         }
         try (client) {

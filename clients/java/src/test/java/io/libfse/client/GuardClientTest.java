@@ -20,6 +20,7 @@ import io.grpc.stub.StreamObserver;
 import java.io.IOException;
 import java.util.ArrayList;
 import java.util.List;
+import java.util.Optional;
 import java.util.concurrent.CompletableFuture;
 import java.util.concurrent.CountDownLatch;
 import java.util.concurrent.TimeUnit;
@@ -60,6 +61,17 @@ class GuardClientTest {
                                     .withDescription("sampling.top_p: 5.0 is invalid").asRuntimeException());
                             case "no verdict" -> out.onCompleted();
                             case "wait" -> out.onNext(token(0, "a"));
+                            case "end of generation", "stop", "max tokens", "unknown completion" -> {
+                                int completion = switch (r.getPrompt()) {
+                                    case "end of generation" -> Fse.Completion.COMPLETION_END_OF_GENERATION_VALUE;
+                                    case "stop" -> Fse.Completion.COMPLETION_STOP_SEQUENCE_VALUE;
+                                    case "max tokens" -> Fse.Completion.COMPLETION_MAX_TOKENS_VALUE;
+                                    default -> 42;
+                                };
+                                out.onNext(verdict(Fse.Verdict.newBuilder().setStatus(Fse.Status.STATUS_COMPLETED)
+                                        .setCompletionValue(completion)));
+                                out.onCompleted();
+                            }
                             case "unknown status" -> {
                                 out.onNext(verdict(Fse.Verdict.newBuilder().setStatusValue(42)));
                                 out.onCompleted();
@@ -194,6 +206,25 @@ class GuardClientTest {
         try (GenerationStream stream = client.stream(Request.prompt("no verdict"))) {
             GuardException e = assertThrows(GuardException.class, stream::verdict);
             assertTrue(e.description().contains("without a verdict"));
+        }
+    }
+
+    @Test
+    void aCompletedVerdictSaysWhyItEnded() throws Exception {
+        start(null);
+        for (var c : List.of(List.of("end of generation", "END_OF_GENERATION"), List.of("stop", "STOP_SEQUENCE"),
+                List.of("max tokens", "MAX_TOKENS"))) {
+            try (GenerationStream stream = client.stream(Request.prompt(c.get(0)))) {
+                Verdict v = stream.verdict();
+                assertEquals(Verdict.Status.COMPLETED, v.status());
+                assertEquals(Optional.of(Verdict.Completion.valueOf(c.get(1))), v.completion());
+            }
+        }
+        try (GenerationStream stream = client.stream(Request.prompt("unknown completion"))) {
+            assertEquals(Optional.empty(), stream.verdict().completion());
+        }
+        try (GenerationStream stream = client.stream(Request.prompt("halt"))) {
+            assertEquals(Optional.empty(), stream.verdict().completion());
         }
     }
 

@@ -41,20 +41,34 @@ class JsonLinesTest {
 
     private static Verdict halted() {
         return new Verdict(Verdict.Status.HALTED, Optional.of("l2_norm"), OptionalDouble.of(2574.2),
-                OptionalDouble.of(10.0), OptionalLong.of(0), 0, "", "test", SHA, "");
+                OptionalDouble.of(10.0), OptionalLong.of(0), 0, "", "test", SHA, "", Optional.empty());
     }
 
     @Test
     void verdictJson() {
-        assertEquals("{\"type\": \"verdict\", \"status\": \"halted\", \"guard\": \"l2_norm\", \"value\": 2574.2, "
+        assertEquals("{\"type\": \"verdict\", \"status\": \"halted\", \"completion\": null, \"guard\": \"l2_norm\", "
+                + "\"value\": 2574.2, "
                 + "\"threshold\": 10.0, \"token_index\": 0, \"tokens\": 0, \"text\": \"\", \"policy\": \"test\", "
                 + "\"policy_sha256\": \"" + SHA + "\"}", JsonLines.verdict(halted()));
         Verdict error = new Verdict(Verdict.Status.ERROR, Optional.empty(), OptionalDouble.empty(),
-                OptionalDouble.empty(), OptionalLong.empty(), 3, "abc", "default", SHA, "boom");
-        assertEquals("{\"type\": \"verdict\", \"status\": \"error\", \"guard\": null, \"value\": null, "
+                OptionalDouble.empty(), OptionalLong.empty(), 3, "abc", "default", SHA, "boom", Optional.empty());
+        assertEquals("{\"type\": \"verdict\", \"status\": \"error\", \"completion\": null, \"guard\": null, "
+                + "\"value\": null, "
                 + "\"threshold\": null, \"token_index\": null, \"tokens\": 3, \"text\": \"abc\", "
                 + "\"policy\": \"default\", \"policy_sha256\": \"" + SHA + "\", \"message\": \"boom\"}",
                 JsonLines.verdict(error));
+        for (Verdict.Completion c : Verdict.Completion.values()) {
+            Verdict done = new Verdict(Verdict.Status.COMPLETED, Optional.empty(), OptionalDouble.empty(),
+                    OptionalDouble.empty(), OptionalLong.empty(), 2, "ab", "default", SHA, "", Optional.of(c));
+            assertEquals("{\"type\": \"verdict\", \"status\": \"completed\", \"completion\": \"" + c.wireName()
+                    + "\", \"guard\": null, \"value\": null, \"threshold\": null, \"token_index\": null, "
+                    + "\"tokens\": 2, \"text\": \"ab\", \"policy\": \"default\", \"policy_sha256\": \"" + SHA + "\"}",
+                    JsonLines.verdict(done));
+            assertEquals("[completed at " + c.wireName() + "] 2 tokens released · policy default (0123456789ab)",
+                    done.summary());
+        }
+        assertEquals(List.of("end_of_generation", "stop_sequence", "max_tokens"),
+                List.of(Verdict.Completion.values()).stream().map(Verdict.Completion::wireName).toList());
     }
 
     @Test
@@ -62,10 +76,10 @@ class JsonLinesTest {
         assertEquals("[halted by l2_norm: value 2574.2, threshold 10, at token 0] 0 tokens released · "
                 + "policy test (0123456789ab)", halted().summary());
         Verdict done = new Verdict(Verdict.Status.COMPLETED, Optional.empty(), OptionalDouble.empty(),
-                OptionalDouble.empty(), OptionalLong.empty(), 12, "x", "default", SHA, "");
+                OptionalDouble.empty(), OptionalLong.empty(), 12, "x", "default", SHA, "", Optional.empty());
         assertEquals("[completed] 12 tokens released · policy default (0123456789ab)", done.summary());
         Verdict error = new Verdict(Verdict.Status.ERROR, Optional.empty(), OptionalDouble.empty(),
-                OptionalDouble.empty(), OptionalLong.empty(), 3, "x", "default", SHA, "MESSAGE");
+                OptionalDouble.empty(), OptionalLong.empty(), 3, "x", "default", SHA, "MESSAGE", Optional.empty());
         assertEquals("[error: MESSAGE] 3 tokens released · policy default (0123456789ab)",
                 error.summary());
     }

@@ -97,6 +97,22 @@ class ArgsTest {
         assertEquals("PROMPT: must not be empty", error("--addr", "h:1", ""));
         assertEquals("PROMPT: must not be empty", error("--addr", "h:1"));
         assertTrue(error("--addr", "h:1", "a", "b").startsWith("PROMPT: one expected"));
+        assertEquals("option '--tls-key' is required with '--tls-cert'",
+                error("--addr", "h:1", "--tls-ca", "ca", "--tls-cert", "c", "p"));
+        assertEquals("option '--tls-cert' is required with '--tls-key'",
+                error("--addr", "h:1", "--tls-ca", "ca", "--tls-key", "k", "p"));
+        assertTrue(error("--addr", "h:1", "--tls-cert", "c", "--tls-key", "k", "p")
+                .startsWith("option '--tls-ca' is required with '--tls-cert' and '--tls-key'"));
+    }
+
+    @Test
+    void aClientCertificateAndItsKey() throws Args.UsageError {
+        Args a = parse("--addr", "h:1", "--tls-ca", "ca.pem", "--tls-cert=c.pem", "--tls-key", "k.pem", "p");
+        assertEquals(List.of(Path.of("ca.pem"), Path.of("c.pem"), Path.of("k.pem")),
+                List.of(a.tlsCa(), a.tlsCert(), a.tlsKey()));
+        Args none = parse("--addr", "h:1", "p");
+        assertEquals(null, none.tlsCert());
+        assertEquals(null, none.tlsKey());
     }
 
     @Test

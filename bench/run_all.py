@@ -14,6 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_daemon
 import bench_engine
+import bench_http
 import bench_kernel
 
 
@@ -59,6 +60,13 @@ def main() -> int:
         f"start to SERVING {d['seconds_to_serving']:.2f} s; peak RSS {d['peak_rss_mib']:.0f} MiB "
         f"(model file {d['model_file_mib']:.0f} MiB + {d['rss_over_model_mib']:.0f} MiB)"
     )
+    h = bench_http.measure()
+    print("\n## HTTP API against gRPC (streamed, greedy, loopback TCP)\n")
+    print("| streams | HTTP tok/s | gRPC tok/s | HTTP / gRPC |\n|---|---|---|---|")
+    h_tps, g_tps, h_ratio = h["http_tps"], h["grpc_tps"], h["ratio"]
+    assert isinstance(h_tps, dict) and isinstance(g_tps, dict) and isinstance(h_ratio, dict)
+    for p in bench_http.PARALLEL:
+        print(f"| {p} | {h_tps[p]:.1f} | {g_tps[p]:.1f} | {h_ratio[p]:.3f} |")
     # The standalone benchmarks print their own summaries.
     here = Path(__file__).resolve().parent
     for script in ("bench_oversized.py", "bench_audit.py"):

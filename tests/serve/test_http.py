@@ -117,9 +117,10 @@ def test_a_streamed_chat_completion(client: openai.OpenAI, model_id: str, api: H
         assert fse["index"] == i
         assert fse["health"] in ("green", "yellow", "red")
         assert fse["nll"] >= 0 and fse["ppl"] >= 1 and fse["l2_norm"] > 0
+        assert 0 <= fse["entropy"] <= 12.5  # nats; ln(262,144) = 12.48
         assert set(fse) == {
             "index", "nll", "ppl", "ppl_cumulative", "variance", "max_prob", "l2_norm",
-            "health", "warnings",
+            "entropy", "health", "warnings",
         }  # fmt: skip
         assert chunk.choices[0].finish_reason is None
     (last,) = [c for c in chunks if c.choices and c.choices[0].finish_reason]

@@ -424,6 +424,7 @@ def token_json(event: TokenEvent) -> dict[str, Any]:
         "variance": _num(m.variance),
         "max_prob": _num(m.max_prob),
         "l2_norm": _num(m.l2_norm),
+        "entropy": _num(m.entropy),
         "health": event.health,
         "warnings": [
             {"guard": t.guard, "value": _num(t.value), "threshold": _num(t.threshold)}

@@ -168,6 +168,10 @@ def daemon(tmp_path_factory: pytest.TempPathFactory, pki: dict[str, Pair]) -> It
     policies = work / "policies"
     policies.mkdir()
     (policies / "test.toml").write_text('name = "test"\n[guards.l2_norm]\nthreshold = 10.0\n')
+    # The prompt guard with its defaults (and perplexity): refuses a gibberish suffix.
+    (policies / "inputs.toml").write_text(
+        'name = "inputs"\n[guards.prompt_perplexity]\n[guards.perplexity]\n'
+    )
     tokens = work / "tokens"
     digest = hashlib.sha256(TOKEN.encode()).hexdigest()
     tokens.write_text(f"# conformance harness\nharness {digest}\n")
@@ -262,7 +266,7 @@ def check_expectations(case: dict[str, Any], result: Result, who: str) -> None:
         (info,) = lines
         model = info["model"]
         assert model["vocab_size"] > 0 and "path" not in model
-        assert {p["name"] for p in info["policies"]} >= {"default", "pro", "test"}
+        assert {p["name"] for p in info["policies"]} >= {"default", "pro", "test", "inputs"}
         for key in ("backend", "layers", "gpu_layers"):
             assert model[key] == expect[key], f"{who}: model.{key} {model[key]!r}"
         devices = model["devices"]
@@ -293,7 +297,7 @@ def check_expectations(case: dict[str, Any], result: Result, who: str) -> None:
     if expect.get("non_ascii"):
         assert any(ord(c) > 127 for c in text), f"{who}: {text!r} has no multi-byte character"
     for t in tokens:  # every metric is a real number or null, never a string
-        for key in ("nll", "ppl", "variance", "max_prob", "l2_norm"):
+        for key in ("nll", "ppl", "variance", "max_prob", "l2_norm", "entropy"):
             assert t[key] is None or (isinstance(t[key], float | int) and math.isfinite(t[key]))
 
 

@@ -7,6 +7,7 @@ Generations are greedy or seeded, so each run is reproducible on this machine.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,7 @@ def test_generate_json_greedy_completes(policy: str) -> None:
         assert set(token) == TOKEN_KEYS  # no warnings: every guard of these policies halts
         assert 1_000 < token["l2_norm"] < 10_000
         assert 0 < token["max_prob"] <= 1
+        assert 0 <= token["entropy"] <= math.log(262144)  # nats, at most ln(vocabulary)
         assert token["nll"] >= 0
         assert token["ppl"] >= 1
         assert token["health"] == "green"

@@ -56,7 +56,7 @@ def test_daemon_matches_local_cli(
     for lt, rt in zip(local_docs[:-1], remote_docs[:-1], strict=True):
         assert rt["text"] == lt["text"]
         assert rt["health"] == lt["health"]
-        for key in ("nll", "ppl", "variance", "max_prob", "l2_norm"):
+        for key in ("nll", "ppl", "variance", "max_prob", "l2_norm", "entropy"):
             assert rt[key] == pytest.approx(lt[key], rel=1e-3, abs=1e-4), key
         assert [w["guard"] for w in rt.get("warnings", [])] == [
             w["guard"] for w in lt.get("warnings", [])

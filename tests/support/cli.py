@@ -26,6 +26,7 @@ TOKEN_KEYS = {
     "variance",
     "max_prob",
     "l2_norm",
+    "entropy",
     "health",
 }
 VERDICT_KEYS = {
@@ -80,7 +81,7 @@ def generate_json(prompt: str, *args: str) -> JsonRun:
         assert isinstance(token["id"], int) and not isinstance(token["id"], bool)
         assert isinstance(token["text"], str)
         assert token["health"] in ("green", "yellow", "red")
-        for key in ("nll", "ppl", "variance", "max_prob", "l2_norm"):
+        for key in ("nll", "ppl", "variance", "max_prob", "l2_norm", "entropy"):
             assert isinstance(token[key], float | int), (key, token)
 
     assert verdict["type"] == "verdict"

@@ -226,7 +226,7 @@ def test_calibrate_small_corpus_writes_a_sensible_policy(tmp_path: Path) -> None
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     # The report: one line per metric with p50, p99, p99.9 and the threshold chosen.
-    for metric in ("perplexity", "l2_norm", "logit_variance", "max_prob", "loop span"):
+    for metric in ("perplexity", "l2_norm", "logit_variance", "max_prob", "entropy", "loop span"):
         assert any(line.startswith(metric) for line in result.stdout.splitlines()), result.stdout
     assert "expected false-halt rate on the calibration set: " in result.stdout
     assert "(the base policy pro as shipped would halt " in result.stdout
@@ -252,6 +252,8 @@ def test_calibrate_small_corpus_writes_a_sensible_policy(tmp_path: Path) -> None
     l2 = [v for s in steps for v in s["l2_norm"]]
     var = [v for s in steps for v in s["variance"]]
     assert len(l2) >= 3 * 20
+    entropy = [v for s in steps for v in s["entropy"]]  # nats, every step
+    assert len(entropy) == len(l2) and all(0 <= v <= math.log(262144) for v in entropy)
     # Ordered sensibly: beyond the healthy tail, inside the hard limits.
     assert cal.quantile(ppl, 0.999) < policy.perplexity.threshold <= cal.PPL_CEILING
     assert policy.health.green_below < policy.health.red_above == policy.perplexity.threshold

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import signal
 import struct
 import time
@@ -173,6 +174,9 @@ def _check_report(out: Path, policies: list[str]) -> dict[str, Any]:
     for run in doc["runs"]:
         steps = run["steps"]
         assert len(steps["index"]) == run["tokens"] == len(steps["ppl"]) == len(steps["l2_norm"])
+        # The entropy, in nats, at every step: in process and through the daemon alike.
+        assert len(steps["entropy"]) == run["tokens"]
+        assert all(0 <= v <= math.log(262144) for v in steps["entropy"]), steps["entropy"]
         if run["category"] == "factual":
             assert 1 <= run["tokens"] <= 12 and all(v > 100 for v in steps["l2_norm"])
         else:
@@ -249,6 +253,9 @@ def test_calibrate_then_experiment_through_the_daemon(
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "2 generations" in result.stdout
+    # The entropy arrived with every token: its row has figures (n/a when it was NaN).
+    (row,) = [line.split() for line in result.stdout.splitlines() if line.startswith("entropy ")]
+    assert all(math.isfinite(float(x)) for x in row[1:4]), row
 
     # Installed but not reloaded yet: the daemon does not serve it, and says so.
     suite = tmp_path / "suite.toml"

@@ -154,6 +154,7 @@ Token from_wire(const wire::Token& t) {
   token.variance = t.variance();
   token.max_prob = t.max_prob();
   token.l2_norm = t.l2_norm();
+  token.entropy = t.entropy();
   token.health = from_wire(t.health());
   for (const wire::GuardTrip& w : t.warnings()) {
     GuardTrip trip{w.guard(), std::nullopt, std::nullopt};

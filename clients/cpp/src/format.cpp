@@ -50,6 +50,7 @@ std::string to_json(const Token& t) {
                     ",\"text\":" + json_string(t.text) + ",\"nll\":" + json_number(t.nll) +
                     ",\"ppl\":" + json_number(t.ppl) + ",\"variance\":" + json_number(t.variance) +
                     ",\"max_prob\":" + json_number(t.max_prob) + ",\"l2_norm\":" + json_number(t.l2_norm) +
+                    ",\"entropy\":" + json_number(t.entropy) +
                     ",\"health\":" + (health.empty() ? std::string("null") : json_string(health));
   for (std::size_t k = 0; k < t.warnings.size(); ++k) {
     const GuardTrip& w = t.warnings[k];

@@ -56,6 +56,7 @@ fse::Token sample_token() {
   t.variance = 19.7;
   t.max_prob = 0.84;
   t.l2_norm = 2574.2;
+  t.entropy = 1.2345678901234567;
   t.health = fse::Health::Green;
   return t;
 }
@@ -64,13 +65,15 @@ TEST(TokenJson, KeysInContractOrder) {
   fse::Token t = sample_token();
   EXPECT_EQ(fse::to_json(t),
             R"({"type":"token","index":0,"id":15687,"text":" Berlin","nll":0.17,"ppl":1.19,)"
-            R"("variance":19.7,"max_prob":0.84,"l2_norm":2574.2,"health":"green"})");
+            R"("variance":19.7,"max_prob":0.84,"l2_norm":2574.2,"entropy":1.2345678901234567,)"
+            R"("health":"green"})");
   t.health = fse::Health::Unspecified;
   t.nll = std::numeric_limits<double>::infinity();
+  t.entropy = std::numeric_limits<double>::quiet_NaN();
   t.warnings.push_back({"perplexity", 12.5, std::nullopt});
   EXPECT_EQ(fse::to_json(t),
             R"({"type":"token","index":0,"id":15687,"text":" Berlin","nll":null,"ppl":1.19,)"
-            R"("variance":19.7,"max_prob":0.84,"l2_norm":2574.2,"health":null,)"
+            R"("variance":19.7,"max_prob":0.84,"l2_norm":2574.2,"entropy":null,"health":null,)"
             R"("warnings":[{"guard":"perplexity","value":12.5,"threshold":null}]})");
 }
 

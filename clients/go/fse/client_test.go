@@ -46,7 +46,7 @@ func TestGenerateTokensThenVerdict(t *testing.T) {
 	var text string
 	for tok := range s.Tokens() {
 		text += tok.Text
-		if tok.Health != fse.HealthGreen || tok.L2Norm != 2574.2 {
+		if tok.Health != fse.HealthGreen || tok.L2Norm != 2574.2 || tok.Entropy != 2.5 {
 			t.Errorf("token %+v", tok)
 		}
 	}

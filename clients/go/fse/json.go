@@ -47,7 +47,8 @@ type tripJSON struct {
 }
 
 // MarshalJSON writes the token line: type, index, id, text, nll, ppl, variance,
-// max_prob, l2_norm, health (null when unspecified), and warnings only when there are any.
+// max_prob, l2_norm, entropy, health (null when unspecified), and warnings only when there
+// are any.
 func (t Token) MarshalJSON() ([]byte, error) {
 	var health *string
 	if t.Health != HealthUnspecified {
@@ -67,10 +68,11 @@ func (t Token) MarshalJSON() ([]byte, error) {
 		Variance number     `json:"variance"`
 		MaxProb  number     `json:"max_prob"`
 		L2Norm   number     `json:"l2_norm"`
+		Entropy  number     `json:"entropy"`
 		Health   *string    `json:"health"`
 		Warnings []tripJSON `json:"warnings,omitempty"`
 	}{"token", t.Index, t.ID, t.Text, number(t.NLL), number(t.PPL), number(t.Variance),
-		number(t.MaxProb), number(t.L2Norm), health, warnings})
+		number(t.MaxProb), number(t.L2Norm), number(t.Entropy), health, warnings})
 }
 
 // MarshalJSON writes the verdict line: type, status, completion (null when unspecified),

@@ -44,20 +44,22 @@ func keys(t *testing.T, line string) []string {
 func TestTokenJSON(t *testing.T) {
 	tok := Token{
 		Index: 0, ID: 15687, Text: " Berlin <&> 日本", NLL: 0.1 + 0.2, PPL: math.NaN(),
-		Variance: math.Inf(1), MaxProb: 5e-324, L2Norm: 2574.2, Health: HealthGreen,
+		Variance: math.Inf(1), MaxProb: 5e-324, L2Norm: 2574.2, Entropy: 1.2345678901234567,
+		Health: HealthGreen,
 	}
 	line := render(t, tok)
 	if !strings.HasSuffix(line, "}\n") || strings.Count(line, "\n") != 1 {
 		t.Errorf("not one line: %q", line)
 	}
-	if got := strings.Join(keys(t, line), ","); got != "type,index,id,text,nll,ppl,variance,max_prob,l2_norm,health" {
+	if got := strings.Join(keys(t, line), ","); got != "type,index,id,text,nll,ppl,variance,max_prob,l2_norm,entropy,health" {
 		t.Errorf("keys %s", got)
 	}
 	var doc map[string]any
 	if err := json.Unmarshal([]byte(line), &doc); err != nil {
 		t.Fatal(err)
 	}
-	if doc["nll"] != 0.1+0.2 || doc["max_prob"] != 5e-324 || doc["l2_norm"] != 2574.2 {
+	if doc["nll"] != 0.1+0.2 || doc["max_prob"] != 5e-324 || doc["l2_norm"] != 2574.2 ||
+		doc["entropy"] != 1.2345678901234567 {
 		t.Errorf("numbers do not round-trip: %s", line)
 	}
 	if doc["ppl"] != nil || doc["variance"] != nil || doc["health"] != "green" || doc["text"] != tok.Text {

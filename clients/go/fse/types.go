@@ -93,6 +93,7 @@ type Token struct {
 	Variance      float64 // variance of the logits
 	MaxProb       float64 // probability of the most likely token, 0..1
 	L2Norm        float64 // L2 norm of the logit vector
+	Entropy       float64 // entropy of the raw next-token distribution, nats
 	Health        Health
 	Warnings      []GuardTrip // guards with action "warn" that tripped here
 }

@@ -86,6 +86,7 @@ func tokenFromWire(t *pb.Token) Token {
 		Variance:      t.GetVariance(),
 		MaxProb:       t.GetMaxProb(),
 		L2Norm:        t.GetL2Norm(),
+		Entropy:       t.GetEntropy(),
 		Health:        healthFromWire(t.GetHealth()),
 	}
 	for _, w := range t.GetWarnings() {

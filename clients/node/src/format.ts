@@ -26,6 +26,7 @@ export function tokenJson(t: TokenEvent): Record<string, unknown> {
     variance: t.variance,
     max_prob: t.maxProb,
     l2_norm: t.l2Norm,
+    entropy: t.entropy,
     health: t.health ?? null,
   };
   if (t.warnings.length > 0) {

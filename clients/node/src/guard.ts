@@ -111,6 +111,8 @@ export interface TokenEvent {
   readonly maxProb: number;
   /** L2 norm of the logit vector. */
   readonly l2Norm: number;
+  /** Entropy of the raw next-token distribution, nats. */
+  readonly entropy: number;
   readonly health: Health | undefined;
   readonly warnings: readonly GuardTrip[];
 }
@@ -451,6 +453,7 @@ export function tokenFromWire(t: wire.Token): TokenEvent {
     variance: t.variance,
     maxProb: t.maxProb,
     l2Norm: t.l2Norm,
+    entropy: t.entropy,
     health: HEALTH.get(t.health),
     warnings: t.warnings.map((w) => ({ guard: w.guard, value: w.value, threshold: w.threshold })),
   };

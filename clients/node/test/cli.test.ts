@@ -134,7 +134,8 @@ describe("describeError", () => {
 describe("text and exit codes", () => {
   const token: TokenEvent = {
     type: "token", index: 0, id: 15687, piece: new Uint8Array([0x20]), text: " Ber", nll: 0.17, ppl: 1.19,
-    pplCumulative: 1.19, variance: 19.7, maxProb: 0.84, l2Norm: 2574.2, health: "green", warnings: [],
+    pplCumulative: 1.19, variance: 19.7, maxProb: 0.84, l2Norm: 2574.2, entropy: 1.25, health: "green",
+    warnings: [],
   };
 
   it("colours text by health only when asked", () => {

@@ -16,6 +16,7 @@ const token: TokenEvent = {
   variance: 19.7,
   maxProb: 0.84,
   l2Norm: 2574.2,
+  entropy: 1.2345678901234567,
   health: "green",
   warnings: [],
 };
@@ -40,8 +41,13 @@ describe("JSON lines", () => {
     assert.equal(
       toJson(tokenJson(token)),
       '{"type":"token","index":0,"id":15687,"text":" Ber","nll":0.1700000000000001,"ppl":1.19,' +
-        '"variance":19.7,"max_prob":0.84,"l2_norm":2574.2,"health":"green"}',
+        '"variance":19.7,"max_prob":0.84,"l2_norm":2574.2,"entropy":1.2345678901234567,"health":"green"}',
     );
+  });
+
+  it("prints a non-finite entropy as null", () => {
+    const doc = JSON.parse(toJson(tokenJson({ ...token, entropy: Number.NaN }))) as Record<string, unknown>;
+    assert.equal(doc.entropy, null);
   });
 
   it("adds warnings only when there are some, and null health when unspecified", () => {

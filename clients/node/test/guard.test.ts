@@ -24,7 +24,7 @@ function token(index: number): wire.GenerateServerMessage {
       $case: "token",
       value: {
         index, id: 7, piece: Buffer.from("hi"), text: "hi", nll: 0.5, ppl: 1.5, pplCumulative: 1.5, variance: 2,
-        maxProb: 0.9, l2Norm: 100, health: wire.Health.HEALTH_GREEN, warnings: [],
+        maxProb: 0.9, l2Norm: 100, entropy: 2.5, health: wire.Health.HEALTH_GREEN, warnings: [],
       },
     },
   };
@@ -84,6 +84,10 @@ describe("Generation against a scripted server", () => {
     const generation = guard.generate({ prompt: "p", maxTokens: 3, sampling: { temperature: 0 }, stop: ["."] });
     const events = await collect(generation);
     assert.deepEqual(events.map((e) => e.type), ["token", "verdict"]);
+    const first = events[0];
+    assert.ok(first?.type === "token");
+    assert.equal(first.entropy, 2.5);
+    assert.equal(first.l2Norm, 100);
     assert.equal((await generation.verdict).status, "completed");
     assert.deepEqual(lastMetadata?.get("authorization"), ["Bearer s3cret"]);
     assert.ok(start?.sampling);

@@ -103,6 +103,7 @@ def token_json(e: TokenEvent) -> dict[str, Any]:
         variance=e.variance,
         max_prob=e.max_prob,
         l2_norm=e.l2_norm,
+        entropy=e.entropy,
         health=None if e.health is None else e.health.value,
         warnings=[(w.guard, w.value, w.threshold) for w in e.warnings],
     )

@@ -26,10 +26,12 @@ def token_json(
     variance: float,
     max_prob: float,
     l2_norm: float,
+    entropy: float,
     health: str | None,
     warnings: Iterable[tuple[str, float | None, float | None]] = (),
 ) -> dict[str, Any]:
-    """A token line; `warnings`: (guard, value, threshold) of each trip in warn mode."""
+    """A token line; `warnings`: (guard, value, threshold) of each trip in warn mode;
+    `entropy`: of the raw next-token distribution, in nats."""
     doc: dict[str, Any] = {
         "type": "token",
         "index": index,
@@ -40,6 +42,7 @@ def token_json(
         "variance": number(variance),
         "max_prob": number(max_prob),
         "l2_norm": number(l2_norm),
+        "entropy": number(entropy),
         "health": health,
     }
     trips = [

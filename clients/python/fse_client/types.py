@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -78,6 +79,8 @@ class TokenEvent:
     l2_norm: float
     health: Health | None  # None if the daemon sent HEALTH_UNSPECIFIED
     warnings: tuple[GuardTrip, ...] = ()
+    # Of the raw next-token distribution, in nats (0 from a daemon that predates it).
+    entropy: float = math.nan
 
 
 @dataclass(frozen=True, slots=True)

@@ -98,6 +98,7 @@ def token_from_wire(t: fse_pb2.Token) -> TokenEvent:
         variance=t.variance,
         max_prob=t.max_prob,
         l2_norm=t.l2_norm,
+        entropy=t.entropy,
         health=_HEALTH.get(t.health),
         warnings=warnings,
     )

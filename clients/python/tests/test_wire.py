@@ -89,6 +89,19 @@ def test_json_numbers_round_trip_and_non_finite_is_null() -> None:
     assert doc["health"] == Health.GREEN.value
 
 
+def test_entropy_is_carried_and_printed_after_l2_norm() -> None:
+    event = token_from_wire(
+        fse_pb2.Token(index=2, id=9, text="x", l2_norm=2574.2, entropy=1.2345678901234567, health=1)
+    )
+    assert event.entropy == 1.2345678901234567
+    doc = json.loads(json.dumps(example.token_json(event)))
+    assert doc["entropy"] == 1.2345678901234567  # the same double, all 17 digits
+    keys = ["type", "index", "id", "text", "nll", "ppl", "variance", "max_prob", "l2_norm"]
+    assert list(doc) == [*keys, "entropy", "health"]
+    infinite = token_from_wire(fse_pb2.Token(entropy=math.inf, health=1))
+    assert example.token_json(infinite)["entropy"] is None
+
+
 def test_verdict_line_formats_like_c() -> None:
     v = verdict_from_wire(
         fse_pb2.Verdict(

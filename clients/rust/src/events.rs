@@ -76,6 +76,8 @@ pub struct Token {
     pub max_prob: f64,
     /// L2 norm of the logit vector.
     pub l2_norm: f64,
+    /// Entropy of the raw next-token distribution, in nats.
+    pub entropy: f64,
     /// The perplexity band; `None` when the daemon did not say.
     pub health: Option<Health>,
     /// Warn-only guards that tripped here.
@@ -95,6 +97,7 @@ impl From<pb::Token> for Token {
             variance: t.variance,
             max_prob: t.max_prob,
             l2_norm: t.l2_norm,
+            entropy: t.entropy,
             health: Health::from_wire(t.health),
             warnings: t.warnings,
         }
@@ -253,6 +256,20 @@ mod tests {
             (Status::Completed, Some(Completion::StopSequence))
         );
         assert_eq!(Verdict::from(pb::Verdict::default()).completion, None);
+    }
+
+    #[test]
+    fn token_carries_every_metric() {
+        let t = Token::from(pb::Token {
+            index: 4,
+            l2_norm: 2574.2,
+            entropy: 1.234_567_890_123_456_7,
+            health: 1,
+            ..Default::default()
+        });
+        assert_eq!((t.index, t.l2_norm), (4, 2574.2));
+        assert_eq!(t.entropy, 1.234_567_890_123_456_7);
+        assert_eq!(t.health, Some(Health::Green));
     }
 
     #[test]

@@ -28,13 +28,14 @@ mod json {
 
     impl Token {
         /// The token's JSON line: `type`, `index`, `id`, `text`, `nll`, `ppl`,
-        /// `variance`, `max_prob`, `l2_norm`, `health`, and `warnings` only when
-        /// there are any.
+        /// `variance`, `max_prob`, `l2_norm`, `entropy`, `health`, and `warnings`
+        /// only when there are any.
         pub fn to_json(&self) -> Value {
             let mut doc = json!({
                 "type": "token", "index": self.index, "id": self.id, "text": self.text,
                 "nll": num(self.nll), "ppl": num(self.ppl), "variance": num(self.variance),
                 "max_prob": num(self.max_prob), "l2_norm": num(self.l2_norm),
+                "entropy": num(self.entropy),
                 "health": self.health.map(Health::as_str),
             });
             if !self.warnings.is_empty() {

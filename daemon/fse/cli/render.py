@@ -27,6 +27,7 @@ def token_json(event: TokenEvent) -> dict[str, Any]:
         variance=m.variance,
         max_prob=m.max_prob,
         l2_norm=m.l2_norm,
+        entropy=m.entropy,
         health=event.health,
         warnings=[(t.guard, t.value, t.threshold) for t in event.warnings],
     )

@@ -102,6 +102,7 @@ def token_to_wire(event: TokenEvent) -> fse_pb2.GenerateServerMessage:
         variance=m.variance,
         max_prob=m.max_prob,
         l2_norm=m.l2_norm,
+        entropy=m.entropy,
         health=HEALTH_TO_WIRE[event.health],
     )
     for trip in event.warnings:

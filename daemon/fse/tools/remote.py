@@ -27,6 +27,7 @@ def _token(e: fse_client.TokenEvent) -> TokenEvent:
         max_prob=e.max_prob,
         l2_norm=e.l2_norm,
         non_finite=0,
+        entropy=e.entropy,
     )
     warnings = tuple(Trip(w.guard, w.value, w.threshold, e.index, "warn") for w in e.warnings)
     # A token without a health band is shown red: never greener than the daemon said.

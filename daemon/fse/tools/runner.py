@@ -308,6 +308,7 @@ def steps_json(steps: Sequence[StepMetrics]) -> dict[str, list[Any]]:
         "variance": [_num(m.variance) for m in steps],
         "max_prob": [_num(m.max_prob) for m in steps],
         "l2_norm": [_num(m.l2_norm) for m in steps],
+        "entropy": [_num(m.entropy) for m in steps],
     }
 
 

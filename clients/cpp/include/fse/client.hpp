@@ -119,6 +119,7 @@ struct Token {
   double variance = 0;
   double max_prob = 0;
   double l2_norm = 0;
+  double entropy = 0;  // of the raw next-token distribution, in nats
   Health health = Health::Unspecified;
   std::vector<GuardTrip> warnings;
 };

@@ -133,7 +133,7 @@ func Token(index uint32, text string) *pb.GenerateServerMessage {
 	return &pb.GenerateServerMessage{Kind: &pb.GenerateServerMessage_Token{Token: &pb.Token{
 		Index: index, Id: int32(100 + index), Piece: []byte(text), Text: text,
 		Nll: 0.1, Ppl: 1.1, PplCumulative: 1.2, Variance: 19.7, MaxProb: 0.84, L2Norm: 2574.2,
-		Health: pb.Health_HEALTH_GREEN,
+		Entropy: 2.5, Health: pb.Health_HEALTH_GREEN,
 	}}}
 }
 

@@ -17,6 +17,7 @@ fn token() -> Token {
         variance: 19.7,
         max_prob: 0.84,
         l2_norm: 2574.2,
+        entropy: 1.234_567_890_123_456_7,
         health: Some(Health::Green),
         warnings: vec![],
     }
@@ -42,7 +43,7 @@ fn halted() -> Verdict {
 fn token_line_has_contract_keys_in_order() {
     assert_eq!(
         token().to_json().to_string(),
-        r#"{"type":"token","index":0,"id":15687,"text":" Berlin","nll":0.17,"ppl":1.185329933166504,"variance":19.7,"max_prob":0.84,"l2_norm":2574.2,"health":"green"}"#
+        r#"{"type":"token","index":0,"id":15687,"text":" Berlin","nll":0.17,"ppl":1.185329933166504,"variance":19.7,"max_prob":0.84,"l2_norm":2574.2,"entropy":1.2345678901234567,"health":"green"}"#
     );
 }
 
@@ -53,6 +54,7 @@ fn numbers_round_trip_and_non_finite_is_null() {
     t.ppl = f64::INFINITY;
     t.variance = 1e-300;
     t.max_prob = 0.1 + 0.2;
+    t.entropy = f64::NEG_INFINITY;
     t.health = None;
     t.text = "é\"\n世".into();
     t.warnings = vec![GuardTrip {
@@ -66,6 +68,7 @@ fn numbers_round_trip_and_non_finite_is_null() {
     assert_eq!(back["ppl"], Value::Null);
     assert_eq!(back["variance"].as_f64(), Some(1e-300));
     assert_eq!(back["max_prob"].as_f64(), Some(0.1 + 0.2));
+    assert_eq!(back["entropy"], Value::Null);
     assert_eq!(back["health"], Value::Null);
     assert_eq!(back["text"], "é\"\n世");
     assert_eq!(

@@ -8,7 +8,7 @@ with several seeds, and writes into ``--out DIR``:
 - ``report.md``: one row per category x policy (outcome, guard that fired, token
   index, windowed-perplexity range, L2 range), then catch and false-halt rates;
 - ``report.json``: the same rows, the rates, and every run with its raw per-step
-  metrics (column-wise: index, token, nll, ppl, variance, max_prob, l2_norm);
+  metrics (column-wise: index, token, nll, ppl, variance, max_prob, l2_norm, entropy);
 - ``ppl.png``: windowed perplexity per token, one panel per category, log scale,
   the report's health bands (200, 400) shaded, halts marked;
 - ``metrics.png``: the metric of every guard that has a panel in fse.core.registry

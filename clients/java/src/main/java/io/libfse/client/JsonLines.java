@@ -64,8 +64,8 @@ public final class JsonLines {
     }
 
     /**
-     * The token's JSON line: type, index, id, text, nll, ppl, variance, max_prob, l2_norm, health (null
-     * when unspecified), and warnings only when there are any.
+     * The token's JSON line: type, index, id, text, nll, ppl, variance, max_prob, l2_norm, entropy, health
+     * (null when unspecified), and warnings only when there are any.
      *
      * @param t a token event
      * @return one JSON object, without a newline
@@ -74,7 +74,7 @@ public final class JsonLines {
         String health = t.health() == Health.UNSPECIFIED ? null : t.health().name().toLowerCase(Locale.ROOT);
         String doc = object("type", "token", "index", t.index(), "id", t.id(), "text", t.text(), "nll", t.nll(),
                 "ppl", t.ppl(), "variance", t.variance(), "max_prob", t.maxProb(), "l2_norm", t.l2Norm(),
-                "health", health);
+                "entropy", t.entropy(), "health", health);
         if (t.warnings().isEmpty()) {
             return doc;
         }

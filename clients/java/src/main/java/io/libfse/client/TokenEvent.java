@@ -16,17 +16,18 @@ import java.util.List;
  * @param variance variance of the logits
  * @param maxProb probability of the most likely token
  * @param l2Norm L2 norm of the logit vector
+ * @param entropy entropy of the raw next-token distribution, in nats
  * @param health the perplexity band
  * @param warnings the "warn" guards that tripped here
  */
 public record TokenEvent(long index, int id, byte[] piece, String text, double nll, double ppl,
-        double pplCumulative, double variance, double maxProb, double l2Norm, Health health,
-        List<GuardTrip> warnings) implements Event {
+        double pplCumulative, double variance, double maxProb, double l2Norm, double entropy,
+        Health health, List<GuardTrip> warnings) implements Event {
 
     static TokenEvent fromWire(Fse.Token t) {
         return new TokenEvent(Integer.toUnsignedLong(t.getIndex()), t.getId(),
                 t.getPiece().toByteArray(), t.getText(), t.getNll(), t.getPpl(),
-                t.getPplCumulative(), t.getVariance(), t.getMaxProb(), t.getL2Norm(),
+                t.getPplCumulative(), t.getVariance(), t.getMaxProb(), t.getL2Norm(), t.getEntropy(),
                 Health.fromWire(t.getHealth()),
                 t.getWarningsList().stream().map(GuardTrip::fromWire).toList());
     }

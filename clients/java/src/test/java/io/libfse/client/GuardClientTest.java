@@ -116,7 +116,7 @@ class GuardClientTest {
 
     private static Fse.GenerateServerMessage token(int index, String text) {
         return Fse.GenerateServerMessage.newBuilder().setToken(Fse.Token.newBuilder().setIndex(index)
-                .setText(text).setHealth(Fse.Health.HEALTH_YELLOW)
+                .setText(text).setEntropy(2.5).setHealth(Fse.Health.HEALTH_YELLOW)
                 .addWarnings(Fse.GuardTrip.newBuilder().setGuard("perplexity").setValue(3))).build();
     }
 
@@ -162,6 +162,7 @@ class GuardClientTest {
         TokenEvent first = assertInstanceOf(TokenEvent.class, events.get(1));
         assertEquals("Hello", first.text());
         assertEquals(Health.YELLOW, first.health());
+        assertEquals(2.5, first.entropy());
         assertEquals(3.0, first.warnings().get(0).value().getAsDouble());
         assertTrue(first.warnings().get(0).threshold().isEmpty());
         Verdict v = assertInstanceOf(Verdict.class, events.get(3));

@@ -1,6 +1,7 @@
 package io.libfse.client;
 
 import static org.junit.jupiter.api.Assertions.assertEquals;
+import static org.junit.jupiter.api.Assertions.assertTrue;
 
 import fse.v1.Fse;
 import java.nio.charset.StandardCharsets;
@@ -15,14 +16,15 @@ class JsonLinesTest {
 
     private static TokenEvent token(Health health, List<GuardTrip> warnings) {
         return new TokenEvent(0, 15687, " Berlin".getBytes(StandardCharsets.UTF_8), " Berlin", 0.17,
-                1.19, 1.3, 19.7, 0.84, 2574.2, health, warnings);
+                1.19, 1.3, 19.7, 0.84, 2574.2, 1.2345678901234567, health, warnings);
     }
 
     @Test
     void tokenJsonHasTheContractsKeysInOrder() {
         assertEquals("{\"type\": \"token\", \"index\": 0, \"id\": 15687, \"text\": \" Berlin\", \"nll\": 0.17, "
                 + "\"ppl\": 1.19, \"variance\": 19.7, \"max_prob\": 0.84, \"l2_norm\": 2574.2, "
-                + "\"health\": \"green\"}", JsonLines.token(token(Health.GREEN, List.of())));
+                + "\"entropy\": 1.2345678901234567, \"health\": \"green\"}",
+                JsonLines.token(token(Health.GREEN, List.of())));
     }
 
     @Test
@@ -30,8 +32,16 @@ class JsonLinesTest {
         var trip = new GuardTrip("perplexity", OptionalDouble.of(80.5), OptionalDouble.empty());
         assertEquals("{\"type\": \"token\", \"index\": 0, \"id\": 15687, \"text\": \" Berlin\", \"nll\": 0.17, "
                 + "\"ppl\": 1.19, \"variance\": 19.7, \"max_prob\": 0.84, \"l2_norm\": 2574.2, "
-                + "\"health\": null, \"warnings\": [{\"guard\": \"perplexity\", \"value\": 80.5, "
-                + "\"threshold\": null}]}", JsonLines.token(token(Health.UNSPECIFIED, List.of(trip))));
+                + "\"entropy\": 1.2345678901234567, \"health\": null, "
+                + "\"warnings\": [{\"guard\": \"perplexity\", \"value\": 80.5, \"threshold\": null}]}",
+                JsonLines.token(token(Health.UNSPECIFIED, List.of(trip))));
+    }
+
+    @Test
+    void nonFiniteEntropyIsNull() {
+        var t = new TokenEvent(0, 1, new byte[0], "", 0.17, 1.19, 1.3, 19.7, 0.84, 2574.2, Double.NaN,
+                Health.GREEN, List.of());
+        assertTrue(JsonLines.token(t).contains("\"l2_norm\": 2574.2, \"entropy\": null, \"health\""));
     }
 
     @Test

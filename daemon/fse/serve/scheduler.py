@@ -346,13 +346,14 @@ class Scheduler:
         began = time.perf_counter()
         ctx.decode()
         self.metrics.step(time.perf_counter() - began)
-        ctx.score([a.slot for a in self._active if a.slot._scoring])  # prompts being scored
-        for a in list(self._active):
-            if not a.prompt_judged and not a.slot.prefilling:
-                a.prompt_judged = True  # judged once, before its first token
-                nll = a.slot.prompt_nll
-                if a.slot.score_prompt and not a.stream.judge_prompt(nll, a.content):
-                    self._close(a, deliver)
+        scoring = [a.slot for a in self._active if a.slot._scoring]
+        if scoring:  # prompt positions in this batch: their nll, before the next decode
+            ctx.score(scoring)
+        fresh = [a for a in self._active if not a.prompt_judged and not a.slot.prefilling]
+        for a in fresh:  # prompts decoded by this step: judged once, before their first token
+            a.prompt_judged = True
+            if a.slot.score_prompt and not a.stream.judge_prompt(a.slot.prompt_nll, a.content):
+                self._close(a, deliver)
         ready = [a for a in self._active if not a.slot.prefilling]  # the rest: no logits yet
         steps = ctx.sample([a.slot for a in ready])
         for a, step in zip(ready, steps, strict=True):

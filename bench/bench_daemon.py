@@ -39,10 +39,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import llama_batched_bench, median
+from common import llama_batched_bench, median, wait_serving
 from fse.core.engine import Context
 from fse.core.gguf import default_model_path
 from fse.core.model import Model
@@ -179,17 +178,7 @@ def start_daemon(
         stdout=subprocess.DEVNULL,
         stderr=(workdir / "daemon.log").open("w"),
     )
-    with grpc.insecure_channel(addr) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    break
-            except grpc.RpcError:
-                if process.poll() is not None:
-                    raise RuntimeError("daemon exited; see its log") from None
-            time.sleep(0.01)
+    wait_serving(addr, process, workdir / "daemon.log")
     return process, addr, time.perf_counter() - began
 
 

@@ -32,9 +32,8 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_daemon import SINGLE_PROMPT, batch_prompt, free_port, stream_stamps
-from common import median
+from common import median, wait_serving
 from fse_client.v1 import fse_pb2_grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 PARALLEL = [1, 8]
 
@@ -59,17 +58,7 @@ def start_daemon(workdir: Path, threads: int) -> tuple[subprocess.Popen[bytes], 
         stdout=subprocess.DEVNULL,
         stderr=(workdir / "daemon.log").open("w"),
     )  # fmt: skip
-    with grpc.insecure_channel(unix) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    break
-            except grpc.RpcError:
-                if process.poll() is not None:
-                    raise RuntimeError("daemon exited; see its log") from None
-            time.sleep(0.01)
+    wait_serving(unix, process, workdir / "daemon.log")
     return process, grpc_addr, f"http://127.0.0.1:{http_port}/v1"
 
 

@@ -38,11 +38,10 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_daemon import free_port
-from common import llama_tools_dir
+from common import llama_tools_dir, wait_serving
 from fse.core.gguf import default_model_path
 from fse_client.v1 import fse_pb2, fse_pb2_grpc
 
@@ -195,19 +194,8 @@ def start_fse(
         stdout=subprocess.DEVNULL,
         stderr=(workdir / "fse.log").open("w"),
     )
-    deadline = time.monotonic() + 120
-    with grpc.insecure_channel(addr) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return process, addr
-            except grpc.RpcError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"fse serve did not start; see {workdir / 'fse.log'}")
-            time.sleep(0.05)
+    wait_serving(addr, process, workdir / "fse.log")
+    return process, addr
 
 
 async def fse_stream(stub: fse_pb2_grpc.GuardStub, seed: int, n_tokens: int) -> list[float]:

@@ -6,7 +6,11 @@ import json
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -103,3 +107,23 @@ def rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def wait_serving(
+    addr: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 120
+) -> None:
+    """Until the daemon at `addr` reports SERVING; RuntimeError naming its log if it
+    exits or takes longer than `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(addr) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the daemon did not start; see {log}")
+            time.sleep(0.02)

@@ -103,7 +103,6 @@ async def serve(settings: Settings) -> int:
             http.model_loaded(service)
         asyncio.get_running_loop().run_in_executor(None, _hash_model, servicer, plan, metrics)
         announce(settings, plan, service, audit, time.monotonic() - began)
-        await health.serving(True)
         parts = Running(plan, service, audit, refusals, server, health, notify, http)
         return await parts.until_stopped(settings)
     except BaseException:
@@ -434,8 +433,6 @@ class Running:
         stop; the exit code: 1 if a kept audit line was lost or decoding did not stop."""
         service, audit, notify = self.service, self.audit, self.notify
         loop = asyncio.get_running_loop()
-        notify.send("READY=1", service.status())
-        background = [loop.create_task(_retry_audit(audit)), *notify.tasks(service)]
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
@@ -443,6 +440,12 @@ class Running:
             settings.policies.dir, service.replace_policies, audit.write, notify, service.status
         )
         loop.add_signal_handler(signal.SIGHUP, reloader.request)
+        # SERVING and READY=1 only once the signals are ours: a reload asked for right
+        # after them must not meet SIGHUP's default action (exit) or an inherited SIG_IGN
+        # (lost), nor a stop meet SIGTERM's default (no drain).
+        await self.health.serving(True)
+        notify.send("READY=1", service.status())
+        background = [loop.create_task(_retry_audit(audit)), *notify.tasks(service)]
         await stop.wait()
         # No reload while stopping: a READY=1 after STOPPING=1 would tell systemd it runs again.
         loop.add_signal_handler(

@@ -64,6 +64,19 @@ const char * ggml_backend_dev_description(ggml_backend_dev_t device);
 void ggml_backend_dev_memory(ggml_backend_dev_t device, size_t * free, size_t * total);
 enum ggml_backend_dev_type ggml_backend_dev_type(ggml_backend_dev_t device);
 
+/* ggml's RPC backend (fse.core.rpc): found by name in the registry, its entry points
+   (ggml_backend_rpc_add_server, ggml_backend_rpc_start_server) by proc address. */
+typedef struct ggml_backend_reg * ggml_backend_reg_t;
+ggml_backend_reg_t ggml_backend_reg_by_name(const char * name);
+void * ggml_backend_reg_get_proc_address(ggml_backend_reg_t reg, const char * name);
+void ggml_backend_register(ggml_backend_reg_t reg);
+ggml_backend_reg_t ggml_backend_dev_backend_reg(ggml_backend_dev_t device);
+const char * ggml_backend_reg_name(ggml_backend_reg_t reg);
+/* GGML_ABORT (a lost RPC worker) calls this before abort(): fse.core.rpc's handler. */
+typedef void (*ggml_abort_callback_t)(const char * error_message);
+ggml_abort_callback_t ggml_set_abort_callback(ggml_abort_callback_t callback);
+extern "Python" void fse_ggml_abort(const char * error_message);
+
 struct llama_context_params {
     uint32_t n_ctx;
     uint32_t n_batch;
@@ -153,7 +166,15 @@ FSE_H = (NATIVE / "fse.h").read_text()
 # fse.h is plain C; cffi's cdef does not take preprocessor lines or comments-with-#.
 CDEF += "\n".join(line for line in FSE_H.splitlines() if not line.startswith("#"))
 
-SOURCES = ["fse_stats.c", "fse_sample.c", "fse_step.c", "fse_loop.c", "fse_log.c", "fse_vocab.c"]
+SOURCES = [
+    "fse_stats.c",
+    "fse_sample.c",
+    "fse_step.c",
+    "fse_loop.c",
+    "fse_near_loop.c",
+    "fse_log.c",
+    "fse_vocab.c",
+]
 # Included by the sources: listed so that editing one alone rebuilds the extension.
 HEADERS = ["fse.h", "fse_stats_width.h"]
 

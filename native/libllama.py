@@ -60,6 +60,13 @@ CMAKE_OPTIONS = [
     # The libraries find each other next to themselves wherever they are copied.
     "-DCMAKE_BUILD_WITH_INSTALL_RPATH=ON",
     "-DCMAKE_INSTALL_RPATH=$ORIGIN",
+    # ggml's RPC backend (docs/rpc.md): linked into libggml (GGML_BACKEND_DL is off), so
+    # ggml_backend_reg_by_name("RPC") finds it; `fse rpc-worker` serves a host's devices
+    # with it and `fse serve --rpc` splits a model's layers across such workers.
+    "-DGGML_RPC=ON",
+    # RDMA transport off: libibverbs on a build machine would otherwise become a
+    # dependency of the copied libggml-rpc.so on every machine it runs on.
+    "-DGGML_RPC_RDMA=OFF",
 ]
 TOOLS = ("llama-bench", "llama-batched-bench", "llama-server")
 # The GGML backend flags this script knows by name (the build directory says which).
@@ -151,10 +158,17 @@ def choose_backend(
     return Backend(chosen[0] if chosen else "cpu", flags + extra)
 
 
+def options_key() -> str:
+    """CMAKE_OPTIONS' digest, part of every build directory's name: a change of the base
+    flags (GGML_RPC added) builds once into a new directory rather than reusing a tree
+    configured without it."""
+    return hashlib.sha256("\0".join(CMAKE_OPTIONS).encode()).hexdigest()[:8]
+
+
 def build_root(backend: Backend | None = None) -> Path:
     """The cached build of the pinned source for `backend` (the machine's by default)."""
     backend = backend or choose_backend(dict(os.environ))
-    name = f"llama.cpp-{SDIST_SHA256[:16]}"
+    name = f"llama.cpp-{SDIST_SHA256[:16]}-{options_key()}"
     if backend.flags:
         digest = hashlib.sha256("\0".join(backend.flags).encode()).hexdigest()[:8]
         name += f"-{backend.name}-{digest}"
@@ -213,6 +227,16 @@ def fetch_source(root: Path) -> Path:
     if (source / "CMakeLists.txt").is_file():
         return source
     root.mkdir(parents=True, exist_ok=True)
+    # Another build of the same pinned source (other flags) already unpacked it, after
+    # checking the sdist's sha256: copy that rather than download it again.
+    for sibling in sorted(root.parent.glob(f"llama.cpp-{SDIST_SHA256[:16]}*/src")):
+        if sibling != source and (sibling / "CMakeLists.txt").is_file():
+            log(f"copying the pinned source from {sibling}")
+            partial = root / "src.partial"
+            shutil.rmtree(partial, ignore_errors=True)
+            shutil.copytree(sibling, partial, symlinks=True)
+            partial.rename(source)
+            return source
     with tempfile.TemporaryDirectory(dir=root) as tmp:
         log(f"downloading {SDIST} (sdist) with pip")
         subprocess.run(

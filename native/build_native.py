@@ -166,7 +166,15 @@ FSE_H = (NATIVE / "fse.h").read_text()
 # fse.h is plain C; cffi's cdef does not take preprocessor lines or comments-with-#.
 CDEF += "\n".join(line for line in FSE_H.splitlines() if not line.startswith("#"))
 
-SOURCES = ["fse_stats.c", "fse_sample.c", "fse_step.c", "fse_loop.c", "fse_log.c", "fse_vocab.c"]
+SOURCES = [
+    "fse_stats.c",
+    "fse_sample.c",
+    "fse_step.c",
+    "fse_loop.c",
+    "fse_near_loop.c",
+    "fse_log.c",
+    "fse_vocab.c",
+]
 # Included by the sources: listed so that editing one alone rebuilds the extension.
 HEADERS = ["fse.h", "fse_stats_width.h"]
 

@@ -59,6 +59,25 @@ void       fse_loop_free(fse_loop * loop);
 // Append a token; returns the smallest period that now forms a loop (0 if none) and its span.
 int32_t    fse_loop_push(fse_loop * loop, int32_t token, int32_t * span);
 
+// Detects an approximate cycle in the tail of a token stream: for some period p
+// (1 <= p <= max_period), over the last span = max(min_copies * p, min_span) tokens, at
+// least min_match of the span - p positions hold the token p before them (a loop with
+// a counter or a timestamp in each copy). O(max_period) integer work per push, no allocation.
+typedef struct fse_near_loop fse_near_loop;
+
+// NULL on bad args (max_period 1..4096, min_copies 2..1000, min_span 2..65536,
+// 0 < min_match <= 1) or OOM.
+fse_near_loop * fse_near_loop_new(int32_t max_period, int32_t min_copies, int32_t min_span,
+                                  double min_match);
+void            fse_near_loop_free(fse_near_loop * nl);
+// Append a token; returns the smallest period that now forms a near loop (0 if none) and
+// its match fraction (0 if none).
+int32_t         fse_near_loop_push(fse_near_loop * nl, int32_t token, double * match);
+// The period with the highest match fraction among those whose window is full, and that
+// fraction, after the last push (0 and 0 if no full window holds a match): what
+// calibration measures.
+int32_t         fse_near_loop_best(const fse_near_loop * nl, double * match);
+
 // Route llama.cpp's log through libfse: kept quiet unless verbose, and the last
 // error line is kept so a failed load can be reported in one clear sentence.
 void         fse_log_install(int verbose);

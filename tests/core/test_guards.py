@@ -87,7 +87,8 @@ def test_names_are_the_contract() -> None:
         "shutdown",
     )
     assert (g.ENTROPY, g.PROMPT_PERPLEXITY) == ("entropy", "prompt_perplexity")
-    assert len(set(g.GuardName)) == 11
+    assert g.NEAR_LOOP == "near_loop"
+    assert len(set(g.GuardName)) == 12
 
 
 def test_trip_is_frozen() -> None:
@@ -484,8 +485,8 @@ def test_chain_order_is_the_registry_order() -> None:
 
     every = Policy("all", **{g.name: g.config() for g in GUARDS})
     assert GuardChain(every).active == ("non_finite", *(g.name for g in GUARDS))
-    # pro has every guard but entropy and prompt_perplexity.
+    # pro has every guard but entropy, near_loop and prompt_perplexity.
     assert GuardChain(builtin_policy("pro")).active == (
         "non_finite",
-        *(g.name for g in GUARDS if g.name not in ("entropy", "prompt_perplexity")),
+        *(g.name for g in GUARDS if g.name not in ("entropy", "near_loop", "prompt_perplexity")),
     )

@@ -83,6 +83,7 @@ from fse.core.registry import (
     LogitVarianceGuard,
     LoopGuard,
     MaxProbGuard,
+    NearLoopGuard,
     PerplexityGuard,
     PolicyError,
     PromptPerplexityGuard,
@@ -101,6 +102,7 @@ __all__ = [
     "LogitVarianceGuard",
     "LoopGuard",
     "MaxProbGuard",
+    "NearLoopGuard",
     "PerplexityGuard",
     "Policy",
     "PolicyError",
@@ -171,6 +173,7 @@ class Policy:
     max_prob: MaxProbGuard | None = None
     entropy: EntropyGuard | None = None
     loop: LoopGuard | None = None
+    near_loop: NearLoopGuard | None = None
     prompt_perplexity: PromptPerplexityGuard | None = None
     description: str = ""
     sha256: str = field(init=False, repr=False, compare=False)

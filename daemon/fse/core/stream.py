@@ -144,7 +144,7 @@ class GuardedStream:
         if trips and trips[0].action == "halt":
             released = self._release_held()
             halt = trips[0]
-            self._end(HALTED, halt.guard, halt.value, halt.threshold, halt.token_index)
+            self._end(HALTED, halt.guard, halt.value, halt.threshold, halt.token_index, halt.detail)
             return released
         if step.end_of_generation:
             released = self._release_held()

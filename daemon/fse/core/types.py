@@ -42,6 +42,7 @@ class GuardName(StrEnum):
     L2_NORM = "l2_norm"
     NON_FINITE = "non_finite"
     LOOP = "loop"
+    NEAR_LOOP = "near_loop"
     ENTROPY = "entropy"
     PROMPT_PERPLEXITY = "prompt_perplexity"
     INTERNAL = "internal"  # a guard or the engine failed: fail closed
@@ -55,6 +56,7 @@ MAX_PROB = GuardName.MAX_PROB
 L2_NORM = GuardName.L2_NORM
 NON_FINITE = GuardName.NON_FINITE
 LOOP = GuardName.LOOP
+NEAR_LOOP = GuardName.NEAR_LOOP
 ENTROPY = GuardName.ENTROPY
 PROMPT_PERPLEXITY = GuardName.PROMPT_PERPLEXITY
 INTERNAL = GuardName.INTERNAL
@@ -115,6 +117,9 @@ class Trip:
     threshold: float | None
     token_index: int
     action: Action
+    # What the value alone does not say, for people (near_loop: the period); a halt's
+    # verdict carries it as its message. Not compared: two trips differ by their numbers.
+    detail: str = field(default="", compare=False)
 
     @property
     def halts(self) -> bool:

@@ -40,7 +40,14 @@ from fse.core.registry.logits import (
     MaxProbGuard,
     PerplexityGuard,
 )
-from fse.core.registry.loops import LOOP_SPEC, LoopDetector, LoopGuard
+from fse.core.registry.loops import (
+    LOOP_SPEC,
+    NEAR_LOOP_SPEC,
+    LoopDetector,
+    LoopGuard,
+    NearLoopDetector,
+    NearLoopGuard,
+)
 from fse.core.registry.prompt import PROMPT_PERPLEXITY_SPEC, PromptPerplexityGuard
 from fse.core.registry.spec import (
     ALWAYS_ON,
@@ -68,6 +75,8 @@ __all__ = [
     "MaxProbGuard",
     "Measure",
     "MetricNaN",
+    "NearLoopDetector",
+    "NearLoopGuard",
     "PerplexityGuard",
     "Plot",
     "PolicyError",
@@ -85,6 +94,7 @@ GUARDS: tuple[GuardSpec[Any], ...] = (
     MAX_PROB_SPEC,
     ENTROPY_SPEC,
     LOOP_SPEC,
+    NEAR_LOOP_SPEC,
     PROMPT_PERPLEXITY_SPEC,
 )
 
@@ -96,6 +106,7 @@ GuardConfig: TypeAlias = (
     | MaxProbGuard
     | EntropyGuard
     | LoopGuard
+    | NearLoopGuard
     | PromptPerplexityGuard
 )
 

@@ -123,6 +123,10 @@ KEYS: tuple[Key, ...] = (
     Key("server", "threads", int, 0, f"integer 0..{MAX_THREADS} (0 = all cores)",
         _between(0, MAX_THREADS), "--threads"),
     Key("server", "allow_insecure_tcp", bool, False, "true or false", flag="--allow-insecure-tcp"),
+    Key("server", "health_listen", list, [],
+        "a list of HOST:PORT (PORT 0..65535) serving grpc.health.v1 only, in plain text, for "
+        "probes such as Kubernetes' grpc probes (empty: off)",
+        _tcp_address_list, "--health-listen", "HOST:PORT"),
     Key("model", "path", str, "", "a GGUF file path (empty: the embedded default model)",
         flag="--model"),
     Key("model", "gpu_layers", int | str, GPU_LAYERS_AUTO, GPU_LAYERS_ACCEPTED, _gpu_layers,
@@ -181,6 +185,7 @@ class ServerSettings:
     drain_seconds: float
     threads: int  # resolved: never 0
     allow_insecure_tcp: bool
+    health_listen: tuple[str, ...] = ()  # plain-text grpc.health.v1 only; () = off
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,6 +332,7 @@ def _build(values: dict[str, Any], overrides: Mapping[str, Any], **extra: bool) 
             drain_seconds=values["server.drain_seconds"],
             threads=threads,
             allow_insecure_tcp=values["server.allow_insecure_tcp"],
+            health_listen=tuple(values["server.health_listen"]),
         ),
         model=ModelSettings(
             _path(values["model.path"]),

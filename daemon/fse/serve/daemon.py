@@ -80,10 +80,12 @@ async def serve(settings: Settings) -> int:
     notify = Notifier.from_environment()
     relays: list[UnixRelay] = []
     server: grpc.aio.Server | None = None
+    probes: grpc.aio.Server | None = None
     http: HttpDoor | None = None
     try:
         open_relays(plan.listeners, settings, relays)
         server = await start_server(plan, settings, servicer, health, refusals, metrics, relays)
+        probes = await start_health_server(plan, health)
         if plan.http_listeners:  # bound now, so a port in use stops the start before the model
             from fse.serve.http import HttpDoor  # aiohttp: imported only when asked for
 
@@ -114,6 +116,8 @@ async def serve(settings: Settings) -> int:
             await http.stop()
         raise
     finally:
+        if probes is not None:  # NOT_SERVING since the drain began; the last to close
+            await probes.stop(None)
         for relay in relays:
             await relay.close()
         await asyncio.to_thread(metrics.close)
@@ -131,6 +135,7 @@ class Plan:
     audit_path: str  # absolute, as logged and printed
     http_listeners: list[Listener]  # the OpenAI-compatible API's (none: off)
     http_ssl: ssl.SSLContext | None  # HTTPS, from the same files as gRPC's TLS
+    health_listeners: tuple[Listener, ...] = ()  # plain-text grpc.health.v1 only (probes)
 
     @property
     def targets(self) -> list[str]:
@@ -166,8 +171,19 @@ class Plan:
         model_path = settings.model.path or default_model_path()
         check_gguf(model_path)
         audit_path = str(settings.audit.path.absolute())
+        health_listeners = tuple(
+            parse_listen(a, "--health-listen", unix=False) for a in settings.server.health_listen
+        )
         return cls(
-            listeners, creds, tokens, policies, model_path, audit_path, http_listeners, http_ssl
+            listeners,
+            creds,
+            tokens,
+            policies,
+            model_path,
+            audit_path,
+            http_listeners,
+            http_ssl,
+            health_listeners,
         )
 
 
@@ -309,6 +325,31 @@ async def start_server(
         tls=plan.creds is not None,
         auth=plan.tokens is not None,
     )
+    return server
+
+
+async def start_health_server(plan: Plan, health: Health) -> grpc.aio.Server | None:
+    """grpc.health.v1 alone, in plain text, on `server.health_listen` (none: off): for
+    probes that cannot speak TLS or send tokens, such as Kubernetes' grpc probes. It
+    reports what the main listeners' health service reports, and serves nothing else (no
+    fse.v1.Guard, no reflection), so it opens no way around TLS or tokens."""
+    if not plan.health_listeners:
+        return None
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
+    try:
+        for listener in plan.health_listeners:
+            try:
+                server.add_insecure_port(listener.target)
+            except RuntimeError as exc:
+                raise StartupError(
+                    f"--health-listen {listener.target}: cannot bind: {exc}"
+                ) from None
+        await server.start()
+    except BaseException:
+        await server.stop(None)
+        raise
+    log.info("health.listening", listen=[listener.target for listener in plan.health_listeners])
     return server
 
 

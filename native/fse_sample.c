@@ -225,6 +225,9 @@ static int32_t dist(fse_sampler * s, int32_t size) {
 }
 
 int32_t fse_sampler_sample(fse_sampler * s, const float * logits, int32_t n) {
+    if (n < 1) {
+        return -1; // no logit at all (top_k would read logits[k - 1] with k = 0)
+    }
     int32_t size = top_k(s, logits, n, s->top_k < n ? s->top_k : n);
     if (size == 0) {
         return -1; // no finite logit: the non_finite guard has already halted the stream

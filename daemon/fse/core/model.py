@@ -362,6 +362,13 @@ class Model(Closing):
         assistant's turn. Raises ValueError when the model has no (supported) template."""
         if self.chat_template is None:
             raise ValueError("messages: this model has no chat template; send a raw prompt")
+        for i, message in enumerate(messages):
+            for field, text in zip(("role", "content"), message, strict=True):
+                if "\0" in text:  # a C string ends there: the rest would vanish unseen
+                    raise ValueError(
+                        f"messages[{i}].{field}: contains a NUL character; accepted: text "
+                        "without NUL (the chat template would cut the text there)"
+                    )
         # NUL-terminated C strings owned by this list, alive until the call returns. (A
         # from_buffer over a temporary `role + b"\0"` dangled: the template sometimes read
         # freed memory and rendered an empty role.)

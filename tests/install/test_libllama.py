@@ -60,7 +60,9 @@ def test_the_build_is_for_the_backend_the_machine_has() -> None:
     # No CUDA compiler: the CPU build, in the directory every clone already shares.
     cpu = lib.choose_backend({}, _which({}))
     assert (cpu.name, cpu.flags) == ("cpu", ())
-    assert plain.name == f"llama.cpp-{lib.SDIST_SHA256[:16]}"
+    # The base flags are part of the name: adding one (GGML_RPC) builds anew, once.
+    assert plain.name == f"llama.cpp-{lib.SDIST_SHA256[:16]}-{lib.options_key()}"
+    assert "-DGGML_RPC=ON" in lib.CMAKE_OPTIONS
     # nvcc on PATH: CUDA, for the installed GPUs' architectures, in a directory of its own.
     nvcc = "/opt/cuda/bin/nvcc"
     cuda = lib.choose_backend({}, _which({"nvcc": nvcc}), _smi("9.0\n9.0\n8.6\n"))

@@ -45,6 +45,7 @@ CONTRACT = {
     "fse_audit_write_errors_total": ("counter", ()),
     "fse_http_requests_total": ("counter", ("endpoint", "status")),
     "fse_build_info": ("gauge", ("model_sha256", "version")),
+    "fse_device_layers": ("gauge", ("description", "device")),
 }
 
 

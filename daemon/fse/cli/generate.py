@@ -51,6 +51,19 @@ def add_parser(commands: Any) -> None:
         help="debug only: inject a fault (nan@K, inf@K, scale@K:F, guard-error@K; "
         "hang@K with --addr)",
     )
+    gen.add_argument(
+        "--rpc",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="with --local: an RPC worker (`fse rpc-worker`) to split the model's layers "
+        "across (repeatable; docs/rpc.md)",
+    )
+    gen.add_argument(
+        "--allow-remote-rpc",
+        action="store_true",
+        help="with --rpc: accept a non-loopback worker (over a tunnel: the protocol has no auth)",
+    )
     gen.add_argument("--tls-ca", type=Path, metavar="FILE", help="with --addr: TLS, this CA")
     gen.add_argument(
         "--tls-cert", type=Path, metavar="FILE", help="with --tls-ca: mutual TLS, this certificate"
@@ -109,6 +122,13 @@ def local_events(args: argparse.Namespace, request: Any, cancel: threading.Event
         raise InputError("--debug-fault: hang@K blocks the daemon's decode thread; use --addr")
     positive("--threads", args.threads, MAX_THREADS)
     policy = resolve_policy(request.policy, args.policies_dir, "--policy")
+    if args.rpc:  # the workers' devices, registered before the load splits the model
+        from fse.core import rpc
+
+        endpoints = rpc.check_endpoints(
+            args.rpc, allow_remote=args.allow_remote_rpc, key="--rpc", allow="--allow-remote-rpc"
+        )
+        rpc.add_workers(endpoints, "--rpc")
     with load_model(args.model, args.verbose) as model:
         try:
             needed = len(prompt_tokens(model, request)) + request.max_tokens
@@ -137,6 +157,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
 
     signal.signal(signal.SIGINT, on_interrupt)
+    if args.addr and (args.rpc or args.allow_remote_rpc):
+        raise InputError("--rpc: only with --local (a daemon has its own: fse serve --rpc)")
     if args.addr:
         from fse.tools.remote import ClientError, RemoteStream
 

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from fse import __version__
-from fse.cli import audit, calibrate, experiment, generate, model, policy, serve
+from fse.cli import audit, calibrate, experiment, generate, model, policy, rpc_worker, serve
 from fse.cli.common import EXIT_ERROR, EXIT_USAGE
 from fse.core.errors import EngineError, InputError
 
@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fse", description="libfse: guarded LLM token streams.")
     parser.add_argument("--version", action="version", version=f"fse {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for command in (generate, serve, audit, policy, model, calibrate, experiment):
+    for command in (generate, serve, rpc_worker, audit, policy, model, calibrate, experiment):
         command.add_parser(commands)
     return parser
 

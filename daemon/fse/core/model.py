@@ -146,8 +146,11 @@ def tensor_split(text: str) -> list[float]:
 
 
 def gpu_offload() -> bool:
-    """Whether this llama.cpp build has a GPU backend with a device present."""
-    return bool(lib.llama_supports_gpu_offload())
+    """Whether llama.cpp has a device to offload layers to: a GPU of a GPU backend, or an
+    RPC worker's device (fse.core.rpc registers those; they say kind gpu). Not
+    llama_supports_gpu_offload(): that is true for every build with the RPC backend,
+    workers or none."""
+    return any(d.kind in ("gpu", "igpu") for d in devices())
 
 
 def offloaded_layers(gpu_layers: int | str) -> int:
@@ -164,7 +167,7 @@ def offloaded_layers(gpu_layers: int | str) -> int:
             f"gpu_layers: {asked} asked for a GPU, but this llama.cpp has no GPU backend or "
             'no GPU is present; accepted: "auto" (every layer on a GPU when there is one, '
             "else the CPU) or 0 (the CPU); for a GPU, build llama.cpp with its backend "
-            "(docs/getting-started.md)"
+            "(docs/getting-started.md) or give RPC workers (--rpc, docs/rpc.md)"
         )
     return -1 if gpu_layers == GPU_LAYERS_ALL else int(gpu_layers)
 

@@ -4,8 +4,10 @@ A pure function of the model's load parameters and ggml's device list, following
 llama.cpp's own rule (src/llama.cpp, which GPUs a model may use; src/llama-model.cpp
 `load_tensors`, which layer goes where):
 
-- The model's GPUs are the ggml devices of kind gpu (integrated ones, kind igpu, only
-  when there is no discrete one), in ggml's order; the CPU and accelerators hold no
+- The model's GPUs are the devices of RPC workers (ggml names them RPC0, RPC1 ...; they
+  say kind gpu), first, "to minimize network transfers", then the other ggml devices of
+  kind gpu (integrated ones, kind igpu, only when there is no discrete one; RPC devices
+  do not count), each group in ggml's order; the CPU and accelerators hold no
   offloaded layer. With split_mode "none" only the main_gpu-th of them is kept (none
   when main_gpu < 0); with "layer" and "row" all of them are (row splits each matrix
   over the GPUs as well, but a layer still belongs to the GPU its split point names).
@@ -19,8 +21,8 @@ llama.cpp's own rule (src/llama.cpp, which GPUs a model may use; src/llama-model
 `gpu_layers` here is the number of repeating layers offloaded (Model.gpu_layers: for
 an explicit count N <= n_layer, N - 1, as llama.cpp counts the output layer in N), so
 the CPU holds n_layer - gpu_layers of them and the output layer goes with the GPUs.
-llama.cpp's duplicate-device check (two backends seeing one GPU) and RPC servers are not
-modelled: ggml's list does not say which devices those are.
+llama.cpp's duplicate-device check (two backends seeing one GPU) is not modelled: ggml's
+list does not say which devices those are.
 """
 
 from __future__ import annotations
@@ -97,12 +99,14 @@ def model_gpus(devices: Sequence[DeviceLike], split_mode: str, main_gpu: int) ->
     ValueError for an unknown split mode or a main_gpu llama.cpp would refuse."""
     if split_mode not in SPLIT_MODES:
         raise ValueError(f"split_mode: {split_mode!r}; accepted: {', '.join(SPLIT_MODES)}")
-    gpus = [i for i, d in enumerate(devices) if d.kind == "gpu"]
+    workers = [i for i, d in enumerate(devices) if is_rpc(d.name)]
+    gpus = [i for i, d in enumerate(devices) if d.kind == "gpu" and not is_rpc(d.name)]
     if not gpus:  # integrated GPUs only when there is no discrete one, of one backend
         igpus = [i for i, d in enumerate(devices) if d.kind == "igpu"]
         gpus = [
             i for i in igpus if backend_of(devices[i].name) == backend_of(devices[igpus[0]].name)
         ]
+    gpus = workers + gpus  # llama.cpp puts the RPC workers' devices first
     if split_mode == "none" and gpus:
         if main_gpu < 0:
             return []
@@ -168,6 +172,11 @@ _INDEX = re.compile(r"\d+$")
 def backend_of(name: str) -> str:
     """A device's backend: its ggml name less the index (CUDA0 -> CUDA, Metal -> Metal)."""
     return _INDEX.sub("", name) or name
+
+
+def is_rpc(name: str) -> bool:
+    """Whether a device is an RPC worker's (ggml-rpc names them RPC0, RPC1 ...)."""
+    return backend_of(name) == "RPC"
 
 
 def place(

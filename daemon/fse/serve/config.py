@@ -24,6 +24,7 @@ from fse.core.engine import MAX_THREADS
 from fse.core.errors import InputError
 from fse.core.files import FileRefused, read_trusted
 from fse.core.model import GPU_LAYERS_ACCEPTED, GPU_LAYERS_AUTO, parse_gpu_layers, tensor_split
+from fse.core.rpc import ADDRESS_ACCEPTED, check_endpoints, parse_endpoint
 from fse.core.values import check, wrong_type
 from fse.serve.audit import FSYNC_MODES
 
@@ -97,6 +98,14 @@ def _address_list(v: list[str]) -> bool:
     return len(v) >= 1 and all(isinstance(a, str) and listen_address(a) is not None for a in v)
 
 
+def _rpc_list(v: list[str]) -> bool:
+    """RPC workers' HOST:PORT addresses, as ggml-rpc reads them (none: no workers)."""
+    try:
+        return all(isinstance(a, str) and parse_endpoint(a, "") for a in v)
+    except InputError:
+        return False
+
+
 def _tcp_address_list(v: list[str]) -> bool:
     """HOST:PORT addresses only (none: off): the HTTP door has no unix sockets."""
     return all(isinstance(a, str) and isinstance(listen_address(a), tuple) for a in v)
@@ -141,6 +150,16 @@ KEYS: tuple[Key, ...] = (
     Key("model", "chat_template", str, "",
         "a llama.cpp built-in template name such as chatml (empty: the GGUF's own)",
         flag="--chat-template"),
+    Key("model", "rpc", list, [],
+        f"a list of RPC workers (`fse rpc-worker`), each {ADDRESS_ACCEPTED}: the model's "
+        "layers are split across their devices (empty: none; docs/rpc.md)",
+        _rpc_list, "--rpc", "HOST:PORT"),
+    Key("model", "allow_remote_rpc", bool, False,
+        "true or false (true: RPC workers on non-loopback addresses, over a tunnel)",
+        flag="--allow-remote-rpc"),
+    Key("model", "rpc_stall_seconds", float, 30.0,
+        "seconds 1..3600: a decode step waiting this long on the RPC workers counts as a "
+        "lost worker (fail closed)", _between(1, 3600), "--rpc-stall-seconds"),
     Key("policies", "dir", str, "", "a directory of NAME.toml policies (empty: built-ins only)",
         flag="--policies-dir"),
     Key("audit", "path", str, "fse-audit.jsonl", "a file path", lambda v: bool(v), "--audit-log"),
@@ -196,6 +215,9 @@ class ModelSettings:
     main_gpu: int = 0
     split_mode: str = "layer"
     tensor_split: str = ""  # "3,1": the share of each GPU
+    rpc: tuple[str, ...] = ()  # RPC workers' HOST:PORT (docs/rpc.md)
+    allow_remote_rpc: bool = False
+    rpc_stall_seconds: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -319,6 +341,12 @@ def _build(values: dict[str, Any], overrides: Mapping[str, Any], **extra: bool) 
             raise InputError(f"{name(other)}: required with {name(dotted)}")
     if values["tls.client_ca"] and not values["tls.cert"]:
         raise InputError(f"{name('tls.cert')}: required with {name('tls.client_ca')}")
+    check_endpoints(
+        values["model.rpc"],
+        allow_remote=values["model.allow_remote_rpc"],
+        key=name("model.rpc"),
+        allow="model.allow_remote_rpc = true (--allow-remote-rpc)",
+    )
     return Settings(
         server=ServerSettings(
             listen=tuple(values["server.listen"]),
@@ -341,6 +369,9 @@ def _build(values: dict[str, Any], overrides: Mapping[str, Any], **extra: bool) 
             values["model.main_gpu"],
             values["model.split_mode"],
             values["model.tensor_split"],
+            tuple(values["model.rpc"]),
+            values["model.allow_remote_rpc"],
+            values["model.rpc_stall_seconds"],
         ),
         policies=PoliciesSettings(_path(values["policies.dir"])),
         audit=AuditSettings(

@@ -50,8 +50,9 @@ from fse.serve.memory import keep_request_buffers_in_the_heap
 from fse.serve.metrics import MetricsSink, start_metrics
 from fse.serve.notify import Notifier
 from fse.serve.refusals import RefusalLog
-from fse.serve.relay import UnixRelay
+from fse.serve.relay import UnixRelay, watch_sockets
 from fse.serve.reload import PolicyReloader
+from fse.serve.rpcwatch import RpcWatch, add_workers
 from fse.serve.scheduler import Limits
 from fse.serve.service import GuardService
 from fse.serve.servicer import MAX_MESSAGE_BYTES, GuardServicer, add_to_server
@@ -105,8 +106,17 @@ async def serve(settings: Settings) -> int:
             http.model_loaded(service)
         asyncio.get_running_loop().run_in_executor(None, _hash_model, servicer, plan, metrics)
         announce(settings, plan, service, audit, time.monotonic() - began)
-        parts = Running(plan, service, audit, refusals, server, health, notify, http)
-        return await parts.until_stopped(settings)
+        watch = RpcWatch.of(settings, service, audit)
+        parts = Running(plan, service, audit, refusals, server, health, notify, http, watch)
+        lost: list[str] = []  # a unix socket gone while serving: drain, then exit 1
+        sockets = asyncio.get_running_loop().create_task(
+            _stop_if_a_socket_is_lost(relays, audit, lost)
+        )
+        try:
+            code = await parts.until_stopped(settings)
+        finally:
+            sockets.cancel()
+        return 1 if lost else code
     except BaseException:
         # A start that fails after the server started (no model, no memory for the
         # context) stops it here; left to its destructor, it fails once the loop is gone.
@@ -364,6 +374,8 @@ async def load_service(
     """The model (loaded in a worker thread) and the guard service decoding it."""
     notify.send(f"STATUS=loading {plan.model_path.name}")
     cfg_model = settings.model
+    if cfg_model.rpc:  # the workers' devices, registered before the load splits the model
+        await asyncio.to_thread(add_workers, cfg_model.rpc)
     try:
         model = await asyncio.to_thread(
             Model,
@@ -405,6 +417,7 @@ async def load_service(
             "or max_streams"
         ) from None
     service.start()
+    metrics.placement((d.name, d.description, d.layers) for d in service.placement.devices)
     return service
 
 
@@ -444,6 +457,9 @@ def announce(
         if model.n_gpu_layers
         else "CPU"
     )
+    if any(d.name.startswith("RPC") for d in service.placement.devices):
+        held = [d for d in service.placement.devices if d.layers]
+        where += ", layers: " + ", ".join(f"{d.name} {d.description} {d.layers}" for d in held)
     http = ""
     if plan.http_targets:
         http = f"; OpenAI-compatible API on {', '.join(f'{t}/v1' for t in plan.http_targets)}"
@@ -468,6 +484,7 @@ class Running:
     health: Health
     notify: Notifier
     http: HttpDoor | None = None
+    rpc: RpcWatch | None = None  # with RPC workers: a lost one fails the daemon closed
 
     async def until_stopped(self, settings: Settings) -> int:
         """Serve until SIGTERM/SIGINT (SIGHUP reloads the policies), then drain and
@@ -487,6 +504,8 @@ class Running:
         await self.health.serving(True)
         notify.send("READY=1", service.status())
         background = [loop.create_task(_retry_audit(audit)), *notify.tasks(service)]
+        if self.rpc is not None:
+            background.append(self.rpc.start(stop, lambda: self.health.serving(False)))
         await stop.wait()
         # No reload while stopping: a READY=1 after STOPPING=1 would tell systemd it runs again.
         loop.add_signal_handler(
@@ -518,7 +537,9 @@ class Running:
         # What is left halts with guard `shutdown`. A decode thread stuck in llama_decode
         # (the watchdog's case) cannot be stopped: exit without it; its streams' clients see
         # UNAVAILABLE and the next start records them as orphans.
-        stopped = await asyncio.to_thread(service.shutdown, SHUTDOWN_SECONDS)
+        # A decode given up for lost (a lost RPC worker) is not waited for.
+        wait = 0.0 if service.scheduler.abandoned else SHUTDOWN_SECONDS
+        stopped = await asyncio.to_thread(service.shutdown, wait)
         # Both doors close; streams still running (halted by now) write their last words.
         await asyncio.gather(
             self.server.stop(grace=2.0), self.http.stop() if self.http else asyncio.sleep(0)
@@ -535,10 +556,24 @@ class Running:
         if not written:
             log.error("audit.lost", path=plan.audit_path, error=audit.error)
             return 1
-        if not stopped:
+        if not stopped or (self.rpc is not None and self.rpc.lost is not None):
             return 1
         log.info("server.stopped")
         return 0
+
+
+async def _stop_if_a_socket_is_lost(
+    relays: list[UnixRelay], audit: AuditLog, lost: list[str]
+) -> None:
+    """A unix socket removed or replaced while serving (its directory deleted, say): no
+    new client can reach the daemon there. Stop as SIGTERM does (NOT_SERVING at once,
+    running streams may finish within drain_seconds) and exit 1, so that the supervisor
+    (systemd's Restart=on-failure, a Kubernetes container restart) starts it afresh."""
+    relay = await watch_sockets(relays)
+    lost.append(str(relay.public))
+    log.error("listen.socket_lost", path=str(relay.public), action="stopping, exit code 1")
+    audit.write("server.socket_lost", path=str(relay.public))
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 async def _retry_audit(audit: AuditLog, every: float = 0.5) -> None:
@@ -569,7 +604,14 @@ def run(settings: Settings) -> int:
     configure_logging()
     keep_request_buffers_in_the_heap(MAX_MESSAGE_BYTES)
     try:
-        return asyncio.run(serve(settings))
+        code = asyncio.run(serve(settings))
     except (StartupError, ModelError, InputError, EngineError) as exc:
         print(f"fse serve: error: {exc}", file=sys.stderr)
-        return 1
+        code = 1
+    if settings.model.rpc:
+        # ggml-rpc's threads may wait on a lost worker for good, and C++'s static
+        # destructors at exit would join them: leave without running those.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code

@@ -21,6 +21,9 @@ Where each value comes from:
 - `fse_audit_write_errors_total`: the audit log's health callback, each time the log
   goes from writable to failing (new streams are refused until it recovers).
 - `fse_build_info{version,model_sha256}`: set once the model's sha256 is known.
+- `fse_device_layers{device,description}`: set once the model is loaded, for every ggml
+  device: the model's layers it holds (an RPC worker's device is RPC0, RPC1 ... with the
+  worker's HOST:PORT as its description; docs/rpc.md).
 
 The registry is a dedicated CollectorRegistry, not prometheus_client's global one: it
 holds these metrics plus, by choice, the `process_*` collector (CPU seconds, resident
@@ -118,6 +121,9 @@ class MetricsSink:
     def watch(self, load: Load) -> None:
         """Read the scheduler's (active, waiting) at each scrape."""
 
+    def placement(self, devices: Iterable[tuple[str, str, int]]) -> None:
+        """The model is loaded: (device, description, layers) for every ggml device."""
+
     def close(self) -> None:
         """Stop the listener."""
 
@@ -200,6 +206,10 @@ class Metrics(MetricsSink):
             "fse_build_info", "Always 1: the daemon's version and its model's sha256.",
             ["version", "model_sha256"], registry=r,
         )  # fmt: skip
+        self._layers = Gauge(
+            "fse_device_layers", "The model's layers on each device (ggml's name).",
+            ["device", "description"], registry=r,
+        )  # fmt: skip
         self._load = _LoadCollector()
         r.register(self._load)
         if process:
@@ -233,6 +243,11 @@ class Metrics(MetricsSink):
 
     def watch(self, load: Load) -> None:
         self._load.load = load
+
+    def placement(self, devices: Iterable[tuple[str, str, int]]) -> None:
+        self._layers.clear()
+        for name, description, layers in devices:
+            self._layers.labels(name, description).set(layers)
 
     def serve(
         self,

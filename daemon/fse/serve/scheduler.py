@@ -166,6 +166,9 @@ class Scheduler:
         self.step_started: float | None = None
         self.tokens_released = 0
         self.metrics = metrics  # called on the decode thread
+        # Set by abandon(): the decode thread is stuck in llama.cpp for good (a lost RPC
+        # worker) and its streams were ended from outside; if it ever returns, it stops.
+        self.abandoned = False
 
     # -- event-loop side ------------------------------------------------------
 
@@ -234,6 +237,32 @@ class Scheduler:
         self.ctx.close()
         return True
 
+    def abandon(self, message: str) -> int:
+        """End every stream from the calling thread (the event loop) while the decode
+        thread is stuck inside llama_decode for good (fse.serve.rpcwatch: a lost RPC
+        worker): an `error` verdict, guard `internal`, for each running and waiting one,
+        recorded and delivered as usual, without touching the context (the stuck decode
+        owns it). Nothing is accepted after. Returns how many streams it ended."""
+        deliver: Deliver = []
+        with self._wake:
+            self.abandoned = True
+            self._accepting = False
+            active, self._active = self._active, []
+            waiting = list(self._waiting)
+            self._waiting.clear()
+        for a in active:
+            a.stream.fail(message)  # an error releases nothing held back
+            verdict = a.stream.verdict
+            assert verdict is not None
+            deliver.append((a.handle, [verdict]))
+            self.metrics.verdict(verdict)
+            if self.on_stream_end is not None:
+                self.on_stream_end(a.handle, verdict)
+        for handle in waiting:
+            self._end_unstarted(handle, deliver, ERROR, INTERNAL, message=message)
+        self._post(deliver)
+        return len(active) + len(waiting)
+
     # -- scheduler thread -----------------------------------------------------
 
     def _run(self) -> None:
@@ -250,6 +279,8 @@ class Scheduler:
             self._sweep(deliver)
             self._post(deliver)  # cancel/deadline verdicts go out now, not after the decode
             deliver = []
+            if self.abandoned:  # its streams were ended by abandon(): nothing left to do
+                return
             if self._active:
                 try:
                     self._step(deliver)
@@ -345,6 +376,8 @@ class Scheduler:
                 budget -= a.slot.queue_prompt(budget)
         began = time.perf_counter()
         ctx.decode()
+        if self.abandoned:  # back from a decode given up for lost: the streams are ended
+            return
         self.metrics.step(time.perf_counter() - began)
         scoring = [a.slot for a in self._active if a.slot._scoring]
         if scoring:  # prompt positions in this batch: their nll, before the next decode

@@ -118,6 +118,8 @@ class UnixRelay:
     def __init__(self, public: Path, listening: socket.socket) -> None:
         self.public = public
         self._listening = listening
+        st = os.stat(public)
+        self._identity = (st.st_dev, st.st_ino)  # the socket file this relay bound
         # Private to the daemon's user; removed by close(). A daemon killed with -9
         # leaves it behind: the next start on the same socket removes it.
         remove_leftovers(public)
@@ -138,6 +140,15 @@ class UnixRelay:
     @property
     def inner_target(self) -> str:
         return f"unix:{self.inner}"
+
+    def socket_present(self) -> bool:
+        """Whether `public` still names this relay's socket: false once it (or its
+        directory) was removed or replaced, when no client can reach the daemon there."""
+        try:
+            st = os.stat(self.public)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) == self._identity
 
     def peer_uid(self, peer: str) -> int | None:
         """The uid encoded in a gRPC peer name made by this relay, else None."""
@@ -196,8 +207,23 @@ class UnixRelay:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 1.0)
         self._listening.close()  # closed already if the relay started; not if it did not
-        self.public.unlink(missing_ok=True)
+        if self.socket_present():  # never another's: a socket made there since is left alone
+            self.public.unlink(missing_ok=True)
         shutil.rmtree(self.private, ignore_errors=True)
+
+
+async def watch_sockets(relays: list[UnixRelay], every: float = 1.0) -> UnixRelay:
+    """Return the first relay whose public socket is gone or replaced (checked every
+    `every` seconds): its directory removed while serving, say. The daemon then stops
+    and exits 1 (fse.serve.daemon) so that its supervisor starts it afresh: a daemon
+    that nobody can reach where it is configured to listen must not go on looking
+    healthy on its other listeners, nor re-create a socket in a directory it no longer
+    knows to be the one configured."""
+    while True:
+        await asyncio.sleep(every)
+        for relay in relays:
+            if not relay.socket_present():
+                return relay
 
 
 def private_location(public: Path) -> tuple[Path, str]:

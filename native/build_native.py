@@ -70,8 +70,6 @@ typedef struct ggml_backend_reg * ggml_backend_reg_t;
 ggml_backend_reg_t ggml_backend_reg_by_name(const char * name);
 void * ggml_backend_reg_get_proc_address(ggml_backend_reg_t reg, const char * name);
 void ggml_backend_register(ggml_backend_reg_t reg);
-ggml_backend_reg_t ggml_backend_dev_backend_reg(ggml_backend_dev_t device);
-const char * ggml_backend_reg_name(ggml_backend_reg_t reg);
 /* GGML_ABORT (a lost RPC worker) calls this before abort(): fse.core.rpc's handler. */
 typedef void (*ggml_abort_callback_t)(const char * error_message);
 ggml_abort_callback_t ggml_set_abort_callback(ggml_abort_callback_t callback);

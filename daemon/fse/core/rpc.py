@@ -147,17 +147,9 @@ def add_workers(endpoints: Sequence[Endpoint], key: str) -> dict[Endpoint, list[
         if reg == ffi.NULL:
             raise InputError(f"{key}: {ep}: the worker offers no device")
         lib.ggml_backend_register(reg)
-        _added[ep] = _names_of(reg)
+        # ggml-rpc describes each of a worker's devices by the worker's address.
+        _added[ep] = [d.name for d in worker_devices() if d.description == str(ep)]
     return {ep: _added[ep] for ep in endpoints}
-
-
-def _names_of(reg: object) -> list[str]:
-    names = []
-    for i in range(lib.ggml_backend_dev_count()):
-        dev = lib.ggml_backend_dev_get(i)
-        if lib.ggml_backend_dev_backend_reg(dev) == reg:
-            names.append(ffi.string(lib.ggml_backend_dev_name(dev)).decode())
-    return names
 
 
 def worker_devices() -> list[Device]:

@@ -30,6 +30,7 @@ from grpc_reflection.v1alpha import reflection
 from fse.core.errors import EngineError, InputError
 from fse.core.gguf import ModelError, check_gguf, default_model_path, file_sha256
 from fse.core.model import Model, tensor_split
+from fse.core.placement import is_rpc
 from fse.core.policy import Policy, PolicyError, load_policies
 from fse.serve.audit import AuditError, AuditLog
 from fse.serve.auth import AuthInterceptor, TokenTable
@@ -457,9 +458,15 @@ def announce(
         if model.n_gpu_layers
         else "CPU"
     )
-    if any(d.name.startswith("RPC") for d in service.placement.devices):
+    if any(is_rpc(d.name) for d in service.placement.devices):  # which worker holds what
         held = [d for d in service.placement.devices if d.layers]
-        where += ", layers: " + ", ".join(f"{d.name} {d.description} {d.layers}" for d in held)
+        where = f"{model.gpu_layers} of {model.n_layer} layers and the output layer offloaded; "
+        where += ", ".join(
+            f"{d.name} ({d.description}): {d.layers} layers"
+            if is_rpc(d.name)
+            else f"{d.name}: {d.layers} layers"
+            for d in held
+        )
     http = ""
     if plan.http_targets:
         http = f"; OpenAI-compatible API on {', '.join(f'{t}/v1' for t in plan.http_targets)}"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Awaitable, Callable, Sequence
 
 import structlog
@@ -94,7 +95,14 @@ class RpcWatch:
         assert self._loop is not None
         detail = message.rsplit(": ", 1)[-1].strip()  # less ggml's file:line prefix
         log.error("rpc.abort", message=message)
-        self._loop.call_soon_threadsafe(self.lose, f"the connection failed ({detail})")
+        # Which worker is gone: a killed one refuses connections once its process is
+        # torn down, which can come a moment after the reset that brought us here.
+        refused: list[str] = []
+        for _ in range(10):
+            if refused := rpc.lost_workers(self.endpoints):
+                break
+            time.sleep(0.1)
+        self._loop.call_soon_threadsafe(self.lose, f"the connection failed ({detail})", refused)
         threading.Event().wait(ABORT_GRACE_SECONDS)
         log.error("rpc.abort_exit", seconds=ABORT_GRACE_SECONDS)
 
@@ -109,17 +117,16 @@ class RpcWatch:
                     f"model.rpc_stall_seconds = {self.stall_seconds:g})"
                 )
 
-    def lose(self, why: str) -> None:
-        """Fail closed, once (event loop)."""
+    def lose(self, why: str, refused: Sequence[str] = ()) -> None:
+        """Fail closed, once (event loop); `refused`: the workers known to be gone."""
         if self.lost is not None:
             return
-        refused = rpc.lost_workers(self.endpoints)  # killed ones refuse connections
         named = ", ".join(refused) if refused else ", ".join(map(str, self.endpoints))
         self.lost = f"RPC worker lost: {named}: {why}"
         assert self._not_serving is not None and self._stop is not None
         loop = asyncio.get_running_loop()
         self._health_task = loop.create_task(self._not_serving())
-        log.error("rpc.worker_lost", workers=refused or [str(e) for e in self.endpoints], why=why)
+        log.error("rpc.worker_lost", workers=list(refused or map(str, self.endpoints)), why=why)
         self.audit.write("rpc.worker_lost", workers=[str(e) for e in self.endpoints], why=why)
         ended = self.scheduler.abandon(self.lost)
         log.error("rpc.streams_ended", streams=ended)

@@ -93,6 +93,40 @@ def test_unit_security_exposure_is_at_most_2() -> None:
     assert float(match.group(1)) <= 2.0, result.stdout
 
 
+WORKER_UNIT = ROOT / "daemon" / "systemd" / "fse-rpc-worker.service"
+
+
+@needs_analyze
+def test_rpc_worker_unit_verifies_with_exposure_at_most_2(tmp_path: Path) -> None:
+    """The RPC worker's unit (docs/rpc.md), hardened as the daemon's."""
+    assert SYSTEMD_ANALYZE is not None
+    launcher = Path(sys.executable).parent / "fse"
+    text = WORKER_UNIT.read_text()
+    unit = tmp_path / WORKER_UNIT.name
+    unit.write_text(re.sub(r"^ExecStart=\S+ ", f"ExecStart={launcher} ", text, flags=re.M))
+    verify = subprocess.run(
+        [SYSTEMD_ANALYZE, "verify", str(unit)], capture_output=True, text=True, timeout=120
+    )
+    assert verify.returncode == 0 and verify.stderr.strip() == "", verify.stderr
+    result = subprocess.run(
+        [SYSTEMD_ANALYZE, "security", "--offline=yes", str(WORKER_UNIT)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    match = re.search(
+        r"Overall exposure level for fse-rpc-worker\.service: (\d+\.\d+)", result.stdout
+    )
+    assert match, result.stdout + result.stderr
+    assert float(match.group(1)) <= 2.0, result.stdout
+    settings = unit_settings(WORKER_UNIT)
+    assert settings["ExecStart"] == [
+        "/usr/local/bin/fse rpc-worker --listen ${FSE_RPC_LISTEN} $FSE_RPC_FLAGS"
+    ]
+    assert "FSE_RPC_LISTEN=127.0.0.1:50052 FSE_RPC_FLAGS=" in settings["Environment"]
+    assert settings["MemoryDenyWriteExecute"] == ["yes"] and settings["DynamicUser"] == ["yes"]
+
+
 def test_unit_keeps_what_the_daemon_needs() -> None:
     unit = unit_settings()
     assert unit["Type"] == ["notify"]

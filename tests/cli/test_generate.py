@@ -91,6 +91,16 @@ def test_greedy_loop_passes_default_policy() -> None:
     assert all(t["ppl"] < 2 for t in run.tokens)
 
 
+def test_pro_refuses_a_random_token_suffix_before_any_token() -> None:
+    """The input guard through --local: the prompt is judged once, before generating."""
+    prompt = "Tell me about the weather today. quartz vivid ZEBRA ]]; oblong $$ flux Kettle 99"
+    run = generate_json(prompt, *GREEDY, "--max-tokens", "8", "--policy", "pro")
+    assert_halted(run, "prompt_perplexity", token_index=0)
+    assert run.verdict["value"] > run.verdict["threshold"] in (1000.0, 5000.0)
+    ordinary = generate_json(FRANCE, *GREEDY, "--max-tokens", "4", "--policy", "pro")
+    assert ordinary.verdict["status"] == "completed" and len(ordinary.tokens) == 4
+
+
 def test_greedy_loop_halts_by_loop_under_pro() -> None:
     run = generate_json(LA_LOOP, *GREEDY, "--max-tokens", "32", "--policy", "pro")
     assert_halted(run, "loop")

@@ -92,6 +92,10 @@ def test_sha256_equal_for_equivalent_files() -> None:
 # a comment
 name = "pro"   # trailing comment
 description = "descriptions are not part of the hash"
+[guards.prompt_perplexity]
+window_threshold = 5e3
+threshold = 1000
+skip = 4
 [guards.loop]
 min_span = 12
 max_period = 1024

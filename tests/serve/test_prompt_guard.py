@@ -59,3 +59,19 @@ def test_a_refused_prompt_gets_one_verdict_and_no_token(
     assert [(r["guard"], r["tokens"], r["token_index"]) for r in records] == [
         ("prompt_perplexity", 0, 0)
     ]
+
+
+def test_pro_refuses_adversarial_prompts_and_passes_odd_ordinary_ones(
+    start_daemon: Callable[..., Daemon],
+) -> None:
+    """The built-in `pro` through the daemon: a random-token suffix is refused with no
+    token, an ordinary prompt carrying base64 and a hash is served."""
+    odd = "Decode SGVsbG8sIHdvcmxkIQ== and check commit 3f9a2c7e1b8d4f60a5e9c2b7d1f3a8e6c4b2d0f9."
+    daemon = start_daemon("--max-streams", "2")
+    with daemon.channel() as channel:
+        refused = generate(channel, [start(RANDOM_SUFFIX, 8, policy="pro")])
+        served = generate(channel, [start(odd, 4, policy="pro")])
+    verdict = assert_well_formed(refused, 8)
+    assert refused.tokens == [] and (verdict.guard, verdict.tokens) == ("prompt_perplexity", 0)
+    assert assert_well_formed(served, 4).status == fse_pb2.STATUS_COMPLETED
+    assert len(served.tokens) == 4

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 from fse.core.errors import InputError
 from fse.core.guards import LoopDetector
-from fse.core.policy import builtin_policy, load_policy_file
+from fse.core.policy import NearLoopGuard, builtin_policy, load_policy_file
 from fse.core.types import StepMetrics
 from fse.tools import calibrate as cal
 from support.daemons import run_fse
@@ -121,7 +122,12 @@ def test_hard_limits_hold_whatever_the_data() -> None:
     assert p.max_prob.consecutive == cal.MAX_PROB_CONSECUTIVE_CEILING
     assert p.loop.min_span == cal.LOOP_SPAN_CEILING
     assert c.false_halt_rate == 1.0
-    assert [w.split(":")[0] for w in c.warnings] == ["perplexity", "l2_norm", "loop"]
+    assert [w.split(":")[0] for w in c.warnings] == [
+        "perplexity",
+        "l2_norm",
+        "loop",
+        "prompt_perplexity",  # not measured: synthetic runs carry no prompt nll
+    ]
 
 
 def test_false_halt_rate_replays_the_written_policy() -> None:
@@ -136,6 +142,79 @@ def test_false_halt_rate_replays_the_written_policy() -> None:
     assert any("1 of 10 calibration generations end in a cycle" in w for w in c.warnings)
     assert [(r, t.guard) for r, t in c.halts] == [(looping, "loop")]
     assert c.false_halt_rate == pytest.approx(0.1)
+
+
+def test_near_loop_match_sits_above_the_healthy_maximum() -> None:
+    """min_match: the highest match fraction of a non-looping generation + the margin,
+    never below the base's; a generation at the limit is a loop, left out."""
+    rng = random.Random(3)
+    base = dataclasses.replace(builtin_policy("pro"), near_loop=NearLoopGuard())
+    ordinary = [
+        _run([(1.0, 20.0, 0.5, 3000.0)] * 60, tokens=[rng.randrange(5000) for _ in range(60)])
+    ]
+    c = cal.calibrate_policy(ordinary * 3, base, name="c", n_vocab=262144)
+    assert c.policy.near_loop is not None and c.policy.near_loop.min_match == 0.85  # the base's
+    # A phrase of 8 tokens whose last token counts up: 7 of 8 positions match one period back.
+    counter = [t for i in range(8) for t in (11, 12, 13, 14, 15, 16, 17, 100 + i)]
+    drifting = _run([(1.0, 20.0, 0.5, 3000.0)] * 64, tokens=counter)
+    assert cal.best_match(counter, 256, 3, 24) == pytest.approx(7 / 8, abs=0.01)
+    c = cal.calibrate_policy([*ordinary, drifting], base, name="c", n_vocab=262144)
+    assert c.policy.near_loop is not None
+    assert c.policy.near_loop.min_match == math.ceil((7 / 8 + cal.NEAR_MATCH_MARGIN) * 100) / 100
+
+
+def _with_prompts(runs: list[cal.Run], nll_per_token: list[float]) -> list[cal.Run]:
+    """Each run gets a prompt of its own, of 24 tokens at the given nll each."""
+    for i, (run, nll) in enumerate(zip(runs, nll_per_token, strict=True)):
+        run.prompt = cal.Prompt(text=f"p{i}", source=f"t:{i}")
+        run.prompt_nll = [nll] * 24
+    return runs
+
+
+def test_prompt_thresholds_are_the_floors_on_ordinary_prompts() -> None:
+    runs = _with_prompts(_healthy(n_runs=4), [1.0, 2.0, 3.0, 4.0])  # ppl up to e^4 = 55
+    c = cal.calibrate_policy(runs, builtin_policy("pro"), name="cal", n_vocab=262144)
+    guard = c.policy.prompt_perplexity
+    assert guard is not None
+    assert (guard.threshold, guard.window_threshold) == (
+        cal.PROMPT_PPL_FLOOR,
+        cal.PROMPT_WINDOW_FLOOR,
+    )
+    row = next(r for r in c.rows if r.metric.startswith("prompt_perplexity"))
+    assert row.n == 4 and row.p50 == pytest.approx(math.exp(3.0))  # the higher median
+
+
+def test_prompt_thresholds_follow_an_odd_corpus_up_to_the_limits() -> None:
+    """A corpus of ordinary but unusual prompts (mean nll 7: ppl 1,097) raises the
+    thresholds to its worst x the margin; garbage cannot raise them past the limits."""
+    runs = _with_prompts(_healthy(n_runs=3), [1.0, 7.0, 2.0])
+    guard = cal.calibrate_policy(runs, builtin_policy("pro"), name="c", n_vocab=10).policy
+    assert guard.prompt_perplexity is not None
+    expected = cal.round_sig(math.exp(7.0) * cal.PROMPT_MARGIN, up=True)
+    assert guard.prompt_perplexity.threshold == expected == 4390.0
+    assert guard.prompt_perplexity.window_threshold == cal.PROMPT_WINDOW_FLOOR
+    garbage = cal.calibrate_policy(
+        _with_prompts(_healthy(n_runs=2), [12.0, 1.0]),
+        builtin_policy("pro"),
+        name="g",
+        n_vocab=262144,
+    )
+    assert garbage.policy.prompt_perplexity is not None
+    assert garbage.policy.prompt_perplexity.threshold == cal.PROMPT_PPL_CEILING
+    assert garbage.policy.prompt_perplexity.window_threshold == cal.PROMPT_WINDOW_CEILING
+    assert any(w.startswith("prompt_perplexity: an ordinary prompt") for w in garbage.warnings)
+    # ... and the prompt that reached the limit is counted as a halt of the written policy.
+    assert [t.guard for _, t in garbage.halts] == ["prompt_perplexity"]
+
+
+def test_prompts_not_measured_keep_the_base_settings() -> None:
+    """Through a daemon the prompt's nll is not reported: nothing to measure."""
+    c = cal.calibrate_policy(_healthy(n_runs=3), builtin_policy("pro"), name="c", n_vocab=10)
+    assert c.policy.prompt_perplexity == builtin_policy("pro").prompt_perplexity
+    assert any("measured in process only" in w for w in c.warnings)
+    off = cal.calibrate_policy(_healthy(n_runs=3), builtin_policy("default"), name="d", n_vocab=10)
+    assert off.policy.prompt_perplexity is None
+    assert not any(w.startswith("prompt_perplexity") for w in off.warnings)
 
 
 # ---------------------------------------------------------------------------
@@ -226,7 +305,8 @@ def test_calibrate_small_corpus_writes_a_sensible_policy(tmp_path: Path) -> None
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     # The report: one line per metric with p50, p99, p99.9 and the threshold chosen.
-    for metric in ("perplexity", "l2_norm", "logit_variance", "max_prob", "entropy", "loop span"):
+    metrics = ("perplexity", "l2_norm", "logit_variance", "max_prob", "entropy", "loop span")
+    for metric in (*metrics, "prompt_perplexity"):
         assert any(line.startswith(metric) for line in result.stdout.splitlines()), result.stdout
     assert "expected false-halt rate on the calibration set: " in result.stdout
     assert "(the base policy pro as shipped would halt " in result.stdout
@@ -238,9 +318,13 @@ def test_calibrate_small_corpus_writes_a_sensible_policy(tmp_path: Path) -> None
     assert policy.name == "calibrated"
     assert policy.perplexity and policy.l2_norm and policy.logit_variance
     assert policy.max_prob and policy.loop  # the base policy is pro: every guard
+    assert policy.prompt_perplexity is not None  # measured on the three prompts: the floors
+    assert policy.prompt_perplexity.threshold == cal.PROMPT_PPL_FLOOR
 
     runs = json.loads(raw.read_text())["runs"]
     assert len(runs) == 3 and all(r["status"] == "completed" for r in runs)
+    # Each prompt's nll, one per token after the first (a 5-token prompt: BOS + 4).
+    assert all(len(r["prompt_nll"]) >= 4 and min(r["prompt_nll"]) >= 0 for r in runs)
     steps = [r["steps"] for r in runs]
     ppl = [
         v

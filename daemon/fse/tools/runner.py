@@ -93,6 +93,9 @@ class Run:
     replayed: bool = False  # verdict found by replaying metrics through a local guard chain
     message: str = ""
     pieces: list[str] = field(default_factory=list)  # released text, token by token
+    # -log p of each prompt token after the first, as the prompt guards see it (only the
+    # messages' own text for chat); None where it was not measured (through a daemon).
+    prompt_nll: list[float] | None = None
 
     @property
     def halted(self) -> bool:
@@ -111,6 +114,8 @@ class Runner(Protocol):
     def unserved(self, policy: Policy) -> str: ...
 
     def run(self, prompt: Prompt, sampling: Sampling, max_tokens: int, policy: Policy) -> Run: ...
+
+    def prompt_nll(self, prompt: Prompt) -> list[float] | None: ...
 
     def close(self) -> None: ...
 
@@ -198,6 +203,29 @@ class LocalRunner:
         events = run_local(self.model, self.ctx, request, policy)
         return _collect(events, prompt, sampling.seed, policy.name)
 
+    def prompt_nll(self, prompt: Prompt) -> list[float]:
+        """The prompt's nll as the prompt guards judge it: one prefill, scored, nothing
+        generated; for chat, only the messages' own tokens (fse.core.runner.content_mask)."""
+        from fse.core.engine import generate
+        from fse.core.runner import content_mask, prompt_tokens
+        from fse.core.types import Request, Sampling
+
+        if self.ctx is None:
+            self.prepare([(prompt, 0)])
+        assert self.ctx is not None
+        request = Request(prompt=prompt.text, messages=prompt.messages)
+        tokens = prompt_tokens(self.model, request)
+        seen: list[float] = []
+
+        def judge(nll: Sequence[float]) -> bool:
+            seen.extend(nll)
+            return False  # stop before the first token
+
+        for _ in generate(self.ctx, tokens, Sampling(temperature=0.0), 1, prompt_judge=judge):
+            pass
+        mask = content_mask(self.model, request, tokens)
+        return seen if mask is None else [x for i, x in enumerate(seen) if mask[i + 1]]
+
     def close(self) -> None:
         if self.ctx is not None:
             self.ctx.close()
@@ -255,6 +283,10 @@ class RemoteRunner:
                 raise InputError(f"{prompt.source or 'prompt'}: {exc.message}") from None
             raise RunError(str(exc)) from None
 
+    def prompt_nll(self, prompt: Prompt) -> None:
+        """Not measured: a daemon does not report the prompt's nll."""
+        return None
+
     def close(self) -> None:
         pass
 
@@ -276,8 +308,11 @@ def _not_served(addr: str, policy: Policy, served: dict[str, str]) -> str:
 # Replay
 
 
-def replay(steps: Sequence[StepMetrics], policy: Policy) -> Trip | None:
-    """The first halting trip a fresh guard chain of `policy` finds in recorded steps.
+def replay(
+    steps: Sequence[StepMetrics], policy: Policy, prompt_nll: Sequence[float] | None = None
+) -> Trip | None:
+    """The first halting trip a fresh guard chain of `policy` finds in recorded steps,
+    after its prompt guards judge `prompt_nll` (Run.prompt_nll) when it was measured.
 
     Windowed perplexity is recomputed from each step's nll for the policy's window.
     """
@@ -285,6 +320,10 @@ def replay(steps: Sequence[StepMetrics], policy: Policy) -> Trip | None:
     from fse.core.metrics import PerplexityWindow
 
     chain = GuardChain(policy)
+    if prompt_nll is not None and chain.scores_prompt:
+        refused = [t for t in chain.check_prompt(prompt_nll) if t.halts]
+        if refused:
+            return refused[0]
     window = PerplexityWindow(policy.ppl_window)
     for m in steps:
         ppl, cumulative = window.push(m.nll)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from fse.core.registry.spec import (
     GuardSpec,
+    Measure,
     PromptJudge,
     check_action,
     check_float,
@@ -90,6 +91,8 @@ PROMPT_PERPLEXITY_SPEC = GuardSpec(
     summary=lambda c: (
         f"prompt_perplexity {c.threshold:g} (window {c.window}: {c.window_threshold:g})"
     ),
+    # metric: what calibrate reads (Run.prompt_nll, not a StepMetrics attribute)
+    measure=Measure("threshold", "prompt_nll", "high", limit=10000.0, rule="prompt_ppl"),
     marker="P",
     judge_prompt=_prompt_perplexity,
 )

@@ -76,7 +76,7 @@ class Measure:
     ``"quantile"`` (the generic rule, for any per-step metric: the healthy p_q x margin
     for a high tail, p_(1-q) / margin for a low one, clamped to ``limit``) or one of the
     rules it defines for the guards that need more (``"windowed_ppl"``, ``"l2_vocab"``,
-    ``"run_length"``, ``"loop_span"``).
+    ``"run_length"``, ``"loop_span"``, ``"prompt_ppl"``).
     """
 
     key: str  # the config key calibrate sets

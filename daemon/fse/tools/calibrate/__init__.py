@@ -23,15 +23,22 @@ from fse.tools.calibrate.rules import (
     LOOP_SPAN_CEILING,
     MARGIN,
     MAX_PROB_CONSECUTIVE_CEILING,
+    NEAR_MATCH_MARGIN,
     PPL_CEILING,
     PPL_FLOOR,
+    PROMPT_MARGIN,
+    PROMPT_PPL_CEILING,
+    PROMPT_PPL_FLOOR,
+    PROMPT_WINDOW_CEILING,
+    PROMPT_WINDOW_FLOOR,
     QUANTILE,
     VARIANCE_FLOOR,
     Calibration,
     MetricRow,
+    best_match,
     calibrate_policy,
 )
-from fse.tools.calibrate.stats import longest_streak, loop_span, quantile, windowed_ppl
+from fse.tools.calibrate.stats import longest_streak, loop_span, quantile, round_sig, windowed_ppl
 from fse.tools.runner import Prompt, Run, RunError
 
 __all__ = [
@@ -39,8 +46,14 @@ __all__ = [
     "LOOP_SPAN_CEILING",
     "MARGIN",
     "MAX_PROB_CONSECUTIVE_CEILING",
+    "NEAR_MATCH_MARGIN",
     "PPL_CEILING",
     "PPL_FLOOR",
+    "PROMPT_MARGIN",
+    "PROMPT_PPL_CEILING",
+    "PROMPT_PPL_FLOOR",
+    "PROMPT_WINDOW_CEILING",
+    "PROMPT_WINDOW_FLOOR",
     "QUANTILE",
     "VARIANCE_FLOOR",
     "Calibration",
@@ -48,6 +61,7 @@ __all__ = [
     "Prompt",
     "Run",
     "RunError",
+    "best_match",
     "builtin_prompts",
     "calibrate_policy",
     "collect",
@@ -60,6 +74,7 @@ __all__ = [
     "quantile",
     "read_corpus",
     "report_lines",
+    "round_sig",
     "settings_text",
     "windowed_ppl",
 ]

@@ -26,6 +26,7 @@ def collect(
 ) -> list[Run]:
     """Every prompt `samples` times under the observe-only policy, generation i with seed
     base_seed + i. A daemon must serve that policy; a failed generation is a RunError.
+    Each prompt's own nll (for the prompt guards) is measured once, in process only.
     With `progress`, a progress bar with that label is drawn on stderr."""
     observe = observe_policy()
     jobs = [(p, max_tokens) for p in prompts for _ in range(samples)]
@@ -38,11 +39,15 @@ def collect(
     runner.prepare(jobs)
     bar = Progress(len(jobs), progress) if progress is not None else None
     runs: list[Run] = []
+    scored: dict[Prompt, list[float] | None] = {}  # once per prompt, whatever `samples`
     for i, (prompt, tokens) in enumerate(jobs):
         seed = (base_seed + i) % 2**32
         run = runner.run(prompt, replace(sampling, seed=seed), tokens, observe)
         if run.status == "error":
             raise RunError(f"{prompt.source}: generation failed: {run.message}")
+        if prompt not in scored:
+            scored[prompt] = runner.prompt_nll(prompt)
+        run.prompt_nll = scored[prompt]
         runs.append(run)
         if bar is not None:
             bar.advance(prompt.label)

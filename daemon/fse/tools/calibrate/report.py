@@ -117,6 +117,7 @@ def metrics_json(runs: Sequence[Run]) -> dict[str, Any]:
                 "seed": r.seed,
                 "status": r.status,
                 "text": r.text,
+                "prompt_nll": r.prompt_nll,
                 "steps": steps_json(r.steps),
             }
             for r in runs

@@ -9,7 +9,9 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from fse.core.registry import GUARDS, GuardSpec, LoopGuard, spec
-from fse.core.types import LOGIT_VARIANCE, LOOP, MAX_PROB, PERPLEXITY
+from fse.core.registry.loops import NearLoopDetector
+from fse.core.registry.prompt import prompt_perplexities
+from fse.core.types import LOGIT_VARIANCE, LOOP, MAX_PROB, PERPLEXITY, PROMPT_PERPLEXITY
 from fse.tools.calibrate.stats import (
     fmt,
     longest_streak,
@@ -41,6 +43,17 @@ VARIANCE_FLOOR = _limit(LOGIT_VARIANCE)
 MAX_PROB_CONSECUTIVE_CEILING = int(_limit(MAX_PROB))
 LOOP_SPAN_CEILING = int(_limit(LOOP))
 DEFAULT_MAX_TOKENS = 128
+# near_loop: the highest match fraction a non-looping generation reaches, plus this.
+NEAR_MATCH_MARGIN = 0.05
+# prompt_perplexity: the healthy maximum x PROMPT_MARGIN, at least the floors (a corpus of
+# everyday prompts underestimates how odd an ordinary prompt with an id or a hash can be),
+# at most the limits (below the 20,000+ that adversarial suffixes reach on the embedded
+# model: docs/guards.md).
+PROMPT_MARGIN = 4.0  # about 1.4 nats per token above the healthiest worst case
+PROMPT_PPL_FLOOR = 1000.0
+PROMPT_WINDOW_FLOOR = 5000.0
+PROMPT_PPL_CEILING = _limit(PROMPT_PERPLEXITY)
+PROMPT_WINDOW_CEILING = 5 * PROMPT_PPL_CEILING
 
 
 @dataclass(slots=True)
@@ -121,28 +134,29 @@ def _quantile_rule(guard: GuardSpec[Any], cfg: Any, d: _Data) -> _Tuned:
     limit = measure.limit
     values = [float(getattr(m, measure.metric)) for r in d.runs for m in r.steps]
     warnings: list[str] = []
-    threshold = math.nan
+    # Computed even when the base leaves the guard off: the report shows the value a
+    # policy enabling it would get.
     if measure.tail == "low":
-        if cfg is not None:
-            raw = quantile(values, d.low) / d.margin
-            threshold = round_sig(raw, up=False)
-            threshold = max(limit, threshold) if limit is not None else threshold
+        raw = quantile(values, d.low) / d.margin
+        threshold = round_sig(raw, up=False)
+        threshold = max(limit, threshold) if limit is not None else threshold
         bound = f"; limit >= {limit:g}" if limit is not None else ""
         label, note = f"{guard.name} (low tail)", f"p50 / p{pct(0.01)} / p{pct(d.low)}{bound}"
     else:
-        if cfg is not None:
-            raw = quantile(values, d.q) * d.margin
-            threshold = round_sig(raw, up=True)
-            if limit is not None:
-                threshold = min(limit, threshold)
-                if raw > limit:
-                    warnings.append(
-                        f"{guard.name}: healthy p{pct(d.q)} x margin = {raw:.4g} is above the "
-                        f"hard limit {limit:g}; the limit is used"
-                    )
+        raw = quantile(values, d.q) * d.margin
+        threshold = round_sig(raw, up=True)
+        if limit is not None:
+            threshold = min(limit, threshold)
+            if raw > limit and cfg is not None:
+                warnings.append(
+                    f"{guard.name}: healthy p{pct(d.q)} x margin = {raw:.4g} is above the "
+                    f"hard limit {limit:g}; the limit is used"
+                )
         label, note = guard.name, f"limit {fmt(limit)}" if limit is not None else ""
     tuned = replace(cfg, **{measure.key: threshold}) if cfg is not None else None
     shown = fmt(threshold) if cfg is not None else "off"
+    if cfg is None and values:
+        note = f"{note}; enabled it would get {fmt(threshold)}".lstrip("; ")
     return _Tuned(d.row(label, values, shown, note, lo=measure.tail == "low"), tuned, warnings)
 
 
@@ -263,6 +277,101 @@ def _loop_span_rule(guard: GuardSpec[Any], cfg: Any, d: _Data) -> _Tuned:
     return _Tuned(row, tuned, warnings)
 
 
+def best_match(tokens: Sequence[int], max_period: int, min_copies: int, min_span: int) -> float:
+    """The highest match fraction any period reaches over a generation (see near_loop)."""
+    detector = NearLoopDetector(max_period, min_copies, min_span, 1.0)
+    best = 0.0
+    for token in tokens:
+        detector.push(token)
+        best = max(best, detector.best()[1])
+    return best
+
+
+def _near_loop_match_rule(guard: GuardSpec[Any], cfg: Any, d: _Data) -> _Tuned:
+    """min_match = p_q(highest match fraction per non-looping generation) + NEAR_MATCH_MARGIN,
+    at least the base's, at most the limit. As for loop, a generation that reaches the
+    limit is a loop by definition, not healthy data: left out (and shown as a halt)."""
+    nl_cfg = cfg if cfg is not None else guard.config()
+    limit = _limit(guard.name)
+    matches = [
+        best_match([m.token for m in d.runs[i].steps], *_near_loop_shape(nl_cfg)) for i in d.healthy
+    ]
+    healthy = [x for x in matches if x < limit]
+    match_q = quantile(healthy, d.q)
+    min_match = nl_cfg.min_match
+    if math.isfinite(match_q):
+        min_match = min(
+            limit, max(nl_cfg.min_match, math.ceil((match_q + NEAR_MATCH_MARGIN) * 100) / 100)
+        )
+    warnings: list[str] = []
+    if cfg is not None and len(healthy) < len(matches):
+        warnings.append(
+            f"{guard.name}: {len(matches) - len(healthy)} of {len(d.runs)} calibration "
+            f"generations repeat themselves with {limit:g} of tokens or more equal one "
+            "period back; they are near-verbatim loops, not healthy text: left out, counted "
+            "as halts"
+        )
+    tuned = replace(cfg, min_match=min_match) if cfg is not None else None
+    shown = (
+        f"{min_match:g} match / {nl_cfg.min_copies} copies / {nl_cfg.min_span} tokens"
+        if cfg is not None
+        else "off"
+    )
+    note = f"non-looping p{pct(d.q)} {fmt(match_q)}; limit {limit:g}"
+    if cfg is None and healthy:
+        note += f"; enabled it would get {min_match:g}"
+    return _Tuned(
+        d.row(f"{guard.name} match (per generation)", matches, shown, note), tuned, warnings
+    )
+
+
+def _near_loop_shape(cfg: Any) -> tuple[int, int, int]:
+    return cfg.max_period, cfg.min_copies, cfg.min_span
+
+
+def _prompt_ppl_rule(guard: GuardSpec[Any], cfg: Any, d: _Data) -> _Tuned:
+    """Whole-prompt and worst-window perplexity, once per distinct prompt: each threshold
+    is max(p_q x PROMPT_MARGIN, its floor), at most its limit. Through a daemon the
+    prompt's nll is not reported: the base's settings are kept, with a warning."""
+    pcfg = cfg if cfg is not None else guard.config()
+    nll = {r.prompt: r.prompt_nll for r in d.runs if r.prompt_nll is not None}
+    scores = [prompt_perplexities(x, pcfg.skip, pcfg.window) for x in nll.values()]
+    whole, windowed = [s[0] for s in scores], [s[1] for s in scores]
+    label = f"{guard.name} (whole / window {pcfg.window}, per prompt)"
+    if not scores:
+        shown = "off" if cfg is None else f"{fmt(cfg.threshold)} / {fmt(cfg.window_threshold)}"
+        row = MetricRow(label, 0, math.nan, math.nan, math.nan, shown, "not measured")
+        warning = (
+            f"{guard.name}: the prompts' perplexity is measured in process only (a daemon "
+            "does not report it); the base policy's settings are kept"
+        )
+        return _Tuned(row, cfg, [warning] if cfg is not None else [])
+    whole_t = _prompt_threshold(whole, d.q, PROMPT_PPL_FLOOR, PROMPT_PPL_CEILING)
+    window_t = _prompt_threshold(windowed, d.q, PROMPT_WINDOW_FLOOR, PROMPT_WINDOW_CEILING)
+    warnings = [
+        f"{guard.name}: an ordinary prompt of the corpus reaches {what} perplexity "
+        f"{worst:,.0f}, above the limit {limit:g} x 1/{PROMPT_MARGIN:g}; the limit is used "
+        "and such prompts will be refused (check that the corpus is ordinary text)"
+        for what, worst, limit in (
+            ("whole-prompt", max(whole), PROMPT_PPL_CEILING),
+            ("windowed", max(windowed), PROMPT_WINDOW_CEILING),
+        )
+        if cfg is not None and worst * PROMPT_MARGIN > limit
+    ]
+    tuned = replace(cfg, threshold=whole_t, window_threshold=window_t) if cfg else None
+    shown = f"{fmt(whole_t)} / {fmt(window_t)}" if cfg is not None else "off"
+    note = (
+        f"window p50 {fmt(quantile(windowed, 0.5))}, max {fmt(max(windowed))}; "
+        f"floors {PROMPT_PPL_FLOOR:g} / {PROMPT_WINDOW_FLOOR:g}, "
+        f"limits {PROMPT_PPL_CEILING:g} / {PROMPT_WINDOW_CEILING:g}"
+    )
+    return _Tuned(d.row(label, whole, shown, note), tuned, warnings)
+
+
+def _prompt_threshold(values: Sequence[float], q: float, floor: float, ceiling: float) -> float:
+    return min(ceiling, max(floor, round_sig(quantile(values, q) * PROMPT_MARGIN, up=True)))
+
+
 # The rules a registry entry's measure may name (Measure.rule).
 RULES: dict[str, _Rule] = {
     "quantile": _quantile_rule,
@@ -270,6 +379,8 @@ RULES: dict[str, _Rule] = {
     "l2_vocab": _l2_vocab_rule,
     "run_length": _run_length_rule,
     "loop_span": _loop_span_rule,
+    "prompt_ppl": _prompt_ppl_rule,
+    "near_loop_match": _near_loop_match_rule,
 }
 
 
@@ -321,8 +432,8 @@ def calibrate_policy(
             green_below=min(base.health.green_below, ppl_threshold / 2), red_above=ppl_threshold
         )
     policy = Policy(name=name, health=health, description=description, **fields)
-    halts = [(r, trip) for r in runs if (trip := replay(r.steps, policy)) is not None]
-    base_halts = [(r, trip) for r in runs if (trip := replay(r.steps, base)) is not None]
+    halts = [(r, t) for r in runs if (t := replay(r.steps, policy, r.prompt_nll)) is not None]
+    base_halts = [(r, t) for r in runs if (t := replay(r.steps, base, r.prompt_nll)) is not None]
     return Calibration(policy, rows, halts, len(runs), base, base_halts, warnings)
 
 

@@ -1,4 +1,5 @@
-"""Time the fused C logit-statistics kernel against numpy computing the same statistics.
+"""Time the fused C logit-statistics kernel against numpy computing the same statistics,
+and the near_loop guard's detector per token.
 
 Both compute, over one step's float32 logits: max, argmax, logsumexp, mean,
 variance, L2 norm and the count of non-finite values. The kernel is called the
@@ -6,8 +7,14 @@ way the engine calls it: on a pointer to logits that already exist, with a
 preallocated result struct. Each figure is the median over repeats of the mean
 time per call over many calls.
 
-    python bench/bench_kernel.py            # table
-    python bench/bench_kernel.py --json     # {"kernel_us": ..., "numpy_us": ..., "ratio": ...}
+The near-loop detector (native/fse_near_loop.c) is called as the guard calls it, one
+cffi call per token with a preallocated out-parameter, on a stream without loops (every
+lag is updated on every push, whatever the stream: there is no early exit).
+
+    python bench/bench_kernel.py              # table
+    python bench/bench_kernel.py --json       # {"kernel_us": ..., "numpy_us": ..., "ratio": ...,
+                                              #  "near_loop_256_us": ..., "near_loop_1024_us": ...}
+    python bench/bench_kernel.py --near-loop  # the near-loop part only
 
 ratio is numpy_us / kernel_us: how many times faster the kernel is.
 """
@@ -131,6 +138,37 @@ def measure(
     }
 
 
+NEAR_LOOP_PERIODS = (256, 1024)
+
+
+def near_loop_caller(max_period: int, n: int = 1000, seed: int = 0) -> Callable[[], None]:
+    """Push n tokens of a loop-free stream (ids from a 262,144 vocabulary) into one detector
+    with near_loop's defaults but max_period, as the guard's closure does."""
+    rng = np.random.default_rng(seed)
+    tokens = [int(t) for t in rng.integers(0, 262_144, n)]
+    handle = ffi.gc(lib.fse_near_loop_new(max_period, 3, 24, 0.85), lib.fse_near_loop_free)
+    match = ffi.new("double *")
+    push = lib.fse_near_loop_push
+
+    def call() -> None:
+        for t in tokens:
+            if push(handle, t, match):
+                raise AssertionError("a loop-free stream tripped near_loop")
+
+    return call
+
+
+def measure_near_loop(calls: int = 20, repeats: int = 15, seed: int = 0) -> dict[str, float]:
+    """Per-token time of the near-loop detector at each of NEAR_LOOP_PERIODS, in
+    microseconds (a call pushes 1000 tokens)."""
+    return {
+        f"near_loop_{p}_us": round(
+            time_per_call_us(near_loop_caller(p, seed=seed), calls, repeats) / 1000, 3
+        )
+        for p in NEAR_LOOP_PERIODS
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=262_144, help="logits per call")
@@ -138,11 +176,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15, help="repeats; the median is reported")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--near-loop", action="store_true", help="time the near-loop part only")
     args = parser.parse_args()
 
-    result = measure(args.n, args.calls, args.repeats, args.seed)
+    near = measure_near_loop(repeats=args.repeats, seed=args.seed)
+    result = {} if args.near_loop else measure(args.n, args.calls, args.repeats, args.seed)
     if args.json:
-        print(json.dumps(result))
+        print(json.dumps({**result, **near}))
+        return
+    print("near_loop detector (3 copies / 24 tokens / 0.85), per token pushed")
+    for p in NEAR_LOOP_PERIODS:
+        print(f"  {'max_period ' + str(p):<16}{near[f'near_loop_{p}_us']:>10.2f} us")
+    if args.near_loop:
         return
     print(
         f"fused logit statistics, n = {args.n:,} float32 logits, median of {args.repeats} repeats"

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+from fse.core.engine import Context
 from fse.core.guards import GuardChain
 from fse.core.model import Model
 from fse.core.policy import (
@@ -276,7 +277,8 @@ def test_best_reports_the_highest_fraction_of_full_windows() -> None:
     detector = NearLoopDetector(8, 3, 24, 0.85)  # period 9 is exact: out of reach
     for t in [1, 2, 3, 1, 2, 4, 1, 2, 5] * 4:
         detector.push(t)
-    assert detector.best() == (3, pytest.approx(2 / 3))
+    period, match = detector.best()
+    assert period == 3 and match == pytest.approx(2 / 3)
 
 
 def test_detectors_are_independent_and_checked() -> None:
@@ -287,7 +289,7 @@ def test_detectors_are_independent_and_checked() -> None:
     assert b.push(PHRASE[0]) == (0, 0.0)
     for bad in ((0, 3, 24, 0.85), (4097, 3, 24, 0.85), (8, 1, 24, 0.85), (8, 3, 1, 0.85)):
         with pytest.raises(ValueError):
-            NearLoopDetector(*bad)  # type: ignore[arg-type]
+            NearLoopDetector(*bad)
     for match in (0.0, 1.01, float("nan")):
         with pytest.raises(ValueError):
             NearLoopDetector(8, 3, 24, match)
@@ -432,16 +434,16 @@ NEAR_ONLY = Policy("near", near_loop=NearLoopGuard())
 EXACT_ONLY = Policy("exact", loop=LoopGuard())
 
 
-def verdict_of(model: Model, ctx: object, prompt: str, policy: Policy) -> Verdict:
-    request = Request(prompt, max_tokens=96, sampling=Sampling(temperature=0))
-    events = list(run_local(model, ctx, request, policy))  # type: ignore[arg-type]
+def verdict_of(model: Model, ctx: Context, prompt: str, policy: Policy) -> Verdict:
+    request = Request(prompt, max_tokens=64, sampling=Sampling(temperature=0))
+    events = list(run_local(model, ctx, request, policy))
     verdict = events[-1]
     assert isinstance(verdict, Verdict)
     return verdict
 
 
 def test_the_model_counting_in_a_loop_is_halted_and_exact_loop_misses_it(
-    model: Model, ctx: object
+    model: Model, ctx: Context
 ) -> None:
     missed = 0
     for prompt in COUNTER_PROMPTS:
@@ -453,10 +455,11 @@ def test_the_model_counting_in_a_loop_is_halted_and_exact_loop_misses_it(
     assert missed >= 1
 
 
+@pytest.mark.slow  # a `fse` subprocess, like tests/cli
 def test_fse_generate_local_halts_a_counter_loop(tmp_path: Path) -> None:
     policy = tmp_path / "near.toml"
     policy.write_text('name = "near"\n[guards.near_loop]\n')
-    run = generate_json(COUNTER_PROMPTS[0], *GREEDY, "--max-tokens", "96", "--policy", str(policy))
+    run = generate_json(COUNTER_PROMPTS[0], *GREEDY, "--max-tokens", "64", "--policy", str(policy))
     assert_halted(run, "near_loop")
     assert run.verdict["threshold"] == 0.85 and run.verdict["value"] >= 0.85
     assert run.verdict["message"].startswith("period ")

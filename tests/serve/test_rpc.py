@@ -81,7 +81,8 @@ def start_worker(tmp_path: Path) -> Iterator[Callable[[], Worker]]:
 def _info(daemon: Daemon) -> fse_pb2.ModelInfo:
     with daemon.channel() as channel:
         info = fse_pb2_grpc.GuardStub(channel).GetInfo(fse_pb2.GetInfoRequest(), timeout=10)
-    return info.model
+    model: fse_pb2.ModelInfo = info.model
+    return model
 
 
 def _layers(model: fse_pb2.ModelInfo) -> dict[str, tuple[str, int]]:

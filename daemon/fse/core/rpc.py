@@ -183,9 +183,9 @@ def _default_handler(message: str) -> None:
     os._exit(1)
 
 
-@ffi.def_extern()  # type: ignore[misc]
+@ffi.def_extern()  # type: ignore[untyped-decorator]
 def fse_ggml_abort(error_message: object) -> None:
-    message = ffi.string(error_message).decode("utf-8", "replace")  # type: ignore[arg-type]
+    message = ffi.string(error_message).decode("utf-8", "replace")
     handler = _handler or _default_handler
     try:
         handler(message)

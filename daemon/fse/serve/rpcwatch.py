@@ -20,7 +20,8 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
 
 import structlog
 
@@ -67,7 +68,8 @@ class RpcWatch:
         self.lost: str | None = None  # why, once lost
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
-        self._not_serving: Callable[[], Awaitable[None]] | None = None
+        self._not_serving: Callable[[], Coroutine[Any, Any, None]] | None = None
+        self._health_task: asyncio.Task[None] | None = None
 
     @classmethod
     def of(cls, settings: Settings, service: GuardService, audit: AuditLog) -> RpcWatch | None:
@@ -78,7 +80,7 @@ class RpcWatch:
         return cls(endpoints, settings.model.rpc_stall_seconds, service.scheduler, audit)
 
     def start(
-        self, stop: asyncio.Event, not_serving: Callable[[], Awaitable[None]]
+        self, stop: asyncio.Event, not_serving: Callable[[], Coroutine[Any, Any, None]]
     ) -> asyncio.Task[None]:
         """Watch from now on: `stop` is set to stop the daemon, `not_serving` turns its
         health NOT_SERVING. Returns the stall watcher's task."""

@@ -89,6 +89,14 @@ lock: setup
 bench: setup
 	$(PY) bench/run_all.py
 
+# A soak (bench/soak.py, docs/soak.md): SOAK_CLIENTS client processes against one daemon
+# for SOAK_MINUTES, a SIGKILL and restart halfway; its last line is one JSON object.
+SOAK_MINUTES ?= 30
+SOAK_CLIENTS ?= 64
+.PHONY: soak
+soak: setup
+	$(PY) bench/soak.py --minutes $(SOAK_MINUTES) --clients $(SOAK_CLIENTS)
+
 clean:
 	rm -rf $(VENV) build daemon/fse/_libs daemon/fse/_native*.so clients/python/fse_client/v1 *.egg-info daemon/*.egg-info clients/python/*.egg-info
 

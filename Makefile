@@ -76,8 +76,8 @@ $(BUF): proto/lint/go.mod proto/lint/go.sum
 
 lint: setup $(BUF)
 	cd proto && $(CURDIR)/$(BUF) lint
-	$(PY) -m ruff check daemon tests bench native clients/python
-	$(PY) -m ruff format --check daemon tests bench native clients/python
+	$(PY) -m ruff check daemon tests bench native clients/python fuzz
+	$(PY) -m ruff format --check daemon tests bench native clients/python fuzz
 	$(PY) -m mypy
 	$(VENV)/bin/lint-imports
 
@@ -96,6 +96,69 @@ SOAK_CLIENTS ?= 64
 .PHONY: soak
 soak: setup
 	$(PY) bench/soak.py --minutes $(SOAK_MINUTES) --clients $(SOAK_CLIENTS)
+
+# -- fuzzing and sanitizers (docs/fuzzing.md) ------------------------------------------
+# `make fuzz [FUZZ_SECONDS=N]`: every target of fuzz/ for N seconds each, one at a time;
+# non-zero on any crash, hang (> 1 s on one input) or failed invariant. New inputs go to
+# build/fuzz/corpus/<target>; findings to build/fuzz/crash-*. The committed corpora are
+# replayed by tests/fuzz (part of `make test`). Needs clang and atheris: `make fuzz-deps`.
+FUZZ_SECONDS ?= 60
+CLANG ?= clang-14
+FUZZ_BUILD := build/fuzz
+FUZZ_PY := $(patsubst fuzz/%.py,%,$(wildcard fuzz/fuzz_*.py))
+FUZZ_C := $(patsubst fuzz/%.c,%,$(wildcard fuzz/fuzz_*.c))
+FUZZ_CFLAGS := -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -Inative
+FUZZ_FLAGS = -max_total_time=$(FUZZ_SECONDS) -timeout=1 -rss_limit_mb=4096 -artifact_prefix=$(FUZZ_BUILD)/
+
+.PHONY: fuzz-deps fuzz fuzz-replay sanitize
+
+# clang with libFuzzer from Debian, atheris from pyproject's `fuzz` extra (pinned in
+# requirements.lock): not part of `make setup`, which needs neither.
+fuzz-deps: setup
+	@command -v $(CLANG) >/dev/null && $(CLANG) -print-file-name=libclang_rt.fuzzer-x86_64.a | grep -q / || { \
+	  echo "installing Debian packages: clang-14 libclang-rt-14-dev"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq clang-14 libclang-rt-14-dev; }
+	@$(PY) -c 'import atheris' 2>/dev/null || $(PY) -c 'import tomllib; \
+	  print(*tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["fuzz"])' \
+	  | xargs $(PIP) install
+
+# fuzz/fuzz_X.c checks native/fse_X.c.
+$(FUZZ_BUILD)/fuzz_%: fuzz/fuzz_%.c native/fse_%.c native/fse.h native/fse_stats_width.h | fuzz-deps
+	@mkdir -p $(FUZZ_BUILD)
+	$(CLANG) $(FUZZ_CFLAGS) $< native/fse_$*.c -lm -o $@
+
+fuzz: fuzz-deps $(FUZZ_C:%=$(FUZZ_BUILD)/%)
+	@set -e; for t in $(FUZZ_PY) $(FUZZ_C); do \
+	  name=$${t#fuzz_}; mkdir -p $(FUZZ_BUILD)/corpus/$$name; echo "== $$t: $(FUZZ_SECONDS) s"; \
+	  if [ -e fuzz/$$t.py ]; then run="$(PY) fuzz/$$t.py"; else run="$(FUZZ_BUILD)/$$t -max_len=32768"; fi; \
+	  $$run $(FUZZ_FLAGS) $(FUZZ_BUILD)/corpus/$$name fuzz/corpus/$$name 2>$(FUZZ_BUILD)/$$t.log \
+	    || { tail -40 $(FUZZ_BUILD)/$$t.log; echo "fuzz: $$t found something (log: $(FUZZ_BUILD)/$$t.log)"; exit 1; }; \
+	  grep -E '^Done|^#[0-9]+.*DONE' $(FUZZ_BUILD)/$$t.log | tail -1; \
+	done
+
+# The committed corpora, replayed once (Python targets in-process, C targets built with
+# gcc -fsanitize=address,undefined): what `make test` runs, no clang or atheris needed.
+fuzz-replay: setup
+	$(PY) -m pytest -q tests/fuzz
+
+# The native extension built with ASan and UBSan into build/sanitize (a copy of the
+# package tree; the normal build is untouched), then the kernel, guard, sampling and
+# engine tests against it. CPython leaks by design: leak detection is off.
+SAN_DIR := build/sanitize
+SAN_FLAGS := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
+SAN_TESTS := tests/core/test_kernel.py tests/core/test_guards.py tests/core/test_sampling.py tests/core/test_engine.py
+sanitize: setup
+	rm -rf $(SAN_DIR) && mkdir -p $(SAN_DIR)/obj $(SAN_DIR)/pkg
+	cd $(SAN_DIR)/obj && FSE_BUILD_DIR=. CFLAGS="$(SAN_FLAGS)" LDFLAGS="$(SAN_FLAGS)" \
+	  $(CURDIR)/$(PY) $(CURDIR)/native/build_native.py > ../build.log 2>&1 || { tail -20 ../build.log; exit 1; }
+	cp -r daemon/fse $(SAN_DIR)/pkg/fse && rm -rf $(SAN_DIR)/pkg/fse/_libs $(SAN_DIR)/pkg/fse/_native*.so
+	ln -s $(CURDIR)/daemon/fse/_libs $(SAN_DIR)/pkg/fse/_libs
+	cp $(SAN_DIR)/obj/fse/_native*.so $(SAN_DIR)/pkg/fse/
+	export LD_PRELOAD=$$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 \
+	  UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 PYTHONPATH=$(SAN_DIR)/pkg; \
+	$(PY) -c 'import fse._native as n, sys; sys.exit(None if "$(SAN_DIR)/pkg" in n.__file__ else n.__file__)' && \
+	$(PY) -m pytest -q -p no:cacheprovider $(SAN_TESTS)
 
 clean:
 	rm -rf $(VENV) build daemon/fse/_libs daemon/fse/_native*.so clients/python/fse_client/v1 *.egg-info daemon/*.egg-info clients/python/*.egg-info

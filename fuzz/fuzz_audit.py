@@ -44,7 +44,7 @@ def lines_of(data: bytes) -> list[bytes]:
     """The lines as a file iterates them: split after each newline, the last maybe without."""
     parts = data.split(b"\n")
     out = [p + b"\n" for p in parts[:-1]]
-    return out + [parts[-1]] if parts[-1] else out
+    return [*out, parts[-1]] if parts[-1] else out
 
 
 def files_mode(reader: Reader) -> None:

@@ -41,7 +41,7 @@ def check(model: Model, data: bytes) -> None:
         (reader.pick(ROLES) if reader.chance() else reader.text(12), reader.text(80))
         for _ in range(reader.below(5))
     )
-    rendered, error = refused(lambda: model.apply_chat_template(messages), ValueError)
+    rendered, _error = refused(lambda: model.apply_chat_template(messages), ValueError)
     if rendered is None:
         return
     assert isinstance(rendered, str)

@@ -17,7 +17,7 @@ from fuzzlib import main, refused, write
 
 def one_input(data: bytes) -> None:
     path = write("fse.toml", data)
-    settings, error = refused(lambda: load(path, {}), InputError)
+    settings, _error = refused(lambda: load(path, {}), InputError)
     if settings is None:
         return
     server = settings.server

@@ -56,7 +56,7 @@ def built(reader: Reader) -> bytes:
     if reader.chance():
         start.timeout_ms = reader.integer() & 0xFFFFFFFF
     msg = fse_pb2.GenerateClientMessage(start=start)
-    data = msg.SerializeToString()
+    data: bytes = msg.SerializeToString()
     damage = reader.below(4)
     if data and damage == 1:  # one byte changed: maybe a string no longer UTF-8
         at = reader.below(len(data))

@@ -8,8 +8,8 @@ the fields libfse knows and a few it does not, each given a value of any JSON ty
 Invariants: the parser raises only WireError (status 400 or 404, a message, `param`
 None or a string) and validation only InputError; an Ask holds a Request whose prompt
 is a string, messages (str, str) pairs, stop a tuple of strings, no prompt from the chat
-endpoint and no messages from the completions one; a request that passes check_request has its sampling
-in range.
+endpoint and no messages from the completions one; a request that passes check_request
+has its sampling in range.
 """
 
 from __future__ import annotations
@@ -19,7 +19,14 @@ import math
 from typing import Any
 
 from fse.core.errors import InputError
-from fse.serve.http.openai_wire import CHAT, COMPLETIONS, FIELDS, WireError, parse_body, parse_request
+from fse.serve.http.openai_wire import (
+    CHAT,
+    COMPLETIONS,
+    FIELDS,
+    WireError,
+    parse_body,
+    parse_request,
+)
 from fse.serve.scheduler import Limits
 from fse.serve.service import check_request
 from fuzzlib import Reader, main, refused

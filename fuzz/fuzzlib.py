@@ -162,7 +162,7 @@ def refused(
 
 def main(one_input: Callable[[bytes], Any]) -> None:
     """Run under atheris: `python fuzz/fuzz_X.py [libFuzzer flags] [corpus dirs]`."""
-    import atheris  # type: ignore[import-not-found,unused-ignore]  # the `fuzz` extra
+    import atheris  # type: ignore[import-untyped,import-not-found,unused-ignore]  # the `fuzz` extra
 
     atheris.instrument_all()
     atheris.Setup(sys.argv, one_input)

@@ -130,3 +130,24 @@ def test_every_layer_is_placed_once() -> None:
                 assert sum(counts) == n_layer and counts[-1] == n_layer - gpu_layers
                 if split[1:2] == (0,):  # a GPU with no share gets no layer
                     assert counts[1] == 0
+
+
+def rpc(i: int, free_gib: int = 60) -> Dev:
+    """An RPC worker's device: ggml-rpc says kind gpu and describes it by its address."""
+    return Dev(f"RPC{i}", "gpu", 64 * GIB, free_gib * GIB, f"127.0.0.1:{50052 + i}")
+
+
+def test_rpc_workers_come_first_and_split_by_free_memory() -> None:
+    # ggml lists the CPU (registered first) before the workers' devices.
+    devices = [CPU, rpc(0), rpc(1)]
+    placed = place(18, 18, devices)
+    # 19 layers to llama.cpp, split points 0.5 and 1: layers 0..9 on the first worker.
+    assert [(d.name, d.layers) for d in placed.devices] == [("CPU", 0), ("RPC0", 10), ("RPC1", 8)]
+    assert placed.backend == "RPC" and placed.gpu_layers == 18
+    # Beside a local GPU, llama.cpp puts the workers first "to minimize network transfers".
+    assert layers_per_device(18, 18, [cuda(0, 60), CPU, rpc(0)]) == [8, 0, 10]
+    # An integrated GPU still counts when only RPC devices are discrete.
+    igpu = Dev("Vulkan0", "igpu", 16 * GIB, 8 * GIB)
+    assert layers_per_device(18, 18, [igpu, CPU, rpc(0, 8)], split_mode="layer") == [8, 0, 10]
+    # split_mode none: main_gpu indexes the model's GPUs, workers first.
+    assert layers_per_device(18, 18, [cuda(0), CPU, rpc(0)], split_mode="none") == [0, 0, 18]

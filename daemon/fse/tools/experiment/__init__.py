@@ -61,6 +61,15 @@ Suite file (TOML)::
     sampling = { temperature = 0.8, top_k = 40, top_p = 0.95, min_p = 0.05 }  # optional
     max_tokens = 64                 # optional, this category only
     policy_override = { l2_norm = { threshold = 10.0 } }                       # optional
+    input = true                    # optional: the category is about the prompt itself
+
+report.md also holds, after the rates: *The input guard* (categories with ``input =
+true``, per policy: runs a prompt guard refused before the first token, and runs that
+went on), and *Each guard alone* (every guard of the registry replayed on its own over
+the unguarded reference runs, with the first compared policy's settings or its
+defaults: what a guard that is off everywhere, such as entropy, would catch, and the
+exact and approximate loop detectors side by side; prompt guards judge the prompt's
+own nll, measured in process only).
 
 The package: ``suite`` (the suite file), ``run`` (running it, the report document),
 ``report`` (rows, rates, report.md), ``plots`` (the two pictures). The flags are parsed

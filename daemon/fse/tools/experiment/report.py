@@ -3,13 +3,14 @@ false-halt rates, report.md, and each run as JSON."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from fse.core.registry import spec
+from fse.core.registry import GUARDS, spec
 from fse.core.types import L2_NORM, PERPLEXITY
-from fse.tools.runner import steps_json
+from fse.tools.runner import replay, steps_json
 
 if TYPE_CHECKING:
     from fse.core.policy import Policy
@@ -95,6 +96,84 @@ def table_rows(
                     "l2_max": max(l2) if l2 else None,
                 }
             )
+    return rows
+
+
+def input_rows(
+    cells: Sequence[CellRun], suite: Suite, policies: Sequence[Policy]
+) -> list[dict[str, Any]]:
+    """The input-guard table: per category marked `input` x policy, how many runs a
+    prompt guard refused before the first token, and how many went on to generate."""
+    prompt_guards = {g.name for g in GUARDS if g.judge_prompt is not None}
+    rows = []
+    for cat in suite.categories:
+        if not cat.input:
+            continue
+        for policy in policies:
+            group = [c for c in cells if c.category is cat and c.policy is policy]
+            refused = sum(1 for c in group if c.run.halted and c.run.guard in prompt_guards)
+            values = [
+                c.run.value
+                for c in group
+                if c.run.guard in prompt_guards and c.run.value is not None
+            ]
+            rows.append(
+                {
+                    "category": cat.name,
+                    "title": cat.title,
+                    "expect": cat.expect,
+                    "policy": policy.name,
+                    "runs": len(group),
+                    "refused": refused,
+                    "passed": len(group) - refused,
+                    "refused_values": _range(values),
+                }
+            )
+    return rows
+
+
+def alone_rows(
+    cells: Sequence[CellRun], suite: Suite, policies: Sequence[Policy]
+) -> list[dict[str, Any]]:
+    """What each guard alone would halt, replayed on the unguarded reference runs (the
+    same trajectories for every guard), with the settings of the first compared policy
+    that enables it, else its defaults: guards that are off everywhere (entropy) and
+    detectors side by side (loop and near_loop) on the same text. Prompt guards judge
+    the prompt's nll where it was measured (in process). Empty without reference runs."""
+    from fse.core.policy import Policy
+
+    refs = [c for c in cells if c.reference]
+    if not refs:
+        return []
+    alone: dict[str, tuple[Policy, str]] = {}
+    for g in GUARDS:
+        cfg = next((getattr(p, g.name) for p in policies if getattr(p, g.name)), None)
+        source = (
+            "defaults"
+            if cfg is None
+            else next(p.name for p in policies if getattr(p, g.name) == cfg)
+        )
+        cfg = dataclasses.replace(cfg or g.config(), action="halt")
+        alone[g.name] = (Policy(name=f"only-{g.name}", **{g.name: cfg}), source)
+    rows = []
+    for cat in suite.categories:
+        group = [c.run for c in refs if c.category is cat]
+        halts: dict[str, int] = {}
+        for name, (policy, _) in alone.items():
+            trips = [replay(r.steps, policy, r.prompt_nll) for r in group]
+            halts[name] = sum(1 for t in trips if t is not None and t.guard == name)
+        rows.append(
+            {
+                "category": cat.name,
+                "title": cat.title,
+                "expect": cat.expect,
+                "runs": len(group),
+                "would_halt": halts,
+                "settings": {
+                    n: f"{spec(n).summary(getattr(p, n))} ({src})" for n, (p, src) in alone.items()
+                },
+            }
+        )
     return rows
 
 
@@ -206,6 +285,8 @@ def render_markdown(doc: dict[str, Any], suite: Suite, policies: Sequence[Policy
             f"| {r['policy']} | {_rate(r['caught'], r['should_halt'])} | "
             f"{_rate(r['false_halts'], r['should_pass'])} | {by_guard} |"
         )
+    lines += _input_table(doc)
+    lines += _alone_table(doc)
     lines += _surprises(doc, suite)
     lines += ["", "## Policies", ""]
     for p in policies:
@@ -236,6 +317,51 @@ def render_markdown(doc: dict[str, Any], suite: Suite, policies: Sequence[Policy
 
 
 MAX_LISTED = 24  # runs listed per section of surprises
+
+
+def _input_table(doc: dict[str, Any]) -> list[str]:
+    rows = doc.get("input_rows") or []
+    if not rows:
+        return []
+    lines = [
+        "",
+        "## The input guard",
+        "",
+        "Prompts judged once, after prefill, before the first token: *refused* runs were "
+        "stopped by a prompt guard with no token generated.",
+        "",
+        "| Category | Expect | Policy | Refused | Passed the prompt | Value that refused |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {_md_cell(r['title'])} | {r['expect']} | {r['policy']} | "
+            f"{r['refused']}/{r['runs']} | {r['passed']}/{r['runs']} | {r['refused_values']} |"
+        )
+    return lines
+
+
+def _alone_table(doc: dict[str, Any]) -> list[str]:
+    rows = doc.get("alone") or []
+    if not rows:
+        return []
+    names = list(rows[0]["would_halt"])
+    lines = [
+        "",
+        "## Each guard alone",
+        "",
+        "What each guard would halt on its own, replayed on the unguarded reference runs "
+        "(the same text for every guard): guards off in every compared policy, and "
+        "detectors side by side. A prompt guard is judged on the prompt's own nll.",
+        "",
+        "| Category | Expect | " + " | ".join(f"`{n}`" for n in names) + " |",
+        "|---|---|" + "---|" * len(names),
+    ]
+    for r in rows:
+        cells = " | ".join(f"{r['would_halt'][n]}/{r['runs']}" for n in names)
+        lines.append(f"| {_md_cell(r['title'])} | {r['expect']} | {cells} |")
+    lines += ["", "Settings: " + "; ".join(rows[0]["settings"].values()) + "."]
+    return lines
 
 
 def _snippet(text: str, tail: bool, n: int = 70) -> str:

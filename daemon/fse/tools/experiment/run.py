@@ -10,7 +10,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fse.core.errors import InputError
-from fse.tools.experiment.report import _clean, rates, render_markdown, run_json, table_rows
+from fse.tools.experiment.report import (
+    _clean,
+    alone_rows,
+    input_rows,
+    rates,
+    render_markdown,
+    run_json,
+    table_rows,
+)
 from fse.tools.experiment.suite import Category, CellRun, Suite, apply_override, sampling_for
 from fse.tools.runner import Progress, Prompt, Run, Runner, observe_policy, replay, write_atomic
 
@@ -53,10 +61,14 @@ def run_suite(
             f'line name = "{observe.name}" in its --policies-dir, or pass --no-reference'
         )
     out: list[CellRun] = []
+    scored: dict[Prompt, list[float] | None] = {}  # each prompt's nll, measured once
     for cat, maybe_policy, prompt, seed, tokens in jobs:
         sampling = sampling_for(cat, seed)
         if maybe_policy is None:
             run = runner.run(prompt, sampling, tokens, observe)
+            if prompt not in scored:  # in process only: for the guards-alone table
+                scored[prompt] = runner.prompt_nll(prompt)
+            run.prompt_nll = scored[prompt]
             out.append(CellRun(cat, observe, observe, run, reference=True))
             note = f"{cat.name} / unguarded"
         else:
@@ -135,6 +147,8 @@ def report_doc(
         "categories": [dataclasses.asdict(c) for c in suite.categories],
         "rows": rows,
         "rates": rates(rows, policies),
+        "input_rows": input_rows(cells, suite, policies),
+        "alone": alone_rows(cells, suite, policies),
         "runs": [run_json(c) for c in cells if not c.reference],
         "reference_runs": [run_json(c) for c in cells if c.reference],
     }

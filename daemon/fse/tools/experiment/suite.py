@@ -44,6 +44,7 @@ class Category:
     sampling: dict[str, float] = field(default_factory=dict)  # overrides of Sampling()
     max_tokens: int | None = None
     policy_override: dict[str, dict[str, Any]] = field(default_factory=dict)
+    input: bool = False  # about the prompt: listed in the input-guard table
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +111,7 @@ def parse_suite(text: str, source: str) -> Suite:
                 "sampling",
                 "max_tokens",
                 "policy_override",
+                "input",
             ),
             key,
             fail,
@@ -138,6 +140,9 @@ def parse_suite(text: str, source: str) -> Suite:
         if cmax is not None:
             cmax = _int(cmax, f"{key}.max_tokens", 1, 8192, fail)
         override = _override(cat.get("policy_override", {}), f"{key}.policy_override", fail)
+        is_input = cat.get("input", False)
+        if not isinstance(is_input, bool):
+            raise fail(f"{key}.input", f"{is_input!r} is not accepted; accepted: true, false")
         categories.append(
             Category(
                 name=cname,
@@ -148,6 +153,7 @@ def parse_suite(text: str, source: str) -> Suite:
                 sampling=sampling,
                 max_tokens=cmax,
                 policy_override=override,
+                input=is_input,
             )
         )
     return Suite(name, tuple(categories), description, max_tokens, seeds, source)

@@ -29,10 +29,12 @@ At the end: the clients stop, the daemon gets SIGTERM (exit 0 expected), and
   request id, and every stream a client saw Started for is in the audit log;
 - every outcome is an expected one for its kind: UNAVAILABLE only around the restart.
 
-`lost` counts streams the audit log cannot account for plus unexpected outcomes; the
-exit code is 0 when it is 0 and the audit log verifies. The last stdout line is one
-JSON object (streams, lost, rss_drift_mib, fd_drift, gap_p50_ms, gap_p99_ms, restarts,
-orphans, ...). docs/soak.md says how to read it.
+`lost` counts the streams the audit log cannot account for, `unexpected` the outcomes
+a client's kind may not have; the exit code is 0 when both are 0, the audit log verifies
+and the daemon stopped with 0. The last stdout line is one JSON object (streams, lost,
+rss_drift_mib, fd_drift, gap_p50_ms, gap_p99_ms, restarts, orphans, ...); the work
+directory keeps results.jsonl, samples.json, problems.txt, the daemon's logs and its
+audit log. docs/soak.md says how to read them.
 
     .venv/bin/python bench/soak.py --minutes 30 [--clients 64] [--workdir DIR]
     make soak SOAK_MINUTES=30
@@ -67,6 +69,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 Code = grpc.StatusCode
+GuardStub: Any = fse_pb2_grpc.GuardStub  # generated, untyped
 Msg = fse_pb2.GenerateClientMessage
 
 SAMPLE_SECONDS = 10.0
@@ -167,9 +170,7 @@ class Call:
     def __init__(self, channel: grpc.Channel, first: Msg, metadata: tuple[tuple[str, str], ...]):
         self.outgoing: queue.Queue[Msg | None] = queue.Queue()
         self.outgoing.put(first)
-        self.call = fse_pb2_grpc.GuardStub(channel).Generate(
-            self._requests(), metadata=metadata, timeout=120
-        )
+        self.call = GuardStub(channel).Generate(self._requests(), metadata=metadata, timeout=120)
 
     def _requests(self) -> Iterator[Msg]:
         while (msg := self.outgoing.get()) is not None:
@@ -244,7 +245,7 @@ def victim(unix: str, request_id: str) -> int:
         first = start_msg(PROMPTS[0], 64, request_id)
         try:
             tokens = 0
-            for msg in fse_pb2_grpc.GuardStub(channel).Generate(iter([first]), timeout=120):
+            for msg in GuardStub(channel).Generate(iter([first]), timeout=120):
                 tokens += msg.WhichOneof("kind") == "token"
                 if tokens == 2:
                     print("started", flush=True)
@@ -443,8 +444,10 @@ def run(args: argparse.Namespace) -> int:
     ]  # fmt: skip
     daemon = Daemon(argv, workdir, unix)
     daemon.start()
+    time.sleep(1.0)
     me.events.append((time.time(), "start"))
     target = Target(unix, tls, ca.read_bytes(), token)
+    sample(me, daemon, time.time(), "idle-start")
     began = time.time()
     until = began + args.minutes * 60
     restart_at = began + args.minutes * 30
@@ -497,7 +500,8 @@ def run(args: argparse.Namespace) -> int:
         if p.is_alive():  # stuck: that is a finding, not a reason to hang
             me.events.append((time.time(), f"client {p.pid} did not stop"))
             p.kill()
-    sample(me, daemon, time.time())
+    time.sleep(2.0)  # the last connections close, the heap is trimmed
+    sample(me, daemon, time.time(), "idle-end")
     assert daemon.process is not None
     daemon.process.send_signal(signal.SIGTERM)
     exit_code = daemon.process.wait(120)
@@ -511,7 +515,8 @@ def run(args: argparse.Namespace) -> int:
     summary["plot"] = str(plotted) if plotted else None
     summary["workdir"] = str(workdir)
     print(json.dumps(summary))
-    return 0 if summary["lost"] == 0 and summary["audit_verify"] == "ok" and exit_code == 0 else 1
+    whole = summary["lost"] == 0 and summary["unexpected"] == 0 and summary["audit_verify"] == "ok"
+    return 0 if whole and exit_code == 0 else 1
 
 
 def collect(inbox: multiprocessing.Queue[Any], into: list[dict[str, Any]]) -> None:
@@ -532,7 +537,7 @@ def collect_now(inbox: multiprocessing.Queue[Any], into: list[dict[str, Any]]) -
             return
 
 
-def sample(me: Run, daemon: Daemon, now: float) -> None:
+def sample(me: Run, daemon: Daemon, now: float, phase: str = "load") -> None:
     window = [r for r in list(me.results) if now - SAMPLE_SECONDS <= r["ended"] < now]
     gaps = [g for r in window for g in r["gaps"]]
     try:
@@ -549,6 +554,7 @@ def sample(me: Run, daemon: Daemon, now: float) -> None:
             "gap_p50_ms": percentile(gaps, 0.5) * 1000,
             "gap_p99_ms": percentile(gaps, 0.99) * 1000,
             "streams": len(window),
+            "phase": phase,  # idle-start (before the clients), load, idle-end (after them)
         }
     )
 
@@ -595,7 +601,8 @@ def check(me: Run, audit_dir: Path, exit_code: int) -> dict[str, Any]:
             verdicts[r["stream"]].append(r)
     orphans = {o.stream for o in result.orphans}
     by_request = {r.get("request_id"): s for s, r in started.items()}
-    problems: list[str] = []
+    problems: list[str] = []  # streams the audit log cannot account for: lost
+    unexpected: list[str] = []  # outcomes a client's kind may not have
     for stream in started:
         n = len(verdicts.get(stream, []))
         if n != 1 and not (n == 0 and stream in orphans):
@@ -614,29 +621,32 @@ def check(me: Run, audit_dir: Path, exit_code: int) -> dict[str, Any]:
                     f"{audited[0]['status']}/{audited[0].get('tokens')}"
                 )
         if not expected(me, r):
-            problems.append(
+            unexpected.append(
                 f"{r['request_id']}: unexpected {r['code']} {r['status']} {r['details']}"
             )
+    # Leaks. RSS: under load, within each daemon run (the restart is not a leak), from its
+    # first sample WARM_UP into the run (the KV cache's pages are touched as streams reach
+    # longer contexts, so the idle daemon before any stream is no baseline for memory) to
+    # its last; the larger of the two runs. Descriptors and threads: the idle daemon after
+    # the clients against the idle daemon before them (the same settings and listeners).
+    idle = {s["phase"]: s for s in me.samples if s["phase"] != "load"}
+    first, last = idle.get("idle-start"), idle.get("idle-end")
+    fd_drift = last["fds"] - first["fds"] if first and last else 0
+    thread_drift = last["threads"] - first["threads"] if first and last else 0
     runs = collections.defaultdict(list)
     for s in me.samples:
-        runs[s["run"]].append(s)
+        if s["phase"] == "load":
+            runs[s["run"]].append(s)
 
-    # Drift within each daemon run (the restart is not a leak), from its first sample
-    # after WARM_UP (the KV cache and buffers fill as streams reach longer contexts; a run
-    # shorter than that: from its first sample) to its last; the larger of the runs.
-    def settled(v: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        later = [s for s in v if s["t"] - v[0]["t"] >= WARM_UP]
-        return later or [v[0]]
+    def settled(v: list[dict[str, Any]]) -> dict[str, Any]:
+        return next((s for s in v if s["t"] - v[0]["t"] >= WARM_UP), v[0])
 
-    rss_drift = max(
-        (v[-1]["rss_mib"] - settled(v)[0]["rss_mib"] for v in runs.values()), default=0.0
-    )
-    fd_drift = max((v[-1]["fds"] - settled(v)[0]["fds"] for v in runs.values()), default=0)
+    rss_drift = max((v[-1]["rss_mib"] - settled(v)["rss_mib"] for v in runs.values()), default=0.0)
     gaps = [g for r in me.results for g in r["gaps"]]
     kinds = collections.Counter(r["kind"] for r in me.results)
     codes = collections.Counter(r["code"] for r in me.results)
-    (me.workdir / "problems.txt").write_text("".join(p + "\n" for p in problems))
-    for p in problems[:20]:
+    (me.workdir / "problems.txt").write_text("".join(p + "\n" for p in problems + unexpected))
+    for p in (problems + unexpected)[:20]:
         print(f"soak: {p}", file=sys.stderr)
     loaded = sum(1 for r in records if r["event"] == "policy.loaded")
     rejected = sum(1 for r in records if r["event"] == "policy.reload_rejected")
@@ -644,12 +654,15 @@ def check(me: Run, audit_dir: Path, exit_code: int) -> dict[str, Any]:
         "streams": len(me.results),
         "audited_streams": len(started),
         "lost": len(problems),
+        "unexpected": len(unexpected),
         "rss_drift_mib": round(rss_drift, 1),
         "fd_drift": fd_drift,
+        "thread_drift": thread_drift,
+        "rss_idle_mib": [round(x["rss_mib"], 1) for x in (first, last) if x],
         "rss_max_mib": round(max((s["rss_mib"] for s in me.samples), default=0.0), 1),
         "threads_max": max((s["threads"] for s in me.samples), default=0),
-        "gap_p50_ms": round(percentile(gaps, 0.5) * 1000, 1),
-        "gap_p99_ms": round(percentile(gaps, 0.99) * 1000, 1),
+        "gap_p50_ms": round(percentile(gaps, 0.5) * 1000, 1) if gaps else None,
+        "gap_p99_ms": round(percentile(gaps, 0.99) * 1000, 1) if gaps else None,
         "restarts": len(me.restart_windows),
         "orphans": len(orphans),
         "unavailable": codes.get("UNAVAILABLE", 0),

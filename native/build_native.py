@@ -172,6 +172,7 @@ SOURCES = [
     "fse_near_loop.c",
     "fse_log.c",
     "fse_vocab.c",
+    "fse_graph_stats.c",
 ]
 # Included by the sources: listed so that editing one alone rebuilds the extension.
 HEADERS = ["fse.h", "fse_stats_width.h"]
@@ -196,6 +197,22 @@ def _include_dirs() -> list[str]:
 
 OPENMP = ["-fopenmp", "-DFSE_OPENMP"] if _ggml_uses_openmp() else []
 
+
+def _has_backend_sampling(include_dirs: list[str]) -> bool:
+    """Whether llama.h has the backend sampling API that fse_graph_stats.c builds on
+    (an older llama.cpp from LLAMA_CPP_DIR lacks it: the file then builds its stubs)."""
+    for d in include_dirs:
+        try:
+            text = (Path(d) / "llama.h").read_text()
+        except OSError:
+            continue
+        names = ("backend_apply", "llama_set_sampler", "llama_get_sampled_logits_count_ith")
+        return all(name in text for name in names) and (Path(d) / "ggml-backend.h").exists()
+    return False
+
+
+GRAPH_STATS = ["-DFSE_GRAPH_STATS=1"] if _has_backend_sampling(_include_dirs()) else []
+
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
 ffibuilder.set_source(
@@ -208,7 +225,7 @@ ffibuilder.set_source(
     library_dirs=[str(PACKAGE_LIBS)],
     libraries=["llama"],
     # No -ffast-math: it would let the compiler assume away the NaN/Inf checks.
-    extra_compile_args=["-O3", "-std=gnu11", "-Wall", "-Wextra", "-pthread", *OPENMP],
+    extra_compile_args=["-O3", "-std=gnu11", "-Wall", "-Wextra", "-pthread", *OPENMP, *GRAPH_STATS],
     extra_link_args=["-Wl,-rpath,$ORIGIN/_libs", "-pthread", *OPENMP[:1]],
 )
 

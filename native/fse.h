@@ -88,3 +88,41 @@ const char * fse_log_last_error(void);
 // that normalizes text, or tokens that swallow whitespace). Walks the vocabulary once.
 struct llama_vocab;
 int32_t fse_vocab_max_token_bytes(const struct llama_vocab * vocab);
+
+// A step's statistics computed inside llama.cpp's compute graph, on the device that holds
+// the output layer (fse_graph_stats.c; llama.cpp's EXPERIMENTAL backend sampling API): a
+// sampler chain per stream adds the ops and, when sampling is not greedy, llama.cpp's
+// backend top_k -> top_p -> min_p -> temp -> dist; only FSE_GRAPH_STATS_N floats and the
+// token come back, not the n_vocab logits. Every entry point says "unavailable" where
+// libfse was built against a llama.h without that API.
+enum { FSE_GRAPH_STATS_N = 9 };
+typedef struct fse_graph_sampler fse_graph_sampler;
+struct llama_context;
+struct llama_context_params;
+
+typedef struct fse_graph_step {
+    fse_logit_stats stats;       // as fse_logit_stats_compute, but with a NaN or Inf present
+                                 // (n_nonfinite > 0) the other fields are NaN or garbage
+    int32_t         token;       // sampled in the graph (the argmax when greedy); -1 if none
+    float           token_logit; // its logit: its nll is stats.logsumexp - token_logit
+} fse_graph_step;
+
+int32_t fse_graph_stats_available(void); // 1 if built with the API
+// Set what a context for this path needs (one output per sequence and step).
+void    fse_graph_stats_context_params(struct llama_context_params * params);
+// temp <= 0: greedy. faults: build the debug fault ops (fse_graph_sampler_set_fault).
+// NULL if unavailable or OOM.
+fse_graph_sampler * fse_graph_sampler_new(int32_t top_k, float top_p, float min_p, float temp,
+                                          uint32_t seed, int32_t faults);
+void    fse_graph_sampler_free(fse_graph_sampler * gs); // detach it first
+// Attach to sequence seq of ctx (once per sampler): 1 if the whole chain runs in the
+// graph, else 0 and nothing is attached (use the host kernel then).
+int32_t fse_graph_sampler_attach(fse_graph_sampler * gs, struct llama_context * ctx, int32_t seq);
+void    fse_graph_sampler_detach(struct llama_context * ctx, int32_t seq);
+// The faults applied to the logits of the next decode: z * scale, + add_mid at n_vocab / 2,
+// + add_last at n_vocab - 1 (1, 0, 0: none). Only for a sampler made with faults.
+void    fse_graph_sampler_set_fault(fse_graph_sampler * gs, float scale, float add_mid,
+                                    float add_last);
+// After a decode, the results for batch entry i: 0, or -1 if none came back.
+int32_t fse_graph_stats_read(struct llama_context * ctx, int32_t i, int32_t n_vocab,
+                             fse_graph_step * out);

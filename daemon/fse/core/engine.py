@@ -9,6 +9,11 @@ chain over the k largest logits), or llama.cpp's own chain where that cannot run
 (top_k 0 or above FSE_TOP_K_MAX). The
 model itself is fse.core.model, debug faults fse.core.faults. It knows nothing of
 guards, policies or gRPC.
+
+`Context(graph_stats=True)` (off by default) computes the statistics inside llama.cpp's
+decode graph instead (native/fse_graph_stats.c): only they and the token come back, not
+the logits, which pays on a GPU. A slot that cannot use it (no backend sampling in this
+llama.cpp, a sampler the device cannot run, prompt scoring) uses the host kernel.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import structlog
 from fse._native import ffi, lib
 from fse.core.errors import EngineError
 from fse.core.faults import NO_FAULTS, Faults
@@ -33,6 +39,8 @@ MAX_THREADS = 512
 # keeps an output buffer of that many vocabulary rows (1 MiB each for Gemma 3), so
 # scoring never holds n_prompt x n_vocab floats, only this many rows at a time.
 SCORED_PER_DECODE = 32
+
+log = structlog.get_logger("fse.core.engine")
 
 
 class ContextOverflow(EngineError):
@@ -54,7 +62,11 @@ class Context(Closing):
         n_seq_max: int = 1,
         n_threads: int = 2,
         n_batch: int = 512,
+        graph_stats: bool = False,
     ) -> None:
+        """`graph_stats`: each slot's statistics and token computed in llama.cpp's graph
+        (fse_graph_stats.c) where it can be, else by the host kernel, which is faster on
+        the CPU backend (docs/benchmarks.md)."""
         if not 1 <= n_threads <= MAX_THREADS:  # llama.cpp aborts on absurd counts
             raise ValueError(f"n_threads: {n_threads} is invalid; accepted: 1..{MAX_THREADS}")
         self.model = model
@@ -72,6 +84,16 @@ class Context(Closing):
         # step in two and halves throughput. The cost is attention over every
         # stream's cells, small next to a 262k-token output projection.
         params.kv_unified = n_seq_max > 1
+        self.graph_stats = graph_stats and bool(lib.fse_graph_stats_available())
+        if graph_stats and not self.graph_stats:
+            log.warning(
+                "graph statistics unavailable: this llama.cpp has no backend sampling API; "
+                "using the host kernel"
+            )
+        if self.graph_stats:
+            adjusted = ffi.new("struct llama_context_params *", params)
+            lib.fse_graph_stats_context_params(adjusted)
+            params = adjusted[0]
         handle = lib.llama_init_from_model(model.handle, params)
         if handle == ffi.NULL:
             raise EngineError(last_llama_error("llama.cpp could not create a context"))
@@ -137,11 +159,24 @@ class Context(Closing):
     def sample(self, slots: Sequence[Slot]) -> list[Step]:
         """Measure and sample the last decode's logits of each slot: one C call for all
         of them (the GIL is released meanwhile), then each slot's Step."""
+        if self.graph_stats:
+            return self._sample_mixed(slots)
         jobs = self._jobs
         for i, slot in enumerate(slots):
             slot._prepare(jobs[i])
         lib.fse_step(self._pool, jobs, len(slots), self.model.n_vocab)
         return [slot._finish(jobs[i]) for i, slot in enumerate(slots)]
+
+    def _sample_mixed(self, slots: Sequence[Slot]) -> list[Step]:
+        """sample() where some slots read their results from the graph."""
+        host = [slot for slot in slots if slot._graph == ffi.NULL]
+        jobs = self._jobs
+        for i, slot in enumerate(host):
+            slot._prepare(jobs[i])
+        if host:
+            lib.fse_step(self._pool, jobs, len(host), self.model.n_vocab)
+        done = iter([slot._finish(jobs[i]) for i, slot in enumerate(host)])
+        return [next(done) if slot._graph == ffi.NULL else slot._finish_graph() for slot in slots]
 
     def score(self, slots: Sequence[Slot]) -> None:
         """After a decode: the nll of each prompt token whose predicting position the
@@ -214,10 +249,15 @@ class Slot(Closing):
         self.sampling = sampling
         self.seed = sampling.seed if sampling.seed is not None else random.randrange(2**32)
         self.faults = faults
-        # fse_sample.c where it can run, else llama.cpp's chain (run after the C step).
+        # The graph's statistics and sampling where the context asks for them and they
+        # can run; else fse_sample.c where it can run, else llama.cpp's chain (run after
+        # the C step).
+        self._graph = ffi.NULL
+        if ctx.graph_stats and not llama_sampler and not score_prompt:
+            self._graph = self._attach_graph()
         self._fused = ffi.NULL
         self._sampler = None
-        if not sampling.greedy:
+        if not sampling.greedy and self._graph == ffi.NULL:
             if not llama_sampler:
                 self._fused = lib.fse_sampler_new(
                     sampling.top_k, sampling.top_p, sampling.min_p, sampling.temperature, self.seed
@@ -233,6 +273,31 @@ class Slot(Closing):
         self._out = -1  # batch index of this sequence's logits after the last decode
         self.pos = 0  # next position in the sequence
         self.index = 0  # index of the next generated token
+
+    @property
+    def graph_stats(self) -> bool:
+        """Whether this slot's statistics and token come from llama.cpp's graph."""
+        return self._graph != ffi.NULL
+
+    def _attach_graph(self) -> Any:
+        """The graph sampler of this slot's sequence, or NULL (logged) where it cannot run."""
+        sampling = self.sampling
+        graph = lib.fse_graph_sampler_new(
+            sampling.top_k,
+            sampling.top_p,
+            sampling.min_p,
+            0.0 if sampling.greedy else sampling.temperature,
+            self.seed,
+            self.faults.touches_logits,
+        )
+        if graph != ffi.NULL and lib.fse_graph_sampler_attach(graph, self.ctx.handle, self.seq):
+            self._graph_step = ffi.new("fse_graph_step *")
+            return graph
+        lib.fse_graph_sampler_free(graph)
+        log.warning(
+            "graph statistics cannot run on this backend; using the host kernel", seq=self.seq
+        )
+        return ffi.NULL
 
     def start(self, prompt: Sequence[int]) -> None:
         if not prompt:
@@ -271,12 +336,27 @@ class Slot(Closing):
             self.pos += 1
         if chunk:
             self._out = batch_index if not self._pending else -1
+            if not self._pending:
+                self._graph_faults()
         return len(chunk)
 
     def queue_token(self, token: int) -> None:
         """Queue the token just released, so the next decode yields the next logits."""
         self._out = self.ctx.add(token, self.pos, self.seq, True)
         self.pos += 1
+        self._graph_faults()
+
+    def _graph_faults(self) -> None:
+        """Before the decode that yields token `index`: the debug faults the graph applies
+        to its logits, as _inject does to the host's."""
+        faults, index = self.faults, self.index
+        if self._graph != ffi.NULL and faults.touches_logits:
+            lib.fse_graph_sampler_set_fault(
+                self._graph,
+                faults.scale if index == faults.scale_at else 1.0,
+                math.nan if index == faults.nan_at else 0.0,
+                math.inf if index == faults.inf_at else 0.0,
+            )
 
     def sample(self) -> Step:
         """Measure the logits of the last decode and pick the next token (this slot
@@ -300,8 +380,22 @@ class Slot(Closing):
             token = lib.llama_sampler_sample(self._sampler, self.ctx.handle, self._out)
         # Greedy: the kernel's argmax is the first maximum, exactly what llama.cpp's
         # greedy sampler picks, without its 0.2 ms vocabulary copy.
+        return self._step(token, stats.logsumexp - ptr[token], stats)
+
+    def _finish_graph(self) -> Step:
+        """The Step from what the graph measured and sampled (fse_graph_stats_read)."""
+        out, n_vocab = self._graph_step, self.model.n_vocab
+        if lib.fse_graph_stats_read(self.ctx.handle, self._out, n_vocab, out) != 0:
+            raise EngineError(f"no statistics came back from the graph for sequence {self.seq}")
+        stats, token = out.stats, out.token
+        if not 0 <= token < n_vocab:
+            if not stats.n_nonfinite:
+                raise EngineError(f"the graph sampled no token for sequence {self.seq}")
+            token = 0  # the non_finite guard halts this step: nothing is released
+        return self._step(token, stats.logsumexp - out.token_logit, stats)
+
+    def _step(self, token: int, nll: float, stats: Any) -> Step:
         lse = stats.logsumexp
-        nll = lse - ptr[token]
         ppl, ppl_cumulative = self._ppl.push(nll)
         piece = self.model.piece(token)
         metrics = StepMetrics(
@@ -334,6 +428,11 @@ class Slot(Closing):
             view *= np.float32(faults.scale)
 
     def close(self) -> None:
+        if self._graph != ffi.NULL:
+            if self.ctx._handle is not None:  # never leave llama.cpp a freed sampler
+                lib.fse_graph_sampler_detach(self.ctx._handle, self.seq)
+            lib.fse_graph_sampler_free(self._graph)
+            self._graph = ffi.NULL
         if self._fused != ffi.NULL:
             lib.fse_sampler_free(self._fused)
             self._fused = ffi.NULL

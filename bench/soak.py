@@ -63,7 +63,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from fse.serve.audit import chain_files, verify
 from fse_client.v1 import fse_pb2, fse_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -74,6 +73,9 @@ Msg = fse_pb2.GenerateClientMessage
 
 SAMPLE_SECONDS = 10.0
 RELOAD_SECONDS = 60.0
+# A gRPC deadline long enough for a stream queued behind the others (64 clients, 8 slots,
+# two slow cores); the daemon's own verdicts come first.
+CALL_SECONDS = 600.0
 WARM_UP = 60.0  # seconds of a daemon run before its RSS and descriptors count as settled
 # Client outcomes around the restart: from the kill until this long after SERVING again
 # (a client's channel may still be backing off), UNAVAILABLE is expected.
@@ -170,7 +172,9 @@ class Call:
     def __init__(self, channel: grpc.Channel, first: Msg, metadata: tuple[tuple[str, str], ...]):
         self.outgoing: queue.Queue[Msg | None] = queue.Queue()
         self.outgoing.put(first)
-        self.call = GuardStub(channel).Generate(self._requests(), metadata=metadata, timeout=120)
+        self.call = GuardStub(channel).Generate(
+            self._requests(), metadata=metadata, timeout=CALL_SECONDS
+        )
 
     def _requests(self) -> Iterator[Msg]:
         while (msg := self.outgoing.get()) is not None:
@@ -245,7 +249,7 @@ def victim(unix: str, request_id: str) -> int:
         first = start_msg(PROMPTS[0], 64, request_id)
         try:
             tokens = 0
-            for msg in GuardStub(channel).Generate(iter([first]), timeout=120):
+            for msg in GuardStub(channel).Generate(iter([first]), timeout=CALL_SECONDS):
                 tokens += msg.WhichOneof("kind") == "token"
                 if tokens == 2:
                     print("started", flush=True)
@@ -495,7 +499,7 @@ def run(args: argparse.Namespace) -> int:
             next_sample += SAMPLE_SECONDS
             sample(me, daemon, now)
     for p in clients:
-        p.join(timeout=180)
+        p.join(timeout=CALL_SECONDS + 60)  # each finishes the scenario it is in
     for p in clients:
         if p.is_alive():  # stuck: that is a finding, not a reason to hang
             me.events.append((time.time(), f"client {p.pid} did not stop"))
@@ -586,6 +590,10 @@ def expected(me: Run, r: dict[str, Any]) -> bool:
 
 
 def check(me: Run, audit_dir: Path, exit_code: int) -> dict[str, Any]:
+    # Imported here: the client processes (spawned, so they import this module) need
+    # only grpc and the stubs.
+    from fse.serve.audit import chain_files, verify
+
     files = chain_files([audit_dir])
     result = verify(files)
     cli = subprocess.run(

@@ -201,6 +201,61 @@ def lost_workers(endpoints: Sequence[Endpoint]) -> list[str]:
     return [f"{ep} ({why})" for ep in endpoints if (why := reachable(ep, 1.0)) is not None]
 
 
+_CLOSE_WAIT = "08"  # the kernel's TCP state: the peer closed, this side has not yet
+
+
+def closed_by_worker(endpoints: Sequence[Endpoint]) -> list[str]:
+    """The workers that closed their connection to this process (a worker killed while
+    the daemon is idle: ggml-rpc notices only at its next call). Read from the kernel's
+    TCP tables (Linux), for this process's own sockets only; never connects."""
+    try:
+        inodes = {
+            os.readlink(f"/proc/self/fd/{fd}")[8:-1]
+            for fd in os.listdir("/proc/self/fd")
+            if _is_socket(fd)
+        }
+        wanted = {_peer_key(ep): str(ep) for ep in endpoints}
+        found = []
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            with open(table) as f:
+                for line in f.read().splitlines()[1:]:
+                    fields = line.split()
+                    if fields[3] == _CLOSE_WAIT and fields[9] in inodes:
+                        name = wanted.get(_peer_of(fields[2]))
+                        if name is not None:
+                            found.append(name)
+        return sorted(set(found))
+    except (OSError, ValueError, IndexError):
+        return []
+
+
+def _is_socket(fd: str) -> bool:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}").startswith("socket:[")
+    except OSError:
+        return False
+
+
+def _peer_key(ep: Endpoint) -> tuple[str, int]:
+    host = "127.0.0.1" if ep.host == "localhost" else ep.host
+    try:
+        return str(ipaddress.ip_address(host)), ep.port
+    except ValueError:  # a host name: resolved as ggml-rpc resolves it
+        return socket.gethostbyname(host), ep.port
+
+
+def _peer_of(field: str) -> tuple[str, int]:
+    """/proc/net/tcp's "0100007F:C350" (or tcp6's 32 hex digits) as (address, port)."""
+    address, port = field.split(":")
+    raw = bytes.fromhex(address)
+    # Each 32-bit word is in the host's byte order (little-endian here).
+    words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+    ip = ipaddress.ip_address(words)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return str(ip), int(port, 16)
+
+
 # -- the worker's side -----------------------------------------------------------------
 
 

@@ -112,6 +112,9 @@ class RpcWatch:
         every = min(1.0, self.stall_seconds / 4)
         while self.lost is None:
             await asyncio.sleep(every)
+            if closed := rpc.closed_by_worker(self.endpoints):  # died while idle
+                self.lose("the worker closed the connection", [f"{c} (closed)" for c in closed])
+                return
             age = self.scheduler.heartbeat_age()
             if age > self.stall_seconds:
                 self.lose(

@@ -6,7 +6,9 @@ makes ggml-rpc's dispatcher thread call GGML_ABORT: fse.core.rpc routes that to
 thread for good (ggml would abort() the moment it returned). A worker that stops
 answering (SIGSTOP, a cut link) leaves llama_decode waiting on a socket with no
 timeout: the decode step's heartbeat grows, and a step older than
-`model.rpc_stall_seconds` counts as a lost worker too.
+`model.rpc_stall_seconds` counts as a lost worker too. A worker killed while the daemon
+is idle leaves the daemon's connection to it half closed (CLOSE_WAIT in the kernel's
+TCP table, fse.core.rpc.closed_by_worker): checked every second, also a loss.
 
 Either way, on the event loop: health turns NOT_SERVING, the loss is logged and audited,
 every running and waiting stream ends with an `error` verdict (guard `internal`, the

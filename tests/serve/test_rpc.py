@@ -120,6 +120,9 @@ def test_greedy_tokens_through_a_worker_are_the_local_ones(
     assert layers["RPC0"] == (worker.address, N_LAYER)
     assert layers["CPU"][1] == 0
     assert f"RPC0 ({worker.address}): {N_LAYER} layers" in remote.log()
+    (started,) = audit_events(remote, "server.started")  # which hosts computed, audited
+    assert started["rpc_workers"] == [worker.address]
+    assert "rpc_workers" not in audit_events(local, "server.started")[0]
     samples = scrape(metrics_port)
     assert value(samples, "fse_device_layers", device="RPC0", description=worker.address) == 18
     # The local daemon holds every layer itself.

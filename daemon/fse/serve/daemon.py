@@ -434,6 +434,7 @@ def announce(
         listen=plan.targets,
         http_listen=plan.http_targets or None,
         model=str(plan.model_path),
+        rpc_workers=list(settings.model.rpc) or None,  # the hosts that compute its layers
         pid=os.getpid(),
         max_streams=service.limits.max_streams,
         tls=plan.creds is not None,

@@ -126,3 +126,6 @@ void    fse_graph_sampler_set_fault(fse_graph_sampler * gs, float scale, float a
 // After a decode, the results for batch entry i: 0, or -1 if none came back.
 int32_t fse_graph_stats_read(struct llama_context * ctx, int32_t i, int32_t n_vocab,
                              fse_graph_step * out);
+// The same ops and arithmetic over n given logits on ggml's CPU backend, greedy (the tests'
+// and benchmarks' way to feed it any vector): 0, or -1 on failure or if unavailable.
+int32_t fse_graph_stats_eval(const float * logits, int32_t n, fse_graph_step * out);

@@ -29,13 +29,14 @@
 // that runs them can; the tail checks them with ggml_backend_dev_supports_op):
 //   a = argmax(z), M = z[a]                     (get_rows of the argmax)
 //   t = z - M, e = exp(t): S = sum(e), T = sum(e * t)
+//   mean = mean(z)                              (not M + m: a mean near 0 keeps its digits)
 //   m = mean(t), V = mean((t - m)^2)            (two passes: no cancellation)
 //   probe = sum(z - z)                          NaN iff some z is NaN or +-Inf
 //   finite = sum(step((z - z) + 1))             how many z are finite
 //   zs = z[sampled]
 // and the host turns these into the fused kernel's fields in double:
 //   logsumexp = M + log S, entropy = log S - T / S (both terms >= 0, as in
-//   fse_stats.c), mean = M + m, variance = V, L2 = sqrt(n (V + mean^2)) (a sum of
+//   fse_stats.c), variance = V, L2 = sqrt(n (V + mean^2)) (a sum of
 //   two terms >= 0, so exact up to their rounding), nll = logsumexp - zs.
 // Non-finite values: a NaN or an Inf makes z - z NaN there and 0 elsewhere, so the
 // probe sum is NaN exactly when one is present, on any IEEE backend, in any summation
@@ -73,6 +74,7 @@
 
 #if FSE_GRAPH_STATS
 
+#include "ggml-alloc.h"
 #include "ggml-backend.h"
 #include "ggml.h"
 #include "llama.h"
@@ -123,6 +125,7 @@ static struct ggml_tensor * build_stats(struct ggml_context * ctx, struct ggml_t
     struct ggml_tensor * e  = ggml_exp(ctx, t);
     struct ggml_tensor * s  = ggml_sum(ctx, e);
     struct ggml_tensor * st = ggml_sum(ctx, ggml_mul(ctx, e, t));
+    struct ggml_tensor * mz = ggml_mean(ctx, z);
     struct ggml_tensor * m  = ggml_mean(ctx, t);
     struct ggml_tensor * v  = ggml_mean(ctx, ggml_sqr(ctx, ggml_sub(ctx, t, m)));
     struct ggml_tensor * zz = ggml_sub(ctx, z, z);
@@ -136,7 +139,7 @@ static struct ggml_tensor * build_stats(struct ggml_context * ctx, struct ggml_t
     struct ggml_tensor * zs  = ggml_get_rows(ctx, rows, tok);
 
     struct ggml_tensor * parts[FSE_GRAPH_STATS_N] = {
-        mx, ggml_cast(ctx, am, GGML_TYPE_F32), s, st, m, v, pr, fi, zs,
+        mx, ggml_cast(ctx, am, GGML_TYPE_F32), s, st, mz, v, pr, fi, zs,
     };
     struct ggml_tensor * out = ggml_reshape_1d(ctx, parts[0], 1);
     for (int i = 1; i < FSE_GRAPH_STATS_N; i++) {
@@ -361,16 +364,12 @@ void fse_graph_sampler_set_fault(fse_graph_sampler * gs, float scale, float add_
     gs->st->fault[2] = add_last;
 }
 
-int32_t fse_graph_stats_read(struct llama_context * ctx, int32_t i, int32_t n_vocab,
-                             fse_graph_step * out) {
-    const float * v = llama_get_sampled_logits_ith(ctx, i);
-    if (v == NULL || llama_get_sampled_logits_count_ith(ctx, i) != FSE_GRAPH_STATS_N) {
-        return -1;
-    }
+// The fused kernel's fields, in double, from the FSE_GRAPH_STATS_N floats of build_stats.
+static void finish(const float * v, int32_t n_vocab, fse_graph_step * out) {
     const double n      = (double) n_vocab;
     const double max    = v[0];
     const double log_s  = log((double) v[2]);
-    const double mean   = max + (double) v[4];
+    const double mean   = v[4];
     const double var    = v[5];
     const double finite = v[7];
 
@@ -387,9 +386,62 @@ int32_t fse_graph_stats_read(struct llama_context * ctx, int32_t i, int32_t n_vo
     if (s->n_nonfinite == 0 && !isfinite(v[6])) {
         s->n_nonfinite = 1;
     }
-    out->token       = llama_get_sampled_token_ith(ctx, i);
     out->token_logit = v[8];
+}
+
+int32_t fse_graph_stats_read(struct llama_context * ctx, int32_t i, int32_t n_vocab,
+                             fse_graph_step * out) {
+    const float * v = llama_get_sampled_logits_ith(ctx, i);
+    if (v == NULL || llama_get_sampled_logits_count_ith(ctx, i) != FSE_GRAPH_STATS_N) {
+        return -1;
+    }
+    finish(v, n_vocab, out);
+    out->token = llama_get_sampled_token_ith(ctx, i);
     return 0;
+}
+
+int32_t fse_graph_stats_eval(const float * logits, int32_t n, fse_graph_step * out) {
+    if (n < 1) {
+        return -1;
+    }
+    enum { MAX_NODES = 128 };
+    struct ggml_init_params params = {
+        .mem_size   = MAX_NODES * ggml_tensor_overhead() + ggml_graph_overhead_custom(MAX_NODES, false),
+        .mem_buffer = NULL,
+        .no_alloc   = true,
+    };
+    ggml_backend_t        backend = ggml_backend_init_by_type(GGML_BACKEND_DEVICE_TYPE_CPU, NULL);
+    struct ggml_context * ctx     = ggml_init(params);
+    int32_t               status  = -1;
+    if (backend != NULL && ctx != NULL) {
+        struct ggml_cgraph * gf      = ggml_new_graph_custom(ctx, MAX_NODES, false);
+        struct ggml_tensor * z       = ggml_new_tensor_1d(ctx, GGML_TYPE_F32, n);
+        struct ggml_tensor * sampled = NULL;
+        struct ggml_tensor * stats   = build_stats(ctx, z, &sampled);
+        ggml_build_forward_expand(gf, stats);
+        ggml_build_forward_expand(gf, sampled);
+        // Every tensor its own memory (a few n-float intermediates): simple, and only tests
+        // and benchmarks call this.
+        ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors(ctx, backend);
+        if (buf != NULL) {
+            ggml_backend_tensor_set(z, logits, 0, (size_t) n * sizeof(float));
+            if (ggml_backend_graph_compute(backend, gf) == GGML_STATUS_SUCCESS) {
+                float v[FSE_GRAPH_STATS_N];
+                ggml_backend_tensor_get(stats, v, 0, sizeof(v));
+                ggml_backend_tensor_get(sampled, &out->token, 0, sizeof(out->token));
+                finish(v, n, out);
+                status = 0;
+            }
+            ggml_backend_buffer_free(buf);
+        }
+    }
+    if (ctx != NULL) {
+        ggml_free(ctx);
+    }
+    if (backend != NULL) {
+        ggml_backend_free(backend);
+    }
+    return status;
 }
 
 #else // llama.h without the backend sampling API: the engine keeps the host kernel
@@ -429,6 +481,11 @@ void fse_graph_sampler_set_fault(fse_graph_sampler * gs, float scale, float add_
 int32_t fse_graph_stats_read(struct llama_context * ctx, int32_t i, int32_t n_vocab,
                              fse_graph_step * out) {
     (void) ctx, (void) i, (void) n_vocab, (void) out;
+    return -1;
+}
+
+int32_t fse_graph_stats_eval(const float * logits, int32_t n, fse_graph_step * out) {
+    (void) logits, (void) n, (void) out;
     return -1;
 }
 

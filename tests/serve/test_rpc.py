@@ -11,6 +11,7 @@ stops a worker with exit 0.
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import subprocess
@@ -265,3 +266,25 @@ def test_a_worker_killed_while_idle_stops_the_daemon(
     assert check.returncode == 0, check.stdout + check.stderr
     with daemon.channel() as channel, pytest.raises(grpc.RpcError):
         fse_pb2_grpc.GuardStub(channel).GetInfo(fse_pb2.GetInfoRequest(), timeout=2)
+
+
+def test_generate_local_ends_with_an_error_verdict_when_its_worker_dies(
+    start_worker: Callable[[], Worker],
+) -> None:
+    worker = start_worker()
+    argv = [*FSE, "generate", "--local", "--rpc", worker.address, "--json", "--threads", "1"]
+    argv += ["--temperature", "0", "--max-tokens", str(LONG), LONG_PROMPT]
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as p:
+        assert p.stdout is not None
+        lines = []
+        for line in p.stdout:
+            lines.append(json.loads(line))
+            if len(lines) == 4:
+                worker.process.kill()
+        assert p.wait(LIVE) == 1
+    *tokens, verdict = lines
+    assert all(t["type"] == "token" for t in tokens) and 4 <= len(tokens) < LONG
+    assert verdict["type"] == "verdict" and verdict["status"] == "error"
+    assert verdict["guard"] == "internal" and verdict["tokens"] == len(tokens)
+    assert verdict["message"].startswith(f"RPC worker lost: {worker.address}: ")
+    assert verdict["text"] == "".join(t["text"] for t in tokens)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -109,7 +110,37 @@ def _read_bytes(flag: str, path: Path | None) -> bytes | None:
         raise InputError(f"{flag}: {path}: cannot read: {exc.strerror}") from None
 
 
-def local_events(args: argparse.Namespace, request: Any, cancel: threading.Event) -> Iterator[Any]:
+class _Released:
+    """What the renderer has let out so far (main thread), for the verdict a lost RPC
+    worker ends the stream with (written from the thread ggml aborts on)."""
+
+    def __init__(self) -> None:
+        self.tokens = 0
+        self.text: list[str] = []
+        self.renderer: Any = None
+
+    def lost(self, policy: Any, message: str) -> None:
+        from fse.core.stream import GuardedStream
+        from fse.core.types import ERROR, INTERNAL
+
+        stream = GuardedStream(policy)
+        stream.finish(ERROR, INTERNAL, message=f"RPC worker lost: {message}")
+        verdict = stream.verdict
+        assert verdict is not None
+        verdict.tokens, verdict.text = self.tokens, "".join(self.text)
+        if self.renderer is not None:
+            self.renderer.verdict(verdict)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_ERROR)
+
+
+def local_events(
+    args: argparse.Namespace,
+    request: Any,
+    cancel: threading.Event,
+    released: _Released | None = None,
+) -> Iterator[Any]:
     from fse.core.engine import Context
     from fse.core.faults import Faults
     from fse.core.runner import prompt_tokens, run_local
@@ -129,6 +160,11 @@ def local_events(args: argparse.Namespace, request: Any, cancel: threading.Event
             args.rpc, allow_remote=args.allow_remote_rpc, key="--rpc", allow="--allow-remote-rpc"
         )
         rpc.add_workers(endpoints, "--rpc")
+        if released is not None:  # a worker lost mid-stream: an error verdict, exit 1
+            workers = ", ".join(map(str, endpoints))
+            rpc.on_abort(
+                lambda message: released.lost(policy, f"{workers}: {message.rsplit(': ', 1)[-1]}")
+            )
     with load_model(args.model, args.verbose) as model:
         try:
             needed = len(prompt_tokens(model, request)) + request.max_tokens
@@ -184,15 +220,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 raise InputError(str(exc)) from None
             print(f"fse generate: error: {exc}", file=sys.stderr)
             return EXIT_ERROR
-    return render(local_events(args, request, cancel), renderer)
+    released = _Released()
+    released.renderer = renderer
+    return render(local_events(args, request, cancel, released), renderer, released)
 
 
-def render(events: Iterator[Any], renderer: Any) -> int:
+def render(events: Iterator[Any], renderer: Any, released: _Released | None = None) -> int:
     from fse.core.types import TokenEvent
 
     for event in events:
         if isinstance(event, TokenEvent):
             renderer.token(event)
+            if released is not None:
+                released.tokens += 1
+                released.text.append(event.text)
         else:
             renderer.verdict(event)
             return exit_code(event)

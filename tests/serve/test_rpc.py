@@ -268,11 +268,13 @@ def test_a_worker_killed_while_idle_stops_the_daemon(
         fse_pb2_grpc.GuardStub(channel).GetInfo(fse_pb2.GetInfoRequest(), timeout=2)
 
 
-def test_generate_local_ends_with_an_error_verdict_when_its_worker_dies(
-    start_worker: Callable[[], Worker],
+@pytest.mark.parametrize("loss", [signal.SIGKILL, signal.SIGSTOP])
+def test_generate_local_ends_with_an_error_verdict_when_its_worker_is_lost(
+    start_worker: Callable[[], Worker], loss: signal.Signals
 ) -> None:
     worker = start_worker()
     argv = [*FSE, "generate", "--local", "--rpc", worker.address, "--json", "--threads", "1"]
+    argv += ["--rpc-stall-seconds", str(STALL)]
     argv += ["--temperature", "0", "--max-tokens", str(LONG), LONG_PROMPT]
     with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as p:
         assert p.stdout is not None
@@ -280,9 +282,11 @@ def test_generate_local_ends_with_an_error_verdict_when_its_worker_dies(
         for line in p.stdout:
             lines.append(json.loads(line))
             if len(lines) == 4:
-                worker.process.kill()
+                worker.process.send_signal(loss)
         assert p.wait(LIVE) == 1
     *tokens, verdict = lines
+    if loss == signal.SIGSTOP:
+        assert "no answer for" in verdict["message"]
     assert all(t["type"] == "token" for t in tokens) and 4 <= len(tokens) < LONG
     assert verdict["type"] == "verdict" and verdict["status"] == "error"
     assert verdict["guard"] == "internal" and verdict["tokens"] == len(tokens)

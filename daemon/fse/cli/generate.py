@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,13 @@ def add_parser(commands: Any) -> None:
         action="store_true",
         help="with --rpc: accept a non-loopback worker (over a tunnel: the protocol has no auth)",
     )
+    gen.add_argument(
+        "--rpc-stall-seconds",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="with --rpc: no token for this long counts as a lost worker (default 30)",
+    )
     gen.add_argument("--tls-ca", type=Path, metavar="FILE", help="with --addr: TLS, this CA")
     gen.add_argument(
         "--tls-cert", type=Path, metavar="FILE", help="with --tls-ca: mutual TLS, this certificate"
@@ -118,11 +126,26 @@ class _Released:
         self.tokens = 0
         self.text: list[str] = []
         self.renderer: Any = None
+        self.at = float("inf")  # when the last token came (or generation began)
+        self._ending = threading.Lock()  # one verdict: the abort's or the stall's
+
+    def watch(self, policy: Any, workers: str, seconds: float) -> None:
+        """A stopped worker leaves llama_decode waiting for good: no token for `seconds`
+        is a lost worker too (a daemon thread; the process exits from it)."""
+
+        def run() -> None:
+            while (idle := time.monotonic() - self.at) <= seconds:  # unarmed: -inf
+                time.sleep(min(1.0, seconds / 4))
+            self.lost(policy, f"{workers}: no answer for {idle:.1f} s")
+
+        threading.Thread(target=run, name="fse-rpc-stall", daemon=True).start()
 
     def lost(self, policy: Any, message: str) -> None:
         from fse.core.stream import GuardedStream
         from fse.core.types import ERROR, INTERNAL
 
+        if not self._ending.acquire(blocking=False):
+            threading.Event().wait()  # the other one is ending the process
         stream = GuardedStream(policy)
         stream.finish(ERROR, INTERNAL, message=f"RPC worker lost: {message}")
         verdict = stream.verdict
@@ -154,6 +177,8 @@ def local_events(
     positive("--threads", args.threads, MAX_THREADS)
     policy = resolve_policy(request.policy, args.policies_dir, "--policy")
     if args.rpc:  # the workers' devices, registered before the load splits the model
+        if not 1 <= args.rpc_stall_seconds <= 3600:
+            raise InputError("--rpc-stall-seconds: accepted: seconds 1..3600")
         from fse.core import rpc
 
         endpoints = rpc.check_endpoints(
@@ -165,6 +190,7 @@ def local_events(
             rpc.on_abort(
                 lambda message: released.lost(policy, f"{workers}: {message.rsplit(': ', 1)[-1]}")
             )
+            released.watch(policy, workers, args.rpc_stall_seconds)
     with load_model(args.model, args.verbose) as model:
         try:
             needed = len(prompt_tokens(model, request)) + request.max_tokens
@@ -177,6 +203,8 @@ def local_events(
             )
         n_ctx = min(model.n_ctx_train, max(512, -(-needed // 256) * 256))
         with Context(model, n_ctx=n_ctx, n_threads=args.threads) as ctx:
+            if released is not None:
+                released.at = time.monotonic()  # the stall clock runs from the prompt on
             yield from run_local(model, ctx, request, policy, faults=faults, cancel=cancel)
 
 
@@ -234,6 +262,7 @@ def render(events: Iterator[Any], renderer: Any, released: _Released | None = No
             if released is not None:
                 released.tokens += 1
                 released.text.append(event.text)
+                released.at = time.monotonic()
         else:
             renderer.verdict(event)
             return exit_code(event)

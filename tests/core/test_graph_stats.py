@@ -3,14 +3,15 @@ backend: the statistics computed as ops in llama.cpp's decode graph, only they a
 token read back.
 
 Tolerances, the fused kernel's (tests/core/test_kernel.py): logsumexp, variance and L2
-norm to 1e-5 relative, the mean to 1e-5 of the logits' RMS (relative to itself unless it
-is near 0: float32 sums of a vector whose mean is 0 give 1e-15, not 0), the entropy to 1e-5 relative plus 1e-6 nats, the nll to 1e-5 of
-the logsumexp (its error is the logsumexp's); max, argmax, the token's logit and the
-non-finite count exactly. The graph computes in float32 in ggml's order (its sums add in
-double on the CPU backend): the worst errors measured here are about 2e-7 relative on
-the model's logits and 4e-8 on the synthetic vectors, so 1e-5 is a bound with room, not
-a fit. Beyond float32's range the graph does worse than the host kernel, and says so:
-see test_out_of_float_range_is_non_finite_and_halts.
+norm to 1e-5 relative; the mean to 1e-5 of the logits' RMS (relative to itself unless it
+is near 0: float32 sums of a vector whose mean is 0 give 1e-15, not 0); the entropy to
+1e-5 relative plus 1e-6 nats; the nll to 1e-5 of the logsumexp (its error is the
+logsumexp's); max, argmax, the token's logit and the non-finite count exactly. The graph
+computes in float32 in ggml's order (its sums add in double on the CPU backend): the
+worst errors measured here are about 2e-7 relative on the model's logits and 4e-8 on the
+synthetic vectors, so 1e-5 is a bound with room, not a fit. Beyond float32's range the
+graph does worse than the host kernel, and says so: see
+test_out_of_float_range_is_non_finite_and_halts.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from core.test_kernel import VECTORS, Floats, Stats, reference
 from fse._native import ffi, lib
 from fse.core import engine
 from fse.core.engine import Context, Slot, generate
@@ -32,6 +32,8 @@ from fse.core.model import Model
 from fse.core.policy import builtin_policy
 from fse.core.runner import run_local
 from fse.core.types import HALTED, INTERNAL, Request, Sampling, StepMetrics, Verdict
+
+from core.test_kernel import VECTORS, Floats, Stats, reference
 
 N = 262_144
 RTOL = 1e-5

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import structlog
+
 from fse._native import ffi, lib
 from fse.core.errors import EngineError
 from fse.core.faults import NO_FAULTS, Faults
@@ -277,7 +278,7 @@ class Slot(Closing):
     @property
     def graph_stats(self) -> bool:
         """Whether this slot's statistics and token come from llama.cpp's graph."""
-        return self._graph != ffi.NULL
+        return bool(self._graph != ffi.NULL)
 
     def _attach_graph(self) -> Any:
         """The graph sampler of this slot's sequence, or NULL (logged) where it cannot run."""

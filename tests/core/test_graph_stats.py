@@ -16,11 +16,14 @@ test_out_of_float_range_is_non_finite_and_halts.
 
 from __future__ import annotations
 
+import ctypes
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
+import fse
 import numpy as np
 import pytest
 from fse._native import ffi, lib
@@ -203,6 +206,35 @@ def test_greedy_tokens_and_statistics_match_the_host_path(model: Model) -> None:
         host = [s.metrics.token for s in generate(ctx, prompt, GREEDY, 32)]
     assert [m.token for m, _, _ in run] == host
     assert_matches_replay(model, prompt, run)
+
+
+def raw_logits(ctx: Context, n_vocab: int) -> Floats:
+    """llama.cpp's own logits buffer (llama_get_logits, which the extension does not bind:
+    libllama through ctypes), where a decode copies the logits it brings back."""
+    libllama = ctypes.CDLL(str(Path(fse.__file__).parent / "_libs" / "libllama.so"))
+    get = libllama.llama_get_logits
+    get.argtypes, get.restype = [ctypes.c_void_p], ctypes.POINTER(ctypes.c_float)
+    ptr = get(int(ffi.cast("uintptr_t", ctx.handle)))
+    return np.ctypeslib.as_array(ptr, shape=(n_vocab,)).copy()
+
+
+@pytest.mark.parametrize("graph_stats", [False, True])
+def test_the_logits_never_reach_the_host(model: Model, graph_stats: bool) -> None:
+    """On the graph path llama.cpp copies only the statistics and the token: its logits
+    buffer stays as allocated (zeros), where the host path's holds the row."""
+    with (
+        Context(model, n_ctx=256, n_threads=2, graph_stats=graph_stats) as ctx,
+        Slot(ctx, 0, GREEDY) as slot,
+    ):
+        slot.start(model.tokenize(PROMPT))
+        while slot.prefilling:
+            slot.queue_prompt(ctx.n_batch)
+            ctx.decode()
+        for _ in range(2):
+            slot.queue_token(slot.sample().metrics.token)
+            ctx.decode()
+        written = np.count_nonzero(raw_logits(ctx, model.n_vocab))
+        assert written == 0 if graph_stats else written > model.n_vocab // 2
 
 
 def test_sampled_statistics_and_nll_match_a_host_replay(model: Model) -> None:

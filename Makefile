@@ -107,7 +107,10 @@ CLANG ?= clang-14
 FUZZ_BUILD := build/fuzz
 FUZZ_PY := $(patsubst fuzz/%.py,%,$(wildcard fuzz/fuzz_*.py))
 FUZZ_C := $(patsubst fuzz/%.c,%,$(wildcard fuzz/fuzz_*.c))
-FUZZ_CFLAGS := -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -Inative
+FUZZ_TARGETS ?= $(FUZZ_PY) $(FUZZ_C)  # or some of them: make fuzz FUZZ_TARGETS="fuzz_loop"
+# llama.h (fuzz_vocab.c stands in for the libllama functions fse_vocab.c calls).
+LLAMA_INCLUDES = $(shell $(PYTHON) -c 'import json; print(*("-I" + d for d in json.load(open("build/libllama.json"))["include_dirs"]))' 2>/dev/null)
+FUZZ_CFLAGS = -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -Inative $(LLAMA_INCLUDES)
 FUZZ_FLAGS = -max_total_time=$(FUZZ_SECONDS) -timeout=1 -rss_limit_mb=4096 -artifact_prefix=$(FUZZ_BUILD)/
 
 .PHONY: fuzz-deps fuzz fuzz-replay sanitize
@@ -129,7 +132,7 @@ $(FUZZ_BUILD)/fuzz_%: fuzz/fuzz_%.c native/fse_%.c native/fse.h native/fse_stats
 	$(CLANG) $(FUZZ_CFLAGS) $< native/fse_$*.c -lm -o $@
 
 fuzz: fuzz-deps $(FUZZ_C:%=$(FUZZ_BUILD)/%)
-	@set -e; for t in $(FUZZ_PY) $(FUZZ_C); do \
+	@set -e; for t in $(FUZZ_TARGETS); do \
 	  name=$${t#fuzz_}; mkdir -p $(FUZZ_BUILD)/corpus/$$name; echo "== $$t: $(FUZZ_SECONDS) s"; \
 	  if [ -e fuzz/$$t.py ]; then run="$(PY) fuzz/$$t.py"; else run="$(FUZZ_BUILD)/$$t -max_len=32768"; fi; \
 	  $$run $(FUZZ_FLAGS) $(FUZZ_BUILD)/corpus/$$name fuzz/corpus/$$name 2>$(FUZZ_BUILD)/$$t.log \
@@ -149,16 +152,28 @@ SAN_DIR := build/sanitize
 SAN_FLAGS := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
 SAN_TESTS := tests/core/test_kernel.py tests/core/test_guards.py tests/core/test_sampling.py tests/core/test_engine.py
 sanitize: setup
-	rm -rf $(SAN_DIR) && mkdir -p $(SAN_DIR)/obj $(SAN_DIR)/pkg
+	@# build_native.py runs in a tree of its own (its sources, libllama.json, _libs), since
+	@# its objects land next to the sources: nothing is written outside $(SAN_DIR).
+	rm -rf $(SAN_DIR) && mkdir -p $(SAN_DIR)/obj $(SAN_DIR)/pkg $(SAN_DIR)/native $(SAN_DIR)/build $(SAN_DIR)/daemon/fse
+	cp native/*.c native/*.h native/build_native.py $(SAN_DIR)/native/
+	cp build/libllama.json $(SAN_DIR)/build/ && ln -s $(CURDIR)/daemon/fse/_libs $(SAN_DIR)/daemon/fse/_libs
 	cd $(SAN_DIR)/obj && FSE_BUILD_DIR=. CFLAGS="$(SAN_FLAGS)" LDFLAGS="$(SAN_FLAGS)" \
-	  $(CURDIR)/$(PY) $(CURDIR)/native/build_native.py > ../build.log 2>&1 || { tail -20 ../build.log; exit 1; }
+	  $(CURDIR)/$(PY) ../native/build_native.py > ../build.log 2>&1 || { tail -20 ../build.log; exit 1; }
 	cp -r daemon/fse $(SAN_DIR)/pkg/fse && rm -rf $(SAN_DIR)/pkg/fse/_libs $(SAN_DIR)/pkg/fse/_native*.so
 	ln -s $(CURDIR)/daemon/fse/_libs $(SAN_DIR)/pkg/fse/_libs
 	cp $(SAN_DIR)/obj/fse/_native*.so $(SAN_DIR)/pkg/fse/
-	export LD_PRELOAD=$$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 \
-	  UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 PYTHONPATH=$(SAN_DIR)/pkg; \
+	@# libstdc++ preloaded too: ASan must see its __cxa_throw at start, or the first C++
+	@# exception (llama.cpp refusing a truncated GGUF) fails an ASan CHECK. Reports go to
+	@# $(SAN_DIR)/logs (pytest captures stderr) and are printed when the run fails.
+	mkdir -p $(SAN_DIR)/logs
+	export LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so)" \
+	  ASAN_OPTIONS=detect_leaks=0:allocator_may_return_null=1:log_path=$(CURDIR)/$(SAN_DIR)/logs/asan \
+	  UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1:log_path=$(CURDIR)/$(SAN_DIR)/logs/ubsan \
+	  PYTHONPATH=$(SAN_DIR)/pkg; \
 	$(PY) -c 'import fse._native as n, sys; sys.exit(None if "$(SAN_DIR)/pkg" in n.__file__ else n.__file__)' && \
-	$(PY) -m pytest -q -p no:cacheprovider $(SAN_TESTS)
+	$(PY) -m pytest -q -p no:cacheprovider $(SAN_TESTS) \
+	  || { cat $(SAN_DIR)/logs/* 2>/dev/null | head -60; exit 1; }
+	@if [ -n "$$(ls $(SAN_DIR)/logs)" ]; then cat $(SAN_DIR)/logs/* | head -60; exit 1; fi
 
 clean:
 	rm -rf $(VENV) build daemon/fse/_libs daemon/fse/_native*.so clients/python/fse_client/v1 *.egg-info daemon/*.egg-info clients/python/*.egg-info

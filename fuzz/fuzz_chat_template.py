@@ -64,4 +64,5 @@ def one_input(data: bytes) -> None:
 
 
 if __name__ == "__main__":
+    embedded()  # loaded before the first input: its load is not that input's time
     main(one_input)

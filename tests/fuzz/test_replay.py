@@ -7,6 +7,7 @@ gcc and ASan/UBSan around fuzz/replay_main.c (no clang or libFuzzer). docs/fuzzi
 from __future__ import annotations
 
 import importlib
+import json
 import shutil
 import subprocess
 import sys
@@ -65,8 +66,10 @@ def test_python_target_replays_its_corpus(target: str, templated: Model) -> None
 def test_c_target_replays_its_corpus(target: str, tmp_path: Path) -> None:
     source = ROOT / "native" / f"fse_{target.removeprefix('fuzz_')}.c"
     exe = tmp_path / target
+    llama = json.loads((ROOT / "build" / "libllama.json").read_text())["include_dirs"]
     subprocess.run(
-        ["gcc", "-g", "-O1", *SANITIZE, f"-I{ROOT / 'native'}", str(FUZZ / f"{target}.c"),
+        ["gcc", "-g", "-O1", *SANITIZE, f"-I{ROOT / 'native'}", *(f"-I{d}" for d in llama),
+         str(FUZZ / f"{target}.c"),
          str(source), str(FUZZ / "replay_main.c"), "-lm", "-o", str(exe)],
         check=True, capture_output=True, text=True,
     )  # fmt: skip

@@ -157,7 +157,8 @@ static int device_runs_ops(ggml_backend_buffer_type_t buft, int faults) {
     }
     enum { MAX_NODES = 128 };
     struct ggml_init_params params = {
-        .mem_size   = MAX_NODES * ggml_tensor_overhead() + ggml_graph_overhead_custom(MAX_NODES, false),
+        .mem_size   = MAX_NODES * ggml_tensor_overhead() +
+                      ggml_graph_overhead_custom(MAX_NODES, false),
         .mem_buffer = NULL,
         .no_alloc   = true,
     };
@@ -302,14 +303,14 @@ fse_graph_sampler * fse_graph_sampler_new(int32_t top_k, float top_p, float min_
         free(st);
         return NULL;
     }
-    st->refs   = 2;
-    st->faults = faults != 0;
-    st->fault[0] = 1.0f;
+    st->refs     = 2;
+    st->faults   = faults != 0;
+    st->fault[0] = 1.0f; // no fault until fse_graph_sampler_set_fault says otherwise
     gs->st       = st;
 
     struct llama_sampler_chain_params cp = llama_sampler_chain_default_params();
-    cp.no_perf                           = true;
-    gs->chain                            = llama_sampler_chain_init(cp);
+    cp.no_perf = true;
+    gs->chain  = llama_sampler_chain_init(cp);
     llama_sampler_chain_add(gs->chain, llama_sampler_init(&head_iface, st));
     if (temp > 0) { // the host chain's order (fse.core.engine._sampler_chain)
         if (top_k > 0) {
@@ -406,7 +407,8 @@ int32_t fse_graph_stats_eval(const float * logits, int32_t n, fse_graph_step * o
     }
     enum { MAX_NODES = 128 };
     struct ggml_init_params params = {
-        .mem_size   = MAX_NODES * ggml_tensor_overhead() + ggml_graph_overhead_custom(MAX_NODES, false),
+        .mem_size   = MAX_NODES * ggml_tensor_overhead() +
+                      ggml_graph_overhead_custom(MAX_NODES, false),
         .mem_buffer = NULL,
         .no_alloc   = true,
     };

@@ -207,7 +207,8 @@ def _has_backend_sampling(include_dirs: list[str]) -> bool:
         except OSError:
             continue
         names = ("backend_apply", "llama_set_sampler", "llama_get_sampled_logits_count_ith")
-        return all(name in text for name in names) and (Path(d) / "ggml-backend.h").exists()
+        ggml = any((Path(g) / "ggml-backend.h").exists() for g in include_dirs)
+        return all(name in text for name in names) and ggml
     return False
 
 

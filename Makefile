@@ -122,9 +122,8 @@ fuzz-deps: setup
 	  echo "installing Debian packages: clang-14 libclang-rt-14-dev"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq clang-14 libclang-rt-14-dev; }
-	@$(PY) -c 'import atheris' 2>/dev/null || $(PY) -c 'import tomllib; \
-	  print(*tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["fuzz"])' \
-	  | xargs $(PIP) install
+	@$(PY) -c 'import atheris' 2>/dev/null || $(PIP) install $$($(PY) -c 'import tomllib; \
+	  print(*tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["fuzz"])')
 
 # fuzz/fuzz_X.c checks native/fse_X.c.
 $(FUZZ_BUILD)/fuzz_%: fuzz/fuzz_%.c native/fse_%.c native/fse.h native/fse_stats_width.h | fuzz-deps

@@ -115,6 +115,7 @@ def test_active_guards() -> None:
         "logit_variance",
         "max_prob",
         "loop",
+        "near_loop",
         "prompt_perplexity",
     }
 
@@ -486,8 +487,8 @@ def test_chain_order_is_the_registry_order() -> None:
 
     every = Policy("all", **{g.name: g.config() for g in GUARDS})
     assert GuardChain(every).active == ("non_finite", *(g.name for g in GUARDS))
-    # pro has every guard but entropy and near_loop.
+    # pro has every guard but entropy.
     assert GuardChain(builtin_policy("pro")).active == (
         "non_finite",
-        *(g.name for g in GUARDS if g.name not in ("entropy", "near_loop")),
+        *(g.name for g in GUARDS if g.name != "entropy"),
     )

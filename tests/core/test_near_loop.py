@@ -26,7 +26,7 @@ from fse.core.registry.loops import LoopDetector
 from fse.core.runner import run_local
 from fse.core.types import HALTED, Request, Sampling, StepMetrics, Trip, Verdict
 from support.cli import GREEDY, assert_halted, generate_json
-from support.policies import PRO_TEXT, policy_error
+from support.policies import PRO_TEXT, policy_error, policy_with
 
 DEFAULTS = (256, 3, 24, 0.85)  # max_period, min_copies, min_span, min_match
 
@@ -338,17 +338,18 @@ def test_both_loop_guards_report_in_registry_order() -> None:
 # policy keys
 
 
-NEAR = "[guards.near_loop]\n"
-
-
 def near_with(key: str, value: str) -> str:
-    """`pro` plus a [guards.near_loop] table holding key = value."""
-    return f"{PRO_TEXT}{NEAR}{key} = {value}\n"
+    """`pro` with its [guards.near_loop] table holding key = value."""
+    return policy_with("guards.near_loop", key, value)
+
+
+WITHOUT_NEAR = PRO_TEXT.replace("[guards.near_loop]\nmin_match = 0.85\n", "")
 
 
 def test_defaults_and_built_ins() -> None:
     assert NearLoopGuard() == NearLoopGuard(256, 3, 24, 0.85, "halt")
-    assert parse_policy(PRO_TEXT + NEAR).near_loop == NearLoopGuard()
+    assert parse_policy(PRO_TEXT).near_loop == NearLoopGuard()
+    assert builtin_policy("pro").near_loop == NearLoopGuard()  # on in pro, at the defaults
     assert builtin_policy("default").near_loop is None
     assert spec("near_loop").config is NearLoopGuard
     measure = spec("near_loop").measure
@@ -361,7 +362,8 @@ def test_keys_round_trip_through_toml() -> None:
     assert isinstance(policy.near_loop.min_match, float)
     again = parse_policy(policy.to_toml())
     assert again == policy and again.sha256 == policy.sha256
-    assert parse_policy(PRO_TEXT + NEAR).sha256 != parse_policy(PRO_TEXT).sha256
+    assert WITHOUT_NEAR != PRO_TEXT
+    assert parse_policy(PRO_TEXT).sha256 != parse_policy(WITHOUT_NEAR).sha256
 
 
 @pytest.mark.parametrize(

@@ -92,6 +92,8 @@ def test_sha256_equal_for_equivalent_files() -> None:
 # a comment
 name = "pro"   # trailing comment
 description = "descriptions are not part of the hash"
+[guards.near_loop]
+max_period = 256
 [guards.prompt_perplexity]
 window_threshold = 5e3
 threshold = 1000

@@ -27,6 +27,8 @@ consecutive = 8
 max_period = 1024
 min_repeats = 3
 min_span = 12
+[guards.near_loop]
+min_match = 0.85
 [guards.prompt_perplexity]
 threshold = 1000.0
 window_threshold = 5000.0

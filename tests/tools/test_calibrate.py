@@ -146,21 +146,32 @@ def test_false_halt_rate_replays_the_written_policy() -> None:
 
 def test_near_loop_match_sits_above_the_healthy_maximum() -> None:
     """min_match: the highest match fraction of a non-looping generation + the margin,
-    never below the base's; a generation at the limit is a loop, left out."""
+    never below the base's; a generation at the base's min_match is a near loop, left out
+    (else the counter loops the guard exists for would set its threshold)."""
     rng = random.Random(3)
     base = dataclasses.replace(builtin_policy("pro"), near_loop=NearLoopGuard())
-    ordinary = [
-        _run([(1.0, 20.0, 0.5, 3000.0)] * 60, tokens=[rng.randrange(5000) for _ in range(60)])
-    ]
+    tokens = [rng.randrange(5000) for _ in range(60)]
+    ordinary = [_run([(1.0, 20.0, 0.5, 3000.0)] * 60, tokens=tokens)]
     c = cal.calibrate_policy(ordinary * 3, base, name="c", n_vocab=262144)
     assert c.policy.near_loop is not None and c.policy.near_loop.min_match == 0.85  # the base's
-    # A phrase of 8 tokens whose last token counts up: 7 of 8 positions match one period back.
+    # A 6-token phrase whose last token counts up: 5 of 6 positions match one period back,
+    # close to 0.85 but below it: healthy, and min_match moves above it.
+    close = [t for i in range(10) for t in (11, 12, 13, 14, 15, 100 + i)]
+    assert cal.best_match(close, 256, 3, 24) == pytest.approx(5 / 6)
+    # An 8-token phrase with a counter: 7 of 8 match, a near loop by the base's 0.85.
     counter = [t for i in range(8) for t in (11, 12, 13, 14, 15, 16, 17, 100 + i)]
-    drifting = _run([(1.0, 20.0, 0.5, 3000.0)] * 64, tokens=counter)
-    assert cal.best_match(counter, 256, 3, 24) == pytest.approx(7 / 8, abs=0.01)
-    c = cal.calibrate_policy([*ordinary, drifting], base, name="c", n_vocab=262144)
-    assert c.policy.near_loop is not None
-    assert c.policy.near_loop.min_match == math.ceil((7 / 8 + cal.NEAR_MATCH_MARGIN) * 100) / 100
+    assert cal.best_match(counter, 256, 3, 24) == pytest.approx(7 / 8)
+    raised = cal.calibrate_policy(
+        [*ordinary, _run([(1.0, 20.0, 0.5, 3000.0)] * 60, tokens=close)], base, name="c",
+        n_vocab=262144,
+    )  # fmt: skip
+    assert raised.policy.near_loop is not None
+    assert raised.policy.near_loop.min_match == 0.89  # ceil(5/6 + 0.05, 2 digits)
+    looping = _run([(1.0, 20.0, 0.5, 3000.0)] * 64, tokens=counter)
+    kept = cal.calibrate_policy([*ordinary, looping], base, name="c", n_vocab=262144)
+    assert kept.policy.near_loop is not None and kept.policy.near_loop.min_match == 0.85
+    assert any("1 of 2 calibration generations repeat a period" in w for w in kept.warnings)
+    assert [(r, t.guard) for r, t in kept.halts] == [(looping, "near_loop")]
 
 
 def _with_prompts(runs: list[cal.Run], nll_per_token: list[float]) -> list[cal.Run]:

@@ -69,14 +69,16 @@ def test_builtin_suite_covers_the_report() -> None:
     names = [c.name for c in suite.categories]
     assert names == [
         "factual", "creative", "code", "vague", "dotted", "assertive", "loop", "degeneration",
-        "l2-fault", "input-ordinary", "input-random-suffix", "input-gcg", "input-gibberish",
+        "l2-fault", "near-verbatim", "near-verbatim-sampled", "input-ordinary",
+        "input-random-suffix", "input-gcg", "input-gibberish",
     ]  # fmt: skip
     by_name = {c.name: c for c in suite.categories}
     assert {c.name for c in suite.categories if c.expect == "halt"} == {
-        "dotted", "loop", "degeneration", "l2-fault", "input-random-suffix", "input-gcg",
-        "input-gibberish",
+        "dotted", "loop", "degeneration", "l2-fault", "near-verbatim", "near-verbatim-sampled",
+        "input-random-suffix", "input-gcg", "input-gibberish",
     }  # fmt: skip
-    assert [c.name for c in suite.categories if c.input] == names[9:13]
+    assert [c.name for c in suite.categories if c.input] == names[11:15]
+    assert by_name["near-verbatim"].sampling == {"temperature": 0.0}
     degen = by_name["degeneration"].sampling
     assert degen["temperature"] >= 1.6 and degen["top_k"] == 0
     assert degen["top_p"] == 1 and degen["min_p"] == 0

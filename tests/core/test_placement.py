@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pytest
-from fse.core.placement import PlacedDevice, layers_per_device, place
+from fse.core.placement import PlacedDevice, graph_stats_for, layers_per_device, place
 
 GIB = 1 << 30
 
@@ -151,3 +151,19 @@ def test_rpc_workers_come_first_and_split_by_free_memory() -> None:
     assert layers_per_device(18, 18, [igpu, CPU, rpc(0, 8)], split_mode="layer") == [8, 0, 10]
     # split_mode none: main_gpu indexes the model's GPUs, workers first.
     assert layers_per_device(18, 18, [cuda(0), CPU, rpc(0)], split_mode="none") == [0, 0, 18]
+
+
+def test_graph_statistics_follow_the_layers_off_the_host() -> None:
+    """auto: in the graph where the layers (and the output layer) are on a GPU or an RPC
+    worker, where the logits would otherwise cross PCIe or the network; on the host
+    kernel on the CPU. on and off are obeyed whatever the placement."""
+    on_cpu = place(18, 0, [CPU])
+    on_gpu = place(18, 18, [cuda(0), CPU])
+    on_rpc = place(18, 18, [Dev("RPC0", "gpu", 8 * GIB, 8 * GIB), CPU])
+    assert [graph_stats_for("auto", p) for p in (on_cpu, on_gpu, on_rpc)] == [False, True, True]
+    assert all(graph_stats_for("on", p) for p in (on_cpu, on_gpu))
+    assert not any(graph_stats_for("off", p) for p in (on_cpu, on_gpu, on_rpc))
+    # A GPU present but no layer on it (--gpu-layers 0): the host.
+    assert not graph_stats_for("auto", place(18, 0, [cuda(0), CPU]))
+    with pytest.raises(ValueError, match="accepted: auto, on, off"):
+        graph_stats_for("yes", on_cpu)

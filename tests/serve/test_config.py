@@ -52,6 +52,7 @@ def test_file_then_flags(tmp_path: Path) -> None:
         ('[server]\nsocket_mode = "rw"\n', 'server.socket_mode: \'rw\' is out of range; accepted: an octal'),
         ("[server]\nlisten = []\n", "server.listen: [] is out of range; accepted: a non-empty list"),
         ('[audit]\nfsync = "sometimes"\n', "audit.fsync: 'sometimes' is out of range; accepted: always, interval, never"),
+        ('[model]\ngraph_stats = "yes"\n', "model.graph_stats: 'yes' is out of range; accepted: auto, on or off"),
         ("[server]\nctx_per_stream = 512\nmax_tokens_limit = 600\n", "server.max_tokens_limit: 600 does not fit"),
         ('[tls]\ncert = "c.pem"\n', "tls.key: required with tls.cert"),
         ("server = 3\n", "server: expected a table"),

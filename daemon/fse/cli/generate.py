@@ -24,6 +24,7 @@ from fse.cli.common import (
 )
 from fse.core.engine import MAX_THREADS
 from fse.core.errors import InputError
+from fse.core.placement import GRAPH_STATS_MODES, graph_stats_for
 
 
 def add_parser(commands: Any) -> None:
@@ -72,6 +73,14 @@ def add_parser(commands: Any) -> None:
         default=30.0,
         metavar="SECONDS",
         help="with --rpc: no token for this long counts as a lost worker (default 30)",
+    )
+    gen.add_argument(
+        "--graph-stats",
+        choices=GRAPH_STATS_MODES,
+        default="auto",
+        help="with --local: the per-step statistics in llama.cpp's graph (on), on the host "
+        "(off), or in the graph when the layers are on a GPU or an RPC worker (auto, the "
+        "default)",
     )
     gen.add_argument("--tls-ca", type=Path, metavar="FILE", help="with --addr: TLS, this CA")
     gen.add_argument(
@@ -166,6 +175,8 @@ def local_events(
 ) -> Iterator[Any]:
     from fse.core.engine import Context
     from fse.core.faults import Faults
+    from fse.core.model import devices
+    from fse.core.placement import place_model
     from fse.core.runner import prompt_tokens, run_local
 
     try:
@@ -202,7 +213,9 @@ def local_events(
                 f"context of {model.n_ctx_train} tokens"
             )
         n_ctx = min(model.n_ctx_train, max(512, -(-needed // 256) * 256))
-        with Context(model, n_ctx=n_ctx, n_threads=args.threads) as ctx:
+        placed = place_model(model, devices())
+        graph = graph_stats_for(args.graph_stats, placed)
+        with Context(model, n_ctx=n_ctx, n_threads=args.threads, graph_stats=graph) as ctx:
             if released is not None:
                 released.at = time.monotonic()  # the stall clock runs from the prompt on
             yield from run_local(model, ctx, request, policy, faults=faults, cancel=cancel)

@@ -212,3 +212,21 @@ def place_model(model: ModelLike, devices: Sequence[DeviceLike]) -> Placement:
         main_gpu=model.main_gpu,
         split=model.split,
     )
+
+
+GRAPH_STATS_MODES = ("auto", "on", "off")
+
+
+def graph_stats_for(mode: str, placement: Placement) -> bool:
+    """Whether a context computes its per-step statistics in llama.cpp's graph
+    (fse.core.engine, Context(graph_stats=)): `mode` "on" or "off", or "auto": when the
+    model's offloaded layers, and the output layer with them, sit on a GPU or an RPC
+    worker. There the graph path brings back a few numbers per stream and step instead
+    of the vocabulary's logits (1 MiB for a 262,144-token vocabulary, across PCIe or the
+    network); on the CPU the logits are already in host memory and the fused C kernel is
+    faster than ggml-cpu's ops (docs/benchmarks.md, bench/bench_graph_stats.py)."""
+    if mode not in GRAPH_STATS_MODES:
+        raise ValueError(f"graph_stats: {mode!r}; accepted: {', '.join(GRAPH_STATS_MODES)}")
+    if mode == "auto":
+        return placement.backend != "CPU"
+    return mode == "on"

@@ -24,6 +24,7 @@ from fse.core.engine import MAX_THREADS
 from fse.core.errors import InputError
 from fse.core.files import FileRefused, read_trusted
 from fse.core.model import GPU_LAYERS_ACCEPTED, GPU_LAYERS_AUTO, parse_gpu_layers, tensor_split
+from fse.core.placement import GRAPH_STATS_MODES
 from fse.core.rpc import ADDRESS_ACCEPTED, check_endpoints, parse_endpoint
 from fse.core.values import check, wrong_type
 from fse.serve.audit import FSYNC_MODES
@@ -157,6 +158,10 @@ KEYS: tuple[Key, ...] = (
     Key("model", "allow_remote_rpc", bool, False,
         "true or false (true: RPC workers on non-loopback addresses, over a tunnel)",
         flag="--allow-remote-rpc"),
+    Key("model", "graph_stats", str, "auto",
+        "auto, on or off (where the per-step statistics are computed: on, in llama.cpp's "
+        "graph, so only they come back from the device; auto: on when the layers are on a "
+        "GPU or an RPC worker)", lambda v: v in GRAPH_STATS_MODES, "--graph-stats"),
     Key("model", "rpc_stall_seconds", float, 30.0,
         "seconds 1..3600: a decode step waiting this long on the RPC workers counts as a "
         "lost worker (fail closed)", _between(1, 3600), "--rpc-stall-seconds"),
@@ -218,6 +223,7 @@ class ModelSettings:
     rpc: tuple[str, ...] = ()  # RPC workers' HOST:PORT (docs/rpc.md)
     allow_remote_rpc: bool = False
     rpc_stall_seconds: float = 30.0
+    graph_stats: str = "auto"  # auto, on, off (fse.core.placement.graph_stats_for)
 
 
 @dataclass(frozen=True, slots=True)
@@ -372,6 +378,7 @@ def _build(values: dict[str, Any], overrides: Mapping[str, Any], **extra: bool) 
             tuple(values["model.rpc"]),
             values["model.allow_remote_rpc"],
             values["model.rpc_stall_seconds"],
+            values["model.graph_stats"],
         ),
         policies=PoliciesSettings(_path(values["policies.dir"])),
         audit=AuditSettings(

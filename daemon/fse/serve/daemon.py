@@ -409,6 +409,7 @@ async def load_service(
             audit=audit,
             refusals=refusals,
             metrics=metrics,
+            graph_stats=settings.model.graph_stats,
         )
     except EngineError as exc:  # the context for every stream is allocated here, at once
         raise StartupError(

@@ -139,6 +139,7 @@ class Scheduler:
         *,
         on_stream_end: Callable[[Handle, Verdict], None] | None = None,
         metrics: MetricsSink = NO_METRICS,
+        graph_stats: bool = False,
     ) -> None:
         self.model = model
         self.limits = limits
@@ -148,6 +149,7 @@ class Scheduler:
             n_seq_max=limits.max_streams,
             n_threads=n_threads,
             n_batch=limits.n_batch,
+            graph_stats=graph_stats,
         )
         self._waiting: collections.deque[Handle] = collections.deque()
         self._active: list[_Active] = []

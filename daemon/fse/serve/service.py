@@ -26,7 +26,7 @@ from fse import __version__
 from fse.core.errors import InputError
 from fse.core.faults import NO_FAULTS, Faults
 from fse.core.model import Model, TooManyTokens, devices
-from fse.core.placement import PlacedDevice, place_model
+from fse.core.placement import PlacedDevice, graph_stats_for, place_model
 from fse.core.policy import Policy
 from fse.core.runner import prompt_tokens
 from fse.core.types import (
@@ -118,6 +118,7 @@ class GuardService:
         audit: AuditLog | None = None,
         refusals: RefusalLog | None = None,
         metrics: MetricsSink = NO_METRICS,
+        graph_stats: str = "auto",
     ) -> None:
         if "default" not in policies:
             raise ValueError("policies: the built-in 'default' policy is missing")
@@ -136,7 +137,12 @@ class GuardService:
         # free memory) comes out as llama.cpp made it when loading.
         self.placement = place_model(model, devices())
         self.scheduler = Scheduler(
-            model, limits, n_threads, on_stream_end=self._record_verdict, metrics=metrics
+            model,
+            limits,
+            n_threads,
+            on_stream_end=self._record_verdict,
+            metrics=metrics,
+            graph_stats=graph_stats_for(graph_stats, self.placement),
         )
         metrics.watch(lambda: self.scheduler.load)
         self.version = __version__

@@ -220,8 +220,10 @@ install: | system-deps
 	chmod 0755 $(DESTDIR)$(PREFIX)/bin/fse.tmp && mv -f $(DESTDIR)$(PREFIX)/bin/fse.tmp $(DESTDIR)$(PREFIX)/bin/fse
 	sed 's|^ExecStart=/usr/local/bin/fse |ExecStart=$(PREFIX)/bin/fse |' daemon/systemd/fse.service > $(FSE_UNITDIR)/fse.service.tmp
 	chmod 0644 $(FSE_UNITDIR)/fse.service.tmp && mv -f $(FSE_UNITDIR)/fse.service.tmp $(FSE_UNITDIR)/fse.service
+	sed 's|^ExecStart=/usr/local/bin/fse |ExecStart=$(PREFIX)/bin/fse |' daemon/systemd/fse-rpc-worker.service > $(FSE_UNITDIR)/fse-rpc-worker.service.tmp
+	chmod 0644 $(FSE_UNITDIR)/fse-rpc-worker.service.tmp && mv -f $(FSE_UNITDIR)/fse-rpc-worker.service.tmp $(FSE_UNITDIR)/fse-rpc-worker.service
 	@if [ -e $(FSE_CONFDIR)/fse.toml ]; then \
 	  echo "kept $(FSE_CONFDIR)/fse.toml (the example is daemon/systemd/fse.toml)"; \
 	else install -m 0644 daemon/systemd/fse.toml $(FSE_CONFDIR)/fse.toml; fi
-	@echo "installed: $(DESTDIR)$(PREFIX)/bin/fse, $(FSE_UNITDIR)/fse.service, $(FSE_CONFDIR)/fse.toml"
+	@echo "installed: $(DESTDIR)$(PREFIX)/bin/fse, $(FSE_UNITDIR)/fse.service, $(FSE_UNITDIR)/fse-rpc-worker.service (off until enabled), $(FSE_CONFDIR)/fse.toml"
 	@echo "then: systemctl daemon-reload && systemctl enable --now fse"

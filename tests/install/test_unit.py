@@ -206,6 +206,10 @@ def test_make_install_lays_out_the_service(installed: Path) -> None:
     ]
     config = installed / "etc" / "fse" / "fse.toml"
     assert config.read_text() == EXAMPLE.read_text()
+    worker = prefix / "lib" / "systemd" / "system" / "fse-rpc-worker.service"
+    assert unit_settings(worker)["ExecStart"] == [
+        f"{PREFIX}/bin/fse rpc-worker --listen ${{FSE_RPC_LISTEN}} $FSE_RPC_FLAGS"
+    ]
     # The package is a real copy in the venv of its own, not the checkout's editable one.
     where = subprocess.run([str(launcher), "--version"], capture_output=True, text=True, timeout=60)
     assert where.returncode == 0, where.stderr

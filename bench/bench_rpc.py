@@ -2,7 +2,9 @@
 
 Two `fse rpc-worker`s on loopback serve this host's CPU; each round runs, interleaved,
 one greedy `fse generate --local` with the model local, across one worker (every layer
-on it) and across both (the layers split between them). The decode rate is read from
+on it; the statistics in llama.cpp's graph, the default there, and on the host, which
+brings every step's logits across the link) and across both (the layers split between
+them). The decode rate is read from
 the token lines' arrival, prompt and load excluded: (n - 1) tokens between the first and
 the last. Medians over rounds; the ratios to local are what to read (on one host the
 workers add the RPC round trips, not another machine's compute).
@@ -54,11 +56,15 @@ def start_worker(threads: int) -> tuple[subprocess.Popen[bytes], str]:
             time.sleep(0.05)
 
 
-def tokens_per_second(workers: list[str], n_tokens: int, threads: int) -> float:
-    """Decode rate of one greedy `fse generate --local`, across `workers` (none: local)."""
+def tokens_per_second(
+    workers: list[str], n_tokens: int, threads: int, graph_stats: str = "auto"
+) -> float:
+    """Decode rate of one greedy `fse generate --local`, across `workers` (none: local);
+    `graph_stats` as --graph-stats (auto: in the graph with workers, on the host without)."""
     rpc = [x for w in workers for x in ("--rpc", w)]
     argv = [*FSE, "generate", "--local", "--json", "--temperature", "0", "--threads"]
-    argv += [str(threads), "--max-tokens", str(n_tokens), *rpc, PROMPT]
+    argv += [str(threads), "--max-tokens", str(n_tokens), "--graph-stats", graph_stats]
+    argv += [*rpc, PROMPT]
     stamps = []
     with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL) as p:
         assert p.stdout is not None
@@ -78,15 +84,23 @@ def measure(rounds: int = 5, n_tokens: int = 128, threads: int = 2) -> dict[str,
             stack.callback(process.wait)
             stack.callback(process.send_signal, signal.SIGTERM)
             workers.append(address)
-        setups = {"local": [], "one_worker": workers[:1], "two_workers": workers}
+        # one_worker_host: the statistics on the host, so every step's logits (1 MiB)
+        # cross the RPC link; the others take the default (in the graph with workers).
+        setups = {
+            "local": ([], "auto"),
+            "one_worker": (workers[:1], "auto"),
+            "one_worker_host": (workers[:1], "off"),
+            "two_workers": (workers, "auto"),
+        }
         rates: dict[str, list[float]] = {name: [] for name in setups}
-        for used in setups.values():  # warm-up: page in the weights, connect once
-            tokens_per_second(used, 16, threads)
+        for used, mode in setups.values():  # warm-up: page in the weights, connect once
+            tokens_per_second(used, 16, threads, mode)
         for _ in range(rounds):
-            for name, used in setups.items():
-                rates[name].append(tokens_per_second(used, n_tokens, threads))
+            for name, (used, mode) in setups.items():
+                rates[name].append(tokens_per_second(used, n_tokens, threads, mode))
     local = median(rates["local"])
     one, two = median(rates["one_worker"]), median(rates["two_workers"])
+    host = median(rates["one_worker_host"])
     return {
         "threads": threads,
         "tokens": n_tokens,
@@ -94,7 +108,10 @@ def measure(rounds: int = 5, n_tokens: int = 128, threads: int = 2) -> dict[str,
         "local_tps": local,
         "one_worker_tps": one,
         "two_workers_tps": two,
+        "one_worker_host_tps": host,
         "one_worker_over_local": one / local,
+        "one_worker_host_over_local": host / local,
+        "graph_over_host_one_worker": one / host,
         "two_workers_over_local": two / local,
         "samples": rates,
     }
@@ -116,6 +133,10 @@ def main() -> int:
     print("| where the layers are | tokens/s | / local |\n|---|---|---|")
     print(f"| local | {r['local_tps']:.1f} | 1.000 |")
     print(f"| one worker | {r['one_worker_tps']:.1f} | {r['one_worker_over_local']:.3f} |")
+    print(
+        f"| one worker, statistics on the host | {r['one_worker_host_tps']:.1f} | "
+        f"{r['one_worker_host_over_local']:.3f} |"
+    )
     print(f"| two workers | {r['two_workers_tps']:.1f} | {r['two_workers_over_local']:.3f} |")
     return 0
 

@@ -43,8 +43,11 @@ VARIANCE_FLOOR = _limit(LOGIT_VARIANCE)
 MAX_PROB_CONSECUTIVE_CEILING = int(_limit(MAX_PROB))
 LOOP_SPAN_CEILING = int(_limit(LOOP))
 DEFAULT_MAX_TOKENS = 128
-# near_loop: the highest match fraction a non-looping generation reaches, plus this.
-NEAR_MATCH_MARGIN = 0.05
+# near_loop: the highest match fraction a non-looping generation reaches, plus this (one
+# step of the 0.01 rounding: the tightest setting every healthy generation passes, as the
+# other event guards get one token above theirs; counter loops sit only 0.03 to 0.09
+# above the default 0.85, so a wider margin would let them through).
+NEAR_MATCH_MARGIN = 0.01
 # prompt_perplexity: the healthy maximum x PROMPT_MARGIN, at least the floors (a corpus of
 # everyday prompts underestimates how odd an ordinary prompt with an id or a hash can be),
 # at most the limits (below the 20,000+ that adversarial suffixes reach on the embedded

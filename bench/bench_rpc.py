@@ -2,8 +2,8 @@
 
 Two `fse rpc-worker`s on loopback serve this host's CPU; each round runs, interleaved,
 one greedy `fse generate --local` with the model local, across one worker (every layer
-on it; the statistics in llama.cpp's graph, the default there, and on the host, which
-brings every step's logits across the link) and across both (the layers split between
+on it; the statistics on the host, the default, which brings every step's logits
+across the link, and in llama.cpp's graph on the worker) and across both (the layers split between
 them). The decode rate is read from
 the token lines' arrival, prompt and load excluded: (n - 1) tokens between the first and
 the last. Medians over rounds; the ratios to local are what to read (on one host the
@@ -84,12 +84,13 @@ def measure(rounds: int = 5, n_tokens: int = 128, threads: int = 2) -> dict[str,
             stack.callback(process.wait)
             stack.callback(process.send_signal, signal.SIGTERM)
             workers.append(address)
-        # one_worker_host: the statistics on the host, so every step's logits (1 MiB)
-        # cross the RPC link; the others take the default (in the graph with workers).
+        # one_worker_graph: the statistics in llama.cpp's graph, on the worker, so only
+        # they come back; the others take the default (on the host: every step's logits,
+        # 1 MiB, cross the link).
         setups = {
             "local": ([], "auto"),
             "one_worker": (workers[:1], "auto"),
-            "one_worker_host": (workers[:1], "off"),
+            "one_worker_graph": (workers[:1], "on"),
             "two_workers": (workers, "auto"),
         }
         rates: dict[str, list[float]] = {name: [] for name in setups}
@@ -100,7 +101,7 @@ def measure(rounds: int = 5, n_tokens: int = 128, threads: int = 2) -> dict[str,
                 rates[name].append(tokens_per_second(used, n_tokens, threads, mode))
     local = median(rates["local"])
     one, two = median(rates["one_worker"]), median(rates["two_workers"])
-    host = median(rates["one_worker_host"])
+    graph = median(rates["one_worker_graph"])
     return {
         "threads": threads,
         "tokens": n_tokens,
@@ -108,10 +109,10 @@ def measure(rounds: int = 5, n_tokens: int = 128, threads: int = 2) -> dict[str,
         "local_tps": local,
         "one_worker_tps": one,
         "two_workers_tps": two,
-        "one_worker_host_tps": host,
+        "one_worker_graph_tps": graph,
         "one_worker_over_local": one / local,
-        "one_worker_host_over_local": host / local,
-        "graph_over_host_one_worker": one / host,
+        "one_worker_graph_over_local": graph / local,
+        "graph_over_host_one_worker": graph / one,
         "two_workers_over_local": two / local,
         "samples": rates,
     }
@@ -134,8 +135,8 @@ def main() -> int:
     print(f"| local | {r['local_tps']:.1f} | 1.000 |")
     print(f"| one worker | {r['one_worker_tps']:.1f} | {r['one_worker_over_local']:.3f} |")
     print(
-        f"| one worker, statistics on the host | {r['one_worker_host_tps']:.1f} | "
-        f"{r['one_worker_host_over_local']:.3f} |"
+        f"| one worker, statistics in the graph | {r['one_worker_graph_tps']:.1f} | "
+        f"{r['one_worker_graph_over_local']:.3f} |"
     )
     print(f"| two workers | {r['two_workers_tps']:.1f} | {r['two_workers_over_local']:.3f} |")
     return 0

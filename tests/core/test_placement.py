@@ -154,13 +154,14 @@ def test_rpc_workers_come_first_and_split_by_free_memory() -> None:
 
 
 def test_graph_statistics_follow_the_layers_off_the_host() -> None:
-    """auto: in the graph where the layers (and the output layer) are on a GPU or an RPC
-    worker, where the logits would otherwise cross PCIe or the network; on the host
-    kernel on the CPU. on and off are obeyed whatever the placement."""
+    """auto: in the graph where the layers (and the output layer) are on a local GPU,
+    where the logits would otherwise cross PCIe; on the host kernel on the CPU and behind
+    RPC workers (whose own devices placement cannot see). on and off are obeyed."""
     on_cpu = place(18, 0, [CPU])
     on_gpu = place(18, 18, [cuda(0), CPU])
     on_rpc = place(18, 18, [Dev("RPC0", "gpu", 8 * GIB, 8 * GIB), CPU])
-    assert [graph_stats_for("auto", p) for p in (on_cpu, on_gpu, on_rpc)] == [False, True, True]
+    assert [graph_stats_for("auto", p) for p in (on_cpu, on_gpu, on_rpc)] == [False, True, False]
+    assert graph_stats_for("on", on_rpc)
     assert all(graph_stats_for("on", p) for p in (on_cpu, on_gpu))
     assert not any(graph_stats_for("off", p) for p in (on_cpu, on_gpu, on_rpc))
     # A GPU present but no layer on it (--gpu-layers 0): the host.

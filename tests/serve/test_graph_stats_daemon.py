@@ -1,5 +1,5 @@
 """`fse serve --graph-stats on` and `fse generate --local --graph-stats on`: the per-step
-statistics computed in llama.cpp's graph (the path `auto` takes on a GPU or an RPC worker)
+statistics computed in llama.cpp's graph (the path `auto` takes on a local GPU)
 serve the same greedy tokens, with the same statistics within the kernel's tolerance, as
 the host kernel in this process; and a NaN injected in the graph still halts."""
 

@@ -79,8 +79,7 @@ def add_parser(commands: Any) -> None:
         choices=GRAPH_STATS_MODES,
         default="auto",
         help="with --local: the per-step statistics in llama.cpp's graph (on), on the host "
-        "(off), or in the graph when the layers are on a GPU or an RPC worker (auto, the "
-        "default)",
+        "(off), or in the graph when the layers are on a local GPU (auto, the default)",
     )
     gen.add_argument("--tls-ca", type=Path, metavar="FILE", help="with --addr: TLS, this CA")
     gen.add_argument(

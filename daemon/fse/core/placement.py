@@ -220,13 +220,16 @@ GRAPH_STATS_MODES = ("auto", "on", "off")
 def graph_stats_for(mode: str, placement: Placement) -> bool:
     """Whether a context computes its per-step statistics in llama.cpp's graph
     (fse.core.engine, Context(graph_stats=)): `mode` "on" or "off", or "auto": when the
-    model's offloaded layers, and the output layer with them, sit on a GPU or an RPC
-    worker. There the graph path brings back a few numbers per stream and step instead
-    of the vocabulary's logits (1 MiB for a 262,144-token vocabulary, across PCIe or the
-    network); on the CPU the logits are already in host memory and the fused C kernel is
-    faster than ggml-cpu's ops (docs/benchmarks.md, bench/bench_graph_stats.py)."""
+    model's offloaded layers, and the output layer with them, sit on a local GPU. There
+    the graph path brings back a few numbers per stream and step instead of the
+    vocabulary's logits (1 MiB for a 262,144-token vocabulary, across PCIe). On the CPU
+    the logits are already in host memory and the fused C kernel is faster than ggml-cpu's
+    ops (bench/bench_graph_stats.py); behind RPC workers the ops run on whatever the
+    worker computes with, which placement cannot see (a CPU worker on loopback: 0.83 of
+    the host path, bench/bench_rpc.py), so "auto" keeps the host there and "on" is the
+    operator's call for GPU workers across a slow link."""
     if mode not in GRAPH_STATS_MODES:
         raise ValueError(f"graph_stats: {mode!r}; accepted: {', '.join(GRAPH_STATS_MODES)}")
     if mode == "auto":
-        return placement.backend != "CPU"
+        return placement.backend not in ("CPU", "RPC")
     return mode == "on"

@@ -161,7 +161,7 @@ KEYS: tuple[Key, ...] = (
     Key("model", "graph_stats", str, "auto",
         "auto, on or off (where the per-step statistics are computed: on, in llama.cpp's "
         "graph, so only they come back from the device; auto: on when the layers are on a "
-        "GPU or an RPC worker)", lambda v: v in GRAPH_STATS_MODES, "--graph-stats"),
+        "local GPU)", lambda v: v in GRAPH_STATS_MODES, "--graph-stats"),
     Key("model", "rpc_stall_seconds", float, 30.0,
         "seconds 1..3600: a decode step waiting this long on the RPC workers counts as a "
         "lost worker (fail closed)", _between(1, 3600), "--rpc-stall-seconds"),

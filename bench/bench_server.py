@@ -71,6 +71,18 @@ max_period = 1024
 min_repeats = 3
 min_span = 12
 action = "warn"
+[guards.near_loop]
+max_period = 256
+min_copies = 3
+min_span = 24
+min_match = 0.85
+action = "warn"
+[guards.prompt_perplexity]
+threshold = 1000.0
+window = 16
+window_threshold = 5000.0
+skip = 4
+action = "warn"
 """
 
 

@@ -69,7 +69,13 @@ def main() -> int:
         print(f"| {p} | {h_tps[p]:.1f} | {g_tps[p]:.1f} | {h_ratio[p]:.3f} |")
     # The standalone benchmarks print their own summaries.
     here = Path(__file__).resolve().parent
-    scripts = ("bench_server.py", "bench_prefill.py", "bench_oversized.py", "bench_audit.py")
+    scripts = (
+        "bench_server.py",
+        "bench_handoff.py",
+        "bench_prefill.py",
+        "bench_oversized.py",
+        "bench_audit.py",
+    )
     for script in (*scripts, "bench_rpc.py"):
         print(f"\n## {script}", flush=True)
         subprocess.run([sys.executable, str(here / script)], check=True)

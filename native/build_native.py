@@ -173,6 +173,7 @@ SOURCES = [
     "fse_log.c",
     "fse_vocab.c",
     "fse_graph_stats.c",
+    "fse_decode.c",
 ]
 # Included by the sources: listed so that editing one alone rebuilds the extension.
 HEADERS = ["fse.h", "fse_stats_width.h"]

@@ -83,6 +83,14 @@ int32_t         fse_near_loop_best(const fse_near_loop * nl, double * match);
 void         fse_log_install(int verbose);
 const char * fse_log_last_error(void);
 
+// llama_decode, first waking whoever waits for the previous step's tokens: one 8-byte
+// write of 1 to wake_fd (an eventfd; none if wake_fd < 0), made inside this call so with
+// the GIL already released: the event loop hands those tokens to gRPC while the batch
+// decodes, instead of taking the GIL from the decode thread before it reaches the decode.
+struct llama_context;
+struct llama_batch;
+int32_t fse_decode(struct llama_context * ctx, struct llama_batch batch, int32_t wake_fd);
+
 // The most bytes of text one token of this vocabulary can stand for, so that a prompt of
 // B bytes needs at least B / that many tokens; 0 where no such bound holds (a tokenizer
 // that normalizes text, or tokens that swallow whitespace). Walks the vocabulary once.

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from fse_client.v1 import fse_pb2
 from support.daemons import Daemon, audit_events
+from support.http import get, post, start_http, write_tokens
 from support.streams import assert_well_formed, generate, start
 
 DAYS = "Day 1: I woke up and went to work. Day 2: I woke up and went to work. Day 3:"
@@ -25,7 +26,10 @@ def test_a_counter_loop_is_halted_by_near_loop_and_not_by_loop(
     policies.mkdir(mode=0o755)
     for name, text in POLICIES.items():
         (policies / f"{name}.toml").write_text(text)
-    daemon = start_daemon("--policies-dir", str(policies))
+    api = start_http(
+        start_daemon, "--policies-dir", str(policies), "--auth-tokens", str(write_tokens(tmp_path))
+    )
+    daemon = api.daemon
     with daemon.channel() as channel:
         near = generate(channel, [start(DAYS, 64, policy="near")])
         exact = generate(channel, [start(DAYS, 64, policy="exact")])
@@ -47,3 +51,12 @@ def test_a_counter_loop_is_halted_by_near_loop_and_not_by_loop(
         "period 12 tokens",
     )
     assert record["value"] == verdict.value and record["threshold"] == 0.85
+
+    # The OpenAI-compatible door says the same, in its fse_verdict.
+    model = get(f"{api.url}/v1/models").json()["data"][0]["id"]
+    body = {"model": model, "prompt": DAYS, "max_tokens": 64, "temperature": 0, "policy": "near"}
+    reply = post(f"{api.url}/v1/completions", body)
+    assert reply.status == 200, reply.body
+    fse_verdict = reply.json()["fse_verdict"]
+    assert (fse_verdict["guard"], fse_verdict["message"]) == ("near_loop", "period 12 tokens")
+    assert fse_verdict["token_index"] == verdict.token_index

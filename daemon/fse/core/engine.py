@@ -141,12 +141,14 @@ class Context(Closing):
         self.n_in_batch = i + 1
         return i
 
-    def decode(self) -> None:
-        """Run the model over the queued tokens (the GIL is released meanwhile)."""
+    def decode(self, wake_fd: int = -1) -> None:
+        """Run the model over the queued tokens (the GIL is released meanwhile). With a
+        `wake_fd` (an eventfd), 1 is first written to it from inside that call: see
+        native/fse_decode.c."""
         self._batch.n_tokens = self.n_in_batch
         self.n_in_batch = 0
         self.scored_left = SCORED_PER_DECODE
-        status = lib.llama_decode(self.handle, self._batch)
+        status = lib.fse_decode(self.handle, self._batch, wake_fd)
         if status != 0:
             raise EngineError(last_llama_error(f"llama_decode failed with status {status}"))
 

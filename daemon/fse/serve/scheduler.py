@@ -4,9 +4,10 @@ Each loop iteration builds one batch holding the next token of every decoding
 stream plus prompt chunks of newly admitted ones, calls llama_decode once (the
 GIL is released meanwhile), then measures and samples every stream's logits in
 one C call spread over a few threads (Context.sample), judges each stream's
-token and hands the released events to the asyncio side in a single
-thread-safe callback. Streams are llama.cpp sequence ids; a finished stream
-frees its sequence (KV cache cleared) for the next one.
+token and hands the released events to the asyncio side: queued in one Mailbox per
+event loop, woken from inside the next llama_decode call (fse.serve.handoff).
+Streams are llama.cpp sequence ids; a finished stream frees its sequence (KV cache
+cleared) for the next one.
 
 Knows nothing of gRPC: the server translates requests into `Request`s and
 `Handle.events` into wire messages.
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -43,6 +43,7 @@ from fse.core.types import (
     Status,
     Verdict,
 )
+from fse.serve.handoff import Mailbox
 from fse.serve.metrics import NO_METRICS, MetricsSink
 
 log = structlog.get_logger("fse.serve.scheduler")
@@ -159,6 +160,10 @@ class Scheduler:
         self._hang_watch: list[_Active] = []
         self._free_seqs = list(range(limits.max_streams - 1, -1, -1))
         self._wake = threading.Condition()
+        # One per event loop that submitted a stream (made there, under _wake); those
+        # holding events nobody has woken them for yet (decode thread; see _post).
+        self._mailboxes: dict[asyncio.AbstractEventLoop, Mailbox[Deliver]] = {}
+        self._unwoken: set[Mailbox[Deliver]] = set()
         self._accepting = True
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="fse-scheduler", daemon=True)
@@ -212,6 +217,8 @@ class Scheduler:
         audit log's stream.started comes before anything it does)."""
         with self._wake:
             self._check_capacity(0)
+            if handle.loop not in self._mailboxes:
+                self._mailboxes[handle.loop] = Mailbox(handle.loop, _put_all)
             handle.deadline = Deadline.start(handle.request.timeout, time.monotonic())
             if on_queue is not None:
                 on_queue()
@@ -237,6 +244,11 @@ class Scheduler:
             log.error("decode.stuck_at_shutdown", seconds=timeout)
             return False
         self.ctx.close()
+        for box in self._mailboxes.values():  # the decode thread wrote its last
+            try:
+                box.loop.call_soon_threadsafe(box.close)
+            except RuntimeError:  # its loop is closed: only the descriptor is left to close
+                box.close()
         return True
 
     def abandon(self, message: str) -> int:
@@ -263,6 +275,7 @@ class Scheduler:
         for handle in waiting:
             self._end_unstarted(handle, deliver, ERROR, INTERNAL, message=message)
         self._post(deliver)
+        self._flush()
         return len(active) + len(waiting)
 
     # -- scheduler thread -----------------------------------------------------
@@ -271,17 +284,21 @@ class Scheduler:
         while True:
             deliver: Deliver = []
             with self._wake:
+                if self._waiting or self._stopping or not self._active:
+                    self._flush()  # no decode comes next at once: deliver the last step's now
                 while not self._active and not self._waiting and not self._stopping:
                     self._wake.wait()
                 if self._stopping:
                     self._end_all(deliver)
                     self._post(deliver)
+                    self._flush()
                     return
                 self._admit(deliver)
             self._sweep(deliver)
-            self._post(deliver)  # cancel/deadline verdicts go out now, not after the decode
+            self._post(deliver)  # cancel/deadline verdicts go with the next decode's wake-up
             deliver = []
             if self.abandoned:  # its streams were ended by abandon(): nothing left to do
+                self._flush()
                 return
             if self._active:
                 try:
@@ -368,6 +385,7 @@ class Scheduler:
         self.step_started = time.monotonic()
         for a in self._hang_watch:  # empty unless a stream has the debug fault hang@K
             if a.slot.index == a.handle.faults.hang_at:
+                self._flush()  # as the decode's own wake-up would have
                 threading.Event().wait()  # a llama_decode that never returns (the watchdog test)
         for a in self._active:
             if a.next_token >= 0:
@@ -377,7 +395,8 @@ class Scheduler:
             if a.slot.prefilling and budget > 0:
                 budget -= a.slot.queue_prompt(budget)
         began = time.perf_counter()
-        ctx.decode()
+        ctx.decode(self._wake_fd())
+        self._unwoken.clear()  # woken by the decode (if it failed, _flush wakes it later)
         if self.abandoned:  # back from a decode given up for lost: the streams are ended
             return
         self.metrics.step(time.perf_counter() - began)
@@ -459,15 +478,32 @@ class Scheduler:
             self._end_unstarted(self._waiting.popleft(), deliver, HALTED, SHUTDOWN)
 
     def _post(self, deliver: Deliver) -> None:
-        """One thread-safe callback per step carries every stream's events."""
+        """Queue every stream's events for its event loop, one item per loop and step.
+        They go out at the next wake-up: from inside the next decode (_wake_fd), or from
+        _flush where no decode follows at once; never more than one step late."""
         if not deliver:
             return
-        by_loop: dict[asyncio.AbstractEventLoop, Deliver] = {}
+        by_box: dict[Mailbox[Deliver], Deliver] = {}
         for handle, events in deliver:
-            by_loop.setdefault(handle.loop, []).append((handle, events))
-        for loop, items in by_loop.items():
-            with contextlib.suppress(RuntimeError):  # a closed loop: nobody listens any more
-                loop.call_soon_threadsafe(_put_all, items)
+            by_box.setdefault(self._mailboxes[handle.loop], []).append((handle, events))
+        for box, items in by_box.items():
+            box.put(items)
+            self._unwoken.add(box)
+
+    def _flush(self) -> None:
+        """Wake every loop with events queued, now."""
+        for box in self._unwoken:
+            box.wake()
+        self._unwoken.clear()
+
+    def _wake_fd(self) -> int:
+        """The eventfd the next decode writes to (-1: none); any other loop is woken now."""
+        if not self._unwoken:
+            return -1
+        box = self._unwoken.pop()
+        self._flush()
+        self._unwoken.add(box)
+        return box.fd
 
 
 def _put_all(items: Deliver) -> None:

@@ -410,6 +410,7 @@ def verdict_json(verdict: Verdict) -> dict[str, Any]:
         "policy": verdict.policy,
         "policy_sha256": verdict.policy_sha256,
         "completion": verdict.completion,
+        "message": verdict.message,
     }
 
 

@@ -13,7 +13,7 @@ the moment the last stream has its first token to the moment the first one ends,
 llama-batched-bench's S_TG counts. Rounds are interleaved (every N and both servers in
 a new random order each round) and the medians reported, with their ratio.
 
-    .venv/bin/python bench/bench_server.py [--rounds 3] [--streams 1,4,8,16] [--json]
+    .venv/bin/python bench/bench_server.py [--rounds 5] [--tokens 128] [--streams 1,4,8,16] [--json]
 
 On a GPU machine, with a CUDA build and a model path, unchanged but for:
 
@@ -289,7 +289,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--streams", default="1,4,8,16", help="comma-separated stream counts")
-    p.add_argument("--tokens", type=int, default=64, help="tokens per stream")
+    p.add_argument("--tokens", type=int, default=128, help="tokens per stream")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     p.add_argument("--model", type=Path, default=None, help="GGUF (default: the embedded one)")
     p.add_argument("--server-args", default="", help="extra llama-server flags (-ngl 99)")

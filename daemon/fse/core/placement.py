@@ -233,3 +233,12 @@ def graph_stats_for(mode: str, placement: Placement) -> bool:
     if mode == "auto":
         return placement.backend not in ("CPU", "RPC")
     return mode == "on"
+
+
+def decode_is_async(placement: Placement) -> bool:
+    """Whether llama_decode returns while the device still computes: where the layers sit
+    on a local GPU, llama.cpp queues the graph on the device's stream and waits only when
+    the step's outputs are read, so host work placed between the two runs for free
+    (fse.serve.scheduler, pipelined). On the CPU the decode computes inside the call; an
+    RPC worker's decode is not known to return early."""
+    return placement.backend not in ("CPU", "RPC")

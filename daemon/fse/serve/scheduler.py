@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from fse.core.engine import Context, Slot
+from fse.core.engine import Context, Slot, Step
 from fse.core.errors import EngineError
 from fse.core.faults import Faults
 from fse.core.model import Model
@@ -124,6 +124,14 @@ class _Active:
     prompt_judged: bool = False  # the prompt guards have had their say (once, after prefill)
     content: list[bool] | None = None  # the prompt tokens judged (content_mask)
     released_at: float | None = None  # perf_counter() of its last released token (metrics)
+    # Pipelined: the step sampled after the last decode, judged once the next decode is
+    # under way (its token is in that decode already, unless it is the stream's last).
+    pending: Step | None = None
+
+    @property
+    def next_index(self) -> int:
+        """The index of the token this stream would release next."""
+        return self.slot.index - (self.pending is not None)
 
 
 Deliver = list[tuple[Handle, Sequence[Event]]]
@@ -141,9 +149,13 @@ class Scheduler:
         on_stream_end: Callable[[Handle, Verdict], None] | None = None,
         metrics: MetricsSink = NO_METRICS,
         graph_stats: bool = False,
+        pipelined: bool = False,
     ) -> None:
+        """`pipelined`: judge each step's tokens while the next decode runs (_step); for
+        backends whose llama_decode returns before the device has finished (GPUs)."""
         self.model = model
         self.limits = limits
+        self.pipelined = pipelined
         self.ctx = Context(
             model,
             n_ctx=limits.ctx_per_stream * limits.max_streams,
@@ -371,8 +383,8 @@ class Scheduler:
                 elapsed = now - deadline.started
                 self._end_unstarted(h, deliver, HALTED, DEADLINE, elapsed, deadline.seconds)
         for a in list(self._active):
-            released = a.stream.before_step(a.handle.cancelled, now, a.slot.index)
-            if a.stream.verdict is not None:
+            released = a.stream.before_step(a.handle.cancelled, now, a.next_index)
+            if a.stream.verdict is not None:  # a pending step is dropped unjudged
                 self._close(a, deliver, released)
 
     def heartbeat_age(self) -> float:
@@ -385,6 +397,8 @@ class Scheduler:
         self.step_started = time.monotonic()
         for a in self._hang_watch:  # empty unless a stream has the debug fault hang@K
             if a.slot.index == a.handle.faults.hang_at:
+                if self.pipelined:  # an asynchronous decode would return, its outputs never
+                    self._judge_pending(deliver)
                 self._flush()  # as the decode's own wake-up would have
                 threading.Event().wait()  # a llama_decode that never returns (the watchdog test)
         for a in self._active:
@@ -394,12 +408,17 @@ class Scheduler:
         for a in self._active:
             if a.slot.prefilling and budget > 0:
                 budget -= a.slot.queue_prompt(budget)
+        if ctx.n_in_batch == 0:  # pipelined, every stream's last token awaits its judgment
+            self._judge_pending(deliver)
+            return
         began = time.perf_counter()
         ctx.decode(self._wake_fd())
         self._unwoken.clear()  # woken by the decode (if it failed, _flush wakes it later)
         if self.abandoned:  # back from a decode given up for lost: the streams are ended
             return
         self.metrics.step(time.perf_counter() - began)
+        if self.pipelined:  # the device decodes meanwhile: judge and send the last tokens
+            self._judge_pending(deliver)
         scoring = [a.slot for a in self._active if a.slot._scoring]
         if scoring:  # prompt positions in this batch: their nll, before the next decode
             ctx.score(scoring)
@@ -410,13 +429,43 @@ class Scheduler:
                 self._close(a, deliver)
         ready = [a for a in self._active if not a.slot.prefilling]  # the rest: no logits yet
         steps = ctx.sample([a.slot for a in ready])
+        if self.pipelined:
+            for a, step in zip(ready, steps, strict=True):
+                a.pending = step  # judged after the next decode is launched
+                a.next_token = -1 if self._is_last(a, step) else step.metrics.token
+            return
         for a, step in zip(ready, steps, strict=True):
-            released = a.stream.step(step)
-            if a.stream.verdict is not None:
-                self._close(a, deliver, released)
-            else:
-                self._release(a, deliver, released)
-                a.next_token = step.metrics.token
+            self._judge(a, step, deliver)
+            a.next_token = step.metrics.token
+
+    def _judge(self, a: _Active, step: Step, deliver: Deliver) -> None:
+        released = a.stream.step(step)
+        if a.stream.verdict is not None:
+            self._close(a, deliver, released)
+        else:
+            self._release(a, deliver, released)
+
+    def _judge_pending(self, deliver: Deliver) -> None:
+        """Pipelined: judge the steps sampled before this decode and send what they
+        release now, not at the next decode: the device is busy for a whole step."""
+        for a in list(self._active):
+            if (step := a.pending) is not None:
+                a.pending = None
+                self._judge(a, step, deliver)
+        self._post(deliver)
+        deliver.clear()
+        self._flush()
+
+    @staticmethod
+    def _is_last(a: _Active, step: Step) -> bool:
+        """Whether this step ends its stream whatever the guards say: its token is then not
+        decoded (it may not even fit in the sequence's context)."""
+        limit = a.stream.max_tokens
+        return (
+            step.end_of_generation
+            or step.metrics.non_finite > 0
+            or (limit is not None and step.metrics.index + 1 >= limit)
+        )
 
     def _release(self, a: _Active, deliver: Deliver, released: Sequence[Event]) -> None:
         if released:
@@ -473,7 +522,7 @@ class Scheduler:
 
     def _end_all(self, deliver: Deliver) -> None:
         for a in list(self._active):
-            self._close(a, deliver, a.stream.finish(HALTED, SHUTDOWN, token_index=a.slot.index))
+            self._close(a, deliver, a.stream.finish(HALTED, SHUTDOWN, token_index=a.next_index))
         while self._waiting:
             self._end_unstarted(self._waiting.popleft(), deliver, HALTED, SHUTDOWN)
 

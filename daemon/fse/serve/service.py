@@ -26,7 +26,7 @@ from fse import __version__
 from fse.core.errors import InputError
 from fse.core.faults import NO_FAULTS, Faults
 from fse.core.model import Model, TooManyTokens, devices
-from fse.core.placement import PlacedDevice, graph_stats_for, place_model
+from fse.core.placement import PlacedDevice, decode_is_async, graph_stats_for, place_model
 from fse.core.policy import Policy
 from fse.core.runner import prompt_tokens
 from fse.core.types import (
@@ -119,7 +119,11 @@ class GuardService:
         refusals: RefusalLog | None = None,
         metrics: MetricsSink = NO_METRICS,
         graph_stats: str = "auto",
+        pipelined: bool | None = None,
     ) -> None:
+        """`pipelined`: the scheduler judges a step's tokens while the next decode runs
+        (fse.serve.scheduler); None: where the layers sit on a local GPU, whose decode
+        runs on while the host works (fse.core.placement.decode_is_async)."""
         if "default" not in policies:
             raise ValueError("policies: the built-in 'default' policy is missing")
         self.model = model
@@ -143,6 +147,7 @@ class GuardService:
             on_stream_end=self._record_verdict,
             metrics=metrics,
             graph_stats=graph_stats_for(graph_stats, self.placement),
+            pipelined=decode_is_async(self.placement) if pipelined is None else pipelined,
         )
         metrics.watch(lambda: self.scheduler.load)
         self.version = __version__

@@ -7,6 +7,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
@@ -57,11 +58,12 @@ def llama_batched_bench(
     n_prompt: int = 32,
     n_gen: int = 64,
     unified_kv: bool = True,
+    extra: Sequence[str] = (),
 ) -> dict[int, float]:
     """Aggregate generation tokens/s (S_TG) of llama-batched-bench per parallelism.
 
     unified_kv matches the daemon's context (-kvu); without it llama.cpp keeps one
-    KV buffer per sequence, its own default."""
+    KV buffer per sequence, its own default. `extra`: more flags (-ngl 99)."""
     n_ctx = max(parallel) * (n_prompt + n_gen) + 64
     out = subprocess.run(
         [
@@ -84,6 +86,8 @@ def llama_batched_bench(
             ",".join(map(str, parallel)),
             "--output-format",
             "jsonl",
+            *(["-kvu"] if unified_kv else []),
+            *extra,
         ],
         check=True,
         capture_output=True,

@@ -71,6 +71,7 @@ def main() -> int:
     here = Path(__file__).resolve().parent
     scripts = (
         "bench_server.py",
+        "bench_batched.py",
         "bench_handoff.py",
         "bench_prefill.py",
         "bench_oversized.py",

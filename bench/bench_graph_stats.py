@@ -16,6 +16,8 @@ llama.cpp pads the logits into a copy before its samplers): expect it to lose th
 is for GPU backends, where it removes the 1 MiB per stream per step copy.
 
     .venv/bin/python bench/bench_graph_stats.py [--rounds 5] [--tokens 64] [--json]
+
+On a GPU machine, unchanged but for `--model M.gguf` (every layer is offloaded there).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 from fse._native import lib
 from fse.core.engine import Context, Slot
@@ -59,12 +62,14 @@ def one_round(ctx: Context, prompt: list[int], n_tokens: int) -> tuple[list[floa
     return decode_s, sample_s, [rate]
 
 
-def measure(rounds: int = 5, n_tokens: int = 64, threads: int = 2) -> dict[str, object]:
+def measure(
+    rounds: int = 5, n_tokens: int = 64, threads: int = 2, path: Path | None = None
+) -> dict[str, object]:
     if not lib.fse_graph_stats_available():
         raise SystemExit("this llama.cpp has no backend sampling API: nothing to compare")
     runs: dict[str, list[list[float]]] = {"host": [[], [], []], "graph": [[], [], []]}
     with (
-        Model(default_model_path()) as model,
+        Model(path or default_model_path()) as model,
         Context(model, n_ctx=1024, n_threads=threads) as host,
         Context(model, n_ctx=1024, n_threads=threads, graph_stats=True) as graph,
     ):
@@ -93,9 +98,10 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--model", type=Path, default=None, help="GGUF (default: the embedded one)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    r = measure(args.rounds, args.tokens, args.threads)
+    r = measure(args.rounds, args.tokens, args.threads, args.model)
     if args.json:
         print(json.dumps(r))
         return 0

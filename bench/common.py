@@ -27,9 +27,12 @@ def llama_tools_dir() -> Path:
     return Path(out.stdout.strip())
 
 
-def llama_bench_tg(model: Path, threads: int, n_gen: int = 64, reps: int = 1) -> list[float]:
-    """tokens/s of llama-bench's tg test (decode one token at a time, no sampling)."""
-    return _llama_bench(model, threads, ["-p", "0", "-n", str(n_gen)], reps)
+def llama_bench_tg(
+    model: Path, threads: int, n_gen: int = 64, reps: int = 1, extra: Sequence[str] = ()
+) -> list[float]:
+    """tokens/s of llama-bench's tg test (decode one token at a time, no sampling);
+    `extra`: more flags (-ngl 99)."""
+    return _llama_bench(model, threads, ["-p", "0", "-n", str(n_gen), *extra], reps)
 
 
 def llama_bench_pp(model: Path, threads: int, n_prompt: int = 512, reps: int = 1) -> list[float]:

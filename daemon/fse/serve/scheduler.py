@@ -549,10 +549,11 @@ class Scheduler:
         """The eventfd the next decode writes to (-1: none); any other loop is woken now."""
         if not self._unwoken:
             return -1
-        box = self._unwoken.pop()
-        self._flush()
-        self._unwoken.add(box)
-        return box.fd
+        first, *others = self._unwoken
+        for box in others:
+            box.wake()
+        self._unwoken = {first}  # until the decode returns (_step clears it)
+        return first.fd
 
 
 def _put_all(items: Deliver) -> None:

@@ -101,6 +101,10 @@ def llama_batched_bench(
         if line.startswith("{"):
             row = json.loads(line)
             result[int(row["pl"])] = float(row["speed_tg"])
+    if missing := sorted(set(parallel) - set(result)):
+        raise RuntimeError(
+            f"llama-batched-bench gave no result for -npl {missing}: {out.stderr[-800:]}"
+        )
     return result
 
 

@@ -6,8 +6,10 @@ GIL is released meanwhile), then measures and samples every stream's logits in
 one C call spread over a few threads (Context.sample), judges each stream's
 token and hands the released events to the asyncio side: queued in one Mailbox per
 event loop, woken from inside the next llama_decode call (fse.serve.handoff).
-Streams are llama.cpp sequence ids; a finished stream frees its sequence (KV cache
-cleared) for the next one.
+Where a local GPU decodes (`pipelined`), each step's tokens are judged and sent after
+the next decode is launched, while the device computes; a token only ever leaves once
+its guards have passed it. Streams are llama.cpp sequence ids; a finished stream frees
+its sequence (KV cache cleared) for the next one.
 
 Knows nothing of gRPC: the server translates requests into `Request`s and
 `Handle.events` into wire messages.

@@ -39,25 +39,10 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tiny_model
-from bench_daemon import free_port
+from bench_daemon import free_port, thread_cpu_seconds
 from bench_server import WARN_POLICY, fse_stream, window_tps
 from common import wait_serving
 from fse_client.v1 import fse_pb2_grpc
-
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def thread_cpu(pid: int) -> dict[int, float]:
-    """CPU seconds of each thread of `pid` (from /proc, in clock ticks)."""
-    out: dict[int, float] = {}
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
-        except OSError:  # the thread ended meanwhile
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        out[int(tid)] = (int(fields[11]) + int(fields[12])) / TICK
-    return out
 
 
 def decode_seconds(port: int) -> tuple[float, float]:
@@ -100,12 +85,12 @@ async def measure(addr: str, pid: int, metrics: int, n: int, tokens: int) -> dic
     async with grpc.aio.insecure_channel(addr) as channel:
         stub = fse_pb2_grpc.GuardStub(channel)
         await asyncio.gather(*(fse_stream(stub, i + 1, 8) for i in range(n)))  # warm-up
-        cpu0, client0 = thread_cpu(pid), time.process_time()
+        cpu0, client0 = thread_cpu_seconds(pid), time.process_time()
         dsum0, dcount0 = decode_seconds(metrics)
         t0 = time.perf_counter()
         runs = await asyncio.gather(*(fse_stream(stub, i + 1, tokens) for i in range(n)))
         wall = time.perf_counter() - t0
-        cpu1, client1 = thread_cpu(pid), time.process_time()
+        cpu1, client1 = thread_cpu_seconds(pid), time.process_time()
         dsum1, dcount1 = decode_seconds(metrics)
     received = sum(len(r) for r in runs)
     steps = dcount1 - dcount0

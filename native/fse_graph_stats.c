@@ -149,24 +149,31 @@ static struct ggml_tensor * build_stats(struct ggml_context * ctx, struct ggml_t
     return out;
 }
 
+// Tensor metadata for a standalone graph of at most GRAPH_NODES nodes (no data: the
+// tensors live in a backend buffer or are never computed).
+enum { GRAPH_NODES = 128 };
+
+static struct ggml_context * graph_meta_init(void) {
+    struct ggml_init_params params = {
+        .mem_size   = GRAPH_NODES * ggml_tensor_overhead() +
+                      ggml_graph_overhead_custom(GRAPH_NODES, false),
+        .mem_buffer = NULL,
+        .no_alloc   = true,
+    };
+    return ggml_init(params);
+}
+
 // Whether the device behind buft runs every op of the head (with faults) and the tail.
 static int device_runs_ops(ggml_backend_buffer_type_t buft, int faults) {
     ggml_backend_dev_t dev = ggml_backend_buft_get_device(buft);
     if (dev == NULL) {
         return 1; // the CPU buffer type: ggml-cpu runs every op above
     }
-    enum { MAX_NODES = 128 };
-    struct ggml_init_params params = {
-        .mem_size   = MAX_NODES * ggml_tensor_overhead() +
-                      ggml_graph_overhead_custom(MAX_NODES, false),
-        .mem_buffer = NULL,
-        .no_alloc   = true,
-    };
-    struct ggml_context * ctx = ggml_init(params);
+    struct ggml_context * ctx = graph_meta_init();
     if (ctx == NULL) {
         return 0;
     }
-    struct ggml_cgraph * gf      = ggml_new_graph_custom(ctx, MAX_NODES, false);
+    struct ggml_cgraph * gf      = ggml_new_graph_custom(ctx, GRAPH_NODES, false);
     struct ggml_tensor * z       = ggml_new_tensor_1d(ctx, GGML_TYPE_F32, 128 * 1024);
     struct ggml_tensor * sampled = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, 1);
     if (faults) {
@@ -405,18 +412,11 @@ int32_t fse_graph_stats_eval(const float * logits, int32_t n, fse_graph_step * o
     if (n < 1) {
         return -1;
     }
-    enum { MAX_NODES = 128 };
-    struct ggml_init_params params = {
-        .mem_size   = MAX_NODES * ggml_tensor_overhead() +
-                      ggml_graph_overhead_custom(MAX_NODES, false),
-        .mem_buffer = NULL,
-        .no_alloc   = true,
-    };
     ggml_backend_t        backend = ggml_backend_init_by_type(GGML_BACKEND_DEVICE_TYPE_CPU, NULL);
-    struct ggml_context * ctx     = ggml_init(params);
+    struct ggml_context * ctx     = graph_meta_init();
     int32_t               status  = -1;
     if (backend != NULL && ctx != NULL) {
-        struct ggml_cgraph * gf      = ggml_new_graph_custom(ctx, MAX_NODES, false);
+        struct ggml_cgraph * gf      = ggml_new_graph_custom(ctx, GRAPH_NODES, false);
         struct ggml_tensor * z       = ggml_new_tensor_1d(ctx, GGML_TYPE_F32, n);
         struct ggml_tensor * sampled = NULL;
         struct ggml_tensor * stats   = build_stats(ctx, z, &sampled);
